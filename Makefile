@@ -1,0 +1,29 @@
+# Entry points for developers and CI. `make setup` installs and starts what the project needs
+# (see scripts/setup.sh); every other target uses the tools inside .venv.
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint typecheck clean
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	exec $(BIN)/registrar watch $(ARGS)
+
+test: setup lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not real" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check registrar tests
+
+typecheck: setup
+	$(BIN)/mypy
+
+clean:
+	rm -f $(VENV)/.installed

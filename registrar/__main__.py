@@ -1,0 +1,3 @@
+from registrar.cli import entry
+
+entry()

@@ -1,0 +1,150 @@
+"""Runs `watch` (every container of the host) and `register` (one container): one code path.
+
+The shutdown path, top to bottom: stop taking events, revoke the lease (every key goes in one
+request), wait --drain, stop the metrics server, exit 0. Bounded even when etcd is unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from registrar.docker_source import DockerSource, DockerUnavailable
+from registrar.etcd_store import EtcdStore
+from registrar.hostip import primary_ipv4
+from registrar.http_server import MetricsServer
+from registrar.lease_keeper import LeaseKeeper
+from registrar.metrics import Metrics
+from registrar.naming import NamingContext, owned_by
+from registrar.settings import Settings
+from registrar.watcher import ContainerWatcher
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT = 5.0
+STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
+
+
+class FatalError(Exception):
+    """A runtime error that ends the program with status 1 and one line."""
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name,
+                 extra={"event": "signal"})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def wait_for_container(docker: DockerSource, name: str, wait: float, stop: threading.Event) -> str:
+    """The id of container `name` once it runs; FatalError when it did not within `wait`."""
+    deadline = time.monotonic() + wait
+    announced = False
+    state = "does not exist"
+    while not stop.is_set():
+        try:
+            info = docker.inspect(name)
+        except DockerUnavailable as exc:
+            info, state = None, f"docker unreachable ({exc})"
+        if info is not None and info.running:
+            return info.id
+        if info is not None:
+            state = "exists but is not running"
+        if time.monotonic() >= deadline:
+            raise FatalError(f"container {name!r} {state} after waiting {wait:g}s (--wait)")
+        if not announced:
+            log.info("waiting up to %gs for container %s (%s)", wait, name, state,
+                     extra={"event": "wait", "container": name})
+            announced = True
+        stop.wait(0.1)
+    return ""
+
+
+def run(settings: Settings) -> int:
+    stop = threading.Event()
+    _install_signals(stop)
+    metrics = Metrics()
+    metrics.etcd_up.set(0)
+    metrics.docker_up.set(0)
+    store = EtcdStore(settings.etcd, metrics)
+    docker = DockerSource(settings.docker_url)
+    sidecar = settings.command == "register"
+
+    container_id = None
+    owns = lambda instance: owned_by(settings.node, instance)  # noqa: E731
+    if sidecar:
+        assert settings.container is not None
+        container_id = wait_for_container(docker, settings.container, settings.wait, stop)
+        if not container_id:
+            return 0  # SIGTERM while waiting: nothing was registered
+        info = docker.inspect(container_id)
+        name = info.name if info else settings.container
+        owns = lambda instance: instance.startswith(f"{settings.node}:{name}:")  # noqa: E731
+
+    keeper = LeaseKeeper(
+        store, ttl=settings.ttl, prefix=settings.prefix, owns=owns, metrics=metrics
+    )
+    naming = NamingContext(
+        prefix=settings.prefix,
+        node=settings.node,
+        host_ip=settings.host_ip,
+        default_ip=primary_ipv4(),
+        explicit=settings.explicit,
+        sidecar=sidecar,
+    )
+    watcher = ContainerWatcher(
+        docker, DockerSource(settings.docker_url), keeper, naming, metrics,
+        resync=settings.resync, only=container_id, finished=stop,
+    )
+
+    def health() -> str | None:
+        now = time.monotonic()
+        if not keeper.alive() or now - keeper.last_progress > STALL_LIMIT:
+            return "lease keeper stalled"
+        if not watcher.alive() or now - watcher.last_progress > STALL_LIMIT:
+            return "event loop stalled"
+        return None
+
+    server = None
+    if settings.metrics_addr is not None:
+        try:
+            server = MetricsServer(settings.metrics_addr, metrics.registry, health)
+        except OSError as exc:
+            host, port = settings.metrics_addr
+            raise FatalError(
+                f"--metrics-addr: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        server.start()
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_addr[0], server.port)
+
+    log.info(
+        "registrar %s: node %s, prefix %s, etcd %s, ttl %ds%s",
+        settings.command, settings.node, settings.prefix,
+        ",".join(str(ep) for ep in settings.etcd.endpoints), settings.ttl,
+        f", container {settings.container}" if sidecar else "",
+        extra={"event": "start"},
+    )
+    keeper.start()
+    watcher.start()
+
+    stop.wait()
+
+    # --- shutdown: stop intake, deregister, drain, stop metrics, exit -------------------
+    signalled = not (sidecar and watcher.finished_reason)
+    watcher.stop()
+    keeper.shutdown(SHUTDOWN_TIMEOUT)
+    if settings.drain and signalled:
+        log.info("draining for %gs", settings.drain, extra={"event": "drain"})
+        time.sleep(settings.drain)
+    if server is not None:
+        server.stop()
+    store.close()
+    docker.close()
+    log.info("stopped", extra={"event": "stop"})
+    return 0

@@ -1,0 +1,41 @@
+"""The command line: parse settings (exit 2 on bad input), then run the command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from registrar.settings import SettingsError, parse_settings
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = parse_settings(args, os.environ)
+    except SettingsError as exc:
+        print(f"registrar: error: {exc}", file=sys.stderr)
+        return 2
+
+    from registrar import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+    from registrar.agent import FatalError
+
+    try:
+        if settings.command == "ls":
+            from registrar import listing
+
+            return listing.run(settings)
+        from registrar import agent
+
+        return agent.run(settings)
+    except FatalError as exc:
+        print(f"registrar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

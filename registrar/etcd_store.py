@@ -1,0 +1,203 @@
+"""The etcd adapter: pyetcd behind a small interface, with its pitfalls handled in one place.
+
+- Every call has a timeout (pyetcd has none by default: a hung etcd would block forever).
+- Several endpoints with failover; a failed endpoint is retried after one second, not pyetcd's
+  300 s; gRPC's own reconnect backoff is capped at one second so a restarted etcd is used again
+  at once.
+- Authentication errors (an expired token) drop the client, so the next call authenticates anew.
+- Every error becomes `EtcdUnavailable` (retry later) or `LeaseNotFound` (grant a new lease).
+Retries themselves live with the callers' one policy (`registrar.retry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from registrar.metrics import Metrics
+from registrar.planner import StoredKey
+from registrar.settings import EtcdSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# etcd's default --max-txn-ops is 128.
+TXN_MAX_OPS = 128
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 3000),
+]
+
+
+class EtcdUnavailable(Exception):
+    """etcd could not be reached or refused the request; worth retrying later."""
+
+
+class LeaseNotFound(Exception):
+    """The lease expired or was revoked: grant a new one and put every key again."""
+
+
+class EtcdStore:
+    def __init__(self, settings: EtcdSettings, metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _build_client(self) -> Any:
+        import grpc
+        import pyetcd
+
+        s = self._settings
+        creds = None
+        if any(ep.secure for ep in s.endpoints):
+            def read(path: str | None) -> bytes | None:
+                if path is None:
+                    return None
+                with open(path, "rb") as handle:
+                    return handle.read()
+
+            creds = grpc.ssl_channel_credentials(read(s.ca), read(s.key), read(s.cert))
+        endpoints = [
+            pyetcd.Endpoint(
+                ep.host, ep.port, secure=ep.secure, creds=creds if ep.secure else None,
+                time_retry=1.0, opts=_GRPC_OPTIONS,
+            )
+            for ep in s.endpoints
+        ]
+        return pyetcd.MultiEndpointEtcd3Client(
+            endpoints=endpoints, timeout=s.timeout, user=s.user, password=s.password,
+            failover=True,
+        )
+
+    def _get_client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build_client()
+            return self._client
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing a broken channel may fail; it is gone either way
+                log.debug("closing etcd client failed", exc_info=True)
+
+    def _call(self, op: str, fn: Callable[[Any], T]) -> T:
+        import grpc
+        from pyetcd import exceptions as etcd_errors
+
+        started = time.perf_counter()
+        try:
+            return fn(self._get_client())
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
+                raise LeaseNotFound(details) from None
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
+                "token" in details
+            ):
+                self._drop_client()
+            name = code.name if code is not None else "error"
+            raise EtcdUnavailable(f"{name}: {details or exc}") from None
+        except etcd_errors.Etcd3Exception as exc:
+            if isinstance(exc, etcd_errors.NoServerAvailableError):
+                self._drop_client()
+            raise EtcdUnavailable(f"{type(exc).__name__}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            # ValueError: pyetcd's "Trying to use a failed node"; OSError: TLS files.
+            self._drop_client()
+            raise EtcdUnavailable(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.etcd_request_duration.labels(op=op).observe(
+                    time.perf_counter() - started
+                )
+
+    def close(self) -> None:
+        self._drop_client()
+
+    # --- leases -----------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        return int(self._call("lease_grant", lambda c: c.lease(ttl).id))
+
+    def keepalive(self, lease: int) -> int:
+        """One heartbeat; returns the TTL etcd granted (0: the lease is gone)."""
+
+        def refresh(client: Any) -> int:
+            responses = list(client.refresh_lease(lease))
+            return int(responses[0].TTL) if responses else 0
+
+        return self._call("lease_keepalive", refresh)
+
+    def revoke(self, lease: int) -> None:
+        with contextlib.suppress(LeaseNotFound):  # already gone: its keys are gone too
+            self._call("lease_revoke", lambda c: c.revoke_lease(lease))
+
+    # --- keys -------------------------------------------------------------------------
+
+    def list_prefix(self, prefix: str) -> tuple[dict[str, StoredKey], int]:
+        """Every key under `prefix/` with its value and lease, and the store's revision."""
+
+        def read(client: Any) -> tuple[dict[str, StoredKey], int]:
+            response = client.get_prefix_response(prefix + "/")
+            keys = {
+                kv.key.decode("utf-8", "replace"): StoredKey(
+                    kv.value.decode("utf-8", "replace"), int(kv.lease)
+                )
+                for kv in response.kvs
+            }
+            return keys, int(response.header.revision)
+
+        return self._call("range", read)
+
+    def get(self, key: str) -> str | None:
+        def read(client: Any) -> str | None:
+            value, _meta = client.get(key)
+            return None if value is None else bytes(value).decode("utf-8", "replace")
+
+        return self._call("get", read)
+
+    def put(self, key: str, value: str, lease: int = 0) -> None:
+        self._call("put", lambda c: c.put(key, value, lease=lease))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", lambda c: c.delete(key))
+
+    def apply(self, puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
+        """Writes puts and deletes in transactions of at most TXN_MAX_OPS operations."""
+        ops: list[tuple[str, str | None]] = [(k, v) for k, v in puts.items()]
+        ops += [(k, None) for k in deletes]
+        for start in range(0, len(ops), TXN_MAX_OPS):
+            chunk = ops[start : start + TXN_MAX_OPS]
+            if len(chunk) == 1:
+                key, value = chunk[0]
+                if value is None:
+                    self.delete(key)
+                else:
+                    self.put(key, value, lease)
+                continue
+
+            def txn(client: Any, chunk: list[tuple[str, str | None]] = chunk) -> None:
+                t = client.transactions
+                success = [
+                    t.delete(key) if value is None else t.put(key, value, lease=lease)
+                    for key, value in chunk
+                ]
+                client.transaction(compare=[], success=success, failure=[])
+
+            self._call("txn", txn)

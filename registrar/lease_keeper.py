@@ -1,0 +1,277 @@
+"""LeaseKeeper: owns one lease and every key bound to it, on one thread.
+
+Callers say what should be registered (per container); the keeper's thread makes etcd match:
+it grants the lease, writes only differences (`plan_changes`), heartbeats, and when the lease is
+lost (expired during a partition) grants a new one and puts every key again. While etcd is
+unreachable it keeps the desired state and retries with backoff; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from registrar.etcd_store import EtcdStore, EtcdUnavailable, LeaseNotFound
+from registrar.metrics import Metrics
+from registrar.naming import parse_key
+from registrar.planner import StoredKey, plan_changes
+from registrar.retry import retrying
+
+log = logging.getLogger(__name__)
+
+# etcd_up must turn 0 within 2 s of losing etcd: check at least this often.
+MAX_HEARTBEAT_INTERVAL = 1.0
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        store: EtcdStore,
+        *,
+        ttl: int,
+        prefix: str,
+        owns: Callable[[str], bool],
+        metrics: Metrics,
+    ) -> None:
+        """`owns(instance)` says which keys under `prefix` are this keeper's to reconcile."""
+        self._store = store
+        self._ttl = ttl
+        self._owns = owns
+        self._prefix = prefix
+        self._metrics = metrics
+        self.heartbeat_interval = min(ttl / 3, MAX_HEARTBEAT_INTERVAL)
+
+        self._cond = threading.Condition()
+        self._desired: dict[str, dict[str, str]] = {}  # container id -> key -> value
+        self._since: dict[str, float] = {}  # key -> Docker event time, for the latency metric
+        self._reread = True  # read this node's keys from etcd before the next write
+        self._dirty = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+        # Only the keeper's thread touches these (and shutdown, after joining it).
+        self._lease: int | None = None
+        self._had_lease = False
+        self._written: dict[str, StoredKey] = {}
+        self._next_heartbeat = 0.0
+        self._etcd_ok: bool | None = None
+        self.last_progress = time.monotonic()
+        self.synced = threading.Event()
+
+    # --- what callers use ---------------------------------------------------------------
+
+    def set_container(
+        self, container_id: str, keys: Mapping[str, str], event_time: float | None = None
+    ) -> None:
+        with self._cond:
+            old = self._desired.get(container_id, {})
+            if old == keys:
+                return
+            if event_time is not None:
+                for key, value in keys.items():
+                    if old.get(key) != value:
+                        self._since[key] = event_time
+            if keys:
+                self._desired[container_id] = dict(keys)
+            else:
+                self._desired.pop(container_id, None)
+            self._mark_dirty()
+
+    def drop_container(self, container_id: str) -> None:
+        self.set_container(container_id, {})
+
+    def replace_all(self, desired: Mapping[str, Mapping[str, str]]) -> None:
+        """A full reconcile: this is everything that should exist; re-read etcd and diff."""
+        with self._cond:
+            self._desired = {cid: dict(keys) for cid, keys in desired.items() if keys}
+            self._reread = True
+            self._mark_dirty()
+
+    def desired_keys(self) -> dict[str, str]:
+        with self._cond:
+            return self._flat()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def lease(self) -> int | None:
+        return self._lease
+
+    def shutdown(self, timeout: float) -> bool:
+        """Stops the thread and revokes the lease (every key at once). False if etcd refused."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        lease, count = self._lease, len(self._written)
+        if lease is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._store.revoke(lease)
+                break
+            except EtcdUnavailable as exc:
+                if time.monotonic() + 0.2 >= deadline:
+                    log.warning(
+                        "could not revoke lease %x: %s; its %d keys expire within %ds",
+                        lease, exc, count, self._ttl, extra={"event": "revoke_failed"},
+                    )
+                    return False
+                time.sleep(0.2)
+        self._metrics.deregistrations.inc(count)
+        self._metrics.registered.set(0)
+        self._written = {}
+        self._lease = None
+        log.info("revoked lease %x: %d keys removed", lease, count,
+                 extra={"event": "deregister_all", "keys": count})
+        return True
+
+    # --- the thread ---------------------------------------------------------------------
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        self.synced.clear()
+        self._cond.notify_all()
+
+    def _flat(self) -> dict[str, str]:
+        return {key: value for keys in self._desired.values() for key, value in keys.items()}
+
+    def _run(self) -> None:
+        policy = retrying(
+            "etcd", (EtcdUnavailable,), self._stop, log, on_failure=self._etcd_failed
+        )
+        while not self._stop.is_set():
+            with self._cond:
+                wait = self._next_heartbeat - time.monotonic()
+                if not self._dirty and wait > 0:
+                    self._cond.wait(wait)
+                self.last_progress = time.monotonic()
+                if self._stop.is_set():
+                    return
+            try:
+                policy(self._step)
+            except EtcdUnavailable:
+                return  # only raised once stopping
+            except Exception:  # a bug must not silently stop heartbeats: log, back off, go on
+                log.exception("lease keeper step failed")
+                self._stop.wait(1.0)
+
+    def _etcd_failed(self, error: BaseException) -> None:
+        self.last_progress = time.monotonic()
+        if self._etcd_ok is not False:
+            log.warning("etcd unreachable: %s", error, extra={"event": "etcd_down"})
+        self._etcd_ok = False
+        self._metrics.etcd_up.set(0)
+
+    def _step(self) -> None:
+        self.last_progress = time.monotonic()
+        try:
+            self._ensure_lease()
+            if time.monotonic() >= self._next_heartbeat:
+                self._heartbeat()
+            self._write()
+        except (LeaseLost, LeaseNotFound) as exc:
+            self._lease_lost(str(exc))
+            self._ensure_lease()
+            self._write()
+        if self._etcd_ok is False:
+            log.info("etcd reachable again", extra={"event": "etcd_up"})
+        self._etcd_ok = True
+        self._metrics.etcd_up.set(1)
+
+    def _ensure_lease(self) -> None:
+        if self._lease is not None:
+            return
+        self._lease = self._store.grant(self._ttl)
+        self._next_heartbeat = time.monotonic() + self.heartbeat_interval
+        if self._had_lease:
+            self._metrics.lease_regrants.inc()
+            log.warning("lease lost; granted a new one (%x), putting every key again",
+                        self._lease, extra={"event": "lease_regrant"})
+        else:
+            log.info("granted lease %x (ttl %ds)", self._lease, self._ttl,
+                     extra={"event": "lease_grant"})
+        self._had_lease = True
+
+    def _heartbeat(self) -> None:
+        assert self._lease is not None
+        try:
+            ttl = self._store.keepalive(self._lease)
+        except EtcdUnavailable:
+            self._metrics.keepalive_failures.inc()
+            raise
+        self._next_heartbeat = time.monotonic() + self.heartbeat_interval
+        if ttl <= 0:
+            self._metrics.keepalive_failures.inc()
+            raise LeaseLost("keepalive answered TTL 0")
+
+    def _lease_lost(self, why: str) -> None:
+        log.warning("lease %x lost (%s)", self._lease or 0, why, extra={"event": "lease_lost"})
+        self._lease = None
+        self._written = {}
+        self._metrics.registered.set(0)
+        with self._cond:
+            self._dirty = True
+
+    def _write(self) -> None:
+        assert self._lease is not None
+        with self._cond:
+            desired = self._flat()
+            since = {key: self._since.pop(key) for key in list(self._since)}
+            reread = self._reread
+            self._dirty = False
+            self._reread = False
+        try:
+            if reread:
+                stored, _revision = self._store.list_prefix(self._prefix)
+                self._written = {
+                    key: value for key, value in stored.items() if self._is_mine(key)
+                }
+            changes = plan_changes(desired, self._written, self._lease)
+            if changes:
+                self._store.apply(changes.puts, changes.deletes, self._lease)
+        except BaseException:
+            with self._cond:
+                self._dirty = True
+                self._reread = self._reread or reread
+                self._since = {**since, **self._since}
+            raise
+        acked = time.time()
+        for key, value in changes.puts.items():
+            fresh = key not in self._written
+            self._written[key] = StoredKey(value, self._lease)
+            event_time = since.get(key)
+            if fresh:
+                self._metrics.registrations.inc()
+                service, instance = parse_key(self._prefix, key) or ("?", "?")
+                log.info("registered %s %s", service, instance,
+                         extra={"event": "register", "service": service, "instance": instance})
+            if event_time is not None:
+                self._metrics.registration_latency.observe(max(0.0, acked - event_time))
+        for key in changes.deletes:
+            self._written.pop(key, None)
+            self._metrics.deregistrations.inc()
+            service, instance = parse_key(self._prefix, key) or ("?", "?")
+            log.info("deregistered %s %s", service, instance,
+                     extra={"event": "deregister", "service": service, "instance": instance})
+        self._metrics.registered.set(len(self._written))
+        with self._cond:
+            if not self._dirty:
+                self.synced.set()
+
+    def _is_mine(self, key: str) -> bool:
+        parsed = parse_key(self._prefix, key)
+        return parsed is not None and self._owns(parsed[1])

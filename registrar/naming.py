@@ -1,0 +1,233 @@
+"""From one container to its registrations: names, keys and values (pure).
+
+Labels and environment are somebody else's input: every name that ends up in a key is checked
+against NAME_RE, so no label can make a key leave `{prefix}/`. A container with any bad name
+is refused whole, with a reason that is logged and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from registrar.containers import UNSPECIFIED_IPS, ContainerInfo
+from registrar.settings import NAME_RE, TRUE_WORDS
+
+MAX_TAGS = 32
+MAX_VALUE_BYTES = 4096
+VERSION_MAX = 128
+
+
+@dataclass(frozen=True)
+class Registration:
+    key: str
+    service: str
+    instance: str
+    value: Mapping[str, Any]
+
+    def encoded(self) -> str:
+        return json.dumps(self.value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to register for one container; `rejected` is a reason when it is refused."""
+
+    registrations: tuple[Registration, ...] = ()
+    rejected: str | None = None
+    detail: str = ""
+    skipped: str | None = None  # not an error: ignored, no port, not explicit...
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class NamingContext:
+    prefix: str
+    node: str
+    host_ip: str | None  # --host-ip / $COREOS_PRIVATE_IPV4
+    default_ip: str  # the host's primary IPv4
+    explicit: bool = False
+    sidecar: bool = False  # `register`: the named container is registered even under --explicit
+
+
+def valid_name(name: str) -> bool:
+    return NAME_RE.fullmatch(name) is not None
+
+
+def image_base(image: str) -> str:
+    """'registry:5000/team/web:abc123' -> 'web'; 'web@sha256:..' -> 'web'."""
+    ref = image.split("@", 1)[0]
+    last = ref.rsplit("/", 1)[-1]
+    return last.split(":", 1)[0]
+
+
+def image_tag(image: str) -> str:
+    ref, _, digest = image.partition("@")
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        return last.split(":", 1)[1]
+    if digest:
+        return digest.split(":", 1)[-1][:12]
+    return "latest"
+
+
+def instance_id(node: str, container_name: str, private_port: int, protocol: str) -> str:
+    instance = f"{node}:{container_name}:{private_port}"
+    return instance + ":udp" if protocol == "udp" else instance
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in TRUE_WORDS
+
+
+def _lookup(container: ContainerInfo, *names: str) -> str | None:
+    """First of `names` found in labels, then in env (registrator honours both; labels win)."""
+    for name in names:
+        if name in container.labels:
+            return container.labels[name]
+    for name in names:
+        if name.startswith("SERVICE_") and name in container.env:
+            return container.env[name]
+    return None
+
+
+def _registrator(container: ContainerInfo, name: str) -> str | None:
+    if name in container.labels:
+        return container.labels[name]
+    return container.env.get(name)
+
+
+def _tags(container: ContainerInfo) -> tuple[list[str], str | None]:
+    raw = container.labels.get("registrar.tags")
+    if raw is None:
+        raw = _registrator(container, "SERVICE_TAGS")
+    if not raw:
+        return [], None
+    tags = [tag.strip() for tag in raw.split(",") if tag.strip()]
+    if len(tags) > MAX_TAGS:
+        return [], f"more than {MAX_TAGS} tags"
+    for tag in tags:
+        if not valid_name(tag):
+            return [], f"tag {tag[:64]!r} is not [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"
+    return tags, None
+
+
+def _version(container: ContainerInfo) -> tuple[str, str | None]:
+    version = container.labels.get("registrar.version")
+    if version is None:
+        version = image_tag(container.image)
+        if not valid_name(version):  # image tags may start with "_"; keep them, bounded
+            version = version[:VERSION_MAX]
+        return version, None
+    if not valid_name(version):
+        return "", f"registrar.version {version[:64]!r} is not [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"
+    return version, None
+
+
+def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str, str, int]]:
+    """(private port, protocol, host, host port) of each port to register."""
+    if container.host_network:
+        host = ctx.host_ip or ctx.default_ip
+        return [(port, proto, host, port) for port, proto in container.exposed]
+    result = []
+    for binding in container.ports:
+        host = ctx.host_ip
+        if host is None:
+            host = ctx.default_ip if binding.host_ip in UNSPECIFIED_IPS else binding.host_ip
+        result.append((binding.private_port, binding.protocol, host, binding.host_port))
+    return result
+
+
+def registrations_for(
+    container: ContainerInfo, ctx: NamingContext, registered_at: str
+) -> Outcome:
+    """The registrations of one running container, or why it gets none."""
+    if _truthy(container.labels.get("registrar.ignore")) or _registrator(
+        container, "SERVICE_IGNORE"
+    ):
+        return Outcome(skipped="ignored by label")
+    ports = _ports(container, ctx)
+    if not ports:
+        return Outcome(skipped="no published port")
+    if not valid_name(container.name):
+        return Outcome(rejected="invalid_container_name", detail=f"name {container.name[:64]!r}")
+
+    tags, tag_error = _tags(container)
+    if tag_error:
+        return Outcome(rejected="invalid_tags", detail=tag_error)
+    version, version_error = _version(container)
+    if version_error:
+        return Outcome(rejected="invalid_version", detail=version_error)
+
+    several = len(ports) > 1
+    registrations = []
+    for private_port, proto, host, host_port in ports:
+        if _registrator(container, f"SERVICE_{private_port}_IGNORE"):
+            continue
+        service = container.labels.get(f"registrar.{private_port}.service")
+        if service is None:
+            service = container.labels.get("registrar.service")
+        if service is None:
+            service = _registrator(container, f"SERVICE_{private_port}_NAME")
+        if service is None:
+            service = _registrator(container, "SERVICE_NAME")
+        if service is None:
+            if ctx.explicit and not ctx.sidecar:
+                continue
+            service = image_base(container.image)
+            if several:
+                service = f"{service}-{private_port}"
+            if not valid_name(service):
+                return Outcome(
+                    rejected="invalid_image_name",
+                    detail=f"service name {service[:64]!r} derived from the image",
+                )
+        elif not valid_name(service):
+            return Outcome(
+                rejected="invalid_service_name",
+                detail=f"service {service[:64]!r} for port {private_port}",
+            )
+        instance = instance_id(ctx.node, container.name, private_port, proto)
+        value = {
+            "service": service,
+            "host": host,
+            "port": host_port,
+            "node": ctx.node,
+            "container_id": container.id,
+            "container_name": container.name,
+            "private_port": private_port,
+            "protocol": proto,
+            "image": container.image[:512],
+            "version": version,
+            "tags": tags,
+            "registered_at": registered_at,
+        }
+        registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance, value)
+        if len(registration.encoded()) > MAX_VALUE_BYTES:
+            return Outcome(rejected="value_too_large", detail=f"port {private_port}")
+        registrations.append(registration)
+    if not registrations:
+        why = "no service label (--explicit)" if ctx.explicit else "all ports ignored"
+        return Outcome(skipped=why)
+    return Outcome(registrations=tuple(registrations))
+
+
+def parse_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """'{prefix}/{service}/{instance}' -> (service, instance), or None if not one of ours."""
+    if not key.startswith(prefix + "/"):
+        return None
+    rest = key[len(prefix) + 1 :]
+    service, sep, instance = rest.partition("/")
+    if not sep or "/" in instance or not valid_name(service):
+        return None
+    return service, instance
+
+
+def owned_by(node: str, instance: str) -> bool:
+    """Whether an instance id was written by `node` (`{node}:{container}:{port}[:udp]`)."""
+    parts = instance.split(":")
+    return len(parts) in (3, 4) and parts[0] == node and parts[2].isdigit() and (
+        len(parts) == 3 or parts[3] == "udp"
+    )

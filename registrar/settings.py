@@ -1,0 +1,385 @@
+"""Settings: one pure function from argv and environment to a frozen object.
+
+Precedence is flag > environment (`REGISTRAR_<FLAG>`) > default, for every flag. Every value is
+validated here, once; a bad one raises `SettingsError` naming the flag, which the CLI prints as a
+single line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from registrar import __version__
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+DEFAULT_PREFIX = "/services"
+DEFAULT_CONTROL_PREFIX = "/registrar"
+DEFAULT_TTL = 15
+DEFAULT_DOCKER = "unix:///var/run/docker.sock"
+DEFAULT_METRICS_ADDR = "0.0.0.0:9477"
+# Sidecars share the host's network namespace with each other; one fixed port would clash.
+DEFAULT_SIDECAR_METRICS_ADDR = "0.0.0.0:0"
+DEFAULT_RESYNC = 30
+DEFAULT_WAIT = 60.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+class SettingsError(Exception):
+    """A bad flag or environment value; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class EtcdEndpoint:
+    host: str
+    port: int
+    secure: bool
+
+    def __str__(self) -> str:
+        scheme = "https" if self.secure else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[EtcdEndpoint, ...]
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    command: str
+    etcd: EtcdSettings
+    prefix: str
+    control_prefix: str
+    ttl: int
+    host_ip: str | None
+    node: str
+    docker_url: str
+    metrics_addr: tuple[str, int] | None
+    drain: float
+    resync: int
+    explicit: bool
+    log_format: str
+    log_level: str
+    container: str | None = None
+    wait: float = DEFAULT_WAIT
+    service: str | None = None
+    json: bool = False
+
+
+# --- the parser ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting: one line, our format."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SettingsError(message)
+
+
+_COMMON_HELP = {
+    "--etcd": f"comma-separated etcd endpoints, http:// or https:// (default {DEFAULT_ETCD})",
+    "--etcd-ca": "CA certificate file for https:// endpoints",
+    "--etcd-cert": "client certificate file (with --etcd-key)",
+    "--etcd-key": "client key file (with --etcd-cert)",
+    "--etcd-user": "etcd user name (password from REGISTRAR_ETCD_PASSWORD)",
+    "--etcd-password": "etcd password; prefer the REGISTRAR_ETCD_PASSWORD environment variable",
+    "--prefix": f"key prefix, must start with / (default {DEFAULT_PREFIX})",
+    "--control-prefix": (
+        "where promotions and standby instances are kept, outside --prefix "
+        f"(default {DEFAULT_CONTROL_PREFIX})"
+    ),
+    "--ttl": f"lease TTL in seconds, integer >= 2; heartbeats every TTL/3 (default {DEFAULT_TTL})",
+    "--host-ip": (
+        "address written for published ports (default: $COREOS_PRIVATE_IPV4, else the port's "
+        "own HostIp when specific, else the host's primary IPv4)"
+    ),
+    "--node": "this host's identity in keys (default: the host name)",
+    "--docker": f"Docker endpoint (default: $DOCKER_HOST, else {DEFAULT_DOCKER})",
+    "--metrics-addr": (
+        f"HOST:PORT for /metrics and /healthz; port 0 disables (default {DEFAULT_METRICS_ADDR} "
+        f"for watch, {DEFAULT_SIDECAR_METRICS_ADDR} (off) for register)"
+    ),
+    "--drain": "seconds to wait after deregistering on SIGTERM before exiting (default 0)",
+    "--resync": (
+        f"seconds between full reconciles against Docker, 0 turns it off (default {DEFAULT_RESYNC})"
+    ),
+    "--log-format": "text or json, on stderr (default text)",
+    "--log-level": "debug, info, warning or error (default info)",
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    for flag, help_text in _COMMON_HELP.items():
+        metavar = flag.lstrip("-").replace("-", "_").upper()
+        parser.add_argument(flag, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="registrar",
+        description=(
+            "Registers the published ports of Docker containers in etcd v3, each key bound to a "
+            "lease kept alive by heartbeats, and removes them the moment a container stops. "
+            "Every flag can also be set as REGISTRAR_<FLAG> in the environment "
+            "(flag > environment > default)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"registrar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    watch = sub.add_parser(
+        "watch",
+        help="host agent: register every eligible container on this host",
+        description="Host agent: follows Docker's events and keeps etcd in step with the "
+        "containers running on this host. Runs until SIGTERM/SIGINT.",
+    )
+    _add_common(watch)
+    watch.add_argument(
+        "--explicit",
+        action="store_const",
+        const="true",
+        default=argparse.SUPPRESS,
+        help="only register containers that carry a service label",
+    )
+
+    register = sub.add_parser(
+        "register",
+        help="sidecar: register one container until it stops",
+        description="Sidecar for one container (name or id), started from an app unit's "
+        "ExecStartPost. Registers its published ports, deregisters and exits 0 when it stops.",
+    )
+    register.add_argument("container", metavar="CONTAINER", help="container name or id")
+    register.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        default=argparse.SUPPRESS,
+        help=f"how long to wait for the container to exist and run (default {DEFAULT_WAIT:g})",
+    )
+    _add_common(register)
+
+    ls = sub.add_parser(
+        "ls",
+        help="list registrations under the prefix",
+        description="Lists registrations under the prefix: service, instance, host:port, "
+        "version, node, age.",
+    )
+    ls.add_argument("service", metavar="SERVICE", nargs="?", help="only this service")
+    ls.add_argument(
+        "--json",
+        action="store_const",
+        const="true",
+        default=argparse.SUPPRESS,
+        help="one JSON object a line: the stored value plus its key",
+    )
+    _add_common(ls)
+    return parser
+
+
+# --- resolving and validating -------------------------------------------------------------
+
+
+def _resolver(
+    args: Mapping[str, Any], env: Mapping[str, str]
+) -> Callable[[str, str | None], str | None]:
+    def value(flag: str, default: str | None) -> str | None:
+        attr = flag.lstrip("-").replace("-", "_")
+        if attr in args and args[attr] is not None:
+            return str(args[attr])
+        env_name = "REGISTRAR_" + attr.upper()
+        if env_name in env:
+            return env[env_name]
+        return default
+
+    return value
+
+
+def _int(flag: str, raw: str, minimum: int) -> int:
+    try:
+        number = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{flag}: must be an integer >= {minimum}, got {raw!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{flag}: must be an integer >= {minimum}, got {raw!r}")
+    return number
+
+
+def _seconds(flag: str, raw: str) -> float:
+    try:
+        number = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{flag}: must be a number of seconds >= 0, got {raw!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise SettingsError(f"{flag}: must be a number of seconds >= 0, got {raw!r}")
+    return number
+
+
+def _bool(flag: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{flag}: must be true or false, got {raw!r}")
+
+
+def _path_prefix(flag: str, raw: str) -> str:
+    path = raw.rstrip("/")
+    if not raw.startswith("/") or not path:
+        raise SettingsError(f"{flag}: must be a path starting with / (not /), got {raw!r}")
+    segments = path[1:].split("/")
+    if any(not NAME_RE.fullmatch(seg) for seg in segments):
+        raise SettingsError(
+            f"{flag}: each path segment must match [A-Za-z0-9][A-Za-z0-9._-]*, got {raw!r}"
+        )
+    return path
+
+
+def _endpoints(raw: str) -> tuple[EtcdEndpoint, ...]:
+    endpoints = []
+    for item in raw.split(","):
+        url = item.strip()
+        if not url:
+            raise SettingsError(f"--etcd: empty endpoint in {raw!r}")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise SettingsError(f"--etcd: malformed URL {url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise SettingsError(f"--etcd: {url!r} must start with http:// or https://")
+        if not parts.hostname:
+            raise SettingsError(f"--etcd: {url!r} has no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise SettingsError(f"--etcd: {url!r} must be scheme://host[:port] only")
+        endpoints.append(EtcdEndpoint(parts.hostname, port or 2379, parts.scheme == "https"))
+    return tuple(endpoints)
+
+
+def _readable(flag: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise SettingsError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
+    return path
+
+
+def _metrics_addr(raw: str) -> tuple[str, int] | None:
+    host, sep, port_text = raw.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise SettingsError(f"--metrics-addr: must be HOST:PORT (port 0-65535), got {raw!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    if any(ch.isspace() or ch in "/@" for ch in host):
+        raise SettingsError(f"--metrics-addr: bad host in {raw!r}")
+    port = int(port_text)
+    return None if port == 0 else (host, port)
+
+
+def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
+    """Turns argv (without the program name) and the environment into Settings."""
+    args = vars(build_parser().parse_args(list(argv)))
+    command = args["command"]
+    value = _resolver(args, env)
+
+    etcd_raw = value("--etcd", DEFAULT_ETCD) or ""
+    endpoints = _endpoints(etcd_raw)
+    cert = _readable("--etcd-cert", value("--etcd-cert", None))
+    key = _readable("--etcd-key", value("--etcd-key", None))
+    if (cert is None) != (key is None):
+        raise SettingsError("--etcd-cert and --etcd-key: give both or neither")
+    user = value("--etcd-user", None) or None
+    password = value("--etcd-password", None) or None
+    if (user is None) != (password is None):
+        raise SettingsError(
+            "--etcd-user: needs a password (REGISTRAR_ETCD_PASSWORD) and the other way round"
+        )
+    etcd = EtcdSettings(
+        endpoints=endpoints,
+        ca=_readable("--etcd-ca", value("--etcd-ca", None)),
+        cert=cert,
+        key=key,
+        user=user,
+        password=password,
+    )
+
+    prefix = _path_prefix("--prefix", value("--prefix", DEFAULT_PREFIX) or "")
+    control = _path_prefix(
+        "--control-prefix", value("--control-prefix", DEFAULT_CONTROL_PREFIX) or ""
+    )
+    if (prefix + "/").startswith(control + "/") or (control + "/").startswith(prefix + "/"):
+        raise SettingsError(
+            f"--control-prefix: {control!r} and --prefix {prefix!r} must not contain each other"
+        )
+
+    node = value("--node", None) or socket.gethostname()
+    if not NAME_RE.fullmatch(node):
+        raise SettingsError(f"--node: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}, got {node!r}")
+
+    host_ip = value("--host-ip", None) or env.get("COREOS_PRIVATE_IPV4") or None
+    if host_ip is not None:
+        host_ip = _ip("--host-ip", host_ip)
+
+    default_metrics = DEFAULT_METRICS_ADDR
+    if command == "register":
+        default_metrics = DEFAULT_SIDECAR_METRICS_ADDR
+    log_format = (value("--log-format", "text") or "").lower()
+    if log_format not in LOG_FORMATS:
+        raise SettingsError(f"--log-format: must be text or json, got {log_format!r}")
+    log_level = (value("--log-level", "info") or "").lower()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
+
+    container = args.get("container")
+    if container is not None and not container.strip():
+        raise SettingsError("CONTAINER: must not be empty")
+
+    return Settings(
+        command=command,
+        etcd=etcd,
+        prefix=prefix,
+        control_prefix=control,
+        ttl=_int("--ttl", value("--ttl", str(DEFAULT_TTL)) or "", 2),
+        host_ip=host_ip,
+        node=node,
+        docker_url=value("--docker", None) or env.get("DOCKER_HOST") or DEFAULT_DOCKER,
+        metrics_addr=_metrics_addr(value("--metrics-addr", default_metrics) or ""),
+        drain=_seconds("--drain", value("--drain", "0") or ""),
+        resync=_int("--resync", value("--resync", str(DEFAULT_RESYNC)) or "", 0),
+        explicit=_bool("--explicit", value("--explicit", "false") or ""),
+        log_format=log_format,
+        log_level=log_level,
+        container=container,
+        wait=_seconds("--wait", value("--wait", str(DEFAULT_WAIT)) or ""),
+        service=args.get("service"),
+        json=_bool("--json", value("--json", "false") or ""),
+    )
+
+
+def _ip(flag: str, raw: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise SettingsError(f"{flag}: not an IP address: {raw!r}") from None

@@ -1,0 +1,322 @@
+"""ContainerWatcher: follows Docker's events and tells the LeaseKeeper what should be registered.
+
+Two threads: a reader that only moves events from Docker's stream into a queue (and reconnects
+with backoff when the stream ends), and one consumer that applies them in order. The reader
+subscribes before the consumer lists the running containers, so nothing starting in between is
+missed; after every (re)connect the consumer reconciles in full, since Docker keeps only its last
+256 events. A `register` sidecar is the same watcher limited to one container.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from registrar.containers import ContainerInfo
+from registrar.docker_source import DockerSource, DockerUnavailable
+from registrar.lease_keeper import LeaseKeeper
+from registrar.lifecycle import Effect, effect_of
+from registrar.metrics import Metrics
+from registrar.naming import NamingContext, Outcome, registrations_for
+from registrar.retry import retrying
+
+log = logging.getLogger(__name__)
+
+QUEUE_POLL = 0.5
+INITIAL_RECONNECT = 0.1
+
+
+@dataclass(frozen=True)
+class _StreamOpened:
+    pass
+
+
+@dataclass(frozen=True)
+class _StreamLost:
+    reason: str
+
+
+@dataclass
+class _Tracked:
+    """What the consumer knows of one container."""
+
+    info: ContainerInfo
+    stopping: bool = False  # a kill/stop was seen: out of rotation until it starts again
+    rejected: str | None = None
+    values: dict[str, str] = field(default_factory=dict)  # key -> encoded value
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def event_label(action: str) -> str:
+    """A bounded label for the events counter ('exec_create: sh -c ..' -> 'exec_create')."""
+    head, _, tail = action.partition(":")
+    return f"health_status:{tail.strip()}" if head == "health_status" else head
+
+
+class ContainerWatcher:
+    def __init__(
+        self,
+        docker: DockerSource,
+        events_docker: DockerSource,
+        keeper: LeaseKeeper,
+        naming: NamingContext,
+        metrics: Metrics,
+        *,
+        resync: float,
+        only: str | None = None,
+        finished: threading.Event | None = None,
+    ) -> None:
+        """`only`: a sidecar's container id; `finished` is set when that container is gone."""
+        self._docker = docker
+        self._events = events_docker
+        self._keeper = keeper
+        self._naming = naming
+        self._metrics = metrics
+        self._resync = resync
+        self._only = only
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._tracked: dict[str, _Tracked] = {}
+        self._last_time_nano = 0
+        self._seen_at_last: set[tuple[str, str]] = set()
+        self._threads: list[threading.Thread] = []
+        self._docker_ok: bool | None = None
+        self.finished = finished if finished is not None else threading.Event()
+        self.finished_reason: str | None = None
+        self.last_progress = time.monotonic()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._read, "docker-events"), (self._consume, "event-consumer")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops taking events: ends the stream and both threads."""
+        self._stop.set()
+        self._events.close_events()
+        self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    # --- reader thread ------------------------------------------------------------------
+
+    def _read(self) -> None:
+        policy = retrying(
+            "docker events", (DockerUnavailable,), self._stop, log, on_failure=self._docker_failed
+        )
+        while not self._stop.is_set():
+            try:
+                policy(self._read_once)
+            except DockerUnavailable:
+                return  # stopping
+            # A stream that was open has ended: reconnect with a fresh backoff.
+            self._stop.wait(INITIAL_RECONNECT)
+
+    def _read_once(self) -> None:
+        filters = {"container": self._only} if self._only else None
+        since = None
+        if self._last_time_nano:
+            seconds, nanos = divmod(self._last_time_nano, 1_000_000_000)
+            since = f"{seconds}.{nanos:09d}"
+        events = self._events.open_events(since, filters)
+        # Subscribed: now the consumer may list what runs (nothing starting meanwhile is missed).
+        self._queue.put(_StreamOpened())
+        for event in events:
+            self._queue.put(event)
+        if not self._stop.is_set():
+            self._queue.put(_StreamLost("the events stream ended"))
+
+    def _docker_failed(self, error: BaseException) -> None:
+        self._queue.put(_StreamLost(str(error)))
+
+    # --- consumer thread ----------------------------------------------------------------
+
+    def _consume(self) -> None:
+        next_resync = time.monotonic() + self._resync if self._resync else None
+        while not self._stop.is_set():
+            timeout = QUEUE_POLL
+            if next_resync is not None:
+                timeout = max(0.0, min(timeout, next_resync - time.monotonic()))
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            self.last_progress = time.monotonic()
+            if self._stop.is_set():
+                return
+            try:
+                if isinstance(item, _StreamOpened):
+                    self._set_docker_up(True, "events stream open")
+                    self.reconcile()
+                elif isinstance(item, _StreamLost):
+                    self._set_docker_up(False, item.reason)
+                elif isinstance(item, dict):
+                    self._apply_event(item)
+                if next_resync is not None and time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + self._resync
+                    if self._docker_ok:
+                        self.reconcile()
+            except DockerUnavailable as exc:
+                # The reader sees the same outage and reconnects; the reconcile after it
+                # catches up on whatever this event would have told us.
+                self._set_docker_up(False, str(exc))
+            except Exception:
+                log.exception("handling %r failed", item)
+
+    def _set_docker_up(self, up: bool, reason: str) -> None:
+        self._metrics.docker_up.set(1 if up else 0)
+        if up != self._docker_ok:
+            if up:
+                log.info("docker connected (%s)", reason, extra={"event": "docker_up"})
+            elif self._docker_ok is not None or not up:
+                log.warning("docker unreachable: %s; reconnecting", reason,
+                            extra={"event": "docker_down", "reason": reason})
+        self._docker_ok = up
+
+    def reconcile(self) -> None:
+        """Re-reads every running container (or the one) and hands the whole set to the keeper."""
+        if self._only:
+            info = self._docker.inspect(self._only)
+            running = [info] if info is not None and info.running else []
+            if info is None or not info.running:
+                self._container_gone(self._only, "not running")
+        else:
+            running = self._docker.running()
+        seen = set()
+        for info in running:
+            seen.add(info.id)
+            self._update(info, event_time=None, push=False)
+        for cid in list(self._tracked):
+            if cid not in seen:
+                del self._tracked[cid]
+        self._keeper.replace_all(
+            {cid: tracked.values for cid, tracked in self._tracked.items()}
+        )
+
+    def _apply_event(self, event: dict[str, Any]) -> None:
+        action = str(event.get("Action") or event.get("status") or "")
+        actor = event.get("Actor") or {}
+        cid = str(actor.get("ID") or event.get("id") or "")
+        attributes = actor.get("Attributes") or {}
+        time_nano = int(event.get("timeNano") or 0)
+        if time_nano < self._last_time_nano or (
+            time_nano == self._last_time_nano and (cid, action) in self._seen_at_last
+        ):
+            return  # replayed by a resumed stream
+        if time_nano > self._last_time_nano:
+            self._last_time_nano = time_nano
+            self._seen_at_last = set()
+        self._seen_at_last.add((cid, action))
+        if not cid or (self._only and cid != self._only):
+            return
+        self._metrics.docker_events.labels(action=event_label(action)).inc()
+        tracked = self._tracked.get(cid)
+        stop_signal = tracked.info.stop_signal if tracked else "SIGTERM"
+        effect = effect_of(action, attributes, stop_signal)
+        event_time = time_nano / 1e9 if time_nano else time.time()
+        log.debug("event %s %s -> %s", action, cid[:12], effect.value)
+        if effect is Effect.REFRESH:
+            info = self._docker.inspect(cid)
+            if info is None:
+                self._forget(cid)
+                return
+            if action in ("start", "restart") and tracked is not None:
+                tracked.stopping = False
+            self._update(info, event_time=event_time, push=True)
+        elif effect is Effect.WITHDRAW:
+            if tracked is None:
+                tracked = self._tracked[cid] = _Tracked(info=_placeholder(cid))
+            tracked.stopping = True
+            self._withdraw(cid, f"{action} {attributes.get('signal', '')}".strip())
+        elif effect is Effect.OUT:
+            self._withdraw(cid, action)
+            if action == "die" and tracked is not None:
+                tracked.info = replace(tracked.info, running=False)
+            if action in ("die", "stop") and self._only:
+                self._container_gone(cid, action)
+        elif effect is Effect.GONE:
+            self._forget(cid)
+            if self._only:
+                self._container_gone(cid, action)
+
+    def _update(self, info: ContainerInfo, *, event_time: float | None, push: bool) -> None:
+        tracked = self._tracked.get(info.id)
+        if tracked is None:
+            tracked = self._tracked[info.id] = _Tracked(info=info)
+        else:
+            tracked.info = info
+        values: dict[str, str] = {}
+        if info.serving and not tracked.stopping:
+            outcome = registrations_for(info, self._naming, now_rfc3339())
+            self._note_outcome(tracked, outcome)
+            for registration in outcome.registrations:
+                encoded = registration.encoded()
+                old = tracked.values.get(registration.key)
+                # Keep registered_at of an unchanged registration: a resync writes nothing.
+                if old is not None and _same_but_time(old, registration.value):
+                    encoded = old
+                values[registration.key] = encoded
+        tracked.values = values
+        if push:
+            self._keeper.set_container(info.id, values, event_time)
+
+    def _note_outcome(self, tracked: _Tracked, outcome: Outcome) -> None:
+        if outcome.rejected is None:
+            tracked.rejected = None
+            return
+        if tracked.rejected != outcome.rejected:
+            self._metrics.rejected.labels(reason=outcome.rejected).inc()
+            log.warning(
+                "container %s not registered: %s (%s)",
+                tracked.info.name[:64], outcome.rejected, outcome.detail,
+                extra={"event": "reject", "container": tracked.info.name[:64],
+                       "reason": outcome.rejected},
+            )
+        tracked.rejected = outcome.rejected
+
+    def _withdraw(self, cid: str, why: str) -> None:
+        tracked = self._tracked.get(cid)
+        if tracked is not None and tracked.values:
+            log.debug("withdrawing %s: %s", cid[:12], why)
+            tracked.values = {}
+        self._keeper.drop_container(cid)
+
+    def _forget(self, cid: str) -> None:
+        self._tracked.pop(cid, None)
+        self._keeper.drop_container(cid)
+
+    def _container_gone(self, cid: str, why: str) -> None:
+        log.info("container %s %s: deregistering and exiting", cid[:12], why,
+                 extra={"event": "container_gone"})
+        self.finished_reason = why
+        self.finished.set()
+
+
+def _placeholder(cid: str) -> ContainerInfo:
+    return ContainerInfo(id=cid, name="", image="", running=False)
+
+
+def _same_but_time(old: str, value: Any) -> bool:
+    import json
+
+    try:
+        previous = json.loads(old)
+    except ValueError:
+        return False
+    return isinstance(previous, dict) and {**previous, "registered_at": None} == {
+        **value, "registered_at": None
+    }

@@ -82,17 +82,6 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() in TRUE_WORDS
 
 
-def _lookup(container: ContainerInfo, *names: str) -> str | None:
-    """First of `names` found in labels, then in env (registrator honours both; labels win)."""
-    for name in names:
-        if name in container.labels:
-            return container.labels[name]
-    for name in names:
-        if name.startswith("SERVICE_") and name in container.env:
-            return container.env[name]
-    return None
-
-
 def _registrator(container: ContainerInfo, name: str) -> str | None:
     if name in container.labels:
         return container.labels[name]
@@ -129,13 +118,16 @@ def _version(container: ContainerInfo) -> tuple[str, str | None]:
 def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str, str, int]]:
     """(private port, protocol, host, host port) of each port to register."""
     if container.host_network:
-        host = ctx.host_ip or ctx.default_ip
-        return [(port, proto, host, port) for port, proto in container.exposed]
+        address = ctx.host_ip or ctx.default_ip
+        return [(port, proto, address, port) for port, proto in container.exposed]
     result = []
     for binding in container.ports:
-        host = ctx.host_ip
-        if host is None:
-            host = ctx.default_ip if binding.host_ip in UNSPECIFIED_IPS else binding.host_ip
+        if ctx.host_ip is not None:
+            host = ctx.host_ip
+        elif binding.host_ip in UNSPECIFIED_IPS:
+            host = ctx.default_ip
+        else:
+            host = binding.host_ip
         result.append((binding.private_port, binding.protocol, host, binding.host_port))
     return result
 

@@ -12,6 +12,13 @@ INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 
 
+def _interruptible(stop: threading.Event) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return sleep
+
+
 def retrying(
     what: str,
     errors: tuple[type[BaseException], ...],
@@ -40,7 +47,7 @@ def retrying(
         retry=retry_if_exception_type(errors),
         wait=wait_exponential_jitter(initial=INITIAL_BACKOFF, max=max_backoff, jitter=0.5),
         stop=lambda _state: stop.is_set(),
-        sleep=stop.wait,
+        sleep=_interruptible(stop),
         before_sleep=before_sleep,
         reraise=True,
     )

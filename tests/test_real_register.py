@@ -1,0 +1,166 @@
+"""`registrar register CONTAINER`, the sidecar, against the real Docker engine and etcd."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.helpers import Scope, metrics_flag, scrape, value_of
+from tests.support.proc import wait_until
+
+TTL = 3
+
+
+@pytest.fixture
+def scope(etcd, unique) -> Scope:
+    return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+
+
+def test_registers_host_port_and_lease_then_sigterm_removes(
+    scope, containers, registrar, etcd_reader
+):
+    c = containers(labels={"registrar.service": "web", "registrar.version": "v7"})
+    sidecar = registrar(scope.args("register", c.name, ttl=TTL))
+    key = scope.key("web", c.name)
+    value = value_of(wait_until(lambda: etcd_reader.get(key), timeout=10,
+                                message=lambda: sidecar.logs()))
+    assert value["host"] == "127.0.0.1"  # the port's own specific HostIp
+    assert value["port"] == c.port(8080)
+    assert value["service"] == "web"
+    assert value["node"] == scope.node
+    assert value["container_id"] == c.id
+    assert value["container_name"] == c.name
+    assert value["private_port"] == 8080
+    assert value["protocol"] == "tcp"
+    assert value["version"] == "v7"
+    granted, _remaining = etcd_reader.lease_ttl(key)
+    assert granted == TTL
+
+    # Heartbeats keep it well past its TTL.
+    lease = etcd_reader.lease_id(key)
+    time.sleep(TTL * 2.5)
+    assert etcd_reader.get(key) is not None
+    assert etcd_reader.lease_id(key) == lease
+
+    sidecar.terminate()
+    assert sidecar.wait(10) == 0
+    assert etcd_reader.get(key) is None  # revoked before exiting, not left to expire
+
+
+def test_sigkill_lets_the_key_expire_within_ttl(scope, containers, registrar, etcd_reader):
+    c = containers(labels={"registrar.service": "web"})
+    sidecar = registrar(scope.args("register", c.name, ttl=TTL))
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+    sidecar.kill()
+    killed = time.monotonic()
+    wait_until(lambda: etcd_reader.get(key) is None, timeout=TTL + 4, interval=0.1)
+    assert time.monotonic() - killed <= TTL + 2
+
+
+def test_docker_stop_deregisters_before_the_container_dies(
+    scope, containers, registrar, etcd_reader
+):
+    # busybox httpd as PID 1 ignores SIGTERM: `docker stop -t 4` takes the full 4 s.
+    c = containers(labels={"registrar.service": "web"})
+    sidecar = registrar(scope.args("register", c.name, ttl=TTL))
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+
+    stopper = threading.Thread(target=c.stop, kwargs={"timeout": 4})
+    stopper.start()
+    try:
+        wait_until(lambda: etcd_reader.get(key) is None, timeout=3, interval=0.02,
+                   message="key still there while the container stops")
+        assert c.state()["Running"], "the key must go while the app still drains"
+    finally:
+        stopper.join()
+    assert sidecar.wait(10) == 0
+
+
+def test_waits_for_a_container_created_later(scope, containers, registrar, etcd_reader):
+    name = containers.full_name("later")
+    sidecar = registrar(scope.args("register", name, "--wait", "30", ttl=TTL))
+    sidecar.wait_for_log("waiting up to 30s", timeout=10)
+    time.sleep(1)
+    assert sidecar.alive
+    containers(name=name, labels={"registrar.service": "late"})
+    wait_until(lambda: etcd_reader.get(scope.key("late", name)), timeout=10,
+               message=lambda: sidecar.logs())
+    assert sidecar.stop() == 0
+
+
+def test_a_container_that_never_appears_exits_1_naming_it(scope, registrar, etcd_reader):
+    sidecar = registrar(scope.args("register", "rgt-no-such-container", "--wait", "1"))
+    assert sidecar.wait(15) == 1
+    last = sidecar.logs().strip().splitlines()[-1]
+    assert "rgt-no-such-container" in last
+    assert "Traceback" not in sidecar.logs()
+    assert etcd_reader.get_prefix(scope.prefix + "/") == {}
+
+
+def test_etcd_stopped_and_restarted(
+    scope, containers, registrar, etcd_reader, etcd_restartable
+):
+    c = containers(labels={"registrar.service": "web"})
+    flag, port = metrics_flag()
+    sidecar = registrar(scope.args("register", c.name, *flag, ttl=TTL))
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+
+    etcd_restartable.stop()
+    wait_until(lambda: scrape(port)["registrar_etcd_up"] == 0, timeout=3,
+               message="registrar_etcd_up did not turn 0")
+    time.sleep(TTL + 1)
+    assert sidecar.alive
+    etcd_restartable.start()
+    wait_until(lambda: etcd_reader.get(key), timeout=15, message=lambda: sidecar.logs())
+    wait_until(lambda: scrape(port)["registrar_etcd_up"] == 1, timeout=5)
+    # ... and it is kept alive afterwards, by the same sidecar.
+    time.sleep(TTL * 1.5)
+    assert etcd_reader.get(key) is not None
+    assert sidecar.stop() == 0
+    assert etcd_reader.get(key) is None
+
+
+def test_lease_expired_during_a_partition_is_granted_anew(
+    scope, etcd, containers, registrar, etcd_reader, forwarders
+):
+    fwd = forwarders.etcd(etcd)
+    c = containers(labels={"registrar.service": "web"})
+    flag, port = metrics_flag()
+    sidecar = registrar(
+        Scope(scope.prefix, scope.node, fwd.url).args("register", c.name, *flag, ttl=TTL)
+    )
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+    old_lease = etcd_reader.lease_id(key)
+
+    fwd.cut()
+    # etcd itself is up: the lease expires server-side and the key goes with it.
+    wait_until(lambda: etcd_reader.get(key) is None, timeout=TTL + 3)
+    fwd.restore()
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+    assert etcd_reader.lease_id(key) != old_lease
+    wait_until(lambda: scrape(port)["registrar_lease_regrants_total"] >= 1, timeout=5)
+    assert sidecar.stop() == 0
+
+
+def test_etcd_reachable_only_after_the_sidecar_starts(
+    scope, etcd, containers, registrar, etcd_reader, forwarders
+):
+    fwd = forwarders.etcd(etcd)
+    fwd.cut()
+    c = containers(labels={"registrar.service": "web"})
+    sidecar = registrar(
+        Scope(scope.prefix, scope.node, fwd.url).args("register", c.name, ttl=TTL)
+    )
+    key = scope.key("web", c.name)
+    time.sleep(2)
+    assert sidecar.alive
+    assert etcd_reader.get(key) is None
+    fwd.restore()
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+    assert sidecar.stop() == 0

@@ -1,0 +1,345 @@
+"""`registrar watch`, the host agent, against the real Docker engine and etcd."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.helpers import Scope, healthz, metrics_flag, scrape, value_of
+from tests.support.proc import wait_until
+
+TTL = 3
+IMAGE_SERVICE = "registrar-test-busybox"
+
+
+@pytest.fixture
+def scope(etcd, unique) -> Scope:
+    return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+
+
+@pytest.fixture
+def agent(registrar, scope):
+    """Starts `registrar watch` for this test's scope; returns (process, metrics port)."""
+
+    def start(*extra: str, etcd_url: str | None = None, docker: str | None = None,
+              ttl: int = TTL, resync: int = 2):
+        flag, port = metrics_flag()
+        s = Scope(scope.prefix, scope.node, etcd_url or scope.etcd_url)
+        args = [*s.args("watch", ttl=ttl), *flag, "--resync", str(resync), *extra]
+        if docker:
+            args += ["--docker", docker]
+        proc = registrar(args)
+        proc.wait_for_log("docker connected", timeout=15)
+        return proc, port
+
+    return start
+
+
+def ours(reader, scope: Scope, names) -> set[str]:
+    """Keys under the scope's prefix that belong to the given containers."""
+    return {
+        key for key in reader.get_prefix(scope.prefix + "/")
+        if any(f":{name}:" in key for name in names)
+    }
+
+
+def test_registers_by_labels_env_and_image_and_refuses_bad_ones(
+    scope, agent, containers, etcd_reader
+):
+    proc, port = agent()
+    labelled = containers(labels={"registrar.service": "web", "registrar.tags": "blue,canary"})
+    several = containers(ports=("8080", "9090"))
+    per_port = containers(ports=("8080", "9090"), labels={
+        "registrar.service": "main", "registrar.9090.service": "admin"})
+    ignored = containers(labels={"registrar.ignore": "true", "registrar.service": "nope"})
+    registrator = containers(env={"SERVICE_NAME": "api", "SERVICE_TAGS": "a,b"})
+    registrator_ignored = containers(env={"SERVICE_IGNORE": "1"})
+    unpublished = containers(publish=False, labels={"registrar.service": "hidden"})
+    hostile = [
+        containers(labels={"registrar.service": "../x"}),
+        containers(labels={"registrar.service": "a/b"}),
+        containers(labels={"registrar.service": ""}),
+        containers(labels={"registrar.service": "with space"}),
+        containers(labels={"registrar.service": "x" * 1000}),
+        containers(labels={"registrar.service": "tab\there"}),
+    ]
+    everyone = [labelled, several, per_port, ignored, registrator, registrator_ignored,
+                unpublished, *hostile]
+    expected = {
+        scope.key("web", labelled.name),
+        scope.key(f"{IMAGE_SERVICE}-8080", several.name, 8080),
+        scope.key(f"{IMAGE_SERVICE}-9090", several.name, 9090),
+        scope.key("main", per_port.name, 8080),
+        scope.key("admin", per_port.name, 9090),
+        scope.key("api", registrator.name),
+    }
+    names = [c.name for c in everyone]
+    wait_until(lambda: ours(etcd_reader, scope, names) == expected, timeout=10,
+               message=lambda: f"{ours(etcd_reader, scope, names)}\n{proc.logs()}")
+    # Rejections are counted once each, even across resyncs.
+    wait_until(lambda: scrape(port).get(
+        'registrar_rejected_containers_total{reason="invalid_service_name"}') == len(hostile),
+        timeout=5, message=lambda: str(scrape(port)))
+    time.sleep(2.5)  # a resync later, still the same keys and counts
+    assert ours(etcd_reader, scope, names) == expected
+    assert scrape(port)[
+        'registrar_rejected_containers_total{reason="invalid_service_name"}'] == len(hostile)
+    # Nothing outside the prefix: every key this node wrote is a valid one under it.
+    for key in etcd_reader.get_prefix("/"):
+        if scope.node in key:
+            assert key.startswith(scope.prefix + "/")
+
+    web = value_of(etcd_reader.get(scope.key("web", labelled.name)))
+    assert web["tags"] == ["blue", "canary"]
+    assert web["port"] == labelled.port(8080)
+    api = value_of(etcd_reader.get(scope.key("api", registrator.name)))
+    assert api["tags"] == ["a", "b"]
+    assert "with space" in proc.logs() or "invalid_service_name" in proc.logs()
+
+
+def test_explicit_registers_only_labelled_containers(scope, agent, containers, etcd_reader):
+    agent("--explicit")
+    labelled = containers(labels={"registrar.service": "web"})
+    plain = containers()
+    names = [labelled.name, plain.name]
+    wait_until(lambda: ours(etcd_reader, scope, names) == {scope.key("web", labelled.name)},
+               timeout=10)
+    time.sleep(2.5)
+    assert ours(etcd_reader, scope, names) == {scope.key("web", labelled.name)}
+
+
+def test_host_network_container_registers_its_exposed_ports(
+    scope, agent, containers, etcd_reader
+):
+    agent("--host-ip", "127.0.0.1")
+    c = containers(network="host", publish=False, ports=("18080",),
+                   labels={"registrar.service": "hostnet"}, command="httpd -f -p 18080")
+    key = scope.key("hostnet", c.name, 18080)
+    value = value_of(wait_until(lambda: etcd_reader.get(key), timeout=10))
+    assert value["host"] == "127.0.0.1"
+    assert value["port"] == 18080
+
+
+def test_pause_and_unpause(scope, agent, containers, etcd_reader):
+    agent()
+    c = containers(labels={"registrar.service": "web"})
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    c.pause()
+    wait_until(lambda: etcd_reader.get(key) is None, timeout=3)
+    time.sleep(2.5)  # a resync does not bring a paused container back
+    assert etcd_reader.get(key) is None
+    c.unpause()
+    wait_until(lambda: etcd_reader.get(key), timeout=3)
+
+
+def test_healthcheck_registers_only_when_healthy(scope, agent, containers, etcd_reader):
+    agent()
+    c = containers(
+        labels={"registrar.service": "web"},
+        healthcheck={"cmd": "test -f /ok", "interval": 0.5, "retries": 1},
+    )
+    key = scope.key("web", c.name)
+    time.sleep(2)
+    assert etcd_reader.get(key) is None, "registered before it was healthy"
+    from tests.support.docker_env import docker
+
+    docker("exec", c.id, "touch", "/ok")
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    docker("exec", c.id, "rm", "/ok")
+    wait_until(lambda: etcd_reader.get(key) is None, timeout=10)
+    assert c.state()["Running"]
+
+
+def test_docker_stop_removes_the_key_before_the_container_dies(
+    scope, agent, containers, etcd_reader
+):
+    agent()
+    c = containers(labels={"registrar.service": "web"})
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    stopper = threading.Thread(target=c.stop, kwargs={"timeout": 5})
+    stopper.start()
+    try:
+        wait_until(lambda: etcd_reader.get(key) is None, timeout=3, interval=0.02)
+        assert c.state()["Running"]
+        time.sleep(2.5)  # a resync while it still drains does not bring it back
+        assert etcd_reader.get(key) is None
+        assert c.state()["Running"]
+    finally:
+        stopper.join()
+
+
+def test_kill_with_a_reload_signal_changes_nothing(scope, agent, containers, etcd_reader):
+    agent()
+    c = containers(labels={"registrar.service": "web"})
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    c.kill("HUP")
+    time.sleep(1)
+    assert etcd_reader.get(key) is not None
+
+
+def test_stale_keys_of_this_node_go_at_start_and_other_nodes_stay(
+    scope, agent, containers, etcd_reader
+):
+    stale = scope.key("web", "gone-container")
+    other = f"{scope.prefix}/web/other-node:gone-container:8080"
+    lease = etcd_reader.grant_lease(300)
+    etcd_reader.put(stale, '{"service": "web"}', lease=lease)
+    etcd_reader.put(other, '{"service": "web"}', lease=lease)
+    c = containers(labels={"registrar.service": "web"})
+    agent()
+    wait_until(lambda: etcd_reader.get(scope.key("web", c.name)), timeout=10)
+    wait_until(lambda: etcd_reader.get(stale) is None, timeout=5)
+    time.sleep(2.5)
+    assert etcd_reader.get(other) is not None
+
+
+def test_sigterm_removes_every_key_of_this_node_and_exits_0(
+    scope, agent, containers, etcd_reader
+):
+    proc, _port = agent("--drain", "1")
+    cs = [containers(labels={"registrar.service": "web"}) for _ in range(3)]
+    names = [c.name for c in cs]
+    wait_until(lambda: len(ours(etcd_reader, scope, names)) == 3, timeout=10)
+    proc.terminate()
+    # Keys go before the drain: while it drains they are already out of rotation.
+    wait_until(lambda: not ours(etcd_reader, scope, names), timeout=3, interval=0.02)
+    assert proc.alive
+    assert proc.wait(10) == 0
+    assert "revoked lease" in proc.logs()
+
+
+def test_etcd_cut_longer_than_the_ttl(
+    scope, etcd, agent, containers, etcd_reader, forwarders
+):
+    fwd = forwarders.etcd(etcd)
+    proc, port = agent(etcd_url=fwd.url)
+    first = containers(labels={"registrar.service": "web"})
+    wait_until(lambda: etcd_reader.get(scope.key("web", first.name)), timeout=10)
+
+    fwd.cut()
+    wait_until(lambda: scrape(port)["registrar_etcd_up"] == 0, timeout=2.5)
+    # The lease expires server-side; a container starts and one stops meanwhile.
+    wait_until(lambda: etcd_reader.get(scope.key("web", first.name)) is None, timeout=TTL + 3)
+    second = containers(labels={"registrar.service": "web"})
+    doomed = containers(labels={"registrar.service": "web"})
+    time.sleep(0.5)
+    doomed.stop(timeout=0)
+    assert healthz(port) == 200  # still making progress, just retrying
+    fwd.restore()
+
+    names = [first.name, second.name, doomed.name]
+    expected = {scope.key("web", first.name), scope.key("web", second.name)}
+    wait_until(lambda: ours(etcd_reader, scope, names) == expected, timeout=10,
+               message=lambda: proc.logs())
+    wait_until(lambda: scrape(port)["registrar_etcd_up"] == 1, timeout=3)
+    assert scrape(port)["registrar_lease_regrants_total"] >= 1
+
+
+def test_docker_connection_cut(scope, agent, containers, etcd_reader, forwarders):
+    fwd = forwarders.unix()
+    proc, port = agent(docker=fwd.url, resync=0)
+    keep = containers(labels={"registrar.service": "web"})
+    gone = containers(labels={"registrar.service": "web"})
+    wait_until(lambda: len(ours(etcd_reader, scope, [keep.name, gone.name])) == 2, timeout=10)
+
+    fwd.cut()
+    wait_until(lambda: scrape(port)["registrar_docker_up"] == 0, timeout=2.5)
+    gone.remove()
+    new = containers(labels={"registrar.service": "web"})
+    time.sleep(1)
+    fwd.restore()
+
+    names = [keep.name, gone.name, new.name]
+    expected = {scope.key("web", keep.name), scope.key("web", new.name)}
+    wait_until(lambda: ours(etcd_reader, scope, names) == expected, timeout=15,
+               message=lambda: proc.logs())
+    wait_until(lambda: scrape(port)["registrar_docker_up"] == 1, timeout=3)
+
+
+def test_sigterm_while_etcd_is_cut_exits_in_bounded_time(
+    scope, etcd, agent, containers, etcd_reader, forwarders
+):
+    fwd = forwarders.etcd(etcd)
+    proc, _port = agent(etcd_url=fwd.url)
+    c = containers(labels={"registrar.service": "web"})
+    wait_until(lambda: etcd_reader.get(scope.key("web", c.name)), timeout=10)
+    fwd.cut()
+    time.sleep(1)
+    started = time.monotonic()
+    proc.terminate()
+    assert proc.wait(15) == 0
+    assert time.monotonic() - started < 10
+
+
+def test_three_member_cluster_survives_the_leader(
+    unique, etcd_cluster, registrar, containers
+):
+    from tests.support.etcd_reader import EtcdReader
+
+    scope = Scope(f"/rgt-{unique}", f"node-{unique}", ",".join(etcd_cluster.urls))
+    flag, _port = metrics_flag()
+    proc = registrar([*scope.args("watch", ttl=TTL), *flag])
+    proc.wait_for_log("docker connected", timeout=15)
+    before = containers(labels={"registrar.service": "web"})
+
+    leader = etcd_cluster.leader_index()
+    survivor = next(i for i in range(3) if i != leader)
+    reader = EtcdReader(etcd_cluster.urls[survivor])
+    try:
+        wait_until(lambda: reader.get(scope.key("web", before.name)), timeout=10)
+        etcd_cluster.kill(leader)
+        after = containers(labels={"registrar.service": "web"})
+        wait_until(lambda: reader.get(scope.key("web", after.name)), timeout=15,
+                   message=lambda: proc.logs())
+        time.sleep(TTL + 1)  # heartbeats go on through the new leader
+        assert reader.get(scope.key("web", before.name)) is not None
+        assert reader.get(scope.key("web", after.name)) is not None
+    finally:
+        reader.close()
+    assert proc.stop() == 0
+
+
+def test_steady_state_writes_nothing(scope, agent, containers, etcd_reader):
+    _proc, port = agent(ttl=2, resync=1)
+    cs = [containers(labels={"registrar.service": "web"}) for _ in range(3)]
+    keys = [scope.key("web", c.name) for c in cs]
+    wait_until(lambda: all(etcd_reader.get(k) for k in keys), timeout=10)
+    time.sleep(1.5)
+
+    def writes() -> float:
+        samples = scrape(port)
+        return sum(samples.get(f'registrar_etcd_request_duration_seconds_count{{op="{op}"}}', 0)
+                   for op in ("put", "txn", "delete"))
+
+    before_revision, before_writes = etcd_reader.revision(), writes()
+    before_mods = {k: etcd_reader.get_meta(k)[1].mod_revision for k in keys}
+    time.sleep(2 * 3)  # three TTLs, six resyncs
+    assert writes() == before_writes
+    assert {k: etcd_reader.get_meta(k)[1].mod_revision for k in keys} == before_mods
+    # This agent is the only writer of this etcd here, so the store's revision stays put.
+    # (Other containers on a shared dev engine would be registered too: only check when alone.)
+    if not any(":rgt" in k and scope.node in k and k not in keys
+               for k in etcd_reader.get_prefix(scope.prefix + "/")):
+        assert etcd_reader.revision() == before_revision
+
+
+def test_many_keys_are_written_in_few_transactions(scope, agent, containers, etcd_reader):
+    # One host-network container exposing 200 ports: 200 keys at once, no port proxies needed.
+    c = containers(network="host", publish=False, ports=(), command="httpd -f -p 18081",
+                   labels={"registrar.service": "bulk"},
+                   extra_args=["--expose", "20000-20199"])
+    before = etcd_reader.revision()
+    proc, port = agent("--host-ip", "127.0.0.1")
+    wait_until(lambda: len(ours(etcd_reader, scope, [c.name])) == 200, timeout=10)
+    # etcd allows 128 operations a transaction: two transactions, two revisions.
+    assert etcd_reader.revision() - before <= 3
+    assert scrape(port)['registrar_etcd_request_duration_seconds_count{op="txn"}'] == 2
+    assert healthz(port) == 200
+    proc.terminate()
+    assert proc.wait(10) == 0
+    assert not ours(etcd_reader, scope, [c.name])

@@ -22,12 +22,19 @@ from pathlib import Path
 from typing import Any
 
 BUSYBOX_IMAGE = "registrar-test-busybox:latest"
-BUSYBOX_DOCKERFILE = """\
+# Bump when the Dockerfile changes: a cached image with another revision is rebuilt.
+BUSYBOX_REVISION = "2"
+BUSYBOX_DOCKERFILE = f"""\
 FROM scratch
 COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
+RUN mkdir -p /tmp /www && chmod 1777 /tmp && echo ok > /www/index.html
+LABEL registrar-test.revision="{BUSYBOX_REVISION}"
 CMD ["/bin/sh"]
 """
+# GET / answers 200 with the container's host name (its short id): tests can tell who answered.
+# httpd stays PID 1 (exec), which ignores SIGTERM: `docker stop -t N` takes N seconds.
+HTTPD_COMMAND = ["sh", "-c", "hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
 DOCKER = shutil.which("docker") or "docker"
 
 
@@ -56,20 +63,23 @@ def docker(*args: str, check: bool = True, timeout: float = 60.0) -> str:
     return proc.stdout.strip()
 
 
-def image_exists(tag: str) -> bool:
-    return (
-        subprocess.run(
-            [DOCKER, "image", "inspect", tag],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-        ).returncode
-        == 0
+def image_label(tag: str, label: str) -> str | None:
+    """The image's label value ("" if unset), or None when there is no such image."""
+    proc = subprocess.run(
+        [DOCKER, "image", "inspect", "--format", f'{{{{index .Config.Labels "{label}"}}}}', tag],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
+    if proc.returncode != 0:
+        return None
+    value = proc.stdout.strip()
+    return "" if value == "<no value>" else value
 
 
 def ensure_busybox_image(tag: str = BUSYBOX_IMAGE, busybox: str = "/bin/busybox") -> str:
     """Build the ~1 MB busybox image FROM scratch unless it exists already; the tag."""
-    if image_exists(tag):
+    if image_label(tag, "registrar-test.revision") == BUSYBOX_REVISION:
         return tag
     if not Path(busybox).exists():
         raise DockerError(f"{busybox} missing: install busybox-static (scripts/setup.sh does)")
@@ -134,6 +144,13 @@ class Container:
 
     def remove(self) -> None:
         docker("rm", "-f", "-v", self.id, check=False)
+
+    def http_text(self, private: str | int = 8080, path: str = "/", timeout: float = 2.0) -> str:
+        """Body of a GET on the published port (127.0.0.1); raises on an HTTP error."""
+        url = f"http://127.0.0.1:{self.port(private)}{path}"
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body: bytes = resp.read()
+        return body.decode()
 
     def http_get(self, private: str | int = 8080, path: str = "/", timeout: float = 2.0) -> int:
         """GET on the published port (127.0.0.1); the HTTP status."""
@@ -221,8 +238,9 @@ class ContainerFactory:
         ``ports`` are container ports ("8080", "53/udp"); with ``publish`` each is published as
         ``127.0.0.1::PORT``, without it each is only exposed (``--expose``). ``network`` is
         passed as ``--network`` (e.g. "host", or a name from ``network()``). ``command``
-        replaces ``httpd -f -p 8080`` (busybox's PID 1 ignores SIGTERM: ``docker stop -t N``
-        takes N seconds). ``extra_args`` go before the image (``--stop-signal``, ...).
+        replaces busybox ``httpd -f -p 8080`` serving the container's host name at ``/`` (httpd
+        is PID 1, which ignores SIGTERM: ``docker stop -t N`` takes N seconds). ``extra_args``
+        go before the image (``--stop-signal``, ``--restart``, ...).
         """
         full = self.full_name(name)
         args = ["run", "-d", "--name", full]
@@ -238,7 +256,7 @@ class ContainerFactory:
         args += list(extra_args)
         args.append(image or self.image)
         if command is None:
-            args += ["httpd", "-f", "-p", "8080"]
+            args += HTTPD_COMMAND
         elif isinstance(command, str):
             args += shlex.split(command)
         else:

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Protocol
 
 from registrar.docker_source import DockerSource, DockerUnavailable
 from registrar.etcd_store import EtcdStore
@@ -66,6 +67,22 @@ def wait_for_container(docker: DockerSource, name: str, wait: float, stop: threa
     return ""
 
 
+class Loop(Protocol):
+    last_progress: float
+
+    def alive(self) -> bool: ...
+
+
+def health_problem(keeper: Loop, watcher: Loop, now: float, limit: float) -> str | None:
+    """None while both loops are alive and moving; else what is wrong (for /healthz)."""
+    for name, loop in (("lease keeper", keeper), ("event loop", watcher)):
+        if not loop.alive():
+            return f"{name} stopped"
+        if now - loop.last_progress > limit:
+            return f"{name} stalled for {now - loop.last_progress:.0f}s"
+    return None
+
+
 def run(settings: Settings) -> int:
     stop = threading.Event()
     _install_signals(stop)
@@ -104,12 +121,7 @@ def run(settings: Settings) -> int:
     )
 
     def health() -> str | None:
-        now = time.monotonic()
-        if not keeper.alive() or now - keeper.last_progress > STALL_LIMIT:
-            return "lease keeper stalled"
-        if not watcher.alive() or now - watcher.last_progress > STALL_LIMIT:
-            return "event loop stalled"
-        return None
+        return health_problem(keeper, watcher, time.monotonic(), STALL_LIMIT)
 
     server = None
     if settings.metrics_addr is not None:

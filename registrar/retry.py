@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
@@ -45,7 +45,8 @@ def retrying(
 
     return Retrying(
         retry=retry_if_exception_type(errors),
-        wait=wait_exponential_jitter(initial=INITIAL_BACKOFF, max=max_backoff, jitter=0.5),
+        # "Full jitter": a random wait up to min(max, 0.1 s * 2^attempt).
+        wait=wait_random_exponential(multiplier=INITIAL_BACKOFF, max=max_backoff),
         stop=lambda _state: stop.is_set(),
         sleep=_interruptible(stop),
         before_sleep=before_sleep,

@@ -172,7 +172,8 @@ class LeaseKeeper:
     def _etcd_failed(self, error: BaseException) -> None:
         self.last_progress = time.monotonic()
         if self._etcd_ok is not False:
-            log.warning("etcd unreachable: %s", error, extra={"event": "etcd_down"})
+            log.warning("etcd unreachable or refusing requests: %s", error,
+                        extra={"event": "etcd_down"})
         self._etcd_ok = False
         self._metrics.etcd_up.set(0)
 

@@ -27,6 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registrar import listing
 
             return listing.run(settings)
+        if settings.command == "haproxy":
+            from registrar import routing
+
+            return routing.run(settings)
+        if settings.command == "promote":
+            from registrar import promotion
+
+            return promotion.run(settings)
         from registrar import agent
 
         return agent.run(settings)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from registrar.metrics import Metrics
@@ -43,6 +45,63 @@ class EtcdUnavailable(Exception):
 
 class LeaseNotFound(Exception):
     """The lease expired or was revoked: grant a new one and put every key again."""
+
+
+class WatchCompacted(Exception):
+    """The revision a watch wanted is compacted away: read everything again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted (now {revision})")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class KeyEvent:
+    key: str
+    value: str | None  # None: deleted (or expired with its lease)
+    revision: int
+
+
+class PrefixWatch:
+    """Events under a prefix, from a revision on, read with `get()`.
+
+    `get()` raises EtcdUnavailable when the watch died with its connection (start a new one
+    from the last revision seen + 1) and WatchCompacted when that revision is gone.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[list[KeyEvent] | BaseException] = queue.Queue()
+        self.cancel: Callable[[], None] = lambda: None
+
+    def get(self, timeout: float) -> list[KeyEvent]:
+        """The next batch of events ([] when none came within `timeout`)."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _deliver(self, response: Any) -> None:
+        from pyetcd import events as etcd_events
+        from pyetcd import exceptions as etcd_errors
+
+        if isinstance(response, etcd_errors.RevisionCompactedError):
+            self._queue.put(WatchCompacted(response.compacted_revision))
+        elif isinstance(response, BaseException):
+            self._queue.put(EtcdUnavailable(f"watch ended: {response}"))
+        else:
+            revision = int(response.header.revision)
+            batch = []
+            for event in response.events:
+                deleted = isinstance(event, etcd_events.DeleteEvent)
+                batch.append(KeyEvent(
+                    key=bytes(event.key).decode("utf-8", "replace"),
+                    value=None if deleted else bytes(event.value).decode("utf-8", "replace"),
+                    revision=int(getattr(event, "mod_revision", 0) or revision),
+                ))
+            self._queue.put(batch)
 
 
 class EtcdStore:
@@ -201,3 +260,29 @@ class EtcdStore:
                 client.transaction(compare=[], success=success, failure=[])
 
             self._call("txn", txn)
+
+    # --- watches ----------------------------------------------------------------------
+
+    def watch_prefix(self, prefix: str, start_revision: int) -> PrefixWatch:
+        """Watches `prefix/` from `start_revision` on (raises WatchCompacted if it is gone)."""
+        from pyetcd import exceptions as etcd_errors
+
+        watch = PrefixWatch()
+
+        def add(client: Any) -> Any:
+            try:
+                watch_id = client.add_watch_prefix_callback(
+                    prefix + "/", watch._deliver, start_revision=start_revision
+                )
+            except etcd_errors.RevisionCompactedError as exc:
+                raise WatchCompacted(exc.compacted_revision) from None
+            return client, watch_id
+
+        client, watch_id = self._call("watch", add)
+
+        def cancel() -> None:
+            with contextlib.suppress(Exception):
+                client.cancel_watch(watch_id)
+
+        watch.cancel = cancel
+        return watch

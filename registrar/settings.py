@@ -29,6 +29,8 @@ DEFAULT_METRICS_ADDR = "0.0.0.0:9477"
 DEFAULT_SIDECAR_METRICS_ADDR = "0.0.0.0:0"
 DEFAULT_RESYNC = 30
 DEFAULT_WAIT = 60.0
+DEFAULT_HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
+HAPROXY_MODES = ("tcp", "http")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -82,6 +84,34 @@ class Settings:
     wait: float = DEFAULT_WAIT
     service: str | None = None
     json: bool = False
+    haproxy: HAProxySettings | None = None
+    promote: PromoteSettings | None = None
+
+
+@dataclass(frozen=True)
+class Bind:
+    service: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class HAProxySettings:
+    binds: tuple[Bind, ...]
+    mode: str = "tcp"
+    config: str = DEFAULT_HAPROXY_CONFIG
+    template: str | None = None
+    haproxy_bin: str = "haproxy"
+    reload_cmd: str | None = None
+
+
+@dataclass(frozen=True)
+class PromoteSettings:
+    service: str
+    version: str | None  # None with --clear
+    clear: bool = False
+    min_instances: int = 1
+    timeout: float = 30.0
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -191,6 +221,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="one JSON object a line: the stored value plus its key",
     )
     _add_common(ls)
+
+    haproxy = sub.add_parser(
+        "haproxy",
+        help="route traffic: keep an HAProxy in step with the registrations",
+        description="Watches the prefix, renders HAProxy's config, checks it with `haproxy -c`, "
+        "installs it atomically and reloads HAProxy (which it runs itself in master-worker "
+        "mode, unless --reload-cmd is given).",
+    )
+    haproxy.add_argument(
+        "--bind", metavar="SERVICE=ADDR:PORT", action="append", default=argparse.SUPPRESS,
+        help="a frontend for SERVICE on ADDR:PORT; repeat for several (env: comma-separated)",
+    )
+    haproxy.add_argument("--mode", metavar="MODE", default=argparse.SUPPRESS,
+                         help="tcp or http (default tcp)")
+    haproxy.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                         help="where the rendered config is written "
+                         f"(default {DEFAULT_HAPROXY_CONFIG})")
+    haproxy.add_argument("--template", metavar="PATH", default=argparse.SUPPRESS,
+                         help="a Jinja2 template replacing the built-in one")
+    haproxy.add_argument("--haproxy-bin", metavar="PATH", default=argparse.SUPPRESS,
+                         help="the HAProxy binary (default: haproxy from PATH)")
+    haproxy.add_argument("--reload-cmd", metavar="CMD", default=argparse.SUPPRESS,
+                         help="do not run HAProxy; run CMD after each new config")
+    _add_common(haproxy)
+
+    promote = sub.add_parser(
+        "promote",
+        help="make VERSION the only version of SERVICE in rotation, cluster-wide",
+        description="Records a promotion under --control-prefix; every agent and sidecar moves "
+        "instances of other versions to standby (their containers keep running), so promoting "
+        "the old version again is an instant rollback.",
+    )
+    promote.add_argument("service", metavar="SERVICE", help="the service name")
+    promote.add_argument("version", metavar="VERSION", nargs="?", help="the version to promote")
+    promote.add_argument("--clear", action="store_const", const="true",
+                         default=argparse.SUPPRESS,
+                         help="remove the promotion: every running version registers again")
+    promote.add_argument("--min-instances", metavar="N", default=argparse.SUPPRESS,
+                         help="refuse unless at least N instances of VERSION are registered "
+                         "(default 1)")
+    promote.add_argument("--timeout", metavar="SECONDS", default=argparse.SUPPRESS,
+                         help="how long to wait for the rotation to match (default 30)")
+    _add_common(promote)
     return parser
 
 
@@ -350,6 +423,9 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
     if log_level not in LOG_LEVELS:
         raise SettingsError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
 
+    haproxy = _haproxy(args, value) if command == "haproxy" else None
+    promote = _promote(args, value) if command == "promote" else None
+
     container = args.get("container")
     if container is not None and not container.strip():
         raise SettingsError("CONTAINER: must not be empty")
@@ -373,6 +449,63 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
         wait=_seconds("--wait", value("--wait", str(DEFAULT_WAIT)) or ""),
         service=args.get("service"),
         json=_bool("--json", value("--json", "false") or ""),
+        haproxy=haproxy,
+        promote=promote,
+    )
+
+
+def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | None]) -> (
+    HAProxySettings
+):
+    raw_binds: list[str] = list(args.get("bind") or [])
+    if not raw_binds:
+        raw_binds = [b for b in (value("--bind", "") or "").split(",") if b.strip()]
+    if not raw_binds:
+        raise SettingsError("--bind: give at least one SERVICE=ADDR:PORT")
+    binds = []
+    for raw in raw_binds:
+        service, sep, addr = raw.strip().partition("=")
+        host, colon, port_text = addr.rpartition(":")
+        if not sep or not colon or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise SettingsError(f"--bind: must be SERVICE=ADDR:PORT, got {raw!r}")
+        if not NAME_RE.fullmatch(service):
+            raise SettingsError(f"--bind: bad service name {service!r}")
+        binds.append(Bind(service, host.strip("[]") or "0.0.0.0", int(port_text)))
+    mode = (value("--mode", "tcp") or "").lower()
+    if mode not in HAPROXY_MODES:
+        raise SettingsError(f"--mode: must be tcp or http, got {mode!r}")
+    template = value("--template", None) or None
+    _readable("--template", template)
+    return HAProxySettings(
+        binds=tuple(binds),
+        mode=mode,
+        config=value("--config", DEFAULT_HAPROXY_CONFIG) or DEFAULT_HAPROXY_CONFIG,
+        template=template,
+        haproxy_bin=value("--haproxy-bin", "haproxy") or "haproxy",
+        reload_cmd=value("--reload-cmd", None) or None,
+    )
+
+
+def _promote(args: Mapping[str, Any], value: Callable[[str, str | None], str | None]) -> (
+    PromoteSettings
+):
+    service = str(args.get("service") or "")
+    if not NAME_RE.fullmatch(service):
+        raise SettingsError(f"SERVICE: must match {NAME_RE.pattern}, got {service!r}")
+    clear = _bool("--clear", value("--clear", "false") or "")
+    version = args.get("version")
+    if clear and version is not None:
+        raise SettingsError("--clear: takes no VERSION")
+    if not clear and version is None:
+        raise SettingsError("VERSION: required (or --clear)")
+    if version is not None and not NAME_RE.fullmatch(version):
+        raise SettingsError(f"VERSION: must match {NAME_RE.pattern}, got {version!r}")
+    return PromoteSettings(
+        service=service,
+        version=version,
+        clear=clear,
+        min_instances=_int("--min-instances", value("--min-instances", "1") or "", 1),
+        timeout=_seconds("--timeout", value("--timeout", "30") or ""),
     )
 
 

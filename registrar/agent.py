@@ -20,6 +20,7 @@ from registrar.http_server import MetricsServer
 from registrar.lease_keeper import LeaseKeeper
 from registrar.metrics import Metrics
 from registrar.naming import NamingContext, owned_by
+from registrar.promotion_follower import PromotionFollower
 from registrar.settings import Settings
 from registrar.watcher import ContainerWatcher
 
@@ -105,8 +106,10 @@ def run(settings: Settings) -> int:
         owns = lambda instance: instance.startswith(f"{settings.node}:{name}:")  # noqa: E731
 
     keeper = LeaseKeeper(
-        store, ttl=settings.ttl, prefix=settings.prefix, owns=owns, metrics=metrics
+        store, ttl=settings.ttl, prefix=settings.prefix, owns=owns, metrics=metrics,
+        control_prefix=settings.control_prefix,
     )
+    follower = PromotionFollower(store, keeper, settings.control_prefix)
     naming = NamingContext(
         prefix=settings.prefix,
         node=settings.node,
@@ -143,6 +146,7 @@ def run(settings: Settings) -> int:
         extra={"event": "start"},
     )
     keeper.start()
+    follower.start()
     watcher.start()
 
     stop.wait()
@@ -150,6 +154,7 @@ def run(settings: Settings) -> int:
     # --- shutdown: stop intake, deregister, drain, stop metrics, exit -------------------
     signalled = not (sidecar and watcher.finished_reason)
     watcher.stop()
+    follower.stop()
     keeper.shutdown(SHUTDOWN_TIMEOUT)
     if settings.drain and signalled:
         log.info("draining for %gs", settings.drain, extra={"event": "drain"})

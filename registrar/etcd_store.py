@@ -238,28 +238,39 @@ class EtcdStore:
         self._call("delete", lambda c: c.delete(key))
 
     def apply(self, puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
-        """Writes puts and deletes in transactions of at most TXN_MAX_OPS operations."""
-        ops: list[tuple[str, str | None]] = [(k, v) for k, v in puts.items()]
-        ops += [(k, None) for k in deletes]
-        for start in range(0, len(ops), TXN_MAX_OPS):
-            chunk = ops[start : start + TXN_MAX_OPS]
+        """Writes puts and deletes in transactions of at most TXN_MAX_OPS operations.
+
+        Operations on the same instance (the last path segment: a key moving between rotation
+        and standby is a delete and a put) always share one transaction.
+        """
+        groups: dict[str, list[tuple[str, str | None]]] = {}
+        for key, value in [*puts.items(), *((key, None) for key in deletes)]:
+            groups.setdefault(key.rsplit("/", 1)[-1], []).append((key, value))
+        chunks: list[list[tuple[str, str | None]]] = [[]]
+        for ops in groups.values():
+            if chunks[-1] and len(chunks[-1]) + len(ops) > TXN_MAX_OPS:
+                chunks.append([])
+            chunks[-1].extend(ops)
+        for chunk in chunks:
             if len(chunk) == 1:
                 key, value = chunk[0]
                 if value is None:
                     self.delete(key)
                 else:
                     self.put(key, value, lease)
-                continue
+            elif chunk:
+                self._txn(chunk, lease)
 
-            def txn(client: Any, chunk: list[tuple[str, str | None]] = chunk) -> None:
-                t = client.transactions
-                success = [
-                    t.delete(key) if value is None else t.put(key, value, lease=lease)
-                    for key, value in chunk
-                ]
-                client.transaction(compare=[], success=success, failure=[])
+    def _txn(self, chunk: list[tuple[str, str | None]], lease: int) -> None:
+        def txn(client: Any) -> None:
+            t = client.transactions
+            success = [
+                t.delete(key) if value is None else t.put(key, value, lease=lease)
+                for key, value in chunk
+            ]
+            client.transaction(compare=[], success=success, failure=[])
 
-            self._call("txn", txn)
+        self._call("txn", txn)
 
     # --- watches ----------------------------------------------------------------------
 

@@ -16,7 +16,15 @@ from collections.abc import Callable, Mapping
 from registrar.etcd_store import EtcdStore, EtcdUnavailable, LeaseNotFound
 from registrar.metrics import Metrics
 from registrar.naming import parse_key
-from registrar.planner import StoredKey, plan_changes
+from registrar.planner import (
+    Changes,
+    StoredKey,
+    parse_promotions,
+    place,
+    plan_changes,
+    promoted_prefix,
+    standby_prefix,
+)
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -38,12 +46,20 @@ class LeaseKeeper:
         prefix: str,
         owns: Callable[[str], bool],
         metrics: Metrics,
+        control_prefix: str | None = None,
     ) -> None:
-        """`owns(instance)` says which keys under `prefix` are this keeper's to reconcile."""
+        """`owns(instance)` says which keys are this keeper's to reconcile.
+
+        With `control_prefix`, promotions under `{control_prefix}/promoted/` are followed:
+        instances of a demoted version are kept at `{control_prefix}/standby/...` instead.
+        """
         self._store = store
         self._ttl = ttl
         self._owns = owns
         self._prefix = prefix
+        self._control = control_prefix
+        self._standby = standby_prefix(control_prefix) if control_prefix else None
+        self._promotions: dict[str, str] = {}
         self._metrics = metrics
         self.heartbeat_interval = min(ttl / 3, MAX_HEARTBEAT_INTERVAL)
 
@@ -93,6 +109,16 @@ class LeaseKeeper:
             self._reread = True
             self._mark_dirty()
 
+    def request_reread(self) -> None:
+        """Re-read this node's keys and the promotions from etcd before the next write."""
+        with self._cond:
+            self._reread = True
+            self._mark_dirty()
+
+    @property
+    def promotions(self) -> dict[str, str]:
+        return dict(self._promotions)
+
     def desired_keys(self) -> dict[str, str]:
         with self._cond:
             return self._flat()
@@ -133,6 +159,7 @@ class LeaseKeeper:
                 time.sleep(0.2)
         self._metrics.deregistrations.inc(count)
         self._metrics.registered.set(0)
+        self._metrics.standby.set(0)
         self._written = {}
         self._lease = None
         log.info("revoked lease %x: %d keys removed", lease, count,
@@ -176,6 +203,9 @@ class LeaseKeeper:
                         extra={"event": "etcd_down"})
         self._etcd_ok = False
         self._metrics.etcd_up.set(0)
+        with self._cond:
+            # Whatever changed meanwhile (promotions first of all) is read before writing.
+            self._reread = True
 
     def _step(self) -> None:
         self.last_progress = time.monotonic()
@@ -224,8 +254,28 @@ class LeaseKeeper:
         self._lease = None
         self._written = {}
         self._metrics.registered.set(0)
+        self._metrics.standby.set(0)
         with self._cond:
             self._dirty = True
+            self._reread = True
+
+    def _read(self) -> None:
+        """This node's keys (in rotation and on standby) and the promotions, from etcd."""
+        stored, _revision = self._store.list_prefix(self._prefix)
+        written = {key: value for key, value in stored.items() if self._is_mine(key)}
+        if self._control and self._standby:
+            standby, _revision = self._store.list_prefix(self._standby)
+            written.update(
+                (key, value) for key, value in standby.items() if self._is_mine(key)
+            )
+            promoted, _revision = self._store.list_prefix(promoted_prefix(self._control))
+            promotions = parse_promotions(promoted, self._control)
+            if promotions != self._promotions:
+                log.info("promotions: %s", ", ".join(
+                    f"{service}={version}" for service, version in sorted(promotions.items())
+                ) or "none", extra={"event": "promotions"})
+            self._promotions = promotions
+        self._written = written
 
     def _write(self) -> None:
         assert self._lease is not None
@@ -237,11 +287,11 @@ class LeaseKeeper:
             self._reread = False
         try:
             if reread:
-                stored, _revision = self._store.list_prefix(self._prefix)
-                self._written = {
-                    key: value for key, value in stored.items() if self._is_mine(key)
-                }
-            changes = plan_changes(desired, self._written, self._lease)
+                self._read()
+            placed = desired
+            if self._control:
+                placed = place(desired, self._promotions, self._prefix, self._control)
+            changes = plan_changes(placed, self._written, self._lease)
             if changes:
                 self._store.apply(changes.puts, changes.deletes, self._lease)
         except BaseException:
@@ -250,29 +300,69 @@ class LeaseKeeper:
                 self._reread = self._reread or reread
                 self._since = {**since, **self._since}
             raise
-        acked = time.time()
-        for key, value in changes.puts.items():
-            fresh = key not in self._written
-            self._written[key] = StoredKey(value, self._lease)
-            event_time = since.get(key)
-            if fresh:
-                self._metrics.registrations.inc()
-                service, instance = parse_key(self._prefix, key) or ("?", "?")
-                log.info("registered %s %s", service, instance,
-                         extra={"event": "register", "service": service, "instance": instance})
-            if event_time is not None:
-                self._metrics.registration_latency.observe(max(0.0, acked - event_time))
-        for key in changes.deletes:
-            self._written.pop(key, None)
-            self._metrics.deregistrations.inc()
-            service, instance = parse_key(self._prefix, key) or ("?", "?")
-            log.info("deregistered %s %s", service, instance,
-                     extra={"event": "deregister", "service": service, "instance": instance})
-        self._metrics.registered.set(len(self._written))
+        self._account(changes, since)
         with self._cond:
             if not self._dirty:
                 self.synced.set()
 
+    def _account(self, changes: Changes, since: dict[str, float]) -> None:
+        """Updates what we hold, the metrics and the log after a write etcd acknowledged."""
+        assert self._lease is not None
+        acked = time.time()
+        previous = set(self._written)
+        for key in changes.deletes:
+            self._written.pop(key, None)
+        for key, value in changes.puts.items():
+            self._written[key] = StoredKey(value, self._lease)
+
+        def twin(key: str) -> str:
+            """The same instance's key on the other side (rotation <-> standby)."""
+            if self._standby and key.startswith(self._standby + "/"):
+                return self._prefix + key[len(self._standby) :]
+            if self._standby:
+                return self._standby + key[len(self._prefix) :]
+            return key
+
+        for key in changes.puts:
+            if key in previous:
+                continue
+            in_rotation = key.startswith(self._prefix + "/")
+            service, instance = self._describe(key)
+            extra = {"service": service, "instance": instance}
+            if twin(key) in previous:
+                event = "rotation_in" if in_rotation else "standby"
+                what = "back in rotation" if in_rotation else "left rotation, on standby"
+                log.info("%s %s %s", what, service, instance, extra={"event": event, **extra})
+            elif in_rotation:
+                self._metrics.registrations.inc()
+                log.info("registered %s %s", service, instance,
+                         extra={"event": "register", **extra})
+            else:
+                self._metrics.registrations.inc()
+                log.info("registered %s %s on standby (version not promoted)", service,
+                         instance, extra={"event": "register_standby", **extra})
+            event_time = since.get(key)
+            if event_time is not None and in_rotation:
+                self._metrics.registration_latency.observe(max(0.0, acked - event_time))
+        for key in changes.deletes:
+            if twin(key) in changes.puts:
+                continue  # moved, logged above
+            service, instance = self._describe(key)
+            self._metrics.deregistrations.inc()
+            log.info("deregistered %s %s", service, instance,
+                     extra={"event": "deregister", "service": service, "instance": instance})
+        standby = sum(1 for key in self._written if not key.startswith(self._prefix + "/"))
+        self._metrics.registered.set(len(self._written) - standby)
+        self._metrics.standby.set(standby)
+
+    def _describe(self, key: str) -> tuple[str, str]:
+        parsed = parse_key(self._prefix, key)
+        if parsed is None and self._standby:
+            parsed = parse_key(self._standby, key)
+        return parsed or ("?", key)
+
     def _is_mine(self, key: str) -> bool:
         parsed = parse_key(self._prefix, key)
+        if parsed is None and self._standby:
+            parsed = parse_key(self._standby, key)
         return parsed is not None and self._owns(parsed[1])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from registrar.naming import parse_key
-from registrar.planner import StoredKey
+from registrar.planner import StoredKey, parse_promotions, promoted_prefix, standby_prefix
 
 
 def _age(registered_at: Any, now: datetime) -> str:
@@ -23,8 +24,17 @@ def _age(registered_at: Any, now: datetime) -> str:
     return f"{seconds}s"
 
 
-def rows(prefix: str, stored: dict[str, StoredKey], service: str | None) -> list[dict[str, Any]]:
-    """One dict per key: the stored value object plus its key (or why it is not one)."""
+def rows(
+    prefix: str,
+    stored: dict[str, StoredKey],
+    service: str | None,
+    promotions: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per key: the stored value object plus its key (or why it is not one).
+
+    Objects of a promoted service carry `"promoted": VERSION`.
+    """
+    promotions = promotions or {}
     result = []
     for key in sorted(stored):
         parsed = parse_key(prefix, key)
@@ -38,8 +48,53 @@ def rows(prefix: str, stored: dict[str, StoredKey], service: str | None) -> list
         if not isinstance(value, dict):
             result.append({"key": key, "invalid": "not a JSON object", "raw": raw[:200]})
             continue
-        result.append({**value, "key": key})
+        entry = {**value, "key": key}
+        if parsed is not None and parsed[0] in promotions:
+            entry["promoted"] = promotions[parsed[0]]
+        result.append(entry)
     return result
+
+
+def render_promotions(
+    promoted: dict[str, StoredKey],
+    standby: list[dict[str, Any]],
+    control_prefix: str,
+    service: str | None,
+    out: TextIO,
+) -> None:
+    """After the table: `SERVICE PROMOTED SINCE`, a row a promoted service, and its standby."""
+    base = promoted_prefix(control_prefix) + "/"
+    table = [("SERVICE", "PROMOTED", "SINCE")]
+    for key in sorted(promoted):
+        name = key[len(base):]
+        if service is not None and name != service:
+            continue
+        try:
+            value = json.loads(promoted[key].value)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            table.append((name, "(not a JSON object)", "-"))
+            continue
+        table.append((name, str(value.get("version", "?")), str(value.get("at", "?"))))
+    if len(table) == 1:
+        return
+    out.write("\n")
+    _write_table(table, out)
+    for entry in standby:
+        if "invalid" in entry:
+            continue
+        out.write(
+            f"  standby: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
+            f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}\n"
+        )
+
+
+def _write_table(table: Sequence[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
 
 
 def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextIO) -> None:
@@ -60,10 +115,7 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
             str(entry.get("version", "-")), str(entry.get("node", "-")),
             _age(entry.get("registered_at"), now),
         ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        out.write("  ".join(cells).rstrip() + "\n")
+    _write_table(table, out)
 
 
 def run(settings: Any, out: TextIO = sys.stdout) -> int:
@@ -71,11 +123,19 @@ def run(settings: Any, out: TextIO = sys.stdout) -> int:
     from registrar.etcd_store import EtcdStore, EtcdUnavailable
 
     store = EtcdStore(settings.etcd)
+    standby_base = standby_prefix(settings.control_prefix)
     try:
         stored, _revision = store.list_prefix(settings.prefix)
+        promoted, _revision = store.list_prefix(promoted_prefix(settings.control_prefix))
+        standby, _revision = store.list_prefix(standby_base)
     except EtcdUnavailable as exc:
         raise FatalError(f"cannot read {settings.prefix}/ from etcd: {exc}") from None
     finally:
         store.close()
-    render(rows(settings.prefix, stored, settings.service), settings.prefix, settings.json, out)
+    promotions = parse_promotions(promoted, settings.control_prefix)
+    entries = rows(settings.prefix, stored, settings.service, promotions)
+    render(entries, settings.prefix, settings.json, out)
+    if not settings.json:
+        standby_rows = rows(standby_base, standby, settings.service)
+        render_promotions(promoted, standby_rows, settings.control_prefix, settings.service, out)
     return 0

@@ -1,0 +1,124 @@
+"""`registrar promote SERVICE VERSION`: one version in rotation, the others on standby.
+
+It only writes (or, with --clear, deletes) `{control_prefix}/promoted/{SERVICE}`; every agent
+and sidecar follows that key and moves its own instances between rotation and standby. This
+command then waits until the rotation matches and says what entered and left it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from registrar.agent import FatalError
+from registrar.etcd_store import EtcdStore, EtcdUnavailable
+from registrar.planner import promoted_prefix, standby_prefix
+from registrar.settings import Settings
+
+POLL = 0.1
+
+
+@dataclass(frozen=True)
+class Instance:
+    instance: str
+    version: str | None
+    address: str
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """One service's instances: in rotation and on standby, by instance id."""
+
+    active: dict[str, Instance]
+    standby: dict[str, Instance]
+
+    def count(self, version: str) -> int:
+        return sum(1 for i in [*self.active.values(), *self.standby.values()]
+                   if i.version == version)
+
+    def settled(self, version: str | None) -> bool:
+        """Promoted `version`: all of it in rotation, nothing else. None (cleared): no standby."""
+        if version is None:
+            return not self.standby
+        return (
+            bool(self.active)
+            and all(i.version == version for i in self.active.values())
+            and not any(i.version == version for i in self.standby.values())
+        )
+
+
+def _instances(stored: dict[str, Any], base: str) -> dict[str, Instance]:
+    found = {}
+    for key, item in stored.items():
+        instance = key[len(base) + 1 :]
+        try:
+            value = json.loads(item.value)
+        except ValueError:
+            continue
+        if not isinstance(value, dict) or "/" in instance:
+            continue
+        version = value.get("version")
+        found[instance] = Instance(
+            instance=instance,
+            version=version if isinstance(version, str) else None,
+            address=f"{value.get('host', '?')}:{value.get('port', '?')}",
+        )
+    return found
+
+
+def read_rotation(store: EtcdStore, settings: Settings, service: str) -> Rotation:
+    active_base = f"{settings.prefix}/{service}"
+    standby_base = f"{standby_prefix(settings.control_prefix)}/{service}"
+    active, _revision = store.list_prefix(active_base)
+    standby, _revision = store.list_prefix(standby_base)
+    return Rotation(_instances(active, active_base), _instances(standby, standby_base))
+
+
+def run(settings: Settings, out: TextIO = sys.stdout) -> int:
+    assert settings.promote is not None
+    p = settings.promote
+    store = EtcdStore(settings.etcd)
+    key = f"{promoted_prefix(settings.control_prefix)}/{p.service}"
+    try:
+        before = read_rotation(store, settings, p.service)
+        if p.version is not None:
+            have = before.count(p.version)
+            if have < p.min_instances:
+                raise FatalError(
+                    f"refusing to promote {p.service} {p.version}: {have} instance(s) of it "
+                    f"registered, --min-instances is {p.min_instances}; nothing changed"
+                )
+            at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            store.put(key, json.dumps({"version": p.version, "at": at}))
+        else:
+            store.delete(key)
+        deadline = time.monotonic() + p.timeout
+        after = read_rotation(store, settings, p.service)
+        while not after.settled(p.version) and time.monotonic() < deadline:
+            time.sleep(POLL)
+            after = read_rotation(store, settings, p.service)
+    except EtcdUnavailable as exc:
+        raise FatalError(f"etcd: {exc}") from None
+    finally:
+        store.close()
+
+    what = f"promoted {p.version}" if p.version is not None else "promotion cleared"
+    out.write(f"{p.service}: {what} ({len(after.active)} in rotation, "
+              f"{len(after.standby)} on standby)\n")
+    for label, names, side in (
+        ("entered rotation", after.active.keys() - before.active.keys(), after.active),
+        ("left rotation", before.active.keys() - after.active.keys(), before.active),
+    ):
+        for name in sorted(names):
+            i = side[name]
+            out.write(f"  {label}: {name} {i.address} {i.version or '-'}\n")
+    if not after.settled(p.version):
+        waiting = "instances still on standby" if p.version is None else (
+            "rotation does not match yet")
+        raise FatalError(f"timed out after {p.timeout:g}s (--timeout): {waiting}; "
+                         "agents that are down or cut off apply it when they are back")
+    return 0

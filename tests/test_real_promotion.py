@@ -36,7 +36,7 @@ def cli(scope: Scope, *args: str, etcd_url: str | None = None) -> subprocess.Com
 def versions_in(reader, base: str, names) -> dict[str, str]:
     """{container name: version} of the instances under `base` for these containers."""
     found = {}
-    for key, raw in reader.get_prefix(base + "/").items():
+    for raw in reader.get_prefix(base + "/").values():
         value = json.loads(raw)
         if value.get("container_name") in names:
             found[value["container_name"]] = value["version"]

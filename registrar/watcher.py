@@ -171,9 +171,10 @@ class ContainerWatcher:
                     if self._docker_ok:
                         self.reconcile()
             except DockerUnavailable as exc:
-                # The reader sees the same outage and reconnects; the reconcile after it
-                # catches up on whatever this event would have told us.
+                # Make the reader reconnect (it may not have noticed: a timed-out inspect on a
+                # live stream); the full reconcile after it catches up on what we missed.
                 self._set_docker_up(False, str(exc))
+                self._events.close_events()
             except Exception:
                 log.exception("handling %r failed", item)
 

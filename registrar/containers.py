@@ -49,7 +49,7 @@ class ContainerInfo:
 def normalize_signal(signal: str) -> str:
     """'SIGTERM', 'TERM', '15' -> '15' (unknown names are kept, upper-cased)."""
     text = signal.strip().upper()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return str(int(text))
     if not text.startswith("SIG"):
         text = "SIG" + text
@@ -71,7 +71,7 @@ def _env_map(items: list[str] | None) -> dict[str, str]:
 
 def _split_port(spec: str) -> tuple[int, str] | None:
     port_text, _, proto = spec.partition("/")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):  # not "²": isdigit() but no int()
         return None
     return int(port_text), (proto or "tcp").lower()
 
@@ -87,7 +87,7 @@ def _bindings(ports: Mapping[str, Any] | None) -> tuple[PortBinding, ...]:
         candidates = []
         for binding in bindings:
             host_port = str(binding.get("HostPort") or "")
-            if host_port.isdigit() and int(host_port) > 0:
+            if host_port.isascii() and host_port.isdigit() and int(host_port) > 0:
                 candidates.append(PortBinding(private_port, proto, int(host_port),
                                               str(binding.get("HostIp") or "")))
         if candidates:

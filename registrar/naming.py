@@ -136,9 +136,9 @@ def registrations_for(
     container: ContainerInfo, ctx: NamingContext, registered_at: str
 ) -> Outcome:
     """The registrations of one running container, or why it gets none."""
-    if _truthy(container.labels.get("registrar.ignore")) or _registrator(
-        container, "SERVICE_IGNORE"
-    ):
+    # An explicit registrar.ignore (true or false) wins over Registrator's SERVICE_IGNORE.
+    ignore = container.labels.get("registrar.ignore")
+    if _truthy(ignore) or (ignore is None and _registrator(container, "SERVICE_IGNORE")):
         return Outcome(skipped="ignored by label")
     ports = _ports(container, ctx)
     if not ports:

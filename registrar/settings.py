@@ -360,8 +360,13 @@ def _readable(flag: str, path: str | None) -> str | None:
 
 def _metrics_addr(raw: str) -> tuple[str, int] | None:
     host, sep, port_text = raw.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+    # isascii(): "²" passes isdigit() but not int()
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise SettingsError(f"--metrics-addr: must be HOST:PORT (port 0-65535), got {raw!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise SettingsError(
+            f"--metrics-addr: an IPv6 host goes in brackets ([::1]:PORT), got {raw!r}"
+        )
     host = host.strip("[]") or "0.0.0.0"
     if any(ch.isspace() or ch in "/@" for ch in host):
         raise SettingsError(f"--metrics-addr: bad host in {raw!r}")
@@ -466,7 +471,9 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
     for raw in raw_binds:
         service, sep, addr = raw.strip().partition("=")
         host, colon, port_text = addr.rpartition(":")
-        if not sep or not colon or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not sep or not colon or not (port_text.isascii() and port_text.isdigit()) or not (
+            0 < int(port_text) < 65536
+        ):
             raise SettingsError(f"--bind: must be SERVICE=ADDR:PORT, got {raw!r}")
         if not NAME_RE.fullmatch(service):
             raise SettingsError(f"--bind: bad service name {service!r}")

@@ -1,0 +1,734 @@
+"""LeaseKeeper and ContainerWatcher against in-memory fakes of etcd and Docker.
+
+Threads are involved: every check polls with `wait_until` (short timeouts) and nothing asserts
+on timing. "Nothing happened" is checked with a sentinel: events and writes are applied in order,
+so once a later change is visible, an earlier one that should have written nothing has not.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from registrar.containers import ContainerInfo, parse_inspect
+from registrar.docker_source import DockerUnavailable
+from registrar.etcd_store import EtcdUnavailable, LeaseNotFound
+from registrar.lease_keeper import LeaseKeeper
+from registrar.metrics import Metrics
+from registrar.naming import NamingContext, owned_by
+from registrar.planner import StoredKey
+from registrar.watcher import ContainerWatcher
+from tests.inspect_data import inspect_doc, published
+
+PREFIX = "/services"
+CONTROL = "/registrar"
+NODE = "core-01"
+DEFAULT_IP = "10.0.0.5"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 3.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.005)
+
+
+# --- fake etcd ----------------------------------------------------------------------------
+
+
+class FakeEtcd:
+    """EtcdStore's interface over a dict; `down` makes every call raise EtcdUnavailable."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kv: dict[str, StoredKey] = {}
+        self.leases: dict[int, int] = {}  # id -> ttl
+        self.ids = itertools.count(0x1000)
+        self.down = False
+        self.keepalive_expired = "ttl0"  # or "raise": how an expired lease answers a keepalive
+        self.ops: list[tuple[str, str]] = []  # ("put" | "delete", key), every write
+        self.refused = 0
+        self.revoked: list[int] = []
+        self.reads = 0
+        self.revision = 1
+
+    def _check(self) -> None:
+        if self.down:
+            self.refused += 1
+            raise EtcdUnavailable("fake etcd is down")
+
+    # what tests use
+    def stored(self, prefix: str = PREFIX) -> dict[str, str]:
+        with self.lock:
+            return {k: v.value for k, v in self.kv.items() if k.startswith(prefix + "/")}
+
+    def puts_of(self, key: str) -> int:
+        with self.lock:
+            return self.ops.count(("put", key))
+
+    def writes(self) -> int:
+        with self.lock:
+            return len(self.ops)
+
+    def expire(self, lease: int) -> None:
+        """The lease runs out (as during a partition): it and its keys are gone."""
+        with self.lock:
+            self.leases.pop(lease, None)
+            self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
+
+    # EtcdStore's interface
+    def grant(self, ttl: int) -> int:
+        with self.lock:
+            self._check()
+            lease = next(self.ids)
+            self.leases[lease] = ttl
+            return lease
+
+    def keepalive(self, lease: int) -> int:
+        with self.lock:
+            self._check()
+            if lease not in self.leases:
+                if self.keepalive_expired == "raise":
+                    raise LeaseNotFound("requested lease not found")
+                return 0
+            return self.leases[lease]
+
+    def revoke(self, lease: int) -> None:
+        with self.lock:
+            self._check()
+            self.revoked.append(lease)
+            self.leases.pop(lease, None)
+            self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
+
+    def list_prefix(self, prefix: str) -> tuple[dict[str, StoredKey], int]:
+        with self.lock:
+            self._check()
+            self.reads += 1
+            return {k: v for k, v in self.kv.items() if k.startswith(prefix + "/")}, self.revision
+
+    def apply(self, puts: Mapping[str, str], deletes: Any, lease: int) -> None:
+        with self.lock:
+            self._check()
+            if puts and lease not in self.leases:
+                raise LeaseNotFound("requested lease not found")
+            for key in deletes:
+                self.kv.pop(key, None)
+                self.ops.append(("delete", key))
+            for key, value in puts.items():
+                self.kv[key] = StoredKey(value, lease)
+                self.ops.append(("put", key))
+            self.revision += 1
+
+    def put(self, key: str, value: str, lease: int = 0) -> None:
+        self.apply({key: value}, (), lease)
+
+    def get(self, key: str) -> str | None:
+        with self.lock:
+            self._check()
+            stored = self.kv.get(key)
+            return None if stored is None else stored.value
+
+    def delete(self, key: str) -> None:
+        self.apply({}, (key,), 0)
+
+    def close(self) -> None:
+        pass
+
+
+# --- fake Docker --------------------------------------------------------------------------
+
+_END = object()
+
+
+class FakeDocker:
+    """DockerSource's interface: containers are inspect documents, events come from a queue."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.down = False
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.running_calls = 0
+        self.opened: list[str | None] = []  # `since` of every subscription
+        self.clock = time.time_ns()
+
+    def _check(self) -> None:
+        if self.down:
+            raise DockerUnavailable("fake docker is down")
+
+    # what tests use
+    def add(self, doc: dict[str, Any]) -> str:
+        with self.lock:
+            self.docs[doc["Id"]] = doc
+        return str(doc["Id"])
+
+    def state(self, cid: str, **state: Any) -> None:
+        with self.lock:
+            self.docs[cid]["State"].update(state)
+
+    def health(self, cid: str, status: str) -> None:
+        with self.lock:
+            self.docs[cid]["State"]["Health"] = {"Status": status, "FailingStreak": 0, "Log": []}
+
+    def remove(self, cid: str) -> None:
+        with self.lock:
+            self.docs.pop(cid, None)
+
+    def emit(self, action: str, cid: str, **attributes: str) -> None:
+        with self.lock:
+            self.clock += 1_000_000
+            doc = self.docs.get(cid, {})
+            name = str(doc.get("Name", "/gone")).lstrip("/")
+            image = str(doc.get("Config", {}).get("Image", ""))
+            event = {
+                "status": action, "id": cid, "from": image, "Type": "container",
+                "Action": action, "scope": "local", "time": self.clock // 1_000_000_000,
+                "timeNano": self.clock,
+                "Actor": {"ID": cid, "Attributes": {"name": name, "image": image, **attributes}},
+            }
+        self.events.put(event)
+
+    def cut(self) -> None:
+        """Docker goes away: the stream breaks and every call fails until `down` is False."""
+        self.down = True
+        self.events.put(DockerUnavailable("events stream: connection reset"))
+
+    # DockerSource's interface
+    def inspect(self, container: str) -> ContainerInfo | None:
+        with self.lock:
+            self._check()
+            for doc in self.docs.values():
+                if container in (doc["Id"], doc["Name"].lstrip("/")):
+                    return parse_inspect(copy.deepcopy(doc))
+            return None
+
+    def running(self) -> list[ContainerInfo]:
+        with self.lock:
+            self._check()
+            self.running_calls += 1
+            return [parse_inspect(copy.deepcopy(doc)) for doc in self.docs.values()
+                    if doc["State"]["Running"]]
+
+    def open_events(self, since: str | None, filters: Mapping[str, Any] | None = None
+                    ) -> Iterator[dict[str, Any]]:
+        with self.lock:
+            self._check()
+            self.opened.append(since)
+
+        def iterate() -> Iterator[dict[str, Any]]:
+            while True:
+                item = self.events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        return iterate()
+
+    def close_events(self) -> None:
+        self.events.put(_END)
+
+    def close(self) -> None:
+        pass
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def cid_of(name: str) -> str:
+    return (name.encode().hex() + "0" * 64)[:64]
+
+
+def container(name: str, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("labels", {"registrar.service": "web"})
+    kw.setdefault("ports", {"8080/tcp": published(32768 + len(name))})
+    return inspect_doc(name, cid=cid_of(name), **kw)
+
+
+def key(name: str, service: str = "web", port: int = 8080, node: str = NODE) -> str:
+    return f"{PREFIX}/{service}/{node}:{name}:{port}"
+
+
+def encoded(name: str, port: int = 32768, version: str = "v1") -> str:
+    return json.dumps({"service": "web", "container_name": name, "port": port,
+                       "version": version}, sort_keys=True)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def make_keeper(etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> LeaseKeeper:
+    keeper = LeaseKeeper(etcd, ttl=3, prefix=PREFIX,  # type: ignore[arg-type]
+                         owns=lambda instance: owned_by(NODE, instance), metrics=metrics,
+                         control_prefix=CONTROL)
+    keeper.heartbeat_interval = heartbeat
+    return keeper
+
+
+@pytest.fixture
+def etcd() -> FakeEtcd:
+    return FakeEtcd()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def keeper(etcd: FakeEtcd, metrics: Metrics) -> Iterator[LeaseKeeper]:
+    keeper = make_keeper(etcd, metrics)
+    yield keeper
+    etcd.down = False
+    keeper.shutdown(1.0)
+
+
+def synced(keeper: LeaseKeeper) -> None:
+    """Waits until the keeper has written everything it was told so far."""
+    wait_until(keeper.synced.is_set, what="the keeper to be in sync")
+
+
+# --- LeaseKeeper --------------------------------------------------------------------------
+
+
+def test_keys_are_written_once(keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics) -> None:
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.set_container("c2", {key("b"): encoded("b"), key("b", port=9090): encoded("b", 9)})
+    keeper.start()
+    wait_until(lambda: len(etcd.stored()) == 3, what="three keys")
+    synced(keeper)
+    lease = keeper.lease
+    assert lease is not None
+    assert all(stored.lease == lease for stored in etcd.kv.values())
+    assert etcd.writes() == 3
+    assert sample(metrics, "registrar_registrations_total") == 3
+    assert sample(metrics, "registrar_registered_services") == 3
+    assert sample(metrics, "registrar_etcd_up") == 1
+
+
+def test_replace_all_with_the_same_state_writes_nothing(
+    keeper: LeaseKeeper, etcd: FakeEtcd
+) -> None:
+    state = {"c1": {key("a"): encoded("a")}, "c2": {key("b"): encoded("b")}}
+    keeper.replace_all(state)
+    keeper.start()
+    wait_until(lambda: len(etcd.stored()) == 2)
+    synced(keeper)
+    writes, reads = etcd.writes(), etcd.reads
+    for _ in range(3):
+        keeper.replace_all(copy.deepcopy(state))
+        synced(keeper)
+    keeper.set_container("c1", {key("a"): encoded("a")})  # unchanged: not even a wake-up
+    wait_until(lambda: etcd.reads > reads, what="a re-read of etcd")  # it did look
+    synced(keeper)
+    assert etcd.writes() == writes
+    assert etcd.stored() == {key("a"): encoded("a"), key("b"): encoded("b")}
+
+
+def test_set_change_and_drop_a_container(
+    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+) -> None:
+    keeper.start()
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    wait_until(lambda: etcd.stored() == {key("a"): encoded("a")})
+    keeper.set_container("c1", {key("a"): encoded("a", version="v2")})
+    wait_until(lambda: etcd.stored() == {key("a"): encoded("a", version="v2")})
+    keeper.drop_container("c1")
+    wait_until(lambda: etcd.stored() == {})
+    synced(keeper)
+    assert etcd.ops == [("put", key("a")), ("put", key("a")), ("delete", key("a"))]
+    assert sample(metrics, "registrar_registrations_total") == 1  # a changed value is not new
+    assert sample(metrics, "registrar_deregistrations_total") == 1
+    assert sample(metrics, "registrar_registered_services") == 0
+
+
+def test_etcd_down_then_up_keeps_the_desired_state(
+    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+) -> None:
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.start()
+    wait_until(lambda: key("a") in etcd.stored())
+    etcd.down = True
+    keeper.set_container("c2", {key("b"): encoded("b")})
+    keeper.drop_container("c1")
+    wait_until(lambda: etcd.refused >= 2, what="the keeper to try while etcd is down")
+    wait_until(lambda: sample(metrics, "registrar_etcd_up") == 0, what="etcd_up 0")
+    assert not keeper.synced.is_set()
+    assert keeper.desired_keys() == {key("b"): encoded("b")}
+    assert key("b") not in etcd.kv
+    etcd.down = False
+    wait_until(lambda: etcd.stored() == {key("b"): encoded("b")}, what="the catch-up")
+    wait_until(lambda: sample(metrics, "registrar_etcd_up") == 1, what="etcd_up 1")
+    synced(keeper)
+    assert sample(metrics, "registrar_lease_regrants_total") == 0  # the lease outlived it
+
+
+def test_etcd_down_at_start(keeper: LeaseKeeper, etcd: FakeEtcd) -> None:
+    etcd.down = True
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.start()
+    wait_until(lambda: etcd.refused >= 2)
+    etcd.down = False
+    wait_until(lambda: etcd.stored() == {key("a"): encoded("a")})
+
+
+@pytest.mark.parametrize("how", ["ttl0", "raise"])
+def test_expired_lease_is_granted_anew_and_every_key_put_again(
+    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics, how: str
+) -> None:
+    etcd.keepalive_expired = how
+    state = {key("a"): encoded("a"), key("b"): encoded("b"), key("c"): encoded("c")}
+    keeper.set_container("c1", state)
+    keeper.start()
+    wait_until(lambda: etcd.stored() == state)
+    old = keeper.lease
+    assert old is not None
+    etcd.expire(old)  # found by the next heartbeat
+    wait_until(lambda: etcd.stored() == state, what="every key back")
+    new = keeper.lease
+    assert new is not None and new != old
+    assert all(stored.lease == new for stored in etcd.kv.values())
+    assert all(etcd.puts_of(k) == 2 for k in state)
+    assert sample(metrics, "registrar_lease_regrants_total") == 1
+    assert sample(metrics, "registrar_lease_keepalive_failures_total") >= (1 if how == "ttl0"
+                                                                         else 0)
+    assert sample(metrics, "registrar_registered_services") == 3
+
+
+def test_expired_lease_found_by_a_write(etcd: FakeEtcd, metrics: Metrics) -> None:
+    keeper = make_keeper(etcd, metrics, heartbeat=60)  # no heartbeat will notice
+    try:
+        keeper.set_container("c1", {key("a"): encoded("a")})
+        keeper.start()
+        wait_until(lambda: key("a") in etcd.stored())
+        synced(keeper)
+        old = keeper.lease
+        assert old is not None
+        etcd.expire(old)
+        keeper.set_container("c2", {key("b"): encoded("b")})
+        wait_until(lambda: etcd.stored() == {key("a"): encoded("a"), key("b"): encoded("b")})
+        assert keeper.lease != old
+        assert sample(metrics, "registrar_lease_regrants_total") == 1
+    finally:
+        keeper.shutdown(1.0)
+
+
+def test_start_deletes_this_nodes_stale_keys_only(
+    keeper: LeaseKeeper, etcd: FakeEtcd
+) -> None:
+    stale = {
+        key("old"): StoredKey(encoded("old"), 999),  # ours, from a previous run
+        key("old", port=53) + ":udp": StoredKey(encoded("old"), 999),
+        f"{CONTROL}/standby/web/{NODE}:old2:8080": StoredKey(encoded("old2"), 999),
+        key("keep"): StoredKey(encoded("keep"), 999),  # ours and still running: re-put
+    }
+    foreign = {
+        key("x", node="core-02"): StoredKey(encoded("x"), 5),
+        key("x", node=NODE + "x"): StoredKey(encoded("x"), 5),  # a node named like ours
+        key("x", node="core-0"): StoredKey(encoded("x"), 5),
+        f"{CONTROL}/standby/web/core-02:y:8080": StoredKey(encoded("y"), 5),
+        f"{PREFIX}-old/web/{NODE}:z:8080": StoredKey(encoded("z"), 5),  # another prefix
+        f"/elsewhere/web/{NODE}:z:8080": StoredKey(encoded("z"), 5),
+        f"{PREFIX}/web/{NODE}:not-an-instance": StoredKey("?", 5),
+        f"{PREFIX}/web/{NODE}:a:8080/deeper": StoredKey("?", 5),
+        f"{CONTROL}/promoted/api": StoredKey(json.dumps({"version": "v1", "at": "x"}), 0),
+    }
+    etcd.kv.update(stale)
+    etcd.kv.update(foreign)
+    keeper.replace_all({"c-keep": {key("keep"): encoded("keep")}})
+    keeper.start()
+    wait_until(lambda: key("old") not in etcd.kv, what="the stale key deleted")
+    synced(keeper)
+    assert {k: v for k, v in etcd.kv.items() if k not in foreign} == {
+        key("keep"): StoredKey(encoded("keep"), keeper.lease or -1),
+    }
+    for k, v in foreign.items():
+        assert etcd.kv[k] == v, k
+    deleted = {k for op, k in etcd.ops if op == "delete"}
+    assert deleted == set(stale) - {key("keep")}
+
+
+def test_shutdown_revokes_the_lease(
+    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+) -> None:
+    etcd.kv[key("x", node="core-02")] = StoredKey(encoded("x"), 5)
+    keeper.set_container("c1", {key("a"): encoded("a"), key("b"): encoded("b")})
+    keeper.start()
+    wait_until(lambda: len(etcd.stored()) == 3)
+    lease = keeper.lease
+    assert keeper.shutdown(1.0) is True
+    assert etcd.revoked == [lease]
+    assert etcd.stored() == {key("x", node="core-02"): encoded("x")}
+    assert not keeper.alive()
+    assert sample(metrics, "registrar_registered_services") == 0
+    assert sample(metrics, "registrar_deregistrations_total") == 2
+
+
+def test_shutdown_with_etcd_down_gives_up(keeper: LeaseKeeper, etcd: FakeEtcd) -> None:
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.start()
+    wait_until(lambda: key("a") in etcd.stored())
+    etcd.down = True
+    assert keeper.shutdown(0.5) is False  # returns: the keys expire with the lease
+    assert etcd.revoked == []
+
+
+def test_shutdown_before_any_lease(etcd: FakeEtcd, metrics: Metrics) -> None:
+    keeper = make_keeper(etcd, metrics)
+    assert keeper.shutdown(0.5) is True
+    assert etcd.revoked == []
+
+
+# --- ContainerWatcher ---------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    etcd: FakeEtcd
+    docker: FakeDocker
+    metrics: Metrics
+    keeper: LeaseKeeper
+    watcher: ContainerWatcher
+
+    def start(self) -> None:
+        self.keeper.start()
+        self.watcher.start()
+        # subscribed and listed once: what runs now is known
+        wait_until(lambda: self.docker.opened and self.docker.running_calls >= 1)
+
+    def resyncs(self, count: int = 2) -> None:
+        seen = self.docker.running_calls
+        wait_until(lambda: self.docker.running_calls >= seen + count, what=f"{count} resyncs")
+
+    def sentinel(self, name: str) -> None:
+        """Starts a container and waits for its key: everything before it was handled."""
+        cid = self.docker.add(container(name))
+        self.docker.emit("start", cid)
+        wait_until(lambda: key(name) in self.etcd.stored(), what=f"sentinel {name}")
+
+
+@pytest.fixture
+def rig_factory() -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(resync: float = 0.0, host_ip: str | None = None) -> Rig:
+        etcd, docker, metrics = FakeEtcd(), FakeDocker(), Metrics()
+        keeper = make_keeper(etcd, metrics)
+        naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=host_ip, default_ip=DEFAULT_IP)
+        watcher = ContainerWatcher(docker, docker, keeper, naming, metrics,  # type: ignore[arg-type]
+                                   resync=resync)
+        rig = Rig(etcd, docker, metrics, keeper, watcher)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.docker.down = False
+        rig.etcd.down = False
+        rig.watcher.stop(2.0)
+        rig.keeper.shutdown(1.0)
+
+
+def test_running_containers_are_registered_at_start(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    rig.docker.add(container("web-1"))
+    rig.docker.add(container("web-2", running=False))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    value = json.loads(rig.etcd.stored()[key("web-1")])
+    assert value["host"] == DEFAULT_IP and value["node"] == NODE
+    assert value["container_id"] == cid_of("web-1")
+    rig.sentinel("z")
+    assert key("web-2") not in rig.etcd.stored()
+    assert sample(rig.metrics, "registrar_docker_up") == 1
+
+
+def test_start_event_registers(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()  # no periodic resync: only the event can do it
+    rig.start()
+    cid = rig.docker.add(container("web-1"))
+    rig.docker.emit("create", cid)
+    rig.docker.emit("start", cid)
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    assert sample(rig.metrics, "registrar_docker_events_total", action="start") == 1
+    assert sample(rig.metrics, "registrar_docker_events_total", action="create") == 1
+    assert rig.docker.running_calls == 1
+
+
+def test_kill_withdraws_and_resync_does_not_bring_it_back(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(resync=0.05)
+    cid = rig.docker.add(container("web-1"))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.emit("kill", cid, signal="15")
+    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="withdrawn on kill 15")
+    rig.resyncs()  # the container still runs (it is stopping): it stays out
+    rig.sentinel("z1")
+    assert key("web-1") not in rig.etcd.stored()
+    rig.docker.state(cid, Running=False, Status="exited", ExitCode=143)
+    rig.docker.emit("die", cid, exitCode="143")
+    rig.docker.emit("stop", cid)
+    rig.resyncs()
+    rig.sentinel("z2")
+    assert key("web-1") not in rig.etcd.stored()
+    assert rig.etcd.puts_of(key("web-1")) == 1
+    rig.docker.state(cid, Running=True, Status="running")
+    rig.docker.emit("start", cid)
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="back after a new start")
+
+
+@pytest.mark.parametrize(("stop_signal", "signal"), [(None, "9"), (None, "2"), (None, "3"),
+                                                     ("SIGUSR1", "10"), ("10", "10")])
+def test_kill_with_an_ending_signal(
+    rig_factory: Callable[..., Rig], stop_signal: str | None, signal: str
+) -> None:
+    rig = rig_factory()
+    cid = rig.docker.add(container("web-1", stop_signal=stop_signal))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.emit("kill", cid, signal=signal)
+    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+
+
+@pytest.mark.parametrize("signal", ["1", "10", "12"])
+def test_kill_with_another_signal_changes_nothing(
+    rig_factory: Callable[..., Rig], signal: str
+) -> None:
+    rig = rig_factory()
+    cid = rig.docker.add(container("web-1"))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.emit("kill", cid, signal=signal)
+    rig.sentinel("z")
+    assert key("web-1") in rig.etcd.stored()
+    assert rig.etcd.ops.count(("delete", key("web-1"))) == 0
+    assert rig.etcd.puts_of(key("web-1")) == 1
+
+
+def test_pause_and_unpause(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(resync=0.05)
+    cid = rig.docker.add(container("web-1"))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.state(cid, Paused=True, Status="paused")
+    rig.docker.emit("pause", cid)
+    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out while paused")
+    rig.resyncs()
+    rig.sentinel("z")
+    assert key("web-1") not in rig.etcd.stored()
+    rig.docker.state(cid, Paused=False, Status="running")
+    rig.docker.emit("unpause", cid)
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="back on unpause")
+
+
+def test_health_events(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    cid = rig.docker.add(container("web-1", healthcheck=["CMD", "true"], health="starting"))
+    rig.start()
+    rig.docker.emit("start", cid)
+    rig.docker.emit("health_status: starting", cid)
+    rig.sentinel("z")
+    assert key("web-1") not in rig.etcd.stored()  # not before it is healthy
+    rig.docker.health(cid, "healthy")
+    rig.docker.emit("health_status: healthy", cid)
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in when healthy")
+    rig.docker.health(cid, "unhealthy")
+    rig.docker.emit("health_status: unhealthy", cid)
+    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out when unhealthy")
+    rig.docker.health(cid, "healthy")
+    rig.docker.emit("health_status: healthy", cid)
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in again")
+    assert sample(rig.metrics, "registrar_docker_events_total",
+                  action="health_status:healthy") == 2
+
+
+def test_die_and_destroy(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    one = rig.docker.add(container("web-1"))
+    two = rig.docker.add(container("web-2"))
+    rig.start()
+    wait_until(lambda: {key("web-1"), key("web-2")} <= set(rig.etcd.stored()))
+    rig.docker.state(one, Running=False)
+    rig.docker.emit("die", one, exitCode="1")
+    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+    rig.docker.remove(two)
+    rig.docker.emit("destroy", two)
+    wait_until(lambda: key("web-2") not in rig.etcd.stored())
+
+
+def test_rejected_container_is_counted_once(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(resync=0.05)
+    cid = rig.docker.add(container("evil", labels={"registrar.service": "../etc"}))
+    rig.start()
+    rig.docker.emit("start", cid)
+    rig.resyncs(3)
+    rig.sentinel("z")
+    assert sample(rig.metrics, "registrar_rejected_containers_total",
+                  reason="invalid_service_name") == 1
+    assert set(rig.etcd.stored()) == {key("z")}
+    assert all(k.startswith(f"{PREFIX}/web/") for k in rig.etcd.kv)
+
+
+def test_resync_writes_nothing_when_nothing_changed(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(resync=0.05)
+    rig.docker.add(container("web-1"))
+    rig.docker.add(container("web-2"))
+    rig.start()
+    wait_until(lambda: len(rig.etcd.stored()) == 2)
+    synced(rig.keeper)
+    writes = rig.etcd.writes()
+    rig.resyncs(3)
+    rig.sentinel("z")
+    assert rig.etcd.writes() == writes + 1  # the sentinel only
+
+
+def test_resync_removes_what_stopped_unseen(rig_factory: Callable[..., Rig]) -> None:
+    """An event lost (Docker keeps only its last events): the periodic resync repairs it."""
+    rig = rig_factory(resync=0.05)
+    cid = rig.docker.add(container("web-1"))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.state(cid, Running=False)  # and no event
+    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+
+
+def test_docker_down_then_up_catches_up(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()  # no periodic resync: the reconnect itself must reconcile
+    gone = rig.docker.add(container("web-1"))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.emit("exec_create: sh", gone)  # some event, so the resumed stream has a `since`
+    rig.docker.cut()
+    wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 0, what="docker_up 0")
+    rig.docker.state(gone, Running=False)  # meanwhile one stopped, another started
+    rig.docker.add(container("web-2"))
+    rig.docker.down = False
+    wait_until(lambda: set(rig.etcd.stored()) == {key("web-2")}, what="the catch-up")
+    wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 1, what="docker_up 1")
+    assert len(rig.docker.opened) >= 2
+    assert rig.docker.opened[0] is None and rig.docker.opened[-1] is not None
+
+
+def test_host_ip_is_written(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(host_ip="192.168.1.9")
+    rig.docker.add(container("web-1"))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    assert json.loads(rig.etcd.stored()[key("web-1")])["host"] == "192.168.1.9"

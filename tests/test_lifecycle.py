@@ -1,0 +1,81 @@
+"""effect_of: what each Docker container event means for a registration (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from registrar.lifecycle import Effect, effect_of
+
+
+@pytest.mark.parametrize(
+    ("action", "effect"),
+    [
+        ("start", Effect.REFRESH),
+        ("restart", Effect.REFRESH),
+        ("unpause", Effect.REFRESH),
+        ("rename", Effect.REFRESH),
+        ("update", Effect.REFRESH),
+        ("stop", Effect.WITHDRAW),
+        ("die", Effect.OUT),
+        ("pause", Effect.OUT),
+        ("destroy", Effect.GONE),
+        ("oom", Effect.NONE),
+        ("create", Effect.NONE),
+        ("attach", Effect.NONE),
+        ("exec_create: sh -c true", Effect.NONE),
+        ("exec_start: sh -c true", Effect.NONE),
+        ("exec_die", Effect.NONE),
+        ("top", Effect.NONE),
+        ("", Effect.NONE),
+        ("something-new", Effect.NONE),
+    ],
+)
+def test_actions(action: str, effect: Effect) -> None:
+    assert effect_of(action, {}, "SIGTERM") is effect
+
+
+@pytest.mark.parametrize(
+    "signal", ["15", "SIGTERM", "TERM", "2", "SIGINT", "INT", "3", "SIGQUIT", "QUIT",
+               "9", "SIGKILL", "KILL"],
+)
+def test_kill_with_an_ending_signal_withdraws(signal: str) -> None:
+    assert effect_of("kill", {"signal": signal, "name": "web-1"}, "SIGTERM") is Effect.WITHDRAW
+
+
+@pytest.mark.parametrize("signal", ["1", "SIGHUP", "HUP", "10", "SIGUSR1", "USR1", "12",
+                                    "SIGUSR2", "28", "SIGWINCH", "", "bogus", "²"])
+def test_kill_with_another_signal_changes_nothing(signal: str) -> None:
+    assert effect_of("kill", {"signal": signal}, "SIGTERM") is Effect.NONE
+
+
+def test_kill_without_a_signal_attribute_changes_nothing() -> None:
+    assert effect_of("kill", {}, "SIGTERM") is Effect.NONE
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGUSR1", "USR1", "10"])
+@pytest.mark.parametrize("signal", ["10", "SIGUSR1"])
+def test_the_containers_own_stop_signal_withdraws(stop_signal: str, signal: str) -> None:
+    assert effect_of("kill", {"signal": signal}, stop_signal) is Effect.WITHDRAW
+    # ... and the usual ending signals still do
+    assert effect_of("kill", {"signal": "15"}, stop_signal) is Effect.WITHDRAW
+    assert effect_of("kill", {"signal": "9"}, stop_signal) is Effect.WITHDRAW
+    # another signal still does not
+    assert effect_of("kill", {"signal": "1"}, stop_signal) is Effect.NONE
+
+
+def test_httpd_stop_signal() -> None:
+    assert effect_of("kill", {"signal": "28"}, "SIGWINCH") is Effect.WITHDRAW
+
+
+@pytest.mark.parametrize(
+    ("action", "effect"),
+    [
+        ("health_status: healthy", Effect.REFRESH),
+        ("health_status:healthy", Effect.REFRESH),
+        ("health_status: unhealthy", Effect.OUT),
+        ("health_status: starting", Effect.NONE),
+        ("health_status", Effect.NONE),
+    ],
+)
+def test_health_status(action: str, effect: Effect) -> None:
+    assert effect_of(action, {}, "SIGTERM") is effect

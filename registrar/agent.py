@@ -95,7 +95,12 @@ def run(settings: Settings) -> int:
     sidecar = settings.command == "register"
 
     container_id = None
-    owns = lambda instance: owned_by(settings.node, instance)  # noqa: E731
+    def owns(instance: str) -> bool:
+        """This node's keys, less those of containers whose own sidecar registers them."""
+        return owned_by(settings.node, instance) and (
+            instance.split(":")[1] not in watcher.sidecar_names
+        )
+
     if sidecar:
         assert settings.container is not None
         container_id = wait_for_container(docker, settings.container, settings.wait, stop)

@@ -32,9 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return routing.run(settings)
         if settings.command == "promote":
-            from registrar import promotion
+            from registrar.promotion import run as promote
 
-            return promotion.run(settings)
+            return promote(settings)
         from registrar import agent
 
         return agent.run(settings)

@@ -8,8 +8,6 @@ from typing import Any
 
 # Signals that end a process: a `kill` event with one of these means "starts stopping".
 ENDING_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
-_SIGNAL_NUMBERS = {"SIGHUP": "1", "SIGINT": "2", "SIGQUIT": "3", "SIGKILL": "9", "SIGUSR1": "10",
-                   "SIGUSR2": "12", "SIGTERM": "15", "SIGWINCH": "28", "SIGPWR": "30"}
 UNSPECIFIED_IPS = frozenset({"", "0.0.0.0", "::"})
 
 
@@ -47,13 +45,22 @@ class ContainerInfo:
 
 
 def normalize_signal(signal: str) -> str:
-    """'SIGTERM', 'TERM', '15' -> '15' (unknown names are kept, upper-cased)."""
+    """'SIGTERM', 'TERM', '15' -> '15'; 'SIGRTMIN+3' -> '37' (unknown names kept, upper-cased).
+
+    Docker reports signals as Linux numbers, which is what Python's `signal` knows here.
+    """
+    import signal as signals
+
     text = signal.strip().upper()
     if text.isascii() and text.isdigit():
         return str(int(text))
     if not text.startswith("SIG"):
         text = "SIG" + text
-    return _SIGNAL_NUMBERS.get(text, text)
+    name, plus, offset = text.partition("+")
+    known = signals.Signals.__members__.get(name)
+    if known is None or (plus and not (offset.isascii() and offset.isdigit())):
+        return text
+    return str(int(known) + (int(offset) if plus else 0))
 
 
 def is_ending_signal(signal: str, stop_signal: str) -> bool:
@@ -84,6 +91,8 @@ def _bindings(ports: Mapping[str, Any] | None) -> tuple[PortBinding, ...]:
         if parsed is None or not bindings:
             continue
         private_port, proto = parsed
+        if proto not in ("tcp", "udp"):
+            continue  # SCTP: no key suffix of its own, and nothing routes it
         candidates = []
         for binding in bindings:
             host_port = str(binding.get("HostPort") or "")

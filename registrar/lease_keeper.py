@@ -67,6 +67,9 @@ class LeaseKeeper:
         self._desired: dict[str, dict[str, str]] = {}  # container id -> key -> value
         self._since: dict[str, float] = {}  # key -> Docker event time, for the latency metric
         self._reread = True  # read this node's keys from etcd before the next write
+        # Nothing is written before the first full picture of what runs (`replace_all`):
+        # otherwise a restarted agent would delete every key of its node, then put it back.
+        self._ready = False
         self._dirty = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,6 +109,7 @@ class LeaseKeeper:
         """A full reconcile: this is everything that should exist; re-read etcd and diff."""
         with self._cond:
             self._desired = {cid: dict(keys) for cid, keys in desired.items() if keys}
+            self._ready = True
             self._reread = True
             self._mark_dirty()
 
@@ -280,6 +284,9 @@ class LeaseKeeper:
     def _write(self) -> None:
         assert self._lease is not None
         with self._cond:
+            if not self._ready:
+                self._dirty = False
+                return
             desired = self._flat()
             since = {key: self._since.pop(key) for key in list(self._since)}
             reread = self._reread

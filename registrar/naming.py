@@ -132,10 +132,17 @@ def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str,
     return result
 
 
+def has_sidecar(container: ContainerInfo) -> bool:
+    """`registrar.sidecar=true`: a `register` sidecar owns this container's keys, not `watch`."""
+    return _truthy(container.labels.get("registrar.sidecar"))
+
+
 def registrations_for(
     container: ContainerInfo, ctx: NamingContext, registered_at: str
 ) -> Outcome:
     """The registrations of one running container, or why it gets none."""
+    if not ctx.sidecar and has_sidecar(container):
+        return Outcome(skipped="registered by its own sidecar (registrar.sidecar)")
     # An explicit registrar.ignore (true or false) wins over Registrator's SERVICE_IGNORE.
     ignore = container.labels.get("registrar.ignore")
     if _truthy(ignore) or (ignore is None and _registrator(container, "SERVICE_IGNORE")):

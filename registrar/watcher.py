@@ -22,7 +22,7 @@ from registrar.docker_source import DockerSource, DockerUnavailable
 from registrar.lease_keeper import LeaseKeeper
 from registrar.lifecycle import Effect, effect_of
 from registrar.metrics import Metrics
-from registrar.naming import NamingContext, Outcome, registrations_for
+from registrar.naming import NamingContext, Outcome, has_sidecar, registrations_for
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class ContainerWatcher:
         self._docker_ok: bool | None = None
         self.finished = finished if finished is not None else threading.Event()
         self.finished_reason: str | None = None
+        # Names of containers whose keys a sidecar owns; the keeper must leave them alone.
+        self.sidecar_names: frozenset[str] = frozenset()
         self.last_progress = time.monotonic()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -204,6 +206,10 @@ class ContainerWatcher:
         for cid in list(self._tracked):
             if cid not in seen:
                 del self._tracked[cid]
+        if not self._only:
+            self.sidecar_names = frozenset(
+                t.info.name for t in self._tracked.values() if has_sidecar(t.info)
+            )
         self._keeper.replace_all(
             {cid: tracked.values for cid, tracked in self._tracked.items()}
         )
@@ -254,7 +260,18 @@ class ContainerWatcher:
             if self._only:
                 self._container_gone(cid, action)
 
+    def _note_sidecar(self, info: ContainerInfo) -> None:
+        if has_sidecar(info) != (info.name in self.sidecar_names):
+            names = set(self.sidecar_names)
+            if has_sidecar(info):
+                names.add(info.name)
+            else:
+                names.discard(info.name)
+            self.sidecar_names = frozenset(names)  # replaced whole: read by the keeper's thread
+
     def _update(self, info: ContainerInfo, *, event_time: float | None, push: bool) -> None:
+        if not self._only:
+            self._note_sidecar(info)
         tracked = self._tracked.get(info.id)
         if tracked is None:
             tracked = self._tracked[info.id] = _Tracked(info=info)

@@ -345,3 +345,55 @@ def test_many_keys_are_written_in_few_transactions(scope, agent, containers, etc
     proc.terminate()
     assert proc.wait(10) == 0
     assert not ours(etcd_reader, scope, [c.name])
+
+
+def test_agent_leaves_sidecar_containers_to_their_sidecar(
+    scope, agent, registrar, containers, etcd_reader
+):
+    # A key left by an earlier sidecar run must not be "cleaned" by the agent's first reconcile
+    # while its container runs, nor written a second time under the agent's lease.
+    c = containers(labels={"registrar.service": "web", "registrar.sidecar": "true"})
+    key = scope.key("web", c.name)
+    sidecar = registrar(scope.args("register", c.name, ttl=TTL))
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+    lease = etcd_reader.lease_id(key)
+    plain = containers(labels={"registrar.service": "web"})
+    agent(resync=1)
+    wait_until(lambda: etcd_reader.get(scope.key("web", plain.name)), timeout=10)
+    time.sleep(2.5)  # two resyncs
+    assert etcd_reader.lease_id(key) == lease
+    assert sidecar.stop() == 0
+    assert etcd_reader.get(key) is None
+    time.sleep(1.5)
+    assert etcd_reader.get(key) is None  # the agent does not take it over
+
+
+def test_a_restarted_agent_takes_keys_over_without_a_gap(scope, agent, containers, etcd_reader):
+    first, _port = agent(ttl=10)
+    c = containers(labels={"registrar.service": "web"})
+    key = scope.key("web", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    old_lease = etcd_reader.lease_id(key)
+    first.kill()  # the lease lives on for its TTL
+
+    leases: list[int | None] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            leases.append(etcd_reader.lease_id(key))
+            if leases[-1] not in (None, old_lease):
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        second, _port = agent(ttl=10)
+        watcher.join(10)
+    finally:
+        done.set()
+        watcher.join()
+    assert leases[-1] not in (None, old_lease), "the new agent never took the key over"
+    assert None not in leases, "the key left rotation while the new agent took it over"
+    assert second.stop() == 0

@@ -78,6 +78,9 @@ class LeaseKeeper:
         self._lease: int | None = None
         self._had_lease = False
         self._written: dict[str, StoredKey] = {}
+        # "service/instance" of every registration made and not withdrawn since: keys put again
+        # after a lost lease are not new registrations.
+        self._known: set[str] = set()
         self._next_heartbeat = 0.0
         self._etcd_ok: bool | None = None
         self.last_progress = time.monotonic()
@@ -165,6 +168,7 @@ class LeaseKeeper:
         self._metrics.registered.set(0)
         self._metrics.standby.set(0)
         self._written = {}
+        self._known = set()
         self._lease = None
         log.info("revoked lease %x: %d keys removed", lease, count,
                  extra={"event": "deregister_all", "keys": count})
@@ -336,7 +340,11 @@ class LeaseKeeper:
             in_rotation = key.startswith(self._prefix + "/")
             service, instance = self._describe(key)
             extra = {"service": service, "instance": instance}
-            if twin(key) in previous:
+            identity = f"{service}/{instance}"
+            if identity in self._known and twin(key) not in previous:
+                log.info("put %s %s again under the new lease", service, instance,
+                         extra={"event": "reput", **extra})
+            elif twin(key) in previous:
                 event = "rotation_in" if in_rotation else "standby"
                 what = "back in rotation" if in_rotation else "left rotation, on standby"
                 log.info("%s %s %s", what, service, instance, extra={"event": event, **extra})
@@ -348,6 +356,7 @@ class LeaseKeeper:
                 self._metrics.registrations.inc()
                 log.info("registered %s %s on standby (version not promoted)", service,
                          instance, extra={"event": "register_standby", **extra})
+            self._known.add(identity)
             event_time = since.get(key)
             if event_time is not None and in_rotation:
                 self._metrics.registration_latency.observe(max(0.0, acked - event_time))
@@ -355,6 +364,7 @@ class LeaseKeeper:
             if twin(key) in changes.puts:
                 continue  # moved, logged above
             service, instance = self._describe(key)
+            self._known.discard(f"{service}/{instance}")
             self._metrics.deregistrations.inc()
             log.info("deregistered %s %s", service, instance,
                      extra={"event": "deregister", "service": service, "instance": instance})

@@ -277,6 +277,8 @@ def make_keeper(etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> Le
                          owns=lambda instance: owned_by(NODE, instance), metrics=metrics,
                          control_prefix=CONTROL)
     keeper.heartbeat_interval = heartbeat
+    # The first full picture of what runs (the watcher's first reconcile) allows writing.
+    keeper.replace_all({})
     return keeper
 
 
@@ -408,6 +410,8 @@ def test_expired_lease_is_granted_anew_and_every_key_put_again(
     assert sample(metrics, "registrar_lease_keepalive_failures_total") >= (1 if how == "ttl0"
                                                                          else 0)
     assert sample(metrics, "registrar_registered_services") == 3
+    # Put again under the new lease: not new registrations.
+    assert sample(metrics, "registrar_registrations_total") == 3
 
 
 def test_expired_lease_found_by_a_write(etcd: FakeEtcd, metrics: Metrics) -> None:
@@ -732,3 +736,24 @@ def test_host_ip_is_written(rig_factory: Callable[..., Rig]) -> None:
     rig.start()
     wait_until(lambda: key("web-1") in rig.etcd.stored())
     assert json.loads(rig.etcd.stored()[key("web-1")])["host"] == "192.168.1.9"
+
+
+def test_nothing_is_written_before_the_first_full_reconcile(metrics: Metrics) -> None:
+    """A restarted agent must not delete its node's keys before it knows what runs."""
+    etcd = FakeEtcd()
+    stale = key("a")
+    etcd.kv[stale] = StoredKey(encoded("a"), 99)
+    keeper = LeaseKeeper(etcd, ttl=3, prefix=PREFIX,  # type: ignore[arg-type]
+                         owns=lambda instance: owned_by(NODE, instance), metrics=metrics,
+                         control_prefix=CONTROL)
+    keeper.start()
+    try:
+        wait_until(lambda: keeper.lease is not None, what="a lease")
+        keeper.set_container("c1", {key("b"): encoded("b")})
+        time.sleep(0.3)
+        assert etcd.stored() == {stale: encoded("a")}
+        keeper.replace_all({"c1": {stale: encoded("a")}})
+        wait_until(lambda: etcd.kv[stale].lease == keeper.lease, what="taken over")
+        assert key("b") not in etcd.stored()
+    finally:
+        keeper.shutdown(1.0)

@@ -1,0 +1,432 @@
+"""`registrar haproxy` with a real HAProxy (Debian's), real Docker and etcd, and the real
+`registrar watch` agent registering busybox httpd containers. Traffic goes to 127.0.0.1 only.
+
+Each test has its own prefix, node and service name (`web-<id>`), so containers that other
+tests label on the same engine are never routed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from registrar.haproxy_config import builtin_template_text
+from tests.helpers import Scope, healthz, metrics_flag, scrape
+from tests.support.proc import RegistrarProcess, free_port, wait_until
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def haproxy_installed() -> None:
+    if not os.access(HAPROXY, os.X_OK):
+        pytest.fail("haproxy missing: run `make setup` (scripts/setup.sh installs it)",
+                    pytrace=False)
+
+
+@pytest.fixture
+def scope(etcd, unique) -> Scope:
+    return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+
+
+@pytest.fixture
+def service(unique) -> str:
+    return f"web-{unique}"
+
+
+@pytest.fixture
+def agent(registrar, scope):
+    """`registrar watch` for this test's scope (it registers containers at 127.0.0.1)."""
+
+    def start() -> RegistrarProcess:
+        proc = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--resync", "2",
+                          "--explicit", "--metrics-addr", "127.0.0.1:0"])
+        proc.wait_for_log("docker connected", timeout=15)
+        return proc
+
+    return start
+
+
+def host_of(container) -> str:
+    """What busybox httpd answers at / in that container: its host name, the short id."""
+    return str(container.id[:12])
+
+
+def get(port: int, timeout: float = 2.0) -> str:
+    """GET / through HAProxy; the body (raises on refused connections and HTTP errors)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
+        return str(response.read().decode().strip())
+
+
+def status(port: int) -> int | str:
+    try:
+        get(port)
+        return 200
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except urllib.error.URLError as exc:
+        return type(exc.reason).__name__
+    except OSError as exc:
+        return type(exc).__name__
+
+
+@dataclass
+class Router:
+    proc: RegistrarProcess
+    port: int  # the frontend
+    metrics_port: int
+    config: Path
+
+    def bodies(self, n: int = 12) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for _ in range(n):
+            with contextlib.suppress(OSError):
+                seen[get(self.port)] += 1
+        return seen
+
+    def serves(self, *containers) -> set[str]:
+        """Waits until exactly these containers answer through HAProxy."""
+        want = {host_of(c) for c in containers}
+        return wait_until(lambda: set(self.bodies()) == want and want, timeout=15,
+                          message=lambda: f"wanted {want}; log:\n{self.proc.logs()[-3000:]}")
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+    def master_pid(self) -> int:
+        return int(re.findall(r"master pid (\d+)", self.proc.logs())[-1])
+
+
+@pytest.fixture
+def router(registrar, scope, service, tmp_path):
+    """Starts `registrar haproxy` for this test's service; returns a Router."""
+
+    def start(*extra: str, mode: str = "http", etcd_url: str | None = None,
+              port: int | None = None, config: Path | None = None,
+              wait: str | None = "haproxy started") -> Router:
+        port = port or free_port()
+        flag, metrics_port = metrics_flag()
+        config = config or tmp_path / "haproxy.cfg"
+        proc = registrar(["haproxy", "--etcd", etcd_url or scope.etcd_url, "--prefix",
+                          scope.prefix, "--bind", f"{service}=127.0.0.1:{port}", "--mode", mode,
+                          "--config", str(config), *flag, *extra])
+        if wait:
+            proc.wait_for_log(wait, timeout=15)
+        return Router(proc, port, metrics_port, config)
+
+    return start
+
+
+def labels(service: str) -> dict[str, str]:
+    return {"registrar.service": service}
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
+
+
+# --- traffic --------------------------------------------------------------------------------
+
+
+def test_a_started_container_gets_traffic_and_two_instances_share_it(
+    scope, service, agent, router, containers, etcd_reader
+):
+    # Values no router can use are skipped and counted; the rest still routes.
+    etcd_reader.put(f"{scope.prefix}/{service}/bad-json", "not json")
+    etcd_reader.put(f"{scope.prefix}/{service}/no-port", {"host": "127.0.0.1"})
+    etcd_reader.put(f"{scope.prefix}/{service}/a-name", {"host": "example.com", "port": 80})
+    agent()
+    r = router()
+    assert status(r.port) == 503  # a frontend with an empty backend
+    assert healthz(r.metrics_port) == 200
+
+    first = containers(labels=labels(service))
+    r.serves(first)
+    second = containers(labels=labels(service))
+    r.serves(first, second)
+    counts = r.bodies(20)
+    assert set(counts.values()) == {10}  # round robin
+
+    m = r.metrics()
+    assert m[f'registrar_haproxy_backend_servers{{service="{service}"}}'] == 2
+    assert m["registrar_haproxy_reloads_total"] == 0  # servers came in by the runtime API
+    assert m["registrar_haproxy_runtime_updates_total"] >= 1
+    assert m["registrar_haproxy_reload_failures_total"] == 0
+    assert m["registrar_etcd_up"] == 1
+    assert m['registrar_build_info{version="0.1.0"}'] == 1
+    for reason in ("invalid_json", "missing_host_or_port", "invalid_host"):
+        assert m[f'registrar_haproxy_invalid_registrations_total{{reason="{reason}"}}'] == 1
+
+    # The installed config (it follows the runtime API) names both instances and is valid.
+    lines = [f"server {scope.node}:{c.name}:8080 127.0.0.1:{c.port(8080)}"
+             for c in (first, second)]
+    wait_until(lambda: all(line in r.config.read_text() for line in lines), timeout=5)
+    text = r.config.read_text()
+    assert "example.com" not in text
+    assert check(r.config).returncode == 0
+    assert not [p for p in r.config.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_docker_stop_under_load_fails_no_request(
+    scope, service, agent, router, containers
+):
+    agent()
+    r = router()
+    leaving = containers(labels=labels(service))
+    staying = containers(labels=labels(service))
+    r.serves(leaving, staying)
+
+    done = threading.Event()
+    answers: list[tuple[float, str]] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        deadline = time.monotonic() + 30
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                answers.append((time.monotonic(), get(r.port)))
+            except Exception as exc:
+                failures.append(repr(exc))
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        stop_started = time.monotonic()
+        leaving.stop(timeout=3)  # httpd is PID 1 and ignores TERM: it serves 3 s, then KILL
+        stopped = time.monotonic()
+        time.sleep(0.5)
+    finally:
+        done.set()
+        thread.join(10)
+
+    assert failures == [], failures[:5]
+    assert len(answers) > 200
+    assert stopped - stop_started > 2.5
+    # Out of rotation at the kill event, long before the container died.
+    last_leaving = max(t for t, body in answers if body == host_of(leaving))
+    assert last_leaving - stop_started < 1.0
+    assert {body for t, body in answers if t > stop_started + 1.0} == {host_of(staying)}
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 0
+
+
+# --- etcd unreachable -----------------------------------------------------------------------
+
+
+def test_etcd_cut_keeps_the_last_servers_and_catches_up_after(
+    scope, service, etcd, agent, router, containers, forwarders
+):
+    fwd = forwarders.etcd(etcd)
+    agent()
+    r = router(mode="tcp", etcd_url=fwd.url)
+    first = containers(labels=labels(service))
+    r.serves(first)
+
+    fwd.cut()
+    wait_until(lambda: r.metrics()["registrar_etcd_up"] == 0, timeout=5)
+    second = containers(labels=labels(service))  # registered by the agent, unseen by the router
+    for _ in range(5):
+        assert r.bodies(10) == Counter({host_of(first): 10})
+        time.sleep(0.2)
+    assert healthz(r.metrics_port) == 200
+    assert r.metrics()[f'registrar_haproxy_backend_servers{{service="{service}"}}'] == 1
+
+    fwd.restore()
+    r.serves(first, second)
+    wait_until(lambda: r.metrics()["registrar_etcd_up"] == 1, timeout=5)
+
+
+def test_haproxy_starts_from_the_existing_config_when_etcd_is_unreachable(
+    scope, service, etcd, agent, router, containers, forwarders
+):
+    agent()
+    first = containers(labels=labels(service))
+    before = router()
+    before.serves(first)
+    assert before.proc.stop(20) == 0
+
+    fwd = forwarders.etcd(etcd)
+    fwd.cut()
+    after = router(etcd_url=fwd.url, port=before.port, config=before.config)
+    assert "starting HAProxy from the existing" in after.proc.logs()
+    after.serves(first)  # the last known servers, from the file
+    second = containers(labels=labels(service))
+    fwd.restore()
+    after.serves(first, second)
+    # It could not know what the file held: the first update was a reload.
+    assert after.metrics()["registrar_haproxy_reloads_total"] == 1
+
+
+# --- bad configs ----------------------------------------------------------------------------
+
+
+def test_a_template_with_a_syntax_error_is_refused_at_start(router, tmp_path):
+    template = tmp_path / "broken.j2"
+    template.write_text("{% for b in backends %}\n")
+    r = router("--template", str(template), wait=None)
+    assert r.proc.wait(15) == 2
+    lines = r.proc.logs().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("registrar: error: --template:"), lines
+    assert not r.config.exists()
+
+
+def test_a_config_that_fails_the_check_is_never_installed(
+    service, agent, router, containers, tmp_path
+):
+    # A template that renders a config HAProxy refuses once a second server appears.
+    template = tmp_path / "custom.j2"
+    template.write_text(
+        builtin_template_text()
+        + "{% if backends[0].servers|length > 1 %}\nnot-a-keyword here\n{% endif %}\n"
+    )
+    agent()
+    r = router("--template", str(template))
+    first = containers(labels=labels(service))
+    r.serves(first)
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 1  # --template: every change reloads
+    good = r.config.read_text()
+
+    containers(labels=labels(service))
+    wait_until(lambda: r.metrics()["registrar_haproxy_reload_failures_total"] == 1, timeout=10)
+    assert "refused by haproxy -c" in r.proc.logs()
+    assert "not-a-keyword" in r.proc.logs()  # HAProxy's own words
+    assert r.config.read_text() == good
+    assert r.bodies(10) == Counter({host_of(first): 10})  # the old config keeps serving
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 1
+    assert not [p for p in r.config.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- debounce -------------------------------------------------------------------------------
+
+
+def test_changes_close_together_are_one_reload(scope, service, router, etcd_reader, tmp_path):
+    template = tmp_path / "copy.j2"  # any --template: every change is a reload
+    template.write_text(builtin_template_text())
+    r = router("--template", str(template))
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 0  # the first start is no reload
+    for i in range(10):
+        etcd_reader.put(f"{scope.prefix}/{service}/n:c{i}:80", {"host": "127.0.0.1",
+                                                                 "port": 20000 + i})
+        time.sleep(0.02)
+    gauge = f'registrar_haproxy_backend_servers{{service="{service}"}}'
+    wait_until(lambda: r.metrics().get(gauge) == 10, timeout=5)
+    time.sleep(0.5)
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 1
+
+    # Changes that never pause are still applied within a second of arriving.
+    started = time.monotonic()
+    for i in range(10, 40):
+        etcd_reader.put(f"{scope.prefix}/{service}/n:c{i}:80", {"host": "127.0.0.1",
+                                                                 "port": 20000 + i})
+        time.sleep(0.05)
+    wait_until(lambda: r.metrics().get(gauge) == 40, timeout=5)
+    elapsed = time.monotonic() - started
+    reloads = r.metrics()["registrar_haproxy_reloads_total"] - 1
+    assert 1 <= reloads <= elapsed + 1, (reloads, elapsed)
+    assert reloads >= 2  # 1.5 s of changes: not all held back until they stopped
+
+
+# --- the HAProxy process --------------------------------------------------------------------
+
+
+def test_sigterm_stops_the_watcher_and_soft_stops_haproxy(
+    service, agent, router, containers
+):
+    agent()
+    r = router("--log-format", "json", mode="tcp")
+    c = containers(labels=labels(service))
+    r.serves(c)
+    master = r.master_pid()
+
+    # A request in flight: connected through HAProxy, not finished yet.
+    conn = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+    conn.sendall(b"GET / HTTP/1.0\r\n")
+    time.sleep(0.3)
+    started = time.monotonic()
+    r.proc.terminate()
+    # The listener closes at once; the open connection is served to its end.
+    wait_until(lambda: status(r.port) == "ConnectionRefusedError", timeout=5)
+    conn.sendall(b"\r\n")
+    reply = b""
+    while chunk := conn.recv(65536):
+        reply += chunk
+    conn.close()
+    assert reply.startswith(b"HTTP/1.") and host_of(c).encode() in reply
+
+    assert r.proc.wait(15) == 0
+    assert time.monotonic() - started < 12
+    with pytest.raises(ProcessLookupError):
+        os.kill(master, 0)
+    # Every line is one JSON object, HAProxy's own lines too.
+    entries = [json.loads(line) for line in r.proc.logs().splitlines()]
+    assert any(e["logger"] == "haproxy" and "Proxy" in e["message"] for e in entries)
+    assert entries[-1]["message"] == "stopped"
+
+
+def test_haproxy_dying_is_restarted_with_backoff_and_reported(
+    service, agent, router, containers
+):
+    agent()
+    r = router()
+    c = containers(labels=labels(service))
+    r.serves(c)
+    master = r.master_pid()
+    worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
+
+    seen: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            seen.append(healthz(r.metrics_port))
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        os.kill(worker, signal.SIGKILL)  # the master follows it (exit-on-failure)
+        wait_until(lambda: len(re.findall("haproxy started", r.proc.logs())) == 2, timeout=15)
+        r.serves(c)
+    finally:
+        done.set()
+        thread.join(5)
+    assert 503 in seen
+    assert healthz(r.metrics_port) == 200
+    assert r.master_pid() != master
+    assert r.metrics()["registrar_haproxy_restarts_total"] == 1
+    assert "haproxy exited with status" in r.proc.logs()
+
+
+def test_reload_cmd_for_an_haproxy_managed_elsewhere(
+    scope, service, router, etcd_reader, tmp_path
+):
+    calls = tmp_path / "calls"
+    r = router("--reload-cmd", f"echo reloaded >> {calls}", wait="read 0 keys")
+    config = r.config
+    wait_until(config.exists, timeout=10)
+    wait_until(lambda: calls.exists() and calls.read_text().count("reloaded") == 1, timeout=5)
+    etcd_reader.put(f"{scope.prefix}/{service}/n:c:80", {"host": "127.0.0.1", "port": 20000})
+    wait_until(lambda: calls.read_text().count("reloaded") == 2, timeout=5)
+    assert "server n:c:80 127.0.0.1:20000" in config.read_text()
+    assert "stats socket" not in config.read_text()
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 2
+    assert "haproxy started" not in r.proc.logs()  # it runs no HAProxy of its own
+    assert healthz(r.metrics_port) == 200
+    assert r.proc.stop(10) == 0
+

@@ -12,8 +12,8 @@ VENV=$ROOT/.venv
 
 # Debian packages the project needs, and what must exist once they are installed.
 # Later additions (haproxy, prometheus) go in both lists.
-APT_PACKAGES=(docker.io etcd-server etcd-client busybox-static debootstrap systemd prometheus)
-REQUIRED=(dockerd etcd etcdctl /bin/busybox debootstrap systemd-analyze prometheus promtool)
+APT_PACKAGES=(docker.io etcd-server etcd-client busybox-static debootstrap systemd prometheus haproxy)
+REQUIRED=(dockerd etcd etcdctl /bin/busybox debootstrap systemd-analyze prometheus promtool haproxy)
 
 ETCD_URL=${REGISTRAR_ETCD:-http://127.0.0.1:2379}
 ETCD_URL=${ETCD_URL%%,*}   # first endpoint only

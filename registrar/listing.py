@@ -84,13 +84,20 @@ def render_promotions(
     for entry in standby:
         if "invalid" in entry:
             continue
-        out.write(
+        out.write(_printable(
             f"  standby: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
-            f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}\n"
-        )
+            f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}"
+        ) + "\n")
+
+
+def _printable(text: str) -> str:
+    """Values come from anyone who can write under the prefix: no newline or escape sequence
+    of theirs reaches the terminal (it could forge rows or drive the terminal)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _write_table(table: Sequence[tuple[str, ...]], out: TextIO) -> None:
+    table = [tuple(_printable(cell) for cell in row) for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))

@@ -4,7 +4,12 @@
 - Several endpoints with failover; a failed endpoint is retried after one second, not pyetcd's
   300 s; gRPC's own reconnect backoff is capped at one second so a restarted etcd is used again
   at once.
-- Authentication errors (an expired token) drop the client, so the next call authenticates anew.
+- Authentication: the token goes as plain gRPC metadata (pyetcd also sends it as call
+  credentials, which gRPC refuses on an http:// channel). An expired token (etcd drops one after
+  --auth-token-ttl of disuse; heartbeats do not use it) or one lost with an etcd restart is
+  renewed at once on the same client: authenticate again and retry the request once.
+- Errors say what is wrong in one line: a TLS handshake refused, a wrong password, a missing
+  permission, with the flag to check (never the password).
 - Every error becomes `EtcdUnavailable` (retry later) or `LeaseNotFound` (grant a new lease).
 Retries themselves live with the callers' one policy (`registrar.retry`).
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +31,11 @@ from registrar.planner import StoredKey
 from registrar.settings import EtcdSettings
 
 log = logging.getLogger(__name__)
+
+# gRPC's C core writes its own lines to stderr (a refused TLS handshake gives three), which
+# would break the one-line errors and the JSON log format; our messages carry the status
+# details instead. Set before grpc is first imported; GRPC_VERBOSITY=ERROR brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 T = TypeVar("T")
 
@@ -104,12 +115,76 @@ class PrefixWatch:
             self._queue.put(batch)
 
 
+def _status(exc: BaseException) -> tuple[Any, str]:
+    """(grpc.StatusCode or None, details) of an RpcError, or of the RpcError a pyetcd exception
+    was raised from (pyetcd turns UNAVAILABLE into a bare "etcd connection failed")."""
+    import grpc
+
+    for error in (exc, exc.__context__):
+        if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+            details = (error.details() if hasattr(error, "details") else "") or ""
+            return error.code(), details
+    return None, ""
+
+
+def _token_expired(exc: BaseException) -> bool:
+    """The token is no longer good: expired, lost with an etcd restart, or issued before a
+    change of users/roles ("revision of auth store is old"). A new one fixes it."""
+    import grpc
+
+    code, details = _status(exc)
+    return (code == grpc.StatusCode.UNAUTHENTICATED and "token" in details) or (
+        code == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
+    )
+
+
+def describe_error(exc: BaseException, settings: EtcdSettings) -> str:
+    """One line saying what went wrong and which flag to check (never the password)."""
+    import grpc
+
+    code, details = _status(exc)
+    if code is None:
+        return f"{type(exc).__name__}: {exc}"
+    raw = f"{code.name}: {details}"
+    text = details.lower()
+    secure = any(ep.secure for ep in settings.endpoints)
+    hint = None
+    if "authentication failed" in text:
+        hint = f"etcd refused user {settings.user!r}: check --etcd-user and the password"
+    elif "authentication is not enabled" in text:
+        hint = "--etcd-user is given but etcd has authentication disabled"
+    elif "user name is empty" in text:
+        hint = (
+            "etcd requires authentication: give --etcd-user and REGISTRAR_ETCD_PASSWORD (or a "
+            "client certificate whose CN is an etcd user)"
+        )
+    elif code == grpc.StatusCode.PERMISSION_DENIED:
+        who = f"user {settings.user!r}" if settings.user else "this client"
+        hint = (
+            f"{who} lacks a permission: its role needs readwrite on --prefix/ and "
+            "--control-prefix/ (read is enough for ls and haproxy)"
+        )
+    elif secure and "certificate_verify_failed" in text:
+        hint = "TLS: etcd's server certificate is not trusted (check --etcd-ca)"
+    elif secure and ("peer name" in text or "hostname" in text):
+        hint = "TLS: etcd's server certificate does not name the host of the --etcd URL"
+    elif secure and any(
+        word in text for word in ("tsi_", "ssl", "tls", "handshake", "bad_certificate")
+    ):
+        hint = (
+            "TLS: the handshake with etcd failed (does it want a client certificate? check "
+            "--etcd-cert/--etcd-key, and that it is signed by a CA etcd trusts)"
+        )
+    return f"{hint} ({raw})" if hint else raw
+
+
 class EtcdStore:
     def __init__(self, settings: EtcdSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
         self._lock = threading.Lock()
         self._client: Any = None
+        self._last_error = "none"
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -134,16 +209,39 @@ class EtcdStore:
             )
             for ep in s.endpoints
         ]
-        return pyetcd.MultiEndpointEtcd3Client(
+        client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=s.timeout, user=s.user, password=s.password,
             failover=True,
         )
+        # pyetcd sends the token twice: as metadata and as call credentials. gRPC refuses call
+        # credentials on an insecure channel ("Established channel does not have a sufficient
+        # security level"), so with http:// every request failed; the metadata is enough.
+        client.call_credentials = None
+        return client
 
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
                 self._client = self._build_client()
             return self._client
+
+    def _renew_token(self) -> Any:
+        """A new token for the same client: its channel and open watch streams stay (closing
+        them would end the promotion watch at every renewal)."""
+        import pyetcd
+
+        s = self._settings
+        client = self._get_client()
+        if s.user is None or s.password is None:  # not ours (a client certificate's CN?)
+            self._drop_client()
+            return self._get_client()
+        request = pyetcd.etcdrpc.AuthenticateRequest(name=s.user, password=s.password)
+        token = client.authstub.Authenticate(request, s.timeout).token
+        client.metadata = (("token", token),)
+        watcher = client._stubs.get("watcher")
+        if watcher is not None:  # the stream it opens next (after this one ends) uses it
+            watcher._metadata = client.metadata
+        return client
 
     def _drop_client(self) -> None:
         with self._lock:
@@ -160,22 +258,33 @@ class EtcdStore:
 
         started = time.perf_counter()
         try:
-            return fn(self._get_client())
+            try:
+                return fn(self._get_client())
+            except grpc.RpcError as exc:
+                if not _token_expired(exc):
+                    raise
+                # Refused before it was applied: authenticate anew and try once more.
+                log.debug("etcd auth token expired; authenticating again")
+                return fn(self._renew_token())
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            code, details = _status(exc)
             if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
                 raise LeaseNotFound(details) from None
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
                 "token" in details
             ):
                 self._drop_client()
-            name = code.name if code is not None else "error"
-            raise EtcdUnavailable(f"{name}: {details or exc}") from None
+            self._last_error = describe_error(exc, self._settings)
+            raise EtcdUnavailable(self._last_error) from None
         except etcd_errors.Etcd3Exception as exc:
             if isinstance(exc, etcd_errors.NoServerAvailableError):
+                # Every endpoint failed within the last second: say why the last one did.
                 self._drop_client()
-            raise EtcdUnavailable(f"{type(exc).__name__}: {exc}") from None
+                raise EtcdUnavailable(
+                    f"no etcd endpoint available (last error: {self._last_error})"
+                ) from None
+            self._last_error = describe_error(exc, self._settings)
+            raise EtcdUnavailable(self._last_error) from None
         except (OSError, ValueError) as exc:
             # ValueError: pyetcd's "Trying to use a failed node"; OSError: TLS files.
             self._drop_client()
@@ -290,6 +399,21 @@ class EtcdStore:
             return client, watch_id
 
         client, watch_id = self._call("watch", add)
+        if watch_id < 0 and self._settings.user:
+            # etcd refuses a watch silently (created and canceled at once, id -1) when the
+            # stream's token has expired: authenticate anew and try once more.
+            with contextlib.suppress(Exception):
+                client.cancel_watch(watch_id)
+            self._drop_client()
+            client, watch_id = self._call("watch", add)
+        if watch_id < 0:
+            with contextlib.suppress(Exception):
+                client.cancel_watch(watch_id)
+            self._drop_client()
+            raise EtcdUnavailable(
+                f"etcd refused the watch on {prefix}/ (permission denied: it needs read "
+                "permission there)"
+            )
 
         def cancel() -> None:
             with contextlib.suppress(Exception):

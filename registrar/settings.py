@@ -358,6 +358,45 @@ def _readable(flag: str, path: str | None) -> str | None:
     return path
 
 
+def _pem(flag: str, path: str | None, kind: str) -> str | None:
+    """A readable PEM file holding a certificate (`kind` "cert") or an unencrypted private key
+    ("key"): gRPC would only fail later, at every connection, with a vaguer error."""
+    if _readable(flag, path) is None or path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(1 << 20).decode("ascii", "replace")
+    except OSError as exc:
+        raise SettingsError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
+    if kind == "cert" and "-----BEGIN CERTIFICATE-----" not in text:
+        raise SettingsError(f"{flag}: {path!r} is not a PEM certificate (BEGIN CERTIFICATE)")
+    if kind == "key":
+        if "ENCRYPTED" in text:
+            raise SettingsError(f"{flag}: {path!r} is encrypted; give an unencrypted PEM key")
+        if not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", text):
+            raise SettingsError(f"{flag}: {path!r} is not a PEM private key (BEGIN PRIVATE KEY)")
+    return path
+
+
+def _check_tls(ca: str | None, cert: str | None, key: str | None) -> None:
+    """The CA parses as certificates, and the client key belongs to the client certificate."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise SettingsError(f"--etcd-ca: {ca!r} holds no valid certificate: {exc}") from None
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key, password=lambda: b"")
+        except ssl.SSLError as exc:
+            mismatch = "KEY_VALUES_MISMATCH" in str(exc) or "values mismatch" in str(exc)
+            why = "the key does not belong to the certificate" if mismatch else str(exc)
+            raise SettingsError(f"--etcd-cert/--etcd-key: {why}") from None
+
+
 def _metrics_addr(raw: str) -> tuple[str, int] | None:
     host, sep, port_text = raw.strip().rpartition(":")
     # isascii(): "²" passes isdigit() but not int()
@@ -382,10 +421,17 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
 
     etcd_raw = value("--etcd", DEFAULT_ETCD) or ""
     endpoints = _endpoints(etcd_raw)
-    cert = _readable("--etcd-cert", value("--etcd-cert", None))
-    key = _readable("--etcd-key", value("--etcd-key", None))
+    ca = _pem("--etcd-ca", value("--etcd-ca", None) or None, "cert")
+    cert = _pem("--etcd-cert", value("--etcd-cert", None) or None, "cert")
+    key = _pem("--etcd-key", value("--etcd-key", None) or None, "key")
     if (cert is None) != (key is None):
         raise SettingsError("--etcd-cert and --etcd-key: give both or neither")
+    if (ca or cert) and not all(ep.secure for ep in endpoints):
+        flag = "--etcd-ca" if ca else "--etcd-cert"
+        raise SettingsError(
+            f"{flag}: TLS files are given but --etcd has http:// endpoints; use https:// for all"
+        )
+    _check_tls(ca, cert, key)
     user = value("--etcd-user", None) or None
     password = value("--etcd-password", None) or None
     if (user is None) != (password is None):
@@ -394,7 +440,7 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
         )
     etcd = EtcdSettings(
         endpoints=endpoints,
-        ca=_readable("--etcd-ca", value("--etcd-ca", None)),
+        ca=ca,
         cert=cert,
         key=key,
         user=user,

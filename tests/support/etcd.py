@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -54,7 +55,12 @@ class EtcdServer:
         heartbeat_ms: int = HEARTBEAT_MS,
         election_ms: int = ELECTION_MS,
         extra_args: Sequence[str] = (),
+        scheme: str = "http",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``extra_args`` go to etcd as they are (TLS files, ``--auth-token``...). ``scheme``
+        "https" serves clients over TLS (give the TLS flags in ``extra_args``); ``ssl_context``
+        is what the health check presents then (trusted CA, client certificate)."""
         self._own_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="rgt-etcd-"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +74,8 @@ class EtcdServer:
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
         self.extra_args = list(extra_args)
+        self.scheme = scheme
+        self.ssl_context = ssl_context
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------------------
@@ -81,7 +89,7 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -185,7 +193,9 @@ class EtcdServer:
     def healthy(self, timeout: float = 1.0) -> bool:
         """GET /health answers {"health": "true"} (it needs a leader and a working read)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout) as resp:
+            with urllib.request.urlopen(
+                f"{self.url}/health", timeout=timeout, context=self.ssl_context
+            ) as resp:
                 body = json.loads(resp.read().decode() or "{}")
         except (OSError, ValueError, urllib.error.URLError):
             return False

@@ -46,6 +46,7 @@ from registrar.planner import (
     promoted_prefix,
     standby_prefix,
 )
+from registrar.promotion import _instances
 from registrar.settings import NAME_RE, SettingsError, parse_settings
 
 PREFIX = "/services"
@@ -347,22 +348,44 @@ def test_ls_never_crashes_and_no_value_poses_as_another_key(
     render(entries, PREFIX, True, out)
     lines = out.getvalue().splitlines()
     assert [json.loads(line)["key"] for line in lines] == [entry["key"] for entry in entries]
-    render(entries, PREFIX, False, io.StringIO())
+    table = io.StringIO()
+    render(entries, PREFIX, False, table)
     promoted = {k: v for k, v in stored.items() if k.startswith(PROMOTED + "/")}
     standby = rows(STANDBY, {k: v for k, v in stored.items() if k.startswith(STANDBY + "/")},
                    service)
-    render_promotions(promoted, standby, CONTROL, service, io.StringIO())
+    assert table.getvalue().count("\n") == 1 + len(entries)  # no forged rows
+    render_promotions(promoted, standby, CONTROL, service, table)
+    assert all(ch.isprintable() for ch in table.getvalue().replace("\n", ""))
+
+
+DEEP = "[" * 100_000  # fits easily in an etcd value (1.5 MiB)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: json.loads of a deeply nested value raises RecursionError, not ValueError, and only "
+    "ValueError is caught: `ls` dies with a traceback, `promote` too, and the agent's keeper "
+    "step fails forever (it never writes again) while such a promotion value stands"))
+@pytest.mark.parametrize("where", ["ls rows", "ls promotions", "promotions", "promote"])
+def test_a_deeply_nested_value_is_just_not_json(where: str) -> None:
+    stored = {f"{PREFIX}/web/n:c:80": StoredKey(DEEP, 0), f"{PROMOTED}/web": StoredKey(DEEP, 0)}
+    if where == "ls rows":
+        assert rows(PREFIX, stored, None)[0]["invalid"]
+    elif where == "ls promotions":
+        render_promotions(stored, [], CONTROL, None, io.StringIO())
+    elif where == "promotions":
+        assert parse_promotions(stored, CONTROL) == {}
+    else:
+        assert _instances(stored, f"{PREFIX}/web") == {}
 
 
 control_text = st.text(alphabet=st.characters(categories=["Cc"]), min_size=1, max_size=3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: `ls` prints values from etcd verbatim in its table: a newline or an escape sequence "
-    "in a value (anyone who can write under the prefix) forges rows or drives the terminal"))
 @settings(max_examples=50)
 @given(field=st.sampled_from(["service", "host", "version", "node"]), evil=control_text)
 def test_ls_table_prints_no_control_characters_from_values(field: str, evil: str) -> None:
+    """A newline or an escape sequence in a value (anyone who can write under the prefix)
+    must neither forge rows nor drive the operator's terminal."""
     value = {"service": "web", "host": "10.0.0.1", "port": 80, "version": "v1", "node": "n"}
     value[field] = f"x{evil}FORGED ROW"
     stored = {f"{PREFIX}/web/n:c:80": StoredKey(json.dumps(value), 0)}

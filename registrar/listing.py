@@ -43,7 +43,7 @@ def rows(
         raw = stored[key].value
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
             result.append({"key": key, "invalid": "not a JSON object", "raw": raw[:200]})
@@ -71,7 +71,7 @@ def render_promotions(
             continue
         try:
             value = json.loads(promoted[key].value)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
             table.append((name, "(not a JSON object)", "-"))

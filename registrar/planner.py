@@ -75,7 +75,7 @@ def _version(value: str) -> str | None:
 
     try:
         parsed = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     version = parsed.get("version") if isinstance(parsed, dict) else None
     return version if isinstance(version, str) else None
@@ -93,7 +93,7 @@ def parse_promotions(stored: Mapping[str, StoredKey], control_prefix: str) -> di
             continue
         try:
             value = json.loads(item.value)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         version = value.get("version") if isinstance(value, dict) else None
         if isinstance(version, str) and version:

@@ -57,7 +57,7 @@ def _instances(stored: dict[str, Any], base: str) -> dict[str, Instance]:
         instance = key[len(base) + 1 :]
         try:
             value = json.loads(item.value)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(value, dict) or "/" in instance:
             continue

@@ -333,7 +333,7 @@ def _same_but_time(old: str, value: Any) -> bool:
 
     try:
         previous = json.loads(old)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(previous, dict) and {**previous, "registered_at": None} == {
         **value, "registered_at": None

@@ -650,9 +650,6 @@ def test_foreign_and_garbage_values_crash_neither_the_agent_nor_ls(
     etcd_reader.delete_prefix(f"{control}/")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: json.loads of a deeply nested value raises RecursionError (not ValueError) in "
-    "listing.rows/render_promotions and planner.parse_promotions"))
 def test_deeply_nested_json_crashes_neither_ls_nor_the_agent(
     etcd: EtcdServer, etcd_reader: Any, containers: Any, registrar: Any, unique: str
 ) -> None:

@@ -361,10 +361,6 @@ def test_ls_never_crashes_and_no_value_poses_as_another_key(
 DEEP = "[" * 100_000  # fits easily in an etcd value (1.5 MiB)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: json.loads of a deeply nested value raises RecursionError, not ValueError, and only "
-    "ValueError is caught: `ls` dies with a traceback, `promote` too, and the agent's keeper "
-    "step fails forever (it never writes again) while such a promotion value stands"))
 @pytest.mark.parametrize("where", ["ls rows", "ls promotions", "promotions", "promote"])
 def test_a_deeply_nested_value_is_just_not_json(where: str) -> None:
     stored = {f"{PREFIX}/web/n:c:80": StoredKey(DEEP, 0), f"{PROMOTED}/web": StoredKey(DEEP, 0)}

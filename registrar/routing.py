@@ -341,10 +341,9 @@ class Router:
                 return
             # Only servers changed: the runtime API first (no check or disk on that path),
             # then the file follows, checked, so that a reload or restart loads the same.
-            before = self.live
             if self._runtime_update(backends, started):
                 if not self._install(text, backends) and self.installed_backends is not None:
-                    self._roll_back(before, self.installed_backends)
+                    self._roll_back(self.installed_backends)
                 return
         elif self.running_text == text:
             self._routed(backends)
@@ -400,7 +399,7 @@ class Router:
             self.live = None  # unknown now: the next step is a reload
         return not problems
 
-    def _roll_back(self, before: dict[str, LiveBackend], backends: Sequence[Backend]) -> None:
+    def _roll_back(self, backends: Sequence[Backend]) -> None:
         """The file for the new servers was refused: HAProxy goes back to the installed ones."""
         assert self.live is not None
         plan = plan_runtime(self.live, backends)

@@ -43,20 +43,28 @@ def versions_in(reader, base: str, names) -> dict[str, str]:
     return found
 
 
-def start_version(containers, version: str):
-    return containers(labels={"registrar.service": "web", "registrar.version": version})
+def start_version(containers, version: str, service: str):
+    return containers(labels={"registrar.service": service, "registrar.version": version})
 
 
-def test_promote_standby_resync_rollback_and_clear(scope, registrar, containers, etcd_reader):
+@pytest.fixture
+def svc(unique) -> str:
+    """A service name of this test's own: other sessions on a shared engine use "web" too."""
+    return f"web-{unique}"
+
+
+def test_promote_standby_resync_rollback_and_clear(
+    scope, svc, registrar, containers, etcd_reader
+):
     flag, port = metrics_flag()
     agent = registrar([*scope.args("watch", ttl=TTL), "--control-prefix", control(scope),
                        *flag, "--resync", "1", "--explicit"])
     agent.wait_for_log("docker connected", timeout=15)
-    v1 = [start_version(containers, "v1") for _ in range(2)]
-    v2 = [start_version(containers, "v2") for _ in range(2)]
+    v1 = [start_version(containers, "v1", svc) for _ in range(2)]
+    v2 = [start_version(containers, "v2", svc) for _ in range(2)]
     names = {c.name for c in [*v1, *v2]}
-    rotation = f"{scope.prefix}/web"
-    standby = f"{control(scope)}/standby/web"
+    rotation = f"{scope.prefix}/{svc}"
+    standby = f"{control(scope)}/standby/{svc}"
 
     def state() -> tuple[dict[str, str], dict[str, str]]:
         return (versions_in(etcd_reader, rotation, names),
@@ -65,8 +73,8 @@ def test_promote_standby_resync_rollback_and_clear(scope, registrar, containers,
     wait_until(lambda: len(state()[0]) == 4, timeout=10)
 
     # Promote v2: the v1 instances leave rotation and wait on standby, same value, same lease.
-    lease = etcd_reader.lease_id(scope.key("web", v1[0].name))
-    result = cli(scope, "promote", "web", "v2")
+    lease = etcd_reader.lease_id(scope.key(svc, v1[0].name))
+    result = cli(scope, "promote", svc, "v2")
     assert result.returncode == 0, result.stderr
     assert "left rotation" in result.stdout and v1[0].name in result.stdout
     active, waiting = state()
@@ -74,12 +82,17 @@ def test_promote_standby_resync_rollback_and_clear(scope, registrar, containers,
     assert set(waiting.values()) == {"v1"} and len(waiting) == 2
     assert etcd_reader.lease_id(f"{standby}/{scope.node}:{v1[0].name}:8080") == lease
     samples = scrape(port)
-    assert samples["registrar_standby_services"] == 2
-    assert samples["registrar_registered_services"] == 2
+
+    def node_keys(base: str) -> int:
+        return sum(1 for k in etcd_reader.get_prefix(base + "/") if f"/{scope.node}:" in k)
+
+    # (On a shared dev engine the agent registers other sessions' labelled containers too.)
+    assert samples["registrar_standby_services"] == node_keys(f"{control(scope)}/standby") == 2
+    assert samples["registrar_registered_services"] == node_keys(scope.prefix) >= 2
 
     # Resyncs do not bring v1 back; a new v1 goes straight to standby, a new v2 comes in.
-    late_v1 = start_version(containers, "v1")
-    late_v2 = start_version(containers, "v2")
+    late_v1 = start_version(containers, "v1", svc)
+    late_v2 = start_version(containers, "v2", svc)
     names |= {late_v1.name, late_v2.name}
     wait_until(lambda: len(state()[0]) == 3 and len(state()[1]) == 3, timeout=10,
                message=lambda: str(state()))
@@ -89,14 +102,14 @@ def test_promote_standby_resync_rollback_and_clear(scope, registrar, containers,
     assert late_v1.name in waiting and late_v2.name in active
 
     # A version with no instance is refused and nothing changes.
-    result = cli(scope, "promote", "web", "v9")
+    result = cli(scope, "promote", svc, "v9")
     assert result.returncode == 1
     assert "v9" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert state() == (active, waiting)
 
     # Instant rollback: promote v1 again.
     started = time.monotonic()
-    result = cli(scope, "promote", "web", "v1")
+    result = cli(scope, "promote", svc, "v1")
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 5
     active, waiting = state()
@@ -111,13 +124,13 @@ def test_promote_standby_resync_rollback_and_clear(scope, registrar, containers,
             assert entry["promoted"] == "v1"
 
     # --clear: every running version back in rotation.
-    result = cli(scope, "promote", "web", "--clear")
+    result = cli(scope, "promote", svc, "--clear")
     assert result.returncode == 0, result.stderr
     active, waiting = state()
     assert len(active) == 6 and not waiting
 
     # The agent's SIGTERM removes its standby keys too.
-    assert cli(scope, "promote", "web", "v2").returncode == 0
+    assert cli(scope, "promote", svc, "v2").returncode == 0
     assert state()[1]
     agent.terminate()
     assert agent.wait(10) == 0
@@ -125,49 +138,49 @@ def test_promote_standby_resync_rollback_and_clear(scope, registrar, containers,
 
 
 def test_quick_successive_promotions_end_in_the_last_state(
-    scope, registrar, containers, etcd_reader
+    scope, svc, registrar, containers, etcd_reader
 ):
     agent = registrar([*scope.args("watch", ttl=TTL), "--control-prefix", control(scope),
                        "--metrics-addr", "127.0.0.1:0", "--explicit"])
     agent.wait_for_log("docker connected", timeout=15)
-    cs = [start_version(containers, v) for v in ("v1", "v2", "v3")]
+    cs = [start_version(containers, v, svc) for v in ("v1", "v2", "v3")]
     names = {c.name for c in cs}
-    wait_until(lambda: len(versions_in(etcd_reader, f"{scope.prefix}/web", names)) == 3,
+    wait_until(lambda: len(versions_in(etcd_reader, f"{scope.prefix}/{svc}", names)) == 3,
                timeout=10)
-    key = f"{control(scope)}/promoted/web"
+    key = f"{control(scope)}/promoted/{svc}"
     for version in ("v1", "v2", "v3", "v2"):
         etcd_reader.put(key, json.dumps({"version": version, "at": "2026-01-01T00:00:00Z"}))
-    wait_until(lambda: set(versions_in(etcd_reader, f"{scope.prefix}/web", names).values())
+    wait_until(lambda: set(versions_in(etcd_reader, f"{scope.prefix}/{svc}", names).values())
                == {"v2"}, timeout=5)
     time.sleep(1)
-    assert versions_in(etcd_reader, f"{scope.prefix}/web", names) == {cs[1].name: "v2"}
+    assert versions_in(etcd_reader, f"{scope.prefix}/{svc}", names) == {cs[1].name: "v2"}
     # A promotion of a service no agent knows is harmless.
     etcd_reader.put(f"{control(scope)}/promoted/nobody", '{"version": "x"}')
     time.sleep(1)
     assert agent.alive
-    assert versions_in(etcd_reader, f"{scope.prefix}/web", names) == {cs[1].name: "v2"}
+    assert versions_in(etcd_reader, f"{scope.prefix}/{svc}", names) == {cs[1].name: "v2"}
 
 
 def test_an_agent_cut_off_during_a_promotion_applies_it_first_when_back(
-    scope, etcd, registrar, containers, etcd_reader, forwarders
+    scope, svc, etcd, registrar, containers, etcd_reader, forwarders
 ):
     fwd = forwarders.etcd(etcd)
     agent = registrar([*Scope(scope.prefix, scope.node, fwd.url).args("watch", ttl=TTL),
                        "--control-prefix", control(scope), "--metrics-addr", "127.0.0.1:0",
                        "--explicit"])
     agent.wait_for_log("docker connected", timeout=15)
-    old = start_version(containers, "v1")
-    new = start_version(containers, "v2")
+    old = start_version(containers, "v1", svc)
+    new = start_version(containers, "v2", svc)
     names = {old.name, new.name}
-    rotation = f"{scope.prefix}/web"
+    rotation = f"{scope.prefix}/{svc}"
     wait_until(lambda: len(versions_in(etcd_reader, rotation, names)) == 2, timeout=10)
 
     fwd.cut()
     # The lease expires while cut off; the promotion happens meanwhile.
     wait_until(lambda: not versions_in(etcd_reader, rotation, names), timeout=TTL + 3)
-    etcd_reader.put(f"{control(scope)}/promoted/web",
+    etcd_reader.put(f"{control(scope)}/promoted/{svc}",
                     json.dumps({"version": "v2", "at": "2026-01-01T00:00:00Z"}))
-    late_old = start_version(containers, "v1")
+    late_old = start_version(containers, "v1", svc)
     names.add(late_old.name)
 
     # Watch every change of the rotation from the moment it is back: v1 must never re-enter.
@@ -178,7 +191,7 @@ def test_an_agent_cut_off_during_a_promotion_applies_it_first_when_back(
         current = versions_in(etcd_reader, rotation, names)
         seen.append(current)
         if current == {new.name: "v2"} and len(
-            versions_in(etcd_reader, f"{control(scope)}/standby/web", names)
+            versions_in(etcd_reader, f"{control(scope)}/standby/{svc}", names)
         ) == 2:
             break
         time.sleep(0.01)
@@ -186,22 +199,24 @@ def test_an_agent_cut_off_during_a_promotion_applies_it_first_when_back(
     assert all("v1" not in s.values() for s in seen), seen
 
 
-def test_the_sidecar_follows_promotions(scope, registrar, containers, etcd_reader):
-    old = start_version(containers, "v1")
-    new = start_version(containers, "v2")
+def test_the_sidecar_follows_promotions(
+    scope, svc, registrar, containers, etcd_reader
+):
+    old = start_version(containers, "v1", svc)
+    new = start_version(containers, "v2", svc)
     sidecars = [
         registrar([*scope.args("register", c.name, ttl=TTL), "--control-prefix", control(scope)])
         for c in (old, new)
     ]
-    rotation = f"{scope.prefix}/web"
-    standby = f"{control(scope)}/standby/web"
+    rotation = f"{scope.prefix}/{svc}"
+    standby = f"{control(scope)}/standby/{svc}"
     names = {old.name, new.name}
     wait_until(lambda: len(versions_in(etcd_reader, rotation, names)) == 2, timeout=10)
-    result = cli(scope, "promote", "web", "v2")
+    result = cli(scope, "promote", svc, "v2")
     assert result.returncode == 0, result.stderr
     assert versions_in(etcd_reader, rotation, names) == {new.name: "v2"}
     assert versions_in(etcd_reader, standby, names) == {old.name: "v1"}
-    assert cli(scope, "promote", "web", "v1").returncode == 0
+    assert cli(scope, "promote", svc, "v1").returncode == 0
     assert versions_in(etcd_reader, rotation, names) == {old.name: "v1"}
     # The demoted container stopping removes its standby key; its sidecar exits 0.
     new.stop(timeout=0)

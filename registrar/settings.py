@@ -37,6 +37,13 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
+# Flags whose default is "none" or worked out: an empty value means "not given".
+OPTIONAL_FLAGS = frozenset({
+    "--host-ip", "--node", "--docker", "--etcd-ca", "--etcd-cert", "--etcd-key", "--etcd-user",
+    "--etcd-password", "--template", "--reload-cmd",
+})
+
+
 class SettingsError(Exception):
     """A bad flag or environment value; the message names the flag."""
 
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"registrar {__version__}")
+    _add_common(parser)  # `registrar --etcd URL watch` works too
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -274,12 +282,19 @@ def _resolver(
     args: Mapping[str, Any], env: Mapping[str, str]
 ) -> Callable[[str, str | None], str | None]:
     def value(flag: str, default: str | None) -> str | None:
+        """Flag, else environment, else default.
+
+        For flags whose default is "none" or worked out (OPTIONAL_FLAGS) an empty value counts
+        as not given: a unit's `--host-ip=${COREOS_PRIVATE_IPV4}` with the variable unset falls
+        back to the default. For the others an empty value is an error, named.
+        """
         attr = flag.lstrip("-").replace("-", "_")
-        if attr in args and args[attr] is not None:
-            return str(args[attr])
         env_name = "REGISTRAR_" + attr.upper()
-        if env_name in env:
-            return env[env_name]
+        candidates = [args.get(attr), env.get(env_name)]
+        for candidate in candidates:
+            if candidate is None or (candidate == "" and flag in OPTIONAL_FLAGS):
+                continue
+            return str(candidate)
         return default
 
     return value
@@ -415,7 +430,16 @@ def _metrics_addr(raw: str) -> tuple[str, int] | None:
 
 def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
     """Turns argv (without the program name) and the environment into Settings."""
-    args = vars(build_parser().parse_args(list(argv)))
+    parser = build_parser()
+    try:
+        args = vars(parser.parse_args(list(argv)))
+    except SettingsError as exc:
+        # argparse complains of the missing COMMAND before an unknown option: name the option.
+        known = {o for action in parser._actions for o in action.option_strings}
+        unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in known]
+        if unknown and "COMMAND" in str(exc):
+            raise SettingsError(f"unrecognized arguments: {' '.join(unknown)}") from None
+        raise
     command = args["command"]
     value = _resolver(args, env)
 
@@ -493,13 +517,14 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
         metrics_addr=_metrics_addr(value("--metrics-addr", default_metrics) or ""),
         drain=_seconds("--drain", value("--drain", "0") or ""),
         resync=_int("--resync", value("--resync", str(DEFAULT_RESYNC)) or "", 0),
-        explicit=_bool("--explicit", value("--explicit", "false") or ""),
+        explicit=command == "watch" and _bool("--explicit", value("--explicit", "false") or ""),
         log_format=log_format,
         log_level=log_level,
         container=container,
-        wait=_seconds("--wait", value("--wait", str(DEFAULT_WAIT)) or ""),
+        wait=(_seconds("--wait", value("--wait", str(DEFAULT_WAIT)) or "")
+              if command == "register" else DEFAULT_WAIT),
         service=args.get("service"),
-        json=_bool("--json", value("--json", "false") or ""),
+        json=command == "ls" and _bool("--json", value("--json", "false") or ""),
         haproxy=haproxy,
         promote=promote,
     )

@@ -4,9 +4,12 @@ plan, and the debounce of `Registrations` (with a fake clock)."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from registrar.etcd_store import KeyEvent
 from registrar.haproxy_config import (
@@ -340,3 +343,28 @@ def test_debounce_applies_after_100ms_of_quiet(monkeypatch):
     started = clock.now
     assert regs.wait_batch(threading.Event(), timeout=5) == []
     assert clock.now - started == pytest.approx(0.1, abs=1e-6)
+
+
+# --- hostile input cannot shape the config --------------------------------------------------
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                          st.text(max_size=40))
+_hostile_values = st.one_of(
+    st.text(max_size=80),
+    st.fixed_dictionaries({"host": _json_scalars, "port": _json_scalars}).map(json.dumps),
+    st.fixed_dictionaries({"host": st.sampled_from(["10.0.0.1", "::1", "10.0.0.1\nbind :1"]),
+                           "port": st.integers(-5, 70000)}).map(json.dumps),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(instance=st.text(min_size=1, max_size=60), raw=_hostile_values)
+def test_hostile_keys_and_values_never_add_config_lines(instance, raw):
+    parsed = parse_registration(PREFIX, f"{PREFIX}/web/{instance}", raw)
+    regs = [parsed] if isinstance(parsed, Registration) else []
+    text = render(load_template(None), build_backends(WEB, regs), regs, ctx())
+    empty = render(load_template(None), build_backends(WEB, []), [], ctx())
+    extra = [line for line in text.splitlines() if line not in empty.splitlines()]
+    assert len(extra) == len(regs)
+    for line in extra:
+        assert re.fullmatch(r"    server [A-Za-z0-9][A-Za-z0-9._:-]* \S+:\d{1,5}", line), line

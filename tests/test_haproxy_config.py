@@ -4,6 +4,7 @@ plan, and the debounce of `Registrations` (with a fake clock)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 
@@ -37,6 +38,7 @@ from registrar.haproxy_config import (
     render,
     server_name,
 )
+from registrar.haproxy_process import ProcInfo, parse_show_proc, runtime_dir, socket_paths
 from registrar.routing import Registrations
 from registrar.settings import Bind
 
@@ -368,3 +370,33 @@ def test_hostile_keys_and_values_never_add_config_lines(instance, raw):
     assert len(extra) == len(regs)
     for line in extra:
         assert re.fullmatch(r"    server [A-Za-z0-9][A-Za-z0-9._:-]* \S+:\d{1,5}", line), line
+
+
+# --- haproxy_process helpers ----------------------------------------------------------------
+
+
+def test_show_proc_gives_reloads_failures_and_current_workers():
+    text = (
+        "#<PID>          <type>          <reloads>       <uptime>        <version>      \n"
+        "11286           master          1 [failed: 1]   0d00h00m09s     2.6.12-1+deb12u4\n"
+        "# workers\n"
+        "11289           worker          1               0d00h00m09s     2.6.12-1+deb12u4\n"
+        "# old workers\n"
+        "11100           worker          2               0d00h01m09s     2.6.12-1+deb12u4\n"
+        "# programs\n\n"
+    )
+    assert parse_show_proc(text) == ProcInfo(reloads=1, failed=1, workers=(11289,))
+    assert parse_show_proc("Unknown command\n") is None
+
+
+def test_sockets_go_next_to_the_config_unless_the_path_is_too_long(tmp_path):
+    directory, temporary = runtime_dir(str(tmp_path / "haproxy.cfg"))
+    assert (directory, temporary) == (str(tmp_path), False)
+    assert socket_paths(directory, "/x/haproxy.cfg") == (
+        f"{tmp_path}/haproxy-master.sock", f"{tmp_path}/haproxy-stats.sock")
+    deep = tmp_path / ("d" * 120) / "haproxy.cfg"
+    directory, temporary = runtime_dir(str(deep))
+    try:
+        assert temporary and len(socket_paths(directory, str(deep))[0]) < 100
+    finally:
+        os.rmdir(directory)

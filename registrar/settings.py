@@ -27,6 +27,8 @@ DEFAULT_DOCKER = "unix:///var/run/docker.sock"
 DEFAULT_METRICS_ADDR = "0.0.0.0:9477"
 # Sidecars share the host's network namespace with each other; one fixed port would clash.
 DEFAULT_SIDECAR_METRICS_ADDR = "0.0.0.0:0"
+# `haproxy` often runs on a host with the agent, on the host's network: its own port.
+DEFAULT_ROUTER_METRICS_ADDR = "0.0.0.0:9478"
 DEFAULT_RESYNC = 30
 DEFAULT_WAIT = 60.0
 DEFAULT_HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
@@ -152,7 +154,7 @@ _COMMON_HELP = {
     "--docker": f"Docker endpoint (default: $DOCKER_HOST, else {DEFAULT_DOCKER})",
     "--metrics-addr": (
         f"HOST:PORT for /metrics and /healthz; port 0 disables (default {DEFAULT_METRICS_ADDR} "
-        f"for watch, {DEFAULT_SIDECAR_METRICS_ADDR} (off) for register)"
+        f"for watch, {DEFAULT_ROUTER_METRICS_ADDR} for haproxy, off for register)"
     ),
     "--drain": "seconds to wait after deregistering on SIGTERM before exiting (default 0)",
     "--resync": (
@@ -488,9 +490,10 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
     if host_ip is not None:
         host_ip = _ip("--host-ip", host_ip)
 
-    default_metrics = DEFAULT_METRICS_ADDR
-    if command == "register":
-        default_metrics = DEFAULT_SIDECAR_METRICS_ADDR
+    default_metrics = {
+        "register": DEFAULT_SIDECAR_METRICS_ADDR,
+        "haproxy": DEFAULT_ROUTER_METRICS_ADDR,
+    }.get(command, DEFAULT_METRICS_ADDR)
     log_format = (value("--log-format", "text") or "").lower()
     if log_format not in LOG_FORMATS:
         raise SettingsError(f"--log-format: must be text or json, got {log_format!r}")

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -465,3 +466,64 @@ def test_reload_cmd_for_an_haproxy_managed_elsewhere(
     assert healthz(r.metrics_port) == 200
     assert r.proc.stop(10) == 0
 
+
+
+def test_promote_switches_every_request_without_a_failure(
+    scope, service, registrar, router, containers
+):
+    """The deploy's step four through HAProxy: promote v2, then roll back to v1, under load."""
+    ctl = scope.prefix + "-ctl"
+    agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
+                       "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    r = router()
+    v1 = [containers(labels={**labels(service), "registrar.version": "v1"}) for _ in range(2)]
+    v2 = [containers(labels={**labels(service), "registrar.version": "v2"}) for _ in range(2)]
+    r.serves(*v1, *v2)
+
+    done = threading.Event()
+    answers: list[tuple[float, str]] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                answers.append((time.monotonic(), get(r.port)))
+            except Exception as exc:
+                failures.append(repr(exc))
+            time.sleep(0.002)
+
+    def promote(*args: str) -> tuple[float, float]:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "registrar", "promote", service, *args, "--etcd",
+             scope.etcd_url, "--prefix", scope.prefix, "--control-prefix", ctl],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return started, time.monotonic()
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        _started, promoted = promote("v2")
+        r.serves(*v2)
+        switched_v2 = time.monotonic()
+        time.sleep(1)
+        rollback_started, rolled_back = promote("v1")
+        r.serves(*v1)
+        switched_v1 = time.monotonic()
+        time.sleep(1)
+    finally:
+        done.set()
+        thread.join(10)
+
+    assert failures == [], failures[:5]
+    v1_hosts, v2_hosts = {host_of(c) for c in v1}, {host_of(c) for c in v2}
+    assert {b for t, b in answers if switched_v2 < t < rollback_started} <= v2_hosts
+    assert {b for t, b in answers if t > switched_v1} <= v1_hosts
+    # HAProxy follows within its debounce (at most 1 s after the change).
+    assert switched_v2 - promoted < 2 and switched_v1 - rolled_back < 2
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 0  # runtime API only

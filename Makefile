@@ -27,3 +27,10 @@ typecheck: setup
 
 clean:
 	rm -f $(VENV)/.installed
+
+# `make bench`: registrar vs the classic shell sidekick on real Docker and etcd; prints the
+# table and writes bench/results.md (about 5 minutes). BENCH_ARGS=--quick for a short run.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(BIN)/python -m bench $(BENCH_ARGS)

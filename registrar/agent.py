@@ -113,6 +113,7 @@ def run(settings: Settings) -> int:
     keeper = LeaseKeeper(
         store, ttl=settings.ttl, prefix=settings.prefix, owns=owns, metrics=metrics,
         control_prefix=settings.control_prefix,
+        fast_heartbeat=settings.metrics_addr is not None,
     )
     follower = PromotionFollower(store, keeper, settings.control_prefix)
     naming = NamingContext(

@@ -29,8 +29,9 @@ from registrar.retry import retrying
 
 log = logging.getLogger(__name__)
 
-# etcd_up must turn 0 within 2 s of losing etcd: check at least this often.
-MAX_HEARTBEAT_INTERVAL = 1.0
+# registrar_etcd_up must turn 0 within 2 s of losing etcd: where it is scraped, heartbeat at
+# least this often (else every TTL/3).
+WATCHED_HEARTBEAT_INTERVAL = 1.0
 
 
 class LeaseLost(Exception):
@@ -47,9 +48,12 @@ class LeaseKeeper:
         owns: Callable[[str], bool],
         metrics: Metrics,
         control_prefix: str | None = None,
+        fast_heartbeat: bool = True,
     ) -> None:
         """`owns(instance)` says which keys are this keeper's to reconcile.
 
+        `fast_heartbeat`: heartbeat at least every second, so that `registrar_etcd_up` turns 0
+        within 2 s of losing etcd (only worth it where metrics are served).
         With `control_prefix`, promotions under `{control_prefix}/promoted/` are followed:
         instances of a demoted version are kept at `{control_prefix}/standby/...` instead.
         """
@@ -61,7 +65,9 @@ class LeaseKeeper:
         self._standby = standby_prefix(control_prefix) if control_prefix else None
         self._promotions: dict[str, str] = {}
         self._metrics = metrics
-        self.heartbeat_interval = min(ttl / 3, MAX_HEARTBEAT_INTERVAL)
+        self.heartbeat_interval = ttl / 3
+        if fast_heartbeat:
+            self.heartbeat_interval = min(self.heartbeat_interval, WATCHED_HEARTBEAT_INTERVAL)
 
         self._cond = threading.Condition()
         self._desired: dict[str, dict[str, str]] = {}  # container id -> key -> value

@@ -544,7 +544,10 @@ class Bench:
                 "`docker port` every 0.2 s, then `lease grant` + `put --lease` every TTL/3, "
                 "`docker wait` for the exit, `etcdctl del`)"
             ),
-            "ttl": f"{p.ttl} s for all three (registrar heartbeats every min(TTL/3, 1 s) where metrics are served, as for the agent here; a sidecar without metrics every TTL/3)",
+            "ttl": (
+                f"{p.ttl} s for all three (registrar heartbeats every min(TTL/3, 1 s) where "
+                "metrics are served, as for the agent here; a sidecar without metrics every TTL/3)"
+            ),
             "etcd": "a private single-member etcd per subject, on loopback",
             "containers": (
                 f"busybox `httpd -f -p 8080` (PID 1 ignores SIGTERM, so `docker stop -t "

@@ -20,7 +20,7 @@ test-fast: setup
 	$(BIN)/pytest -m "not real" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check registrar tests
+	$(BIN)/ruff check registrar tests bench
 
 typecheck: setup
 	$(BIN)/mypy

@@ -142,6 +142,7 @@ class ConvergenceRun:
     by_method: dict[str, int]
     own_requests: dict[str, int] = field(default_factory=dict)  # registrar's /metrics
     startup: float | None = None  # process start -> start log line (watch)
+    shutdown: float | None = None  # SIGTERM -> the last of the N keys gone (watch)
     rss_kib: int = 0
     rss_root_kib: int = 0  # the processes started, without their children (sidekick: bash)
 
@@ -160,6 +161,9 @@ class Convergence:
 
     def rss(self) -> float | None:
         return median([r.rss_kib for r in self.runs])
+
+    def shutdown(self) -> float | None:
+        return median([r.shutdown for r in self.runs if r.shutdown is not None])
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -430,6 +434,12 @@ class Bench:
                     run.own_requests = registrar_etcd_requests(subject.metrics_url)
                 running = subject.running_at()
                 run.startup = running - started if running is not None else None
+                if seen and subject.proc is not None:
+                    # SIGTERM: the lease is revoked, every key goes in one request.
+                    terminated = time.time()
+                    subject.proc.terminate()
+                    if keys.wait(lambda k: not (wanted & k.live), timeout=15):
+                        run.shutdown = max(keys.deleted[k] for k in wanted) - terminated
             return run
         finally:
             subject.finish()
@@ -504,6 +514,14 @@ class Bench:
                 ": time (ms) / etcd requests",
                 {k: f"**{ms(c.seconds())}** / {num(c.requests())}" for k, c in convs.items()},
                 seconds, target, met,
+            ))  # fmt: skip
+        shutdowns = [c for c in self.convergence
+                     if c.label == "registrar watch" and c.shutdown() is not None]
+        if shutdowns:
+            rows.append(Row(
+                "SIGTERM to every key gone, agent holding N keys (ms): "
+                + ", ".join(f"N={c.n}" for c in shutdowns),
+                {"registrar watch": " / ".join(f"**{ms(c.shutdown())}**" for c in shutdowns)},
             ))  # fmt: skip
         rss_n = 100 if any(c.n == 100 for c in self.convergence) else max(self.plan.conv_ns)
         rss100 = {c.label: c.rss() for c in self.convergence if c.n == rss_n}

@@ -14,13 +14,14 @@ from types import FrameType
 from typing import Protocol
 
 from registrar.docker_source import DockerSource, DockerUnavailable
+from registrar.errors import FatalError
 from registrar.etcd_store import EtcdStore
 from registrar.hostip import primary_ipv4
-from registrar.http_server import MetricsServer
+from registrar.http_server import serve_metrics
 from registrar.lease_keeper import LeaseKeeper
 from registrar.metrics import Metrics
 from registrar.naming import NamingContext, owned_by
-from registrar.promotion_follower import PromotionFollower
+from registrar.promotion_follower import promotion_follower
 from registrar.settings import Settings
 from registrar.watcher import ContainerWatcher
 
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 5.0
 STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
-
-
-class FatalError(Exception):
-    """A runtime error that ends the program with status 1 and one line."""
 
 
 def _install_signals(stop: threading.Event) -> None:
@@ -115,7 +112,7 @@ def run(settings: Settings) -> int:
         control_prefix=settings.control_prefix,
         fast_heartbeat=settings.metrics_addr is not None,
     )
-    follower = PromotionFollower(store, keeper, settings.control_prefix)
+    follower = promotion_follower(store, keeper, settings.control_prefix)
     naming = NamingContext(
         prefix=settings.prefix,
         node=settings.node,
@@ -132,17 +129,7 @@ def run(settings: Settings) -> int:
     def health() -> str | None:
         return health_problem(keeper, watcher, time.monotonic(), STALL_LIMIT)
 
-    server = None
-    if settings.metrics_addr is not None:
-        try:
-            server = MetricsServer(settings.metrics_addr, metrics.registry, health)
-        except OSError as exc:
-            host, port = settings.metrics_addr
-            raise FatalError(
-                f"--metrics-addr: cannot listen on {host}:{port}: {exc.strerror}"
-            ) from None
-        server.start()
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_addr[0], server.port)
+    server = serve_metrics(settings.metrics_addr, metrics.registry, health)
 
     log.info(
         "registrar %s: node %s, prefix %s, etcd %s, ttl %ds%s",

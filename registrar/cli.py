@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from registrar import logs
 
     logs.configure(settings.log_format, settings.log_level)
-    from registrar.agent import FatalError
+    from registrar.errors import FatalError
 
     try:
         if settings.command == "ls":

@@ -65,3 +65,22 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def serve_metrics(
+    addr: tuple[str, int] | None, registry: CollectorRegistry, healthy: Callable[[], str | None]
+) -> MetricsServer | None:
+    """Starts the server on `addr` (None: --metrics-addr port 0, no server)."""
+    from registrar.errors import FatalError
+
+    if addr is None:
+        return None
+    try:
+        server = MetricsServer(addr, registry, healthy)
+    except OSError as exc:
+        raise FatalError(
+            f"--metrics-addr: cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}"
+        ) from None
+    server.start()
+    log.info("metrics on http://%s:%d/metrics", addr[0], server.port)
+    return server

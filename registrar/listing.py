@@ -126,7 +126,7 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
 
 
 def run(settings: Any, out: TextIO = sys.stdout) -> int:
-    from registrar.agent import FatalError
+    from registrar.errors import FatalError
     from registrar.etcd_store import EtcdStore, EtcdUnavailable
 
     store = EtcdStore(settings.etcd)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.agent import FatalError
+from registrar.errors import FatalError
 from registrar.etcd_store import EtcdStore, EtcdUnavailable
 from registrar.planner import promoted_prefix, standby_prefix
 from registrar.settings import Settings

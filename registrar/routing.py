@@ -1,10 +1,10 @@
 """`registrar haproxy`: keeps an HAProxy in step with the registrations under the prefix.
 
 Three parts, two threads:
-- `RegistrationWatcher` (its own thread): reads `{prefix}/` once, then watches it from the next
-  revision; when the watch dies with etcd it resumes from the last revision seen, and re-reads
-  everything when that revision was compacted. While etcd is unreachable nothing changes: the
-  last known registrations stay.
+- the registration watcher (a `PrefixFollower`, its own thread): reads `{prefix}/` once, then
+  watches it from the next revision; when the watch dies with etcd it resumes from the last
+  revision seen, and re-reads everything when that revision was compacted. While etcd is
+  unreachable nothing changes: the last known registrations stay.
 - `Registrations`: what was read, and the debounce: changes within 100 ms of each other are
   applied together, none later than 1 s after it arrived.
 - `Router` (the main thread): renders the config, checks it with `haproxy -c`, installs it
@@ -29,7 +29,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from registrar.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent, WatchCompacted
+from registrar.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent
 from registrar.haproxy_config import (
     Backend,
     LiveBackend,
@@ -57,16 +57,16 @@ from registrar.haproxy_process import (
     runtime_dir,
     socket_paths,
 )
-from registrar.http_server import MetricsServer
+from registrar.http_server import serve_metrics
 from registrar.metrics import Metrics
-from registrar.retry import INITIAL_BACKOFF, MAX_BACKOFF, retrying
+from registrar.prefix_follower import PrefixFollower
+from registrar.retry import INITIAL_BACKOFF, MAX_BACKOFF
 from registrar.settings import HAProxySettings, Settings
 
 log = logging.getLogger(__name__)
 
 QUIET = 0.1  # changes this close together are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
-POLL = 0.5  # the watcher's wait for events (its progress beat)
 STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
 STOP_GRACE = 10.0  # SIGTERM: open connections get this long before HAProxy is hard-stopped
 RELOAD_CMD_TIMEOUT = 60.0
@@ -202,81 +202,20 @@ class Registrations:
 # --- the etcd side ------------------------------------------------------------------------
 
 
-class RegistrationWatcher:
+def registration_watcher(
+    store: EtcdStore, prefix: str, registrations: Registrations, etcd_up: Gauge,
+    revision: int = 0,
+) -> PrefixFollower:
     """Keeps `Registrations` in step with `{prefix}/` in etcd, on its own thread."""
-
-    def __init__(
-        self,
-        store: EtcdStore,
-        prefix: str,
-        registrations: Registrations,
-        etcd_up: Gauge,
-        revision: int = 0,
-    ) -> None:
-        self._store = store
-        self._prefix = prefix
-        self._registrations = registrations
-        self._etcd_up = etcd_up
-        self._revision = revision  # last revision seen; 0: read everything
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_progress = time.monotonic()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="etcd-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 3.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _failed(self, error: BaseException) -> None:
-        self._etcd_up.set(0)
-        self.last_progress = time.monotonic()  # retrying is progress
-
-    def _run(self) -> None:
-        policy = retrying(f"watching {self._prefix}/", (EtcdUnavailable,), self._stop, log,
-                          on_failure=self._failed)
-        while not self._stop.is_set():
-            try:
-                policy(self._follow)
-            except EtcdUnavailable:
-                return  # stopping
-
-    def _follow(self) -> None:
-        if not self._revision:
-            stored, self._revision = self._store.list_prefix(self._prefix)
-            self._registrations.replace_all({key: s.value for key, s in stored.items()})
-            self._etcd_up.set(1)
-            log.info("read %d keys under %s/ (revision %d)", len(stored), self._prefix,
-                     self._revision, extra={"event": "read", "revision": self._revision})
-        try:
-            watch = self._store.watch_prefix(self._prefix, self._revision + 1)
-        except WatchCompacted as exc:
-            log.warning("revision %d is compacted (%s): reading everything again",
-                        self._revision + 1, exc, extra={"event": "compacted"})
-            self._revision = 0
-            return
-        self._etcd_up.set(1)
-        try:
-            while not self._stop.is_set():
-                self.last_progress = time.monotonic()
-                try:
-                    events = watch.get(POLL)
-                except WatchCompacted as exc:
-                    log.warning("watch compacted (%s): reading everything again", exc,
-                                extra={"event": "compacted"})
-                    self._revision = 0
-                    return
-                if events:
-                    self._registrations.apply(events)
-                    self._revision = max(self._revision, *(e.revision for e in events))
-        finally:
-            watch.cancel()
+    return PrefixFollower(
+        store, prefix, name="etcd-watch", revision=revision,
+        on_snapshot=lambda stored: registrations.replace_all(
+            {key: s.value for key, s in stored.items()}
+        ),
+        on_events=registrations.apply,
+        on_failure=lambda _error: etcd_up.set(0),
+        on_connected=lambda: etcd_up.set(1),
+    )
 
 
 # --- the HAProxy side ---------------------------------------------------------------------
@@ -538,7 +477,6 @@ def _usage_error(message: str) -> int:
 
 
 def run(settings: Settings) -> int:
-    from registrar.agent import FatalError
 
     hp = settings.haproxy
     assert hp is not None
@@ -570,7 +508,7 @@ def run(settings: Settings) -> int:
 
     registrations = Registrations(settings.prefix, rejected)
     progress = [time.monotonic()]
-    watcher = RegistrationWatcher(store, settings.prefix, registrations, metrics.etcd_up)
+    watcher = registration_watcher(store, settings.prefix, registrations, metrics.etcd_up)
 
     def health() -> str | None:
         now = time.monotonic()
@@ -582,17 +520,7 @@ def run(settings: Settings) -> int:
             return f"router stalled for {now - progress[0]:.0f}s"
         return haproxy.problem() if haproxy is not None else None
 
-    server = None
-    if settings.metrics_addr is not None:
-        try:
-            server = MetricsServer(settings.metrics_addr, metrics.registry, health)
-        except OSError as exc:
-            host, port = settings.metrics_addr
-            raise FatalError(
-                f"--metrics-addr: cannot listen on {host}:{port}: {exc.strerror}"
-            ) from None
-        server.start()
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_addr[0], server.port)
+    server = serve_metrics(settings.metrics_addr, metrics.registry, health)
 
     log.info(
         "registrar haproxy: prefix %s, etcd %s, %s mode, %s, config %s, %s",
@@ -612,8 +540,8 @@ def run(settings: Settings) -> int:
     else:
         metrics.etcd_up.set(1)
         registrations.replace_all({key: s.value for key, s in stored.items()})
-        watcher = RegistrationWatcher(store, settings.prefix, registrations, metrics.etcd_up,
-                                      revision)
+        watcher = registration_watcher(store, settings.prefix, registrations,
+                                       metrics.etcd_up, revision)
         log.info("read %d keys under %s/ (revision %d)", len(stored), settings.prefix, revision,
                  extra={"event": "read", "revision": revision})
     watcher.start()

@@ -1,0 +1,107 @@
+"""PrefixFollower: every change under `{prefix}/` in etcd, on its own thread.
+
+A full read, then a watch from the next revision. When the watch dies with its connection it is
+resumed from the last revision seen (retried with the one backoff policy); when that revision
+was compacted, everything is read again. Used by the agents (promotions) and by `haproxy`
+(registrations).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from registrar.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent, WatchCompacted
+from registrar.planner import StoredKey
+from registrar.retry import retrying
+
+log = logging.getLogger(__name__)
+
+POLL = 0.5  # the wait for events: the thread's progress beat
+
+
+class PrefixFollower:
+    def __init__(
+        self,
+        store: EtcdStore,
+        prefix: str,
+        *,
+        name: str,
+        on_snapshot: Callable[[dict[str, StoredKey]], None],
+        on_events: Callable[[list[KeyEvent]], None],
+        on_failure: Callable[[BaseException], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        revision: int = 0,
+    ) -> None:
+        """`revision`: the last one already read (0: read everything first)."""
+        self._store = store
+        self._prefix = prefix
+        self._name = name
+        self._on_snapshot = on_snapshot
+        self._on_events = on_events
+        self._on_failure = on_failure
+        self._on_connected = on_connected or (lambda: None)
+        self._revision = revision
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_progress = time.monotonic()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _failed(self, error: BaseException) -> None:
+        self.last_progress = time.monotonic()  # retrying is progress
+        if self._on_failure is not None:
+            self._on_failure(error)
+
+    def _run(self) -> None:
+        policy = retrying(f"watching {self._prefix}/", (EtcdUnavailable,), self._stop, log,
+                          on_failure=self._failed)
+        while not self._stop.is_set():
+            try:
+                policy(self._follow)
+            except EtcdUnavailable:
+                return  # stopping
+
+    def _follow(self) -> None:
+        if not self._revision:
+            stored, self._revision = self._store.list_prefix(self._prefix)
+            self._on_snapshot(stored)
+            self._on_connected()
+            log.info("read %d keys under %s/ (revision %d)", len(stored), self._prefix,
+                     self._revision, extra={"event": "read", "revision": self._revision})
+        try:
+            watch = self._store.watch_prefix(self._prefix, self._revision + 1)
+        except WatchCompacted as exc:
+            self._compacted(exc)
+            return
+        self._on_connected()
+        try:
+            while not self._stop.is_set():
+                self.last_progress = time.monotonic()
+                try:
+                    events = watch.get(POLL)
+                except WatchCompacted as exc:
+                    self._compacted(exc)
+                    return
+                if events:
+                    self._revision = max(self._revision, *(e.revision for e in events))
+                    self._on_events(events)
+        finally:
+            watch.cancel()
+
+    def _compacted(self, exc: WatchCompacted) -> None:
+        log.warning("%s/: revision %d is compacted (%s): reading everything again",
+                    self._prefix, self._revision + 1, exc, extra={"event": "compacted"})
+        self._revision = 0

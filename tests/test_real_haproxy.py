@@ -86,6 +86,35 @@ def status(port: int) -> int | str:
         return type(exc).__name__
 
 
+class Load:
+    """A steady stream of requests through HAProxy, in a thread, while the `with` block runs:
+    `answers` (time, body) and `failures`. Bounded in time, stops by itself."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.port, self.seconds = port, seconds
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._done.is_set() and time.monotonic() < deadline:
+            try:
+                self.answers.append((time.monotonic(), get(self.port)))
+            except Exception as exc:
+                self.failures.append(repr(exc))
+            time.sleep(0.002)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+
 @dataclass
 class Router:
     proc: RegistrarProcess
@@ -192,31 +221,13 @@ def test_docker_stop_under_load_fails_no_request(
     staying = containers(labels=labels(service))
     r.serves(leaving, staying)
 
-    done = threading.Event()
-    answers: list[tuple[float, str]] = []
-    failures: list[str] = []
-
-    def load() -> None:
-        deadline = time.monotonic() + 30
-        while not done.is_set() and time.monotonic() < deadline:
-            try:
-                answers.append((time.monotonic(), get(r.port)))
-            except Exception as exc:
-                failures.append(repr(exc))
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with Load(r.port, seconds=30) as load:
         time.sleep(0.5)
         stop_started = time.monotonic()
         leaving.stop(timeout=3)  # httpd is PID 1 and ignores TERM: it serves 3 s, then KILL
         stopped = time.monotonic()
         time.sleep(0.5)
-    finally:
-        done.set()
-        thread.join(10)
-
+    answers, failures = load.answers, load.failures
     assert failures == [], failures[:5]
     assert len(answers) > 200
     assert stopped - stop_started > 2.5
@@ -481,19 +492,6 @@ def test_promote_switches_every_request_without_a_failure(
     v2 = [containers(labels={**labels(service), "registrar.version": "v2"}) for _ in range(2)]
     r.serves(*v1, *v2)
 
-    done = threading.Event()
-    answers: list[tuple[float, str]] = []
-    failures: list[str] = []
-
-    def load() -> None:
-        deadline = time.monotonic() + 60
-        while not done.is_set() and time.monotonic() < deadline:
-            try:
-                answers.append((time.monotonic(), get(r.port)))
-            except Exception as exc:
-                failures.append(repr(exc))
-            time.sleep(0.002)
-
     def promote(*args: str) -> tuple[float, float]:
         started = time.monotonic()
         result = subprocess.run(
@@ -504,9 +502,7 @@ def test_promote_switches_every_request_without_a_failure(
         assert result.returncode == 0, result.stdout + result.stderr
         return started, time.monotonic()
 
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with Load(r.port, seconds=60) as load:
         time.sleep(0.5)
         _started, promoted = promote("v2")
         r.serves(*v2)
@@ -516,10 +512,7 @@ def test_promote_switches_every_request_without_a_failure(
         r.serves(*v1)
         switched_v1 = time.monotonic()
         time.sleep(1)
-    finally:
-        done.set()
-        thread.join(10)
-
+    answers, failures = load.answers, load.failures
     assert failures == [], failures[:5]
     v1_hosts, v2_hosts = {host_of(c) for c in v1}, {host_of(c) for c in v2}
     assert {b for t, b in answers if switched_v2 < t < rollback_started} <= v2_hosts

@@ -132,6 +132,7 @@ def render(
     info: dict[str, str],
     settings: dict[str, Any],
     details: Sequence[str],
+    routing: Sequence[dict[str, Any]] = (),
 ) -> str:
     out = ["# `make bench`: registrar vs the classic shell sidekick", ""]
     out.append(
@@ -141,6 +142,17 @@ def render(
     out.append("")
     out.append(table(rows))
     out.append("")
+    if routing:
+        out.append("## Routing: `registrar haproxy` (bench/haproxy_bench.py)")
+        out.append("")
+        out.append("| metric | value | target | | how |")
+        out.append("|---|---|---|---|---|")
+        for row in routing:
+            value = "-" if row["value"] is None else f"**{row['value']:g}** {row['unit']}"
+            met = {True: "met", False: "**missed**", None: ""}[row["met"]]
+            out.append(f"| {row['metric']} | {value} | {row['target']} | {met} | "
+                       f"{row['detail']} |")
+        out.append("")
     out.append("## Machine")
     out.append("")
     for key, value in info.items():

@@ -712,8 +712,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where the table goes (default {RESULTS}; with --quick: nowhere)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs directory")
-    parser.add_argument("--only", choices=("latency", "convergence"), default=None,
-                        help="run one half only")
+    parser.add_argument("--only", choices=("latency", "convergence", "routing"), default=None,
+                        help="run one part only")
     return parser.parse_args(argv)
 
 
@@ -729,17 +729,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = replace(plan, conv_ns=tuple(ns))
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="rgbench-"))
+    routing: list[dict[str, object]] = []
     bench = Bench(plan, work)
     began = time.monotonic()
     try:
         bench.setup()
         bench.probe_startup()
-        if args.only != "convergence":
+        if args.only in (None, "latency"):
             bench.latency_phase(WatchAgent, "w")
             bench.latency_phase(RegisterSidecars, "r")
             bench.latency_phase(ShellSidekicks, "s")
-        if args.only != "latency":
+        if args.only in (None, "convergence"):
             bench.convergence_phase()
+        if args.only in (None, "routing"):
+            from bench import haproxy_bench
+
+            say("routing: registrar haproxy with a real HAProxy")
+            routing = haproxy_bench.run(args.quick)
     finally:
         bench.cleanup()
         if not args.keep_logs:
@@ -754,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     info = report.machine()
     info["registrar"] = report.revision()
-    text = report.render(rows, info, settings, bench.details())
+    text = report.render(rows, info, settings, bench.details(), routing)
     print(text)
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:

@@ -84,6 +84,10 @@ class PrefixWatch:
         self._queue: queue.Queue[list[KeyEvent] | BaseException] = queue.Queue()
         self.cancel: Callable[[], None] = lambda: None
 
+    def wake(self) -> None:
+        """Makes a waiting `get()` return at once (with no events): for stopping."""
+        self._queue.put([])
+
     def get(self, timeout: float) -> list[KeyEvent]:
         """The next batch of events ([] when none came within `timeout`)."""
         try:

@@ -13,7 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from registrar.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent, WatchCompacted
+from registrar.etcd_store import (
+    EtcdStore,
+    EtcdUnavailable,
+    KeyEvent,
+    PrefixWatch,
+    WatchCompacted,
+)
 from registrar.planner import StoredKey
 from registrar.retry import retrying
 
@@ -46,6 +52,7 @@ class PrefixFollower:
         self._revision = revision
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watch: PrefixWatch | None = None
         self.last_progress = time.monotonic()
 
     def start(self) -> None:
@@ -54,6 +61,9 @@ class PrefixFollower:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -87,6 +97,7 @@ class PrefixFollower:
             self._compacted(exc)
             return
         self._on_connected()
+        self._watch = watch
         try:
             while not self._stop.is_set():
                 self.last_progress = time.monotonic()
@@ -99,6 +110,7 @@ class PrefixFollower:
                     self._revision = max(self._revision, *(e.revision for e in events))
                     self._on_events(events)
         finally:
+            self._watch = None
             watch.cancel()
 
     def _compacted(self, exc: WatchCompacted) -> None:

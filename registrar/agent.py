@@ -7,10 +7,8 @@ request), wait --drain, stop the metrics server, exit 0. Bounded even when etcd 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from types import FrameType
 from typing import Protocol
 
 from registrar.docker_source import DockerSource, DockerUnavailable
@@ -23,6 +21,7 @@ from registrar.metrics import Metrics
 from registrar.naming import NamingContext, owned_by
 from registrar.promotion_follower import promotion_follower
 from registrar.settings import Settings
+from registrar.shutdown import install_stop_signals
 from registrar.watcher import ContainerWatcher
 
 log = logging.getLogger(__name__)
@@ -30,15 +29,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0
 STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
 
-
-def _install_signals(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name,
-                 extra={"event": "signal"})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 def wait_for_container(docker: DockerSource, name: str, wait: float, stop: threading.Event) -> str:
@@ -83,7 +73,7 @@ def health_problem(keeper: Loop, watcher: Loop, now: float, limit: float) -> str
 
 def run(settings: Settings) -> int:
     stop = threading.Event()
-    _install_signals(stop)
+    install_stop_signals(stop)
     metrics = Metrics()
     metrics.etcd_up.set(0)
     metrics.docker_up.set(0)

@@ -19,13 +19,11 @@ import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import FrameType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -62,6 +60,7 @@ from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 from registrar.retry import INITIAL_BACKOFF, MAX_BACKOFF
 from registrar.settings import HAProxySettings, Settings
+from registrar.shutdown import install_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -461,15 +460,6 @@ class Router:
 # --- the command --------------------------------------------------------------------------
 
 
-def _install_signals(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name,
-                 extra={"event": "signal"})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
 
 def _usage_error(message: str) -> int:
     print(f"registrar: error: {message}", file=sys.stderr)
@@ -489,7 +479,7 @@ def run(settings: Settings) -> int:
             return _usage_error(f"--template: {hp.template}: {exc}")
 
     stop = threading.Event()
-    _install_signals(stop)
+    install_stop_signals(stop)
     metrics = Metrics()
     metrics.etcd_up.set(0)
     routing = RoutingMetrics(metrics.registry)

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Signals that end a process: a `kill` event with one of these means "starts stopping".
-ENDING_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
+# Signals that end a process (INT, QUIT, KILL, TERM), as normalize_signal() gives them: a
+# `kill` event with one of these (or the container's own StopSignal) means "starts stopping".
+ENDING_SIGNALS = frozenset({"2", "3", "9", "15"})
 UNSPECIFIED_IPS = frozenset({"", "0.0.0.0", "::"})
 
 
@@ -65,7 +66,7 @@ def normalize_signal(signal: str) -> str:
 
 def is_ending_signal(signal: str, stop_signal: str) -> bool:
     number = normalize_signal(signal)
-    return number in {"2", "3", "9", "15"} or number == normalize_signal(stop_signal)
+    return number in ENDING_SIGNALS or number == normalize_signal(stop_signal)
 
 
 def _env_map(items: list[str] | None) -> dict[str, str]:

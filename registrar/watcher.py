@@ -185,7 +185,7 @@ class ContainerWatcher:
         if up != self._docker_ok:
             if up:
                 log.info("docker connected (%s)", reason, extra={"event": "docker_up"})
-            elif self._docker_ok is not None or not up:
+            else:
                 log.warning("docker unreachable: %s; reconnecting", reason,
                             extra={"event": "docker_down", "reason": reason})
         self._docker_ok = up

@@ -9,7 +9,13 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from registrar.naming import parse_key
-from registrar.planner import StoredKey, parse_promotions, promoted_prefix, standby_prefix
+from registrar.planner import (
+    StoredKey,
+    json_object,
+    parse_promotions,
+    promoted_prefix,
+    standby_prefix,
+)
 
 
 def _age(registered_at: Any, now: datetime) -> str:
@@ -41,11 +47,8 @@ def rows(
         if service is not None and (parsed is None or parsed[0] != service):
             continue
         raw = stored[key].value
-        try:
-            value = json.loads(raw)
-        except (ValueError, RecursionError):
-            value = None
-        if not isinstance(value, dict):
+        value = json_object(raw)
+        if value is None:
             result.append({"key": key, "invalid": "not a JSON object", "raw": raw[:200]})
             continue
         entry = {**value, "key": key}
@@ -69,11 +72,8 @@ def render_promotions(
         name = key[len(base):]
         if service is not None and name != service:
             continue
-        try:
-            value = json.loads(promoted[key].value)
-        except (ValueError, RecursionError):
-            value = None
-        if not isinstance(value, dict):
+        value = json_object(promoted[key].value)
+        if value is None:
             table.append((name, "(not a JSON object)", "-"))
             continue
         table.append((name, str(value.get("version", "?")), str(value.get("at", "?"))))

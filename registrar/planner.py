@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -64,38 +65,39 @@ def place(
     for key, value in desired.items():
         service, _, instance = key[len(prefix) + 1 :].partition("/")
         promoted = promotions.get(service)
-        if promoted is not None and _version(value) != promoted:
+        if promoted is not None and version_of(value) != promoted:
             key = f"{standby_prefix(control_prefix)}/{service}/{instance}"
         placed[key] = value
     return placed
 
 
-def _version(value: str) -> str | None:
+def json_object(raw: str) -> dict[str, Any] | None:
+    """A stored value as a JSON object, or None. Values under the prefixes are anyone's input:
+    not JSON, not an object, or nested deep enough to exhaust the parser's stack."""
     import json
 
     try:
-        parsed = json.loads(value)
+        parsed = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    version = parsed.get("version") if isinstance(parsed, dict) else None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def version_of(raw: str) -> str | None:
+    """The `version` of a stored value, when it is a string."""
+    version = (json_object(raw) or {}).get("version")
     return version if isinstance(version, str) else None
 
 
 def parse_promotions(stored: Mapping[str, StoredKey], control_prefix: str) -> dict[str, str]:
     """`{control_prefix}/promoted/{service}` = {"version": V, ...} -> {service: V}."""
-    import json
-
     base = promoted_prefix(control_prefix) + "/"
     promotions = {}
     for key, item in stored.items():
         service = key[len(base) :] if key.startswith(base) else ""
         if not service or "/" in service:
             continue
-        try:
-            value = json.loads(item.value)
-        except (ValueError, RecursionError):
-            continue
-        version = value.get("version") if isinstance(value, dict) else None
-        if isinstance(version, str) and version:
+        version = version_of(item.value)
+        if version:
             promotions[service] = version
     return promotions

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from registrar.errors import FatalError
 from registrar.etcd_store import EtcdStore, EtcdUnavailable
-from registrar.planner import promoted_prefix, standby_prefix
+from registrar.planner import json_object, promoted_prefix, standby_prefix
 from registrar.settings import Settings
 
 POLL = 0.1
@@ -55,11 +55,8 @@ def _instances(stored: dict[str, Any], base: str) -> dict[str, Instance]:
     found = {}
     for key, item in stored.items():
         instance = key[len(base) + 1 :]
-        try:
-            value = json.loads(item.value)
-        except (ValueError, RecursionError):
-            continue
-        if not isinstance(value, dict) or "/" in instance:
+        value = json_object(item.value)
+        if value is None or "/" in instance:
             continue
         version = value.get("version")
         found[instance] = Instance(

@@ -23,6 +23,7 @@ from registrar.lease_keeper import LeaseKeeper
 from registrar.lifecycle import Effect, effect_of
 from registrar.metrics import Metrics
 from registrar.naming import NamingContext, Outcome, has_sidecar, registrations_for
+from registrar.planner import json_object
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -329,12 +330,7 @@ def _placeholder(cid: str) -> ContainerInfo:
 
 
 def _same_but_time(old: str, value: Any) -> bool:
-    import json
-
-    try:
-        previous = json.loads(old)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(previous, dict) and {**previous, "registered_at": None} == {
+    previous = json_object(old)
+    return previous is not None and {**previous, "registered_at": None} == {
         **value, "registered_at": None
     }

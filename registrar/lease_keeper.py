@@ -378,14 +378,16 @@ class LeaseKeeper:
         self._metrics.registered.set(len(self._written) - standby)
         self._metrics.standby.set(standby)
 
-    def _describe(self, key: str) -> tuple[str, str]:
+    def _parse(self, key: str) -> tuple[str, str] | None:
+        """(service, instance) of a key in rotation or on standby."""
         parsed = parse_key(self._prefix, key)
         if parsed is None and self._standby:
             parsed = parse_key(self._standby, key)
-        return parsed or ("?", key)
+        return parsed
+
+    def _describe(self, key: str) -> tuple[str, str]:
+        return self._parse(key) or ("?", key)
 
     def _is_mine(self, key: str) -> bool:
-        parsed = parse_key(self._prefix, key)
-        if parsed is None and self._standby:
-            parsed = parse_key(self._standby, key)
+        parsed = self._parse(key)
         return parsed is not None and self._owns(parsed[1])

@@ -22,6 +22,25 @@ ETCD_URL=${ETCD_URL%/}
 log() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
 
+# wait_started NAME PID SECONDS LOG CHECK: until CHECK succeeds; fails with the log's tail when
+# the daemon exits first or does not answer in time.
+wait_started() {
+    local name=$1 pid=$2 limit=$3 logfile=$4 check=$5
+    local deadline=$((SECONDS + limit))
+    until "$check"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$logfile" >&2 || true
+            die "$name exited before answering (log: $logfile)"
+        fi
+        if ((SECONDS >= deadline)); then
+            tail -n 30 "$logfile" >&2 || true
+            die "$name did not answer within $limit s (log: $logfile)"
+        fi
+        sleep 0.2
+    done
+    log "$name is up"
+}
+
 mkdir -p "$RUN_DIR"
 
 # --- system packages ---------------------------------------------------------------------
@@ -50,20 +69,7 @@ docker_ok() { timeout 10 docker info >/dev/null 2>&1; }
 if ! docker_ok; then
     log "starting dockerd (log: .run/dockerd.log)"
     setsid dockerd --host=unix:///var/run/docker.sock >"$RUN_DIR/dockerd.log" 2>&1 </dev/null &
-    dockerd_pid=$!
-    deadline=$((SECONDS + 60))
-    until docker_ok; do
-        if ! kill -0 "$dockerd_pid" 2>/dev/null; then
-            tail -n 30 "$RUN_DIR/dockerd.log" >&2 || true
-            die "dockerd exited before answering (log: $RUN_DIR/dockerd.log)"
-        fi
-        if ((SECONDS >= deadline)); then
-            tail -n 30 "$RUN_DIR/dockerd.log" >&2 || true
-            die "dockerd did not answer 'docker info' within 60 s (log: $RUN_DIR/dockerd.log)"
-        fi
-        sleep 0.5
-    done
-    log "dockerd is up"
+    wait_started dockerd $! 60 "$RUN_DIR/dockerd.log" docker_ok
 fi
 
 # --- etcd --------------------------------------------------------------------------------
@@ -83,20 +89,7 @@ if ! etcd_ok; then
             --initial-cluster "registrar-dev=$peer_url" --initial-cluster-state new \
             --logger zap --log-outputs stderr --log-level warn \
             >"$RUN_DIR/etcd.log" 2>&1 </dev/null &
-        etcd_pid=$!
-        deadline=$((SECONDS + 30))
-        until etcd_ok; do
-            if ! kill -0 "$etcd_pid" 2>/dev/null; then
-                tail -n 30 "$RUN_DIR/etcd.log" >&2 || true
-                die "etcd exited before becoming healthy (log: $RUN_DIR/etcd.log)"
-            fi
-            if ((SECONDS >= deadline)); then
-                tail -n 30 "$RUN_DIR/etcd.log" >&2 || true
-                die "etcd at $ETCD_URL not healthy within 30 s (log: $RUN_DIR/etcd.log)"
-            fi
-            sleep 0.2
-        done
-        log "etcd is up"
+        wait_started etcd $! 30 "$RUN_DIR/etcd.log" etcd_ok
     else
         die "etcd at $ETCD_URL is not reachable, and it is not a loopback http:// URL this script may start"
     fi

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Protocol
 
+from registrar.containers import ContainerInfo
 from registrar.docker_source import DockerSource, DockerUnavailable
 from registrar.errors import FatalError
 from registrar.etcd_store import EtcdStore
@@ -31,8 +32,11 @@ STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
 
 
 
-def wait_for_container(docker: DockerSource, name: str, wait: float, stop: threading.Event) -> str:
-    """The id of container `name` once it runs; FatalError when it did not within `wait`."""
+def wait_for_container(
+    docker: DockerSource, name: str, wait: float, stop: threading.Event
+) -> ContainerInfo | None:
+    """Container `name` once it runs (None: stopped while waiting); FatalError when it did not
+    run within `wait`."""
     deadline = time.monotonic() + wait
     announced = False
     state = "does not exist"
@@ -42,7 +46,7 @@ def wait_for_container(docker: DockerSource, name: str, wait: float, stop: threa
         except DockerUnavailable as exc:
             info, state = None, f"docker unreachable ({exc})"
         if info is not None and info.running:
-            return info.id
+            return info
         if info is not None:
             state = "exists but is not running"
         if time.monotonic() >= deadline:
@@ -52,7 +56,7 @@ def wait_for_container(docker: DockerSource, name: str, wait: float, stop: threa
                      extra={"event": "wait", "container": name})
             announced = True
         stop.wait(0.1)
-    return ""
+    return None
 
 
 class Loop(Protocol):
@@ -90,11 +94,10 @@ def run(settings: Settings) -> int:
 
     if sidecar:
         assert settings.container is not None
-        container_id = wait_for_container(docker, settings.container, settings.wait, stop)
-        if not container_id:
+        found = wait_for_container(docker, settings.container, settings.wait, stop)
+        if found is None:
             return 0  # SIGTERM while waiting: nothing was registered
-        info = docker.inspect(container_id)
-        name = info.name if info else settings.container
+        container_id, name = found.id, found.name
         owns = lambda instance: instance.startswith(f"{settings.node}:{name}:")  # noqa: E731
 
     keeper = LeaseKeeper(

@@ -24,6 +24,7 @@ from registrar.lifecycle import Effect, effect_of
 from registrar.metrics import Metrics
 from registrar.naming import NamingContext, Outcome, has_sidecar, registrations_for
 from registrar.planner import json_object
+from registrar.replay import ReplayFilter, event_time_nano
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,7 @@ class ContainerWatcher:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._tracked: dict[str, _Tracked] = {}
-        self._last_time_nano = 0
-        self._seen_at_last: set[tuple[str, str]] = set()
+        self._replay = ReplayFilter()
         self._threads: list[threading.Thread] = []
         self._docker_ok: bool | None = None
         self.finished = finished if finished is not None else threading.Event()
@@ -132,8 +132,9 @@ class ContainerWatcher:
     def _read_once(self) -> None:
         filters = {"container": self._only} if self._only else None
         since = None
-        if self._last_time_nano:
-            seconds, nanos = divmod(self._last_time_nano, 1_000_000_000)
+        resume = self._replay.resume_from()
+        if resume is not None:
+            seconds, nanos = divmod(resume, 1_000_000_000)
             since = f"{seconds}.{nanos:09d}"
         events = self._events.open_events(since, filters)
         # Subscribed: now the consumer may list what runs (nothing starting meanwhile is missed).
@@ -220,15 +221,9 @@ class ContainerWatcher:
         actor = event.get("Actor") or {}
         cid = str(actor.get("ID") or event.get("id") or "")
         attributes = actor.get("Attributes") or {}
-        time_nano = int(event.get("timeNano") or 0)
-        if time_nano < self._last_time_nano or (
-            time_nano == self._last_time_nano and (cid, action) in self._seen_at_last
-        ):
-            return  # replayed by a resumed stream
-        if time_nano > self._last_time_nano:
-            self._last_time_nano = time_nano
-            self._seen_at_last = set()
-        self._seen_at_last.add((cid, action))
+        time_nano = event_time_nano(event)
+        if not self._replay.first_time(event):
+            return  # delivered again by a resumed stream
         if not cid or (self._only and cid != self._only):
             return
         self._metrics.docker_events.labels(action=event_label(action)).inc()

@@ -272,6 +272,15 @@ class ContainerFactory:
 
     run = __call__
 
+    @staticmethod
+    def docker_stop(name: str, timeout: int = 1) -> None:
+        """``docker stop -t TIMEOUT NAME`` (for stopping many by name from a pool)."""
+        docker("stop", "-t", str(timeout), name, timeout=timeout + 30)
+
+    @staticmethod
+    def docker_rm(name: str) -> None:
+        docker("rm", "-f", "-v", name, check=False, timeout=60)
+
     def network(self, name: str | None = None, *args: str) -> str:
         """``docker network create {prefix}-NAME``; removed at cleanup. The full name."""
         full = self.full_name(name or f"net{secrets.token_hex(2)}")

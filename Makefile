@@ -21,6 +21,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check registrar tests bench
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py
 
 typecheck: setup
 	$(BIN)/mypy

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.observe import DockerEvents
-from registrar.haproxy_config import builtin_template_text
+from registrar.haproxy.config import builtin_template_text
 from tests.helpers import scrape
 from tests.support.docker_env import docker, ensure_busybox_image, remove_prefixed
 from tests.support.etcd import EtcdServer

@@ -65,8 +65,8 @@ from tests.support.proc import RegistrarProcess
 
 RESULTS = Path(__file__).with_name("results.md")
 WARM_IMPORTS = (
-    "import registrar.cli, registrar.settings, registrar.logs, registrar.agent, docker, pyetcd, "
-    "grpc, pyetcd.etcdrpc"
+    "import registrar.cli, registrar.settings, registrar.logs, registrar.agent.command, docker, "
+    "pyetcd, grpc, pyetcd.etcdrpc"
 )
 PREFIX = "/services"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = parse_settings(args, os.environ)
+        settings = parse_settings(args, os.environ, socket.gethostname())
     except SettingsError as exc:
         print(f"registrar: error: {exc}", file=sys.stderr)
         return 2
@@ -24,20 +25,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if settings.command == "ls":
-            from registrar import listing
+            from registrar.commands import listing
 
             return listing.run(settings)
         if settings.command == "haproxy":
-            from registrar import routing
+            from registrar.haproxy import router
 
-            return routing.run(settings)
+            return router.run(settings)
         if settings.command == "promote":
-            from registrar.promotion import run as promote
+            from registrar.commands.promote import run as promote
 
             return promote(settings)
-        from registrar import agent
+        from registrar.agent import command
 
-        return agent.run(settings)
+        return command.run(settings)
     except FatalError as exc:
         print(f"registrar: {exc}", file=sys.stderr)
         return 1

@@ -13,14 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from registrar.etcd_store import (
+from registrar.adapters.etcd_store import (
     EtcdStore,
     EtcdUnavailable,
     KeyEvent,
     PrefixWatch,
     WatchCompacted,
 )
-from registrar.planner import StoredKey
+from registrar.core.planner import StoredKey
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)

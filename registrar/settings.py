@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -430,8 +429,11 @@ def _metrics_addr(raw: str) -> tuple[str, int] | None:
     return None if port == 0 else (host, port)
 
 
-def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
-    """Turns argv (without the program name) and the environment into Settings."""
+def parse_settings(
+    argv: Sequence[str], env: Mapping[str, str], hostname: str = "localhost"
+) -> Settings:
+    """Turns argv (without the program name) and the environment into Settings; `hostname` is
+    the default of --node (the caller reads it: this function does no I/O)."""
     parser = build_parser()
     try:
         args = vars(parser.parse_args(list(argv)))
@@ -482,7 +484,7 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
             f"--control-prefix: {control!r} and --prefix {prefix!r} must not contain each other"
         )
 
-    node = value("--node", None) or socket.gethostname()
+    node = value("--node", None) or hostname
     if not NAME_RE.fullmatch(node):
         raise SettingsError(f"--node: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}, got {node!r}")
 

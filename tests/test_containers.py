@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from registrar.containers import (
+from registrar.core.containers import (
     ContainerInfo,
     PortBinding,
     is_ending_signal,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registrar.etcd_store import KeyEvent
-from registrar.haproxy_config import (
+from registrar.adapters.etcd_store import KeyEvent
+from registrar.haproxy.config import (
     INVALID_HOST,
     INVALID_JSON,
     INVALID_KEY,
@@ -38,8 +38,8 @@ from registrar.haproxy_config import (
     render,
     server_name,
 )
-from registrar.haproxy_process import ProcInfo, parse_show_proc, runtime_dir, socket_paths
-from registrar.routing import Registrations
+from registrar.haproxy.process import ProcInfo, parse_show_proc, runtime_dir, socket_paths
+from registrar.haproxy.router import Registrations
 from registrar.settings import Bind
 
 PREFIX = "/services"

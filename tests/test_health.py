@@ -8,9 +8,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from registrar.agent import health_problem
+from registrar.agent.command import health_problem
+from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.http_server import MetricsServer
-from registrar.lease_keeper import LeaseKeeper
 from registrar.metrics import Metrics
 
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from registrar.containers import ContainerInfo, parse_inspect
-from registrar.docker_source import DockerUnavailable
-from registrar.etcd_store import EtcdUnavailable, LeaseNotFound
-from registrar.lease_keeper import LeaseKeeper
+from registrar.adapters.docker_source import DockerUnavailable
+from registrar.adapters.etcd_store import EtcdUnavailable, LeaseNotFound
+from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.agent.watcher import ContainerWatcher
+from registrar.core.containers import ContainerInfo, parse_inspect
+from registrar.core.naming import NamingContext, owned_by
+from registrar.core.planner import StoredKey
 from registrar.metrics import Metrics
-from registrar.naming import NamingContext, owned_by
-from registrar.planner import StoredKey
-from registrar.watcher import ContainerWatcher
 from tests.inspect_data import inspect_doc, published
 
 PREFIX = "/services"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from registrar.lifecycle import Effect, effect_of
+from registrar.core.lifecycle import Effect, effect_of
 
 
 @pytest.mark.parametrize(

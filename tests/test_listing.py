@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from registrar.listing import render, rows
-from registrar.planner import StoredKey
+from registrar.commands.listing import render, rows
+from registrar.core.planner import StoredKey
 
 PREFIX = "/services"
 

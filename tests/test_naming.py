@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registrar.containers import parse_inspect
-from registrar.naming import (
+from registrar.core.containers import parse_inspect
+from registrar.core.naming import (
     MAX_VALUE_BYTES,
     NamingContext,
     Outcome,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from registrar.planner import StoredKey, parse_promotions, place, plan_changes
+from registrar.core.planner import StoredKey, parse_promotions, place, plan_changes
 
 
 def value(version: str) -> str:

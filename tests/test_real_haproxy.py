@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from registrar.haproxy_config import builtin_template_text
+from registrar.haproxy.config import builtin_template_text
 from tests.helpers import Scope, healthz, metrics_flag, scrape
 from tests.support.proc import RegistrarProcess, free_port, wait_until
 

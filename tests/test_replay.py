@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registrar.replay import RESUME_OVERLAP_NS, ReplayFilter, event_time_nano, identity
+from registrar.core.replay import RESUME_OVERLAP_NS, ReplayFilter, event_time_nano, identity
 
 BASE = 1_700_000_000_000_000_000
 

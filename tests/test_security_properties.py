@@ -26,19 +26,19 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from registrar.containers import ContainerInfo, PortBinding
-from registrar.etcd_store import LeaseNotFound
-from registrar.lease_keeper import LeaseKeeper
-from registrar.listing import render, render_promotions, rows
-from registrar.metrics import Metrics
-from registrar.naming import (
+from registrar.adapters.etcd_store import LeaseNotFound
+from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.commands.listing import render, render_promotions, rows
+from registrar.commands.promote import _instances
+from registrar.core.containers import ContainerInfo, PortBinding
+from registrar.core.naming import (
     MAX_VALUE_BYTES,
     NamingContext,
     owned_by,
     parse_key,
     registrations_for,
 )
-from registrar.planner import (
+from registrar.core.planner import (
     StoredKey,
     parse_promotions,
     place,
@@ -46,7 +46,7 @@ from registrar.planner import (
     promoted_prefix,
     standby_prefix,
 )
-from registrar.promotion import _instances
+from registrar.metrics import Metrics
 from registrar.settings import NAME_RE, SettingsError, parse_settings
 
 PREFIX = "/services"

@@ -27,12 +27,12 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def parse(*argv: str, **env: str) -> Settings:
-    return parse_settings(list(argv), env)
+    return parse_settings(list(argv), env, socket.gethostname())
 
 
 def error(*argv: str, **env: str) -> str:
     with pytest.raises(SettingsError) as info:
-        parse_settings(list(argv), env)
+        parse_settings(list(argv), env, socket.gethostname())
     return str(info.value)
 
 
@@ -407,7 +407,7 @@ def test_common_flags_may_come_before_the_command() -> None:
 def test_an_empty_value_counts_as_not_given() -> None:
     # ... for flags whose default is "none" or worked out; elsewhere it is an error.
     env = {"REGISTRAR_HOST_IP": "10.1.2.3", "REGISTRAR_NODE": ""}
-    settings = parse_settings(["watch", "--host-ip="], env)
+    settings = parse_settings(["watch", "--host-ip="], env, socket.gethostname())
     assert settings.host_ip == "10.1.2.3"
     assert settings.node == socket.gethostname()
     with pytest.raises(SettingsError, match="--ttl"):

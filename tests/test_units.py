@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from registrar import __version__
-from registrar.agent import SHUTDOWN_TIMEOUT
+from registrar.agent.command import SHUTDOWN_TIMEOUT
 from registrar.settings import parse_settings
 from tests.helpers import healthz, value_of
 from tests.support.docker_env import BUSYBOX_IMAGE, docker

@@ -13,10 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from registrar.etcd_store import EtcdStore, EtcdUnavailable, LeaseNotFound
-from registrar.metrics import Metrics
-from registrar.naming import parse_key
-from registrar.planner import (
+from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable, LeaseNotFound
+from registrar.core.naming import parse_key
+from registrar.core.planner import (
     Changes,
     StoredKey,
     parse_promotions,
@@ -25,6 +24,7 @@ from registrar.planner import (
     promoted_prefix,
     standby_prefix,
 )
+from registrar.metrics import Metrics
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable
+from registrar.core.planner import json_object, promoted_prefix, standby_prefix
 from registrar.errors import FatalError
-from registrar.etcd_store import EtcdStore, EtcdUnavailable
-from registrar.planner import json_object, promoted_prefix, standby_prefix
 from registrar.settings import Settings
 
 POLL = 0.1

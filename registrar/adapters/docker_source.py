@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from registrar.containers import ContainerInfo, parse_inspect
+from registrar.core.containers import ContainerInfo, parse_inspect
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from registrar.containers import is_ending_signal
+from registrar.core.containers import is_ending_signal
 
 
 class Effect(enum.Enum):

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from registrar.core.planner import StoredKey
 from registrar.metrics import Metrics
-from registrar.planner import StoredKey
 from registrar.settings import EtcdSettings
 
 log = logging.getLogger(__name__)

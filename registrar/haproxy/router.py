@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from registrar.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent
-from registrar.haproxy_config import (
+from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent
+from registrar.haproxy.config import (
     Backend,
     LiveBackend,
     Registration,
@@ -46,7 +46,7 @@ from registrar.haproxy_config import (
     plan_runtime,
     render,
 )
-from registrar.haproxy_process import (
+from registrar.haproxy.process import (
     ConfigRejected,
     HAProxyError,
     HAProxyMaster,

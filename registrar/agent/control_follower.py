@@ -7,9 +7,9 @@ changes (and after every reconnect: something may have changed meanwhile).
 
 from __future__ import annotations
 
-from registrar.etcd_store import EtcdStore
-from registrar.lease_keeper import LeaseKeeper
-from registrar.planner import promoted_prefix
+from registrar.adapters.etcd_store import EtcdStore
+from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.core.planner import promoted_prefix
 from registrar.prefix_follower import PrefixFollower
 
 

@@ -11,19 +11,19 @@ import threading
 import time
 from typing import Protocol
 
-from registrar.containers import ContainerInfo
-from registrar.docker_source import DockerSource, DockerUnavailable
+from registrar.adapters.docker_source import DockerSource, DockerUnavailable
+from registrar.adapters.etcd_store import EtcdStore
+from registrar.agent.control_follower import promotion_follower
+from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.agent.watcher import ContainerWatcher
+from registrar.core.containers import ContainerInfo
+from registrar.core.naming import NamingContext, owned_by
 from registrar.errors import FatalError
-from registrar.etcd_store import EtcdStore
 from registrar.hostip import primary_ipv4
 from registrar.http_server import serve_metrics
-from registrar.lease_keeper import LeaseKeeper
 from registrar.metrics import Metrics
-from registrar.naming import NamingContext, owned_by
-from registrar.promotion_follower import promotion_follower
 from registrar.settings import Settings
 from registrar.shutdown import install_stop_signals
-from registrar.watcher import ContainerWatcher
 
 log = logging.getLogger(__name__)
 

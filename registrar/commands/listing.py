@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.naming import parse_key
-from registrar.planner import (
+from registrar.core.naming import parse_key
+from registrar.core.planner import (
     StoredKey,
     json_object,
     parse_promotions,
@@ -126,8 +126,8 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
 
 
 def run(settings: Any, out: TextIO = sys.stdout) -> int:
+    from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable
     from registrar.errors import FatalError
-    from registrar.etcd_store import EtcdStore, EtcdUnavailable
 
     store = EtcdStore(settings.etcd)
     standby_base = standby_prefix(settings.control_prefix)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from registrar.containers import UNSPECIFIED_IPS, ContainerInfo
+from registrar.core.containers import UNSPECIFIED_IPS, ContainerInfo
 from registrar.settings import NAME_RE, TRUE_WORDS
 
 MAX_TAGS = 32

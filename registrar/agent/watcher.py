@@ -17,14 +17,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from registrar.containers import ContainerInfo
-from registrar.docker_source import DockerSource, DockerUnavailable
-from registrar.lease_keeper import LeaseKeeper
-from registrar.lifecycle import Effect, effect_of
+from registrar.adapters.docker_source import DockerSource, DockerUnavailable
+from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.core.containers import ContainerInfo
+from registrar.core.lifecycle import Effect, effect_of
+from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrations_for
+from registrar.core.planner import json_object
+from registrar.core.replay import ReplayFilter, event_time_nano
 from registrar.metrics import Metrics
-from registrar.naming import NamingContext, Outcome, has_sidecar, registrations_for
-from registrar.planner import json_object
-from registrar.replay import ReplayFilter, event_time_nano
 from registrar.retry import retrying
 
 log = logging.getLogger(__name__)

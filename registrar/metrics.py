@@ -53,6 +53,20 @@ class Metrics:
             "registrar_rejected_containers_total", "Containers not registered for bad labels.",
             ["reason"], registry=r,
         )
+        self.writes_refused = Gauge(
+            "registrar_etcd_writes_refused",
+            "1 while etcd answers but refuses this process's writes (quota full: the NOSPACE "
+            "alarm, a permission missing); heartbeats go on meanwhile.", registry=r,
+        )
+        self.write_refusals = Counter(
+            "registrar_etcd_write_refusals_total", "Writes etcd refused, by gRPC status.",
+            ["code"], registry=r,
+        )
+        self.internal_errors = Counter(
+            "registrar_internal_errors_total",
+            "Unexpected errors (bugs) caught in a loop, which goes on; /healthz turns 503 when "
+            "one keeps failing.", ["loop"], registry=r,
+        )
         self.build_info = Gauge(
             "registrar_build_info", "Build information.", ["version"], registry=r
         )

@@ -14,14 +14,15 @@ import time
 from collections.abc import Callable
 
 from registrar.adapters.etcd_store import (
+    EtcdError,
     EtcdStore,
-    EtcdUnavailable,
     KeyEvent,
     PrefixWatch,
     WatchCompacted,
 )
 from registrar.core.planner import StoredKey
-from registrar.retry import retrying
+from registrar.health import LoopHealth
+from registrar.retry import retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class PrefixFollower:
         on_failure: Callable[[BaseException], None] | None = None,
         on_connected: Callable[[], None] | None = None,
         revision: int = 0,
+        on_internal_error: Callable[[str], None] | None = None,
     ) -> None:
         """`revision`: the last one already read (0: read everything first)."""
         self._store = store
@@ -53,36 +55,48 @@ class PrefixFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watch: PrefixWatch | None = None
-        self.last_progress = time.monotonic()
+        self.health = LoopHealth(name, self.alive, on_internal_error)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def request_stop(self) -> None:
         self._stop.set()
         watch = self._watch
         if watch is not None:
             watch.wake()
+
+    def join(self, deadline: float) -> None:
+        """Waits for the thread until `deadline` (time.monotonic())."""
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def stop(self, deadline: float) -> None:
+        self.request_stop()
+        self.join(deadline)
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def _failed(self, error: BaseException) -> None:
-        self.last_progress = time.monotonic()  # retrying is progress
+        self.health.progressed()  # retrying is progress
         if self._on_failure is not None:
             self._on_failure(error)
 
     def _run(self) -> None:
-        policy = retrying(f"watching {self._prefix}/", (EtcdUnavailable,), self._stop, log,
-                          on_failure=self._failed)
         while not self._stop.is_set():
             try:
-                policy(self._follow)
-            except EtcdUnavailable:
+                retry_forever(self._follow, what=f"watching {self._prefix}/",
+                              errors=(EtcdError,), stop=self._stop, log=log,
+                              on_failure=self._failed)
+            except EtcdError:
                 return  # stopping
+            except Exception:  # a bug (in a callback): it must show; start over from a read
+                log.exception("following %s/ failed", self._prefix)
+                self.health.internal_error()
+                self._revision = 0
+                self._stop.wait(1.0)
 
     def _follow(self) -> None:
         if not self._revision:
@@ -100,7 +114,7 @@ class PrefixFollower:
         self._watch = watch
         try:
             while not self._stop.is_set():
-                self.last_progress = time.monotonic()
+                self.health.progressed()
                 try:
                     events = watch.get(POLL)
                 except WatchCompacted as exc:

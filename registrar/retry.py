@@ -1,54 +1,142 @@
-"""The one retry policy: exponential backoff with jitter, interruptible by shutdown."""
+"""The one retry policy: exponential backoff with full jitter, one poll, interruptible waits.
+
+- `Backoff`: the delays (a random wait up to min(max, 0.1 s * 2^attempt)), for loops that keep
+  their own clock (the keeper's writes, the router's reloads, HAProxy's restarts).
+- `retry_forever`: calls a function until it succeeds or `stop` is set (the long-running loops).
+- `retry_within`: the same within a deadline, for one-shot commands (`ls`, `promote`, `maint`).
+- `poll_until`: waits for a condition, checked every `interval`.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
+from typing import TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+T = TypeVar("T")
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
+POLL_INTERVAL = 0.1
 
 
-def _interruptible(stop: threading.Event) -> Callable[[float], None]:
-    def sleep(seconds: float) -> None:
-        stop.wait(seconds)
+class Backoff:
+    """Full jitter: attempt n waits a random time up to min(maximum, initial * 2^n)."""
 
-    return sleep
+    def __init__(
+        self,
+        initial: float = INITIAL_BACKOFF,
+        maximum: float = MAX_BACKOFF,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._rng = rng
+        self.attempts = 0
+
+    def next(self) -> float:
+        """The wait before the next attempt (and counts this failure)."""
+        ceiling = min(self.maximum, self.initial * 2 ** min(self.attempts, 20))
+        self.attempts += 1
+        return float(max(self.initial / 10, ceiling * self._rng()))
+
+    def reset(self) -> None:
+        self.attempts = 0
 
 
-def retrying(
+def _log_attempt(log: logging.Logger, what: str, attempt: int, delay: float,
+                 error: BaseException, quiet: bool = False) -> None:
+    # the first failure, the tenth, then every fiftieth: visible, never a flood
+    loud = not quiet and (attempt in (1, 10) or attempt % 50 == 0)
+    level = logging.WARNING if loud else logging.DEBUG
+    log.log(level, "%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, error,
+            extra={"event": "retry", "what": what})
+
+
+def retry_forever(
+    fn: Callable[[], T],
+    *,
     what: str,
     errors: tuple[type[BaseException], ...],
     stop: threading.Event,
     log: logging.Logger,
     on_failure: Callable[[BaseException], None] | None = None,
-    max_backoff: float = MAX_BACKOFF,
-) -> Retrying:
-    """Retries `errors` forever until `stop` is set; sleeping wakes up at once on `stop`.
+    backoff: Backoff | None = None,
+) -> T:
+    """`fn()` until it returns; `errors` are retried with backoff until `stop` is set, when the
+    last one is raised again (so callers see why they gave up). Other exceptions propagate."""
+    policy = backoff or Backoff()
+    while True:
+        try:
+            result = fn()
+        except errors as exc:
+            if stop.is_set():
+                raise
+            if on_failure is not None:
+                on_failure(exc)
+            delay = policy.next()
+            _log_attempt(log, what, policy.attempts, delay, exc)
+            if stop.wait(delay):
+                raise
+            continue
+        policy.reset()
+        return result
 
-    When `stop` is set the last error is re-raised, so callers see why they gave up.
-    """
 
-    def before_sleep(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        if error is not None and on_failure is not None:
-            on_failure(error)
-        level = logging.WARNING if state.attempt_number in (1, 10) or (
-            state.attempt_number % 50 == 0
-        ) else logging.DEBUG
-        log.log(level, "%s failed (attempt %d), retrying in %.1fs: %s", what,
-                state.attempt_number, state.upcoming_sleep, error,
-                extra={"event": "retry", "what": what})
+class GaveUp(Exception):
+    """`retry_within` ran out of time; the message says how often it tried and the last error."""
 
-    return Retrying(
-        retry=retry_if_exception_type(errors),
-        # "Full jitter": a random wait up to min(max, 0.1 s * 2^attempt).
-        wait=wait_random_exponential(multiplier=INITIAL_BACKOFF, max=max_backoff),
-        stop=lambda _state: stop.is_set(),
-        sleep=_interruptible(stop),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    def __init__(self, what: str, attempts: int, seconds: float, last: BaseException) -> None:
+        super().__init__(f"{what}: gave up after {attempts} attempt(s) over {seconds:.1f}s: "
+                         f"{last}")
+        self.last = last
+
+
+def retry_within(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    errors: tuple[type[BaseException], ...],
+    timeout: float,
+    log: logging.Logger,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    quiet: bool = True,
+) -> T:
+    """`fn()`, with `errors` retried with backoff until `timeout` seconds have passed; then
+    GaveUp (carrying the last error). A timeout of 0 tries once. `quiet`: the retries are
+    logged at debug level only (a one-shot command prints one line: the last)."""
+    started = clock()
+    policy = Backoff()
+    while True:
+        try:
+            return fn()
+        except errors as exc:
+            left = started + timeout - clock()
+            delay = policy.next()
+            if left <= 0:
+                raise GaveUp(what, policy.attempts, clock() - started, exc) from None
+            _log_attempt(log, what, policy.attempts, min(delay, left), exc, quiet)
+            sleep(min(delay, left))
+
+
+def poll_until(
+    condition: Callable[[], T],
+    timeout: float,
+    *,
+    interval: float = POLL_INTERVAL,
+    stop: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """The first truthy `condition()` within `timeout` (checked every `interval`), else its last
+    value; returns early (with that value) once `stop` is set."""
+    deadline = clock() + timeout
+    waiter = stop or threading.Event()
+    while True:
+        value = condition()
+        if value or clock() >= deadline or waiter.is_set():
+            return value
+        waiter.wait(min(interval, max(0.0, deadline - clock())))

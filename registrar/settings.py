@@ -30,6 +30,7 @@ DEFAULT_SIDECAR_METRICS_ADDR = "0.0.0.0:0"
 DEFAULT_ROUTER_METRICS_ADDR = "0.0.0.0:9478"
 DEFAULT_RESYNC = 30
 DEFAULT_WAIT = 60.0
+DEFAULT_LS_TIMEOUT = 10.0
 DEFAULT_HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
 HAPROXY_MODES = ("tcp", "http")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -92,6 +93,7 @@ class Settings:
     wait: float = DEFAULT_WAIT
     service: str | None = None
     json: bool = False
+    timeout: float = DEFAULT_LS_TIMEOUT  # ls: how long to retry etcd through transient errors
     haproxy: HAProxySettings | None = None
     promote: PromoteSettings | None = None
 
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="one JSON object a line: the stored value plus its key",
     )
+    ls.add_argument("--timeout", metavar="SECONDS", default=argparse.SUPPRESS,
+                    help="how long to retry reading etcd through transient errors "
+                    f"(default {DEFAULT_LS_TIMEOUT:g})")
     _add_common(ls)
 
     haproxy = sub.add_parser(
@@ -530,6 +535,8 @@ def parse_settings(
               if command == "register" else DEFAULT_WAIT),
         service=args.get("service"),
         json=command == "ls" and _bool("--json", value("--json", "false") or ""),
+        timeout=(_seconds("--timeout", value("--timeout", str(DEFAULT_LS_TIMEOUT)) or "")
+                 if command == "ls" else DEFAULT_LS_TIMEOUT),
         haproxy=haproxy,
         promote=promote,
     )

@@ -1,4 +1,4 @@
-"""/healthz: 200 while both loops move, 503 when one has stopped or is stuck."""
+"""/healthz: 200 while every loop moves, 503 when one has stopped, is stuck or keeps failing."""
 
 from __future__ import annotations
 
@@ -8,16 +8,21 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from registrar.agent.command import health_problem
 from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.core.layout import Layout
+from registrar.core.ownership import Ownership
+from registrar.health import FAILING_AFTER, LoopHealth, health_problem
 from registrar.http_server import MetricsServer
 from registrar.metrics import Metrics
 
 
 class Loop:
-    def __init__(self, alive: bool = True, last_progress: float | None = None) -> None:
+    def __init__(self, name: str, alive: bool = True, last_progress: float | None = None,
+                 failures: int = 0) -> None:
+        self.name = name
         self._alive = alive
         self.last_progress = time.monotonic() if last_progress is None else last_progress
+        self.failures_in_row = failures
 
     def alive(self) -> bool:
         return self._alive
@@ -39,13 +44,16 @@ class StuckStore:
     def keepalive(self, lease: int) -> int:
         return 3
 
-    def revoke(self, lease: int) -> None:
+    def revoke(self, lease: int, timeout: float | None = None) -> None:
         pass
 
     def list_prefix(self, prefix: str) -> tuple[dict[str, Any], int]:
         return {}, 1
 
     def apply(self, *args: Any) -> None:
+        pass
+
+    def add_listener(self, listener: Any) -> None:
         pass
 
 
@@ -59,24 +67,46 @@ def get(url: str) -> tuple[int, str]:
 
 def test_health_problem_names_the_loop() -> None:
     now = time.monotonic()
-    assert health_problem(Loop(), Loop(), now, 15) is None
-    assert health_problem(Loop(alive=False), Loop(), now, 15) == "lease keeper stopped"
-    assert health_problem(Loop(), Loop(alive=False), now, 15) == "event loop stopped"
-    stalled = health_problem(Loop(), Loop(last_progress=now - 20), now, 15)
+    keeper, events = Loop("lease keeper"), Loop("event loop")
+    assert health_problem((keeper, events), now, 15) is None
+    assert health_problem((Loop("lease keeper", alive=False), events), now,
+                          15) == "lease keeper stopped"
+    assert health_problem((keeper, Loop("event loop", alive=False)), now,
+                          15) == "event loop stopped"
+    stalled = health_problem((keeper, Loop("event loop", last_progress=now - 20)), now, 15)
     assert stalled is not None and stalled.startswith("event loop stalled")
+    failing = health_problem((Loop("router", failures=FAILING_AFTER),), now, 15)
+    assert failing is not None and failing.startswith("router failed 3 times in a row")
+
+
+def test_a_loop_that_keeps_failing_is_counted_and_unhealthy_until_it_succeeds() -> None:
+    metrics = Metrics()
+    loop = LoopHealth("event loop", lambda: True,
+                      lambda name: metrics.internal_errors.labels(loop=name).inc())
+    for _ in range(FAILING_AFTER - 1):
+        loop.internal_error()
+    assert health_problem((loop,), time.monotonic()) is None  # a bug once is not unhealthy...
+    loop.internal_error()
+    assert health_problem((loop,), time.monotonic()) is not None  # ... one that keeps failing
+    assert metrics.registry.get_sample_value(
+        "registrar_internal_errors_total", {"loop": "event loop"}) == FAILING_AFTER
+    loop.succeeded()
+    assert health_problem((loop,), time.monotonic()) is None
 
 
 def test_a_stuck_lease_keeper_turns_healthz_503() -> None:
     metrics = Metrics()
     store = StuckStore()
-    keeper = LeaseKeeper(store, ttl=3, prefix="/p", owns=lambda _i: True,  # type: ignore[arg-type]
-                         metrics=metrics)
-    consumer = Loop()
-    server = MetricsServer(("127.0.0.1", 0), metrics.registry,
-                           lambda: health_problem(keeper, consumer, time.monotonic(), 0.3))
+    keeper = LeaseKeeper(store, ttl=3, layout=Layout("/p", "/c"),  # type: ignore[arg-type]
+                         ownership=Ownership("n1"), metrics=metrics)
+    consumer = Loop("event loop")
+    server = MetricsServer(
+        ("127.0.0.1", 0), metrics.registry,
+        lambda: health_problem((keeper.health, consumer), time.monotonic(), 0.3))
     server.start()
     url = f"http://127.0.0.1:{server.port}"
     try:
+        keeper.replace_all({})  # what runs is known: the keeper grants its lease (and hangs)
         keeper.start()
         assert store.entered.wait(5)
         consumer.last_progress = time.monotonic()
@@ -91,5 +121,5 @@ def test_a_stuck_lease_keeper_turns_healthz_503() -> None:
         assert status == 200 and "registrar_build_info" in body
     finally:
         store.release.set()
-        keeper.shutdown(2)
+        keeper.shutdown(time.monotonic() + 2)
         server.stop()

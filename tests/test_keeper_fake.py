@@ -8,25 +8,23 @@ so once a later change is visible, an earlier one that should have written nothi
 from __future__ import annotations
 
 import copy
-import itertools
 import json
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from registrar.adapters.docker_source import DockerUnavailable
-from registrar.adapters.etcd_store import EtcdUnavailable, LeaseNotFound
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.agent.watcher import ContainerWatcher
-from registrar.core.containers import ContainerInfo, parse_inspect
-from registrar.core.naming import NamingContext, owned_by
+from registrar.core.layout import Layout
+from registrar.core.naming import NamingContext
+from registrar.core.ownership import Ownership
 from registrar.core.planner import StoredKey
 from registrar.metrics import Metrics
+from tests.fakes import NOSPACE, FakeDocker, FakeEtcd
 from tests.inspect_data import inspect_doc, published
 
 PREFIX = "/services"
@@ -44,206 +42,6 @@ def wait_until(condition: Callable[[], Any], timeout: float = 3.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         time.sleep(0.005)
-
-
-# --- fake etcd ----------------------------------------------------------------------------
-
-
-class FakeEtcd:
-    """EtcdStore's interface over a dict; `down` makes every call raise EtcdUnavailable."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.kv: dict[str, StoredKey] = {}
-        self.leases: dict[int, int] = {}  # id -> ttl
-        self.ids = itertools.count(0x1000)
-        self.down = False
-        self.keepalive_expired = "ttl0"  # or "raise": how an expired lease answers a keepalive
-        self.ops: list[tuple[str, str]] = []  # ("put" | "delete", key), every write
-        self.refused = 0
-        self.revoked: list[int] = []
-        self.reads = 0
-        self.revision = 1
-
-    def _check(self) -> None:
-        if self.down:
-            self.refused += 1
-            raise EtcdUnavailable("fake etcd is down")
-
-    # what tests use
-    def stored(self, prefix: str = PREFIX) -> dict[str, str]:
-        with self.lock:
-            return {k: v.value for k, v in self.kv.items() if k.startswith(prefix + "/")}
-
-    def puts_of(self, key: str) -> int:
-        with self.lock:
-            return self.ops.count(("put", key))
-
-    def writes(self) -> int:
-        with self.lock:
-            return len(self.ops)
-
-    def expire(self, lease: int) -> None:
-        """The lease runs out (as during a partition): it and its keys are gone."""
-        with self.lock:
-            self.leases.pop(lease, None)
-            self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
-
-    # EtcdStore's interface
-    def grant(self, ttl: int) -> int:
-        with self.lock:
-            self._check()
-            lease = next(self.ids)
-            self.leases[lease] = ttl
-            return lease
-
-    def keepalive(self, lease: int) -> int:
-        with self.lock:
-            self._check()
-            if lease not in self.leases:
-                if self.keepalive_expired == "raise":
-                    raise LeaseNotFound("requested lease not found")
-                return 0
-            return self.leases[lease]
-
-    def revoke(self, lease: int) -> None:
-        with self.lock:
-            self._check()
-            self.revoked.append(lease)
-            self.leases.pop(lease, None)
-            self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
-
-    def list_prefix(self, prefix: str) -> tuple[dict[str, StoredKey], int]:
-        with self.lock:
-            self._check()
-            self.reads += 1
-            return {k: v for k, v in self.kv.items() if k.startswith(prefix + "/")}, self.revision
-
-    def apply(self, puts: Mapping[str, str], deletes: Any, lease: int) -> None:
-        with self.lock:
-            self._check()
-            if puts and lease not in self.leases:
-                raise LeaseNotFound("requested lease not found")
-            for key in deletes:
-                self.kv.pop(key, None)
-                self.ops.append(("delete", key))
-            for key, value in puts.items():
-                self.kv[key] = StoredKey(value, lease)
-                self.ops.append(("put", key))
-            self.revision += 1
-
-    def put(self, key: str, value: str, lease: int = 0) -> None:
-        self.apply({key: value}, (), lease)
-
-    def get(self, key: str) -> str | None:
-        with self.lock:
-            self._check()
-            stored = self.kv.get(key)
-            return None if stored is None else stored.value
-
-    def delete(self, key: str) -> None:
-        self.apply({}, (key,), 0)
-
-    def close(self) -> None:
-        pass
-
-
-# --- fake Docker --------------------------------------------------------------------------
-
-_END = object()
-
-
-class FakeDocker:
-    """DockerSource's interface: containers are inspect documents, events come from a queue."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.docs: dict[str, dict[str, Any]] = {}
-        self.down = False
-        self.events: queue.Queue[Any] = queue.Queue()
-        self.running_calls = 0
-        self.opened: list[str | None] = []  # `since` of every subscription
-        self.clock = time.time_ns()
-
-    def _check(self) -> None:
-        if self.down:
-            raise DockerUnavailable("fake docker is down")
-
-    # what tests use
-    def add(self, doc: dict[str, Any]) -> str:
-        with self.lock:
-            self.docs[doc["Id"]] = doc
-        return str(doc["Id"])
-
-    def state(self, cid: str, **state: Any) -> None:
-        with self.lock:
-            self.docs[cid]["State"].update(state)
-
-    def health(self, cid: str, status: str) -> None:
-        with self.lock:
-            self.docs[cid]["State"]["Health"] = {"Status": status, "FailingStreak": 0, "Log": []}
-
-    def remove(self, cid: str) -> None:
-        with self.lock:
-            self.docs.pop(cid, None)
-
-    def emit(self, action: str, cid: str, **attributes: str) -> None:
-        with self.lock:
-            self.clock += 1_000_000
-            doc = self.docs.get(cid, {})
-            name = str(doc.get("Name", "/gone")).lstrip("/")
-            image = str(doc.get("Config", {}).get("Image", ""))
-            event = {
-                "status": action, "id": cid, "from": image, "Type": "container",
-                "Action": action, "scope": "local", "time": self.clock // 1_000_000_000,
-                "timeNano": self.clock,
-                "Actor": {"ID": cid, "Attributes": {"name": name, "image": image, **attributes}},
-            }
-        self.events.put(event)
-
-    def cut(self) -> None:
-        """Docker goes away: the stream breaks and every call fails until `down` is False."""
-        self.down = True
-        self.events.put(DockerUnavailable("events stream: connection reset"))
-
-    # DockerSource's interface
-    def inspect(self, container: str) -> ContainerInfo | None:
-        with self.lock:
-            self._check()
-            for doc in self.docs.values():
-                if container in (doc["Id"], doc["Name"].lstrip("/")):
-                    return parse_inspect(copy.deepcopy(doc))
-            return None
-
-    def running(self) -> list[ContainerInfo]:
-        with self.lock:
-            self._check()
-            self.running_calls += 1
-            return [parse_inspect(copy.deepcopy(doc)) for doc in self.docs.values()
-                    if doc["State"]["Running"]]
-
-    def open_events(self, since: str | None, filters: Mapping[str, Any] | None = None
-                    ) -> Iterator[dict[str, Any]]:
-        with self.lock:
-            self._check()
-            self.opened.append(since)
-
-        def iterate() -> Iterator[dict[str, Any]]:
-            while True:
-                item = self.events.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-
-        return iterate()
-
-    def close_events(self) -> None:
-        self.events.put(_END)
-
-    def close(self) -> None:
-        pass
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -273,10 +71,10 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def make_keeper(etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> LeaseKeeper:
-    keeper = LeaseKeeper(etcd, ttl=3, prefix=PREFIX,  # type: ignore[arg-type]
-                         owns=lambda instance: owned_by(NODE, instance), metrics=metrics,
-                         control_prefix=CONTROL)
-    keeper.heartbeat_interval = heartbeat
+    etcd.metrics = metrics
+    keeper = LeaseKeeper(etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
+                         ownership=Ownership(NODE), metrics=metrics,
+                         heartbeat_interval=heartbeat)
     # The first full picture of what runs (the watcher's first reconcile) allows writing.
     keeper.replace_all({})
     return keeper
@@ -297,7 +95,7 @@ def keeper(etcd: FakeEtcd, metrics: Metrics) -> Iterator[LeaseKeeper]:
     keeper = make_keeper(etcd, metrics)
     yield keeper
     etcd.down = False
-    keeper.shutdown(1.0)
+    keeper.shutdown(time.monotonic() + 1.0)
 
 
 def synced(keeper: LeaseKeeper) -> None:
@@ -429,7 +227,7 @@ def test_expired_lease_found_by_a_write(etcd: FakeEtcd, metrics: Metrics) -> Non
         assert keeper.lease != old
         assert sample(metrics, "registrar_lease_regrants_total") == 1
     finally:
-        keeper.shutdown(1.0)
+        keeper.shutdown(time.monotonic() + 1.0)
 
 
 def test_start_deletes_this_nodes_stale_keys_only(
@@ -475,7 +273,7 @@ def test_shutdown_revokes_the_lease(
     keeper.start()
     wait_until(lambda: len(etcd.stored()) == 3)
     lease = keeper.lease
-    assert keeper.shutdown(1.0) is True
+    assert keeper.shutdown(time.monotonic() + 1.0) is True
     assert etcd.revoked == [lease]
     assert etcd.stored() == {key("x", node="core-02"): encoded("x")}
     assert not keeper.alive()
@@ -488,13 +286,13 @@ def test_shutdown_with_etcd_down_gives_up(keeper: LeaseKeeper, etcd: FakeEtcd) -
     keeper.start()
     wait_until(lambda: key("a") in etcd.stored())
     etcd.down = True
-    assert keeper.shutdown(0.5) is False  # returns: the keys expire with the lease
+    assert keeper.shutdown(time.monotonic() + 0.5) is False  # the keys expire with the lease
     assert etcd.revoked == []
 
 
 def test_shutdown_before_any_lease(etcd: FakeEtcd, metrics: Metrics) -> None:
     keeper = make_keeper(etcd, metrics)
-    assert keeper.shutdown(0.5) is True
+    assert keeper.shutdown(time.monotonic() + 0.5) is True
     assert etcd.revoked == []
 
 
@@ -534,7 +332,7 @@ def rig_factory() -> Iterator[Callable[..., Rig]]:
         etcd, docker, metrics = FakeEtcd(), FakeDocker(), Metrics()
         keeper = make_keeper(etcd, metrics)
         naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=host_ip, default_ip=DEFAULT_IP)
-        watcher = ContainerWatcher(docker, docker, keeper, naming, metrics,  # type: ignore[arg-type]
+        watcher = ContainerWatcher(docker, keeper, naming, metrics,  # type: ignore[arg-type]
                                    resync=resync)
         rig = Rig(etcd, docker, metrics, keeper, watcher)
         made.append(rig)
@@ -544,8 +342,9 @@ def rig_factory() -> Iterator[Callable[..., Rig]]:
     for rig in made:
         rig.docker.down = False
         rig.etcd.down = False
-        rig.watcher.stop(2.0)
-        rig.keeper.shutdown(1.0)
+        rig.watcher.request_stop()
+        rig.watcher.join(time.monotonic() + 2.0)
+        rig.keeper.shutdown(time.monotonic() + 1.0)
 
 
 def test_running_containers_are_registered_at_start(rig_factory: Callable[..., Rig]) -> None:
@@ -743,17 +542,132 @@ def test_nothing_is_written_before_the_first_full_reconcile(metrics: Metrics) ->
     etcd = FakeEtcd()
     stale = key("a")
     etcd.kv[stale] = StoredKey(encoded("a"), 99)
-    keeper = LeaseKeeper(etcd, ttl=3, prefix=PREFIX,  # type: ignore[arg-type]
-                         owns=lambda instance: owned_by(NODE, instance), metrics=metrics,
-                         control_prefix=CONTROL)
+    keeper = LeaseKeeper(etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
+                         ownership=Ownership(NODE), metrics=metrics)
     keeper.start()
     try:
-        wait_until(lambda: keeper.lease is not None, what="a lease")
+        steps = keeper.steps
         keeper.set_container("c1", {key("b"): encoded("b")})
-        time.sleep(0.3)
+        wait_until(lambda: keeper.steps > steps, what="the keeper to look at it")
         assert etcd.stored() == {stale: encoded("a")}
+        assert etcd.granted == []  # not even a lease before it knows what runs
         keeper.replace_all({"c1": {stale: encoded("a")}})
         wait_until(lambda: etcd.kv[stale].lease == keeper.lease, what="taken over")
         assert key("b") not in etcd.stored()
     finally:
-        keeper.shutdown(1.0)
+        keeper.shutdown(time.monotonic() + 1.0)
+
+
+# --- etcd refusing writes (its NOSPACE alarm), heartbeats on their own clock --------------
+
+
+def test_refused_writes_never_stop_the_heartbeats(
+    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+) -> None:
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.set_container("c2", {key("b"): encoded("b")})
+    keeper.start()
+    wait_until(lambda: len(etcd.stored()) == 2)
+    lease = keeper.lease
+    etcd.refuse_puts = NOSPACE
+    keeper.set_container("c3", {key("c"): encoded("c")})  # refused, retried
+    keeper.drop_container("c2")  # a delete can go alone, and does
+    wait_until(lambda: key("b") not in etcd.stored(), what="the delete, alone")
+    wait_until(lambda: sample(metrics, "registrar_etcd_write_refusals_total",
+                              code="RESOURCE_EXHAUSTED") >= 2, what="retries")
+    beats = etcd.keepalives
+    wait_until(lambda: etcd.keepalives >= beats + 5, what="heartbeats going on")
+    assert keeper.lease == lease and lease in etcd.leases
+    assert sample(metrics, "registrar_etcd_up") == 1  # etcd answers: it is up
+    assert sample(metrics, "registrar_etcd_writes_refused") == 1
+    assert sample(metrics, "registrar_lease_regrants_total") == 0
+    assert key("c") not in etcd.stored() and not keeper.synced.is_set()
+    etcd.refuse_puts = None
+    wait_until(lambda: key("c") in etcd.stored(), timeout=5, what="the pending put")
+    synced(keeper)
+    assert sample(metrics, "registrar_etcd_writes_refused") == 0
+    assert etcd.stored() == {key("a"): encoded("a"), key("c"): encoded("c")}
+
+
+def test_the_heartbeat_keeps_its_clock_while_a_write_hangs(etcd: FakeEtcd, metrics: Metrics
+                                                          ) -> None:
+    keeper = make_keeper(etcd, metrics, heartbeat=0.05)
+    release = threading.Event()
+    real_apply = etcd.apply
+
+    def slow_apply(*args: Any) -> None:
+        release.wait(5)
+        real_apply(*args)
+
+    try:
+        keeper.set_container("c1", {key("a"): encoded("a")})
+        keeper.start()
+        wait_until(lambda: key("a") in etcd.stored())
+        etcd.apply = slow_apply  # type: ignore[method-assign]
+        keeper.set_container("c2", {key("b"): encoded("b")})
+        beats = etcd.keepalives
+        wait_until(lambda: etcd.keepalives >= beats + 5, what="heartbeats during the write")
+        release.set()
+        wait_until(lambda: key("b") in etcd.stored())
+    finally:
+        release.set()
+        keeper.shutdown(time.monotonic() + 1.0)
+
+
+# --- events: replays and order ------------------------------------------------------------
+
+
+def test_a_replayed_event_is_not_applied_again(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    cid = rig.docker.add(container("web-1"))
+    rig.start()
+    started = rig.docker.emit("start", cid)
+    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    rig.docker.emit("kill", cid, signal="15")
+    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+    rig.docker.replay(started)  # a resumed stream delivers the old start again
+    rig.sentinel("z")
+    assert key("web-1") not in rig.etcd.stored()
+    assert sample(rig.metrics, "registrar_docker_events_total", action="start") == 2  # + z
+
+
+def test_an_event_stamped_earlier_than_the_last_one_is_applied(
+    rig_factory: Callable[..., Rig]
+) -> None:
+    rig = rig_factory()
+    one = rig.docker.add(container("web-1"))
+    two = rig.docker.add(container("web-2"))
+    rig.start()
+    wait_until(lambda: {key("web-1"), key("web-2")} <= set(rig.etcd.stored()))
+    rig.docker.clock += 50_000_000
+    rig.docker.emit("kill", one, signal="15")
+    rig.docker.clock -= 20_000_000  # Docker's stream across containers: not in time order
+    rig.docker.emit("kill", two, signal="15")
+    wait_until(lambda: not {key("web-1"), key("web-2")} & set(rig.etcd.stored()),
+               what="both withdrawn")
+
+
+def test_podman_health_events(rig_factory: Callable[..., Rig]) -> None:
+    """Podman: a bare `health_status` at every check, its `HealthStatus` the state before the
+    check, the new state saved after the check's `exec_died`; no `kill` at stop, then `die`."""
+    rig = rig_factory()
+    cid = rig.docker.add(container("web-1", healthcheck=["CMD", "true"], health="starting"))
+    rig.start()
+    rig.docker.emit("start", cid)
+    rig.docker.emit("health_status", cid)  # HealthStatus "starting": stale
+    rig.docker.health(cid, "healthy")  # saved after the check
+    rig.docker.emit("exec_died", cid, containerExitCode="0")
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in when healthy")
+    rig.docker.emit("health_status", cid)
+    rig.docker.health(cid, "unhealthy")
+    rig.docker.emit("exec_died", cid, containerExitCode="1")
+    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out when unhealthy")
+    rig.docker.health(cid, "healthy")
+    rig.docker.emit("exec_died", cid, containerExitCode="0")
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in again")
+    rig.docker.state(cid, Running=False)
+    rig.docker.emit("die", cid, containerExitCode="0")
+    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out at die")
+    rig.docker.remove(cid)
+    rig.docker.emit("remove", cid)
+    rig.sentinel("z")

@@ -10,13 +10,16 @@ from registrar.core.lifecycle import Effect, effect_of
 @pytest.mark.parametrize(
     ("action", "effect"),
     [
-        ("start", Effect.REFRESH),
-        ("restart", Effect.REFRESH),
+        ("start", Effect.START),
+        ("restart", Effect.START),
         ("unpause", Effect.REFRESH),
         ("rename", Effect.REFRESH),
         ("update", Effect.REFRESH),
         ("stop", Effect.WITHDRAW),
-        ("die", Effect.OUT),
+        ("die", Effect.DIED),
+        ("remove", Effect.GONE),  # Podman
+        ("exec_died", Effect.RECHECK),  # Podman: a health check's exec ended
+        ("exec_die", Effect.NONE),  # Docker: its health_status events say it all
         ("pause", Effect.OUT),
         ("destroy", Effect.GONE),
         ("oom", Effect.NONE),
@@ -74,7 +77,7 @@ def test_httpd_stop_signal() -> None:
         ("health_status:healthy", Effect.REFRESH),
         ("health_status: unhealthy", Effect.OUT),
         ("health_status: starting", Effect.NONE),
-        ("health_status", Effect.NONE),
+        ("health_status", Effect.REFRESH),  # Podman: the state is not in the event
     ],
 )
 def test_health_status(action: str, effect: Effect) -> None:

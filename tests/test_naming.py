@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from registrar.core.containers import parse_inspect
+from registrar.core.layout import parse_key
 from registrar.core.naming import (
     MAX_VALUE_BYTES,
     NamingContext,
@@ -23,10 +24,9 @@ from registrar.core.naming import (
     image_base,
     image_tag,
     instance_id,
-    owned_by,
-    parse_key,
     registrations_for,
 )
+from registrar.core.ownership import owned_by
 from tests.inspect_data import CONTAINER_ID, inspect_doc, published
 
 PREFIX = "/services"

@@ -47,6 +47,19 @@ def test_same_time_same_container_different_signal_or_status_are_two_events():
     assert f.first_time(event("health_status", "c1", BASE, health_status="unhealthy"))
 
 
+def test_an_old_event_of_a_container_is_a_replay_even_once_its_identity_is_forgotten():
+    # Podman re-sends old events when its events file rotates
+    f = ReplayFilter(keep_ns=1, max_kept=2)
+    old_start = event("start", "c1", BASE)
+    assert f.first_time(old_start)
+    assert f.first_time(event("kill", "c1", BASE + 60 * 10**9, signal="15"))
+    for i in range(5):
+        f.first_time(event("start", f"other{i}", BASE + 61 * 10**9))
+    assert not f.first_time(old_start)
+    # ... but a container's own events a little out of order still pass
+    assert f.first_time(event("die", "c1", BASE + 60 * 10**9 - 5_000_000))
+
+
 def test_resume_point_and_memory_bound():
     f = ReplayFilter(max_kept=100)
     assert f.resume_from() is None

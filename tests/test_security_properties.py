@@ -2,9 +2,10 @@
 
 tests/test_naming.py covers `registrations_for` (any label gives a key under the prefix or a
 counted rejection). This file covers the rest of the way:
-- the LeaseKeeper, given arbitrary etcd contents and arbitrary containers, never deletes a key
-  that is not this node's, never writes outside `{prefix}/` and `{control}/standby/`, revokes only
-  its own lease, and never fails a step;
+- the keeper's decision (`core.reconcile.plan`), given arbitrary etcd contents, arbitrary
+  containers and an arbitrary control state, never deletes a key that is not this node's and
+  never writes outside `{prefix}/` and `{control}/standby/`; the keeper's thread around it
+  revokes only its own lease and never fails a step;
 - `ls` (`rows`, `render`, `render_promotions`) and `parse_promotions` never crash on any value,
   and a value cannot pass itself off as another key;
 - settings never accept a prefix, control prefix or node that would let a key escape, and no
@@ -14,45 +15,35 @@ counted rejection). This file covers the rest of the way:
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import string
-import threading
-from collections.abc import Iterable, Mapping
+import time
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from registrar.adapters.etcd_store import LeaseNotFound
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.commands.listing import render, render_promotions, rows
 from registrar.commands.promote import _instances
 from registrar.core.containers import ContainerInfo, PortBinding
-from registrar.core.naming import (
-    MAX_VALUE_BYTES,
-    NamingContext,
-    owned_by,
-    parse_key,
-    registrations_for,
-)
-from registrar.core.planner import (
-    StoredKey,
-    parse_promotions,
-    place,
-    plan_changes,
-    promoted_prefix,
-    standby_prefix,
-)
+from registrar.core.control import Canary, Control, parse_control, parse_promotions, place
+from registrar.core.layout import Layout, parse_key
+from registrar.core.naming import MAX_VALUE_BYTES, NamingContext, registrations_for
+from registrar.core.ownership import Ownership, owned_by
+from registrar.core.planner import StoredKey, plan_changes
+from registrar.core.reconcile import plan
 from registrar.metrics import Metrics
 from registrar.settings import NAME_RE, SettingsError, parse_settings
+from tests.fakes import FakeEtcd
 
 PREFIX = "/services"
 CONTROL = "/registrar"
-STANDBY = standby_prefix(CONTROL)
-PROMOTED = promoted_prefix(CONTROL)
+LAYOUT = Layout(PREFIX, CONTROL)
+STANDBY = LAYOUT.standby
+PROMOTED = LAYOUT.promoted
 NODE = "core-01"
 
 # --- strategies ---------------------------------------------------------------------------
@@ -132,56 +123,6 @@ container_infos = st.builds(
 )
 
 
-# --- a fake etcd that records every write ---------------------------------------------------
-class RecordingEtcd:
-    """EtcdStore's interface over a dict, recording puts, deletes and revokes."""
-
-    def __init__(self, contents: Mapping[str, StoredKey]) -> None:
-        self.lock = threading.Lock()
-        self.kv = dict(contents)
-        self.leases = {lease for item in contents.values() if (lease := item.lease)}
-        self.granted: list[int] = []
-        self.ids = itertools.count(0x1000)
-        self.puts: list[str] = []
-        self.deletes: list[str] = []
-        self.revoked: list[int] = []
-
-    def grant(self, ttl: int) -> int:
-        with self.lock:
-            lease = next(self.ids)
-            self.leases.add(lease)
-            self.granted.append(lease)
-            return lease
-
-    def keepalive(self, lease: int) -> int:
-        with self.lock:
-            return 3 if lease in self.leases else 0
-
-    def revoke(self, lease: int) -> None:
-        with self.lock:
-            self.revoked.append(lease)
-            self.leases.discard(lease)
-            self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
-
-    def list_prefix(self, prefix: str) -> tuple[dict[str, StoredKey], int]:
-        with self.lock:
-            return {k: v for k, v in self.kv.items() if k.startswith(prefix + "/")}, 1
-
-    def apply(self, puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
-        with self.lock:
-            if puts and lease not in self.leases:
-                raise LeaseNotFound("requested lease not found")
-            for key in deletes:
-                self.deletes.append(key)
-                self.kv.pop(key, None)
-            for key, value in puts.items():
-                self.puts.append(key)
-                self.kv[key] = StoredKey(value, lease)
-
-    def close(self) -> None:
-        pass
-
-
 class Errors(logging.Handler):
     """Collects ERROR records (a failed keeper step is logged, not raised)."""
 
@@ -193,87 +134,92 @@ class Errors(logging.Handler):
         self.records.append(record)
 
 
-def mine(key: str, owns: Any) -> bool:
-    """Whether `key` is one of this node's keys, in rotation or on standby."""
-    for base in (PREFIX, STANDBY):
-        parsed = parse_key(base, key)
-        if parsed is not None and owns(parsed[1]):
-            return True
-    return False
+def mine(key: str, ownership: Ownership) -> bool:
+    """Whether `key` is one of this keeper's keys, in rotation or on standby."""
+    parsed = LAYOUT.parse(key)
+    return parsed is not None and ownership.owns(parsed[1])
 
 
-def run_keeper(
-    contents: Mapping[str, StoredKey],
-    desired: Mapping[str, Mapping[str, str]],
-    owns: Any,
-) -> RecordingEtcd:
-    etcd = RecordingEtcd(contents)
-    keeper = LeaseKeeper(
-        etcd,  # type: ignore[arg-type]
-        ttl=3, prefix=PREFIX, owns=owns, metrics=Metrics(), control_prefix=CONTROL,
-    )
-    errors = Errors()
-    logging.getLogger("registrar").addHandler(errors)
-    try:
-        keeper.replace_all(desired)  # the reconcile at start: everything that should exist
-        keeper.start()
-        assert keeper.synced.wait(5), "the keeper never synced"
-        assert keeper.shutdown(2)
-    finally:
-        logging.getLogger("registrar").removeHandler(errors)
-    assert not errors.records, [r.getMessage() for r in errors.records]
-    return etcd
+controls = st.builds(
+    Control,
+    promotions=st.dictionaries(st.one_of(names, texts), st.one_of(names, texts), max_size=3),
+    canaries=st.dictionaries(names, st.builds(Canary, names, st.integers(0, 100)), max_size=2),
+    held_services=st.frozensets(names, max_size=2),
+    held_instances=st.frozensets(st.tuples(names, instances), max_size=2),
+    held_nodes=st.frozensets(nodes, max_size=2),
+)
+ownerships = st.one_of(
+    st.builds(Ownership, st.just(NODE), sidecars=st.frozensets(names, max_size=2)),
+    st.builds(lambda name: Ownership(NODE, container=name), names),
+)
 
 
-def check_writes(etcd: RecordingEtcd, before: Mapping[str, StoredKey], owns: Any) -> None:
-    for key in etcd.deletes:
-        assert mine(key, owns), f"deleted a key that is not this node's: {key!r}"
-    for key in etcd.puts:
-        assert key.startswith((PREFIX + "/", STANDBY + "/")), f"wrote outside: {key!r}"
-        assert mine(key, owns), f"wrote a key that is not this node's: {key!r}"
-    assert etcd.revoked == etcd.granted[-1:], "revoked a lease it did not grant"
-    for key, item in before.items():
-        if not mine(key, owns):
-            assert etcd.kv.get(key) == item, f"another's key changed: {key!r}"
-
-
-# --- the keeper ---------------------------------------------------------------------------
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(contents=etcd_contents, containers=st.lists(container_infos, max_size=4))
-def test_agent_keeper_touches_only_this_nodes_keys(
-    contents: dict[str, StoredKey], containers: list[ContainerInfo]
-) -> None:
+def desired_of(containers: list[ContainerInfo]) -> dict[str, str]:
     ctx = NamingContext(prefix=PREFIX, node=NODE, host_ip=None, default_ip="10.0.0.5")
-    desired: dict[str, dict[str, str]] = {}
+    desired: dict[str, str] = {}
     for info in containers:
         outcome = registrations_for(info, ctx, "2015-07-20T12:00:00Z")
         for registration in outcome.registrations:
             assert len(registration.encoded()) <= MAX_VALUE_BYTES
-        desired[info.id] = {r.key: r.encoded() for r in outcome.registrations}
-    owns = lambda instance: owned_by(NODE, instance)  # noqa: E731 - as agent.run builds it
-
-    etcd = run_keeper(contents, desired, owns)
-
-    check_writes(etcd, contents, owns)
-    event(f"deletes: {min(len(etcd.deletes), 2)}, puts: {min(len(etcd.puts), 2)}")
-    for keys in desired.values():  # whatever was desired was written, in rotation or standby
-        for key in keys:
-            twin = STANDBY + key[len(PREFIX):]
-            assert key in etcd.puts or twin in etcd.puts or contents.get(key) is not None
+            desired[registration.key] = registration.encoded()
+    return desired
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(contents=etcd_contents, name=names)
-def test_sidecar_keeper_touches_only_its_containers_keys(
-    contents: dict[str, StoredKey], name: str
+# --- the keeper's decision, driven directly -------------------------------------------------
+@settings(max_examples=400, deadline=None)
+@given(contents=etcd_contents, containers=st.lists(container_infos, max_size=4),
+       control=controls, ownership=ownerships, lease=st.integers(1, 4))
+def test_the_decision_touches_only_this_keepers_keys(
+    contents: dict[str, StoredKey], containers: list[ContainerInfo], control: Control,
+    ownership: Ownership, lease: int,
 ) -> None:
-    owns = lambda instance: instance.startswith(f"{NODE}:{name}:")  # noqa: E731 - as agent.run
-    key = f"{PREFIX}/web/{NODE}:{name}:8080"
-    etcd = run_keeper(contents, {"c1": {key: json.dumps({"version": "v1"})}}, owns)
-    check_writes(etcd, contents, owns)
+    desired = desired_of(containers)
+    decided = plan(desired, contents, control, LAYOUT, ownership, lease)
+    for key in decided.changes.deletes:
+        assert key in contents and mine(key, ownership), f"deleted {key!r}"
+    for key in decided.changes.puts:
+        assert key.startswith((PREFIX + "/", STANDBY + "/")), f"wrote outside: {key!r}"
+        assert mine(key, ownership), f"wrote a key that is not this keeper's: {key!r}"
+    for key in decided.held:
+        assert mine(key, ownership)
+    event(f"deletes: {min(len(decided.changes.deletes), 2)}, "
+          f"puts: {min(len(decided.changes.puts), 2)}")
+    for key in desired:  # whatever is desired and ours ends up written, in rotation or standby
+        parsed = LAYOUT.parse(key)
+        if parsed is not None and ownership.owns(parsed[1]):
+            assert key in decided.held or LAYOUT.twin(key) in decided.held
 
 
-def test_the_keeper_does_delete_this_nodes_stale_keys() -> None:
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contents=etcd_contents, containers=st.lists(container_infos, max_size=3))
+def test_the_keeper_thread_writes_what_the_decision_says_and_revokes_only_its_lease(
+    contents: dict[str, StoredKey], containers: list[ContainerInfo]
+) -> None:
+    etcd = FakeEtcd(contents)
+    ownership = Ownership(NODE)
+    keeper = LeaseKeeper(etcd, ttl=3, layout=LAYOUT,  # type: ignore[arg-type]
+                         ownership=ownership, metrics=Metrics())
+    errors = Errors()
+    logging.getLogger("registrar").addHandler(errors)
+    try:
+        keeper.replace_all({"all": desired_of(containers)})
+        keeper.start()
+        assert keeper.synced.wait(5), "the keeper never synced"
+        assert keeper.shutdown(time.monotonic() + 2)
+    finally:
+        logging.getLogger("registrar").removeHandler(errors)
+    assert not errors.records, [r.getMessage() for r in errors.records]
+    for key in etcd.deletes:
+        assert mine(key, ownership), f"deleted a key that is not this node's: {key!r}"
+    for key in etcd.puts:
+        assert mine(key, ownership), f"wrote a key that is not this node's: {key!r}"
+    assert etcd.revoked == etcd.granted[-1:], "revoked a lease it did not grant"
+    for key, item in contents.items():
+        if not mine(key, ownership):
+            assert etcd.kv.get(key) == item, f"another's key changed: {key!r}"
+
+
+def test_the_decision_does_delete_this_nodes_stale_keys() -> None:
     """The properties above are not vacuous: stale keys of this node do go, others stay."""
     stale = {
         f"{PREFIX}/web/{NODE}:old:8080": StoredKey("x", 2),
@@ -282,11 +228,13 @@ def test_the_keeper_does_delete_this_nodes_stale_keys() -> None:
         f"{PREFIX}/web/{NODE}x:old:8080": StoredKey("x", 2),
         f"{PREFIX}/web/{NODE}:old:8080/deeper": StoredKey("x", 2),
         f"{PREFIX}-x/web/{NODE}:old:8080": StoredKey("x", 2),
+        f"{PREFIX}/web/{NODE}:sidecar-app:8080": StoredKey("x", 2),
     }
-    owns = lambda instance: owned_by(NODE, instance)  # noqa: E731
-    etcd = run_keeper(stale, {}, owns)
-    assert sorted(etcd.deletes) == sorted(list(stale)[:2])
-    check_writes(etcd, stale, owns)
+    decided = plan({}, stale, Control(), LAYOUT,
+                   Ownership(NODE, sidecars=frozenset({"sidecar-app"})), 7)
+    assert sorted(decided.changes.deletes) == sorted(list(stale)[:2])
+    sidecar = plan({}, stale, Control(), LAYOUT, Ownership(NODE, container="sidecar-app"), 7)
+    assert sidecar.changes.deletes == (f"{PREFIX}/web/{NODE}:sidecar-app:8080",)
 
 
 # --- the pure pieces ----------------------------------------------------------------------
@@ -314,7 +262,7 @@ def test_plan_changes_deletes_only_what_it_was_given(
 def test_place_keeps_every_instance_in_rotation_or_standby(
     desired: dict[str, str], promotions: dict[str, str]
 ) -> None:
-    placed = place(desired, promotions, PREFIX, CONTROL)
+    placed = place(desired, Control(promotions=promotions), LAYOUT)
     assert len(placed) == len(desired)
     assert sorted(placed.values()) == sorted(desired.values())
     for key in placed:
@@ -326,7 +274,9 @@ def test_place_keeps_every_instance_in_rotation_or_standby(
 
 @given(stored=etcd_contents)
 def test_parse_promotions_takes_only_direct_children(stored: dict[str, StoredKey]) -> None:
-    promotions = parse_promotions(stored, CONTROL)
+    promotions = parse_promotions(stored, LAYOUT)
+    control = parse_control(stored, LAYOUT)  # and the rest of the control state never fails
+    assert control.promotions == promotions
     for service, version in promotions.items():
         assert f"{PROMOTED}/{service}" in stored
         assert "/" not in service and service and isinstance(version, str) and version
@@ -369,7 +319,7 @@ def test_a_deeply_nested_value_is_just_not_json(where: str) -> None:
     elif where == "ls promotions":
         render_promotions(stored, [], CONTROL, None, io.StringIO())
     elif where == "promotions":
-        assert parse_promotions(stored, CONTROL) == {}
+        assert parse_promotions(stored, LAYOUT) == {}
     else:
         assert _instances(stored, f"{PREFIX}/web") == {}
 
@@ -424,8 +374,9 @@ def test_no_accepted_prefix_lets_a_key_escape(
         assert path.startswith("/") and not path.endswith("/")
         assert all(NAME_RE.fullmatch(seg) for seg in path[1:].split("/"))
     key = f"{s.prefix}/{service}/{instance}"
-    standby = f"{standby_prefix(s.control_prefix)}/{service}/{instance}"
-    promoted = f"{promoted_prefix(s.control_prefix)}/{service}"
+    layout = Layout(s.prefix, s.control_prefix)
+    standby = f"{layout.standby}/{service}/{instance}"
+    promoted = f"{layout.promoted}/{service}"
     assert not key.startswith(s.control_prefix + "/")
     assert not standby.startswith(s.prefix + "/") and not promoted.startswith(s.prefix + "/")
     assert parse_key(s.prefix, key) is None or parse_key(s.prefix, key) == (service, instance)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from registrar import __version__
-from registrar.agent.command import SHUTDOWN_TIMEOUT
+from registrar.agent.command import SHUTDOWN_BUDGET
 from registrar.settings import parse_settings
 from tests.helpers import healthz, value_of
 from tests.support.docker_env import BUSYBOX_IMAGE, docker
@@ -392,7 +392,7 @@ def test_unit_structure(variant: str) -> None:
     (stop,) = raw_commands(agent, "ExecStop")
     assert stop[:3] == ["/usr/bin/docker", "stop", "-t"] and stop[4] == "%p"
     docker_timeout = float(stop[3])
-    assert drain + SHUTDOWN_TIMEOUT < docker_timeout < seconds(agent.one("TimeoutStopSec"))
+    assert drain + SHUTDOWN_BUDGET < docker_timeout < seconds(agent.one("TimeoutStopSec"))
     assert flag_value(start, "--name") == "%p"
     if variant == "fleet":
         assert agent.one("Global", "X-Fleet") == "true"
@@ -412,7 +412,7 @@ def test_unit_structure(variant: str) -> None:
     ]
     assert all(line.startswith("-") for line in app.all("ExecStop"))
     sidecar_drain = float(flag_value(post, "--drain"))
-    assert float(stops[0][3]) > sidecar_drain + SHUTDOWN_TIMEOUT
+    assert float(stops[0][3]) > sidecar_drain + SHUTDOWN_BUDGET
     assert seconds(app.one("TimeoutStopSec")) > max(float(s[3]) for s in stops)
     cleanup = raw_commands(app, "ExecStopPost")
     assert ["/usr/bin/docker", "rm", "-f", "registrar-%p-%i"] in cleanup
@@ -600,7 +600,7 @@ def test_agent_unit_runs_watch_and_its_stop_deregisters_then_drains(
         drain = float(flag_value(raw_commands(unit, "ExecStart")[0], "--drain"))
         assert timeline.key_gone_at is not None and timeline.key_gone_at - stop_started < 2
         assert timeline.app_running_when_gone is True  # the agent's stop, not the app's
-        assert drain - 0.5 <= took < drain + SHUTDOWN_TIMEOUT, logs()
+        assert drain - 0.5 <= took < drain + SHUTDOWN_BUDGET, logs()
         assert etcd_reader.get_prefix(f"/rgt-{unique}/") == {}
         assert docker("ps", "-a", "-q", "--filter", f"name=^/{name}$") == ""
     finally:

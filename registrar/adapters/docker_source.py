@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
-from registrar.core.containers import ContainerInfo, parse_inspect
+from registrar.core.containers import ContainerInfo, exposed_ports, parse_inspect
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,26 @@ class DockerSource:
         import docker.errors
 
         try:
-            return parse_inspect(self.api.inspect_container(container))
+            data = self.api.inspect_container(container)
+            info = parse_inspect(data)
+            if info.host_network and not info.exposed:
+                info = replace(info, exposed=self._image_exposed(str(data.get("Image") or "")))
+            return info
         except docker.errors.NotFound:
             return None
         except _errors() as exc:
             self._api = None
             raise DockerUnavailable(f"inspect {container[:64]}: {exc}") from None
+
+    def _image_exposed(self, image: str) -> tuple[tuple[int, str], ...]:
+        """Podman leaves a host-network container's ExposedPorts empty: its image has them."""
+        import docker.errors
+
+        try:
+            config = self.api.inspect_image(image).get("Config") or {}
+        except docker.errors.NotFound:
+            return ()
+        return exposed_ports(config.get("ExposedPorts"))
 
     def running(self) -> list[ContainerInfo]:
         """Every running container, inspected (those gone meanwhile are left out)."""

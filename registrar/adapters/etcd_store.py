@@ -2,15 +2,19 @@
 
 - Every call has a timeout (pyetcd has none by default: a hung etcd would block forever).
 - Several endpoints with failover; a failed endpoint is retried after one second, not pyetcd's
-  300 s; gRPC's own reconnect backoff is capped at one second so a restarted etcd is used again
-  at once.
+  300 s; gRPC's reconnect backoff is capped at one second so a restarted etcd is used again at
+  once, while each connection attempt may take as long as a request (a slow link connects).
 - Authentication: the token goes as plain gRPC metadata (pyetcd also sends it as call
   credentials, which gRPC refuses on an http:// channel). An expired token (etcd drops one after
   --auth-token-ttl of disuse; heartbeats do not use it) or one lost with an etcd restart is
   renewed at once on the same client: authenticate again and retry the request once.
 - Errors say what is wrong in one line: a TLS handshake refused, a wrong password, a missing
   permission, with the flag to check (never the password).
-- Every error becomes `EtcdUnavailable` (retry later) or `LeaseNotFound` (grant a new lease).
+- Every error becomes `EtcdUnavailable` (etcd cannot be reached or will not let us in: retry
+  later), `EtcdRefused` (etcd answered and refused this request: its quota is full, a
+  permission is missing, the value is too large) or `LeaseNotFound` (grant a new lease).
+- Whether etcd answers is tracked here, from every request and every watch stream, in one
+  place: `registrar_etcd_up`, and one log line when it goes and when it comes back.
 Retries themselves live with the callers' one policy (`registrar.retry`).
 """
 
@@ -41,17 +45,56 @@ T = TypeVar("T")
 
 # etcd's default --max-txn-ops is 128.
 TXN_MAX_OPS = 128
-_GRPC_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10000),
-    ("grpc.keepalive_timeout_ms", 3000),
-]
+# etcd (grpc-go) refuses transport pings more often than every 5 s (--grpc-keepalive-min-time).
+KEEPALIVE_TIME_MS = 5000
 
 
-class EtcdUnavailable(Exception):
-    """etcd could not be reached or refused the request; worth retrying later."""
+def grpc_options(timeout: float) -> list[tuple[str, int]]:
+    """gRPC channel options. gRPC's "min reconnect backoff" is also the deadline of one
+    connection attempt: it follows the request timeout, so that a link of a few hundred
+    milliseconds' round trip still completes its handshake (at 100 ms it never did)."""
+    timeout_ms = max(1000, int(timeout * 1000))
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", timeout_ms),
+        ("grpc.max_reconnect_backoff_ms", max(1000, timeout_ms)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+    ]
+
+
+# Status codes with which etcd answers a request it will not carry out, while it is up.
+REFUSAL_CODES = frozenset({
+    "RESOURCE_EXHAUSTED",  # "mvcc: database space exceeded" (the NOSPACE alarm)
+    "PERMISSION_DENIED",
+    "INVALID_ARGUMENT",  # a request too large, a value etcd rejects
+    "FAILED_PRECONDITION",
+    "OUT_OF_RANGE",
+})
+
+
+class EtcdError(Exception):
+    """An etcd request failed (EtcdUnavailable or EtcdRefused)."""
+
+
+class EtcdUnavailable(EtcdError):
+    """etcd could not be reached, or will not let us in; worth retrying later.
+
+    `lasting`: a configuration problem (TLS refused, a wrong password) that waiting will not
+    fix: long-running commands still retry (an operator may fix it), one-shot ones say so."""
+
+    def __init__(self, message: str, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+
+
+class EtcdRefused(EtcdError):
+    """etcd answered and refused this request (quota full, permission missing, value too
+    large...): it is up, and other requests (heartbeats, deletes) may still go through."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code  # the gRPC status name, e.g. RESOURCE_EXHAUSTED
 
 
 class LeaseNotFound(Exception):
@@ -80,8 +123,10 @@ class PrefixWatch:
     from the last revision seen + 1) and WatchCompacted when that revision is gone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_answer: Callable[[bool, str], None] = lambda up, why: None) -> None:
+        """`on_answer(up, why)`: told of every response (True) and of the stream's end."""
         self._queue: queue.Queue[list[KeyEvent] | BaseException] = queue.Queue()
+        self._on_answer = on_answer
         self.cancel: Callable[[], None] = lambda: None
 
     def wake(self) -> None:
@@ -103,10 +148,14 @@ class PrefixWatch:
         from pyetcd import exceptions as etcd_errors
 
         if isinstance(response, etcd_errors.RevisionCompactedError):
+            self._on_answer(True, "")
             self._queue.put(WatchCompacted(response.compacted_revision))
         elif isinstance(response, BaseException):
-            self._queue.put(EtcdUnavailable(f"watch ended: {response}"))
+            why = f"watch ended: {response}"
+            self._on_answer(False, why)
+            self._queue.put(EtcdUnavailable(why))
         else:
+            self._on_answer(True, "")
             revision = int(response.header.revision)
             batch = []
             for event in response.events:
@@ -144,11 +193,17 @@ def _token_expired(exc: BaseException) -> bool:
 
 def describe_error(exc: BaseException, settings: EtcdSettings) -> str:
     """One line saying what went wrong and which flag to check (never the password)."""
+    return diagnose(exc, settings)[0]
+
+
+def diagnose(exc: BaseException, settings: EtcdSettings) -> tuple[str, bool]:
+    """(one line saying what went wrong and which flag to check, whether it is a configuration
+    problem that retrying will not fix)."""
     import grpc
 
     code, details = _status(exc)
     if code is None:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}", False
     raw = f"{code.name}: {details}"
     text = details.lower()
     secure = any(ep.secure for ep in settings.endpoints)
@@ -179,16 +234,26 @@ def describe_error(exc: BaseException, settings: EtcdSettings) -> str:
             "TLS: the handshake with etcd failed (does it want a client certificate? check "
             "--etcd-cert/--etcd-key, and that it is signed by a CA etcd trusts)"
         )
-    return f"{hint} ({raw})" if hint else raw
+    if hint is None:
+        return raw, False
+    return f"{hint} ({raw})", code != grpc.StatusCode.PERMISSION_DENIED
 
 
 class EtcdStore:
-    def __init__(self, settings: EtcdSettings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: EtcdSettings, metrics: Metrics | None = None,
+                 *, log_health: bool = False) -> None:
+        """`metrics`: `registrar_etcd_up` and request durations go there; `log_health`: log
+        when etcd stops answering and when it answers again (long-running commands)."""
         self._settings = settings
         self._metrics = metrics
+        self._log_health = log_health
         self._lock = threading.Lock()
         self._client: Any = None
         self._last_error = "none"
+        self._last_lasting = False
+        self.up: bool | None = None  # whether etcd answers (None: not asked yet)
+        self._listeners: list[Callable[[bool], None]] = []
+        self._closed = False
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -209,7 +274,7 @@ class EtcdStore:
         endpoints = [
             pyetcd.Endpoint(
                 ep.host, ep.port, secure=ep.secure, creds=creds if ep.secure else None,
-                time_retry=1.0, opts=_GRPC_OPTIONS,
+                time_retry=1.0, opts=grpc_options(s.timeout),
             )
             for ep in s.endpoints
         ]
@@ -263,43 +328,90 @@ class EtcdStore:
         started = time.perf_counter()
         try:
             try:
-                return fn(self._get_client())
+                result = fn(self._get_client())
             except grpc.RpcError as exc:
                 if not _token_expired(exc):
                     raise
                 # Refused before it was applied: authenticate anew and try once more.
                 log.debug("etcd auth token expired; authenticating again")
-                return fn(self._renew_token())
+                result = fn(self._renew_token())
         except grpc.RpcError as exc:
             code, details = _status(exc)
             if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
+                self._heard()
                 raise LeaseNotFound(details) from None
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
                 "token" in details
             ):
                 self._drop_client()
-            self._last_error = describe_error(exc, self._settings)
-            raise EtcdUnavailable(self._last_error) from None
+            self._last_error, lasting = diagnose(exc, self._settings)
+            self._last_lasting = lasting
+            if code is not None and code.name in REFUSAL_CODES and not lasting:
+                self._heard()
+                raise EtcdRefused(self._last_error, code.name) from None
+            raise self._unavailable(self._last_error, lasting) from None
         except etcd_errors.Etcd3Exception as exc:
             if isinstance(exc, etcd_errors.NoServerAvailableError):
                 # Every endpoint failed within the last second: say why the last one did.
                 self._drop_client()
-                raise EtcdUnavailable(
-                    f"no etcd endpoint available (last error: {self._last_error})"
+                raise self._unavailable(
+                    f"no etcd endpoint available (last error: {self._last_error})",
+                    self._last_lasting,
                 ) from None
             self._last_error = describe_error(exc, self._settings)
-            raise EtcdUnavailable(self._last_error) from None
-        except (OSError, ValueError) as exc:
-            # ValueError: pyetcd's "Trying to use a failed node"; OSError: TLS files.
+            raise self._unavailable(self._last_error) from None
+        except ValueError as exc:
+            if "failed node" not in str(exc):
+                raise  # a bug, not an outage: it must show
+            self._drop_client()  # pyetcd's "Trying to use a failed node"
+            raise self._unavailable(f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:  # TLS files that became unreadable
             self._drop_client()
-            raise EtcdUnavailable(f"{type(exc).__name__}: {exc}") from None
+            raise self._unavailable(f"{type(exc).__name__}: {exc}") from None
+        else:
+            self._heard()
         finally:
             if self._metrics is not None:
                 self._metrics.etcd_request_duration.labels(op=op).observe(
                     time.perf_counter() - started
                 )
+        return result
+
+    # --- whether etcd answers -----------------------------------------------------------
+
+    def _heard(self) -> None:
+        """etcd answered (a result, or a refusal of this one request)."""
+        self._set_up(True, "")
+
+    def _unavailable(self, why: str, lasting: bool = False) -> EtcdUnavailable:
+        self._set_up(False, why)
+        return EtcdUnavailable(why, lasting)
+
+    def add_listener(self, listener: Callable[[bool], None]) -> None:
+        """`listener(up)` is called whenever etcd goes from answering to not, or back."""
+        self._listeners.append(listener)
+
+    def _watch_answer(self, up: bool, why: str) -> None:
+        if not self._closed:  # our own close ends every stream: not an outage
+            self._set_up(up, why)
+
+    def _set_up(self, up: bool, why: str) -> None:
+        with self._lock:
+            before, self.up = self.up, up
+        if self._metrics is not None:
+            self._metrics.etcd_up.set(1 if up else 0)
+        if before is up:
+            return
+        if self._log_health and up and before is False:
+            log.info("etcd reachable again", extra={"event": "etcd_up"})
+        elif self._log_health and not up:
+            log.warning("etcd unreachable or refusing requests: %s", why,
+                        extra={"event": "etcd_down"})
+        for listener in self._listeners:
+            listener(up)
 
     def close(self) -> None:
+        self._closed = True
         self._drop_client()
 
     # --- leases -----------------------------------------------------------------------
@@ -316,9 +428,20 @@ class EtcdStore:
 
         return self._call("lease_keepalive", refresh)
 
-    def revoke(self, lease: int) -> None:
+    def revoke(self, lease: int, timeout: float | None = None) -> None:
+        """Revokes the lease (every key bound to it goes); `timeout` bounds this one request
+        (the shutdown's deadline), else the usual request timeout."""
+        import pyetcd
+
+        def revoke(client: Any) -> None:
+            request = pyetcd.etcdrpc.LeaseRevokeRequest(ID=lease)
+            client.leasestub.LeaseRevoke(
+                request, min(timeout, self._settings.timeout) if timeout else
+                self._settings.timeout, credentials=client.call_credentials,
+                metadata=client.metadata)
+
         with contextlib.suppress(LeaseNotFound):  # already gone: its keys are gone too
-            self._call("lease_revoke", lambda c: c.revoke_lease(lease))
+            self._call("lease_revoke", revoke)
 
     # --- keys -------------------------------------------------------------------------
 
@@ -336,13 +459,6 @@ class EtcdStore:
             return keys, int(response.header.revision)
 
         return self._call("range", read)
-
-    def get(self, key: str) -> str | None:
-        def read(client: Any) -> str | None:
-            value, _meta = client.get(key)
-            return None if value is None else bytes(value).decode("utf-8", "replace")
-
-        return self._call("get", read)
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self._call("put", lambda c: c.put(key, value, lease=lease))
@@ -391,7 +507,7 @@ class EtcdStore:
         """Watches `prefix/` from `start_revision` on (raises WatchCompacted if it is gone)."""
         from pyetcd import exceptions as etcd_errors
 
-        watch = PrefixWatch()
+        watch = PrefixWatch(self._watch_answer)
 
         def add(client: Any) -> Any:
             try:

@@ -1,7 +1,9 @@
 """Runs `watch` (every container of the host) and `register` (one container): one code path.
 
-The shutdown path, top to bottom: stop taking events, revoke the lease (every key goes in one
-request), wait --drain, stop the metrics server, exit 0. Bounded even when etcd is unreachable.
+The shutdown path, top to bottom, under one deadline (SHUTDOWN_BUDGET after the signal, so
+that it ends well within the units' `docker stop -t 20` even when etcd and Docker are both
+unreachable): stop taking events, revoke the lease (every key goes in one request), wait
+--drain, stop the metrics server, exit 0.
 """
 
 from __future__ import annotations
@@ -9,27 +11,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
 
 from registrar.adapters.docker_source import DockerSource, DockerUnavailable
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.agent.control_follower import promotion_follower
+from registrar.agent.control_follower import control_follower
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.agent.watcher import ContainerWatcher
 from registrar.core.containers import ContainerInfo
-from registrar.core.naming import NamingContext, owned_by
+from registrar.core.layout import Layout
+from registrar.core.naming import NamingContext
+from registrar.core.ownership import Ownership
 from registrar.errors import FatalError
+from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
 from registrar.http_server import serve_metrics
 from registrar.metrics import Metrics
+from registrar.retry import POLL_INTERVAL
 from registrar.settings import Settings
 from registrar.shutdown import install_stop_signals
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_TIMEOUT = 5.0
-STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
-
+SHUTDOWN_BUDGET = 5.0  # from the signal to the lease revoked (or given up on)
 
 
 def wait_for_container(
@@ -55,23 +58,7 @@ def wait_for_container(
             log.info("waiting up to %gs for container %s (%s)", wait, name, state,
                      extra={"event": "wait", "container": name})
             announced = True
-        stop.wait(0.1)
-    return None
-
-
-class Loop(Protocol):
-    last_progress: float
-
-    def alive(self) -> bool: ...
-
-
-def health_problem(keeper: Loop, watcher: Loop, now: float, limit: float) -> str | None:
-    """None while both loops are alive and moving; else what is wrong (for /healthz)."""
-    for name, loop in (("lease keeper", keeper), ("event loop", watcher)):
-        if not loop.alive():
-            return f"{name} stopped"
-        if now - loop.last_progress > limit:
-            return f"{name} stalled for {now - loop.last_progress:.0f}s"
+        stop.wait(POLL_INTERVAL)
     return None
 
 
@@ -81,31 +68,24 @@ def run(settings: Settings) -> int:
     metrics = Metrics()
     metrics.etcd_up.set(0)
     metrics.docker_up.set(0)
-    store = EtcdStore(settings.etcd, metrics)
+    store = EtcdStore(settings.etcd, metrics, log_health=True)
     docker = DockerSource(settings.docker_url)
     sidecar = settings.command == "register"
 
     container_id = None
-    def owns(instance: str) -> bool:
-        """This node's keys, less those of containers whose own sidecar registers them."""
-        return owned_by(settings.node, instance) and (
-            instance.split(":")[1] not in watcher.sidecar_names
-        )
-
+    ownership = Ownership(settings.node)
     if sidecar:
         assert settings.container is not None
         found = wait_for_container(docker, settings.container, settings.wait, stop)
         if found is None:
             return 0  # SIGTERM while waiting: nothing was registered
-        container_id, name = found.id, found.name
-        owns = lambda instance: instance.startswith(f"{settings.node}:{name}:")  # noqa: E731
+        container_id = found.id
+        ownership = Ownership(settings.node, container=found.name)
 
-    keeper = LeaseKeeper(
-        store, ttl=settings.ttl, prefix=settings.prefix, owns=owns, metrics=metrics,
-        control_prefix=settings.control_prefix,
-        fast_heartbeat=settings.metrics_addr is not None,
-    )
-    follower = promotion_follower(store, keeper, settings.control_prefix)
+    layout = Layout(settings.prefix, settings.control_prefix)
+    keeper = LeaseKeeper(store, ttl=settings.ttl, layout=layout, ownership=ownership,
+                         metrics=metrics)
+    follower = control_follower(store, keeper, layout, metrics)
     naming = NamingContext(
         prefix=settings.prefix,
         node=settings.node,
@@ -114,15 +94,11 @@ def run(settings: Settings) -> int:
         explicit=settings.explicit,
         sidecar=sidecar,
     )
-    watcher = ContainerWatcher(
-        docker, DockerSource(settings.docker_url), keeper, naming, metrics,
-        resync=settings.resync, only=container_id, finished=stop,
-    )
-
-    def health() -> str | None:
-        return health_problem(keeper, watcher, time.monotonic(), STALL_LIMIT)
-
-    server = serve_metrics(settings.metrics_addr, metrics.registry, health)
+    watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
+                               only=container_id, finished=stop)
+    loops = (keeper.health, keeper.heartbeat.health, watcher.health, follower.health)
+    server = serve_metrics(settings.metrics_addr, metrics.registry,
+                           lambda: health_problem(loops, time.monotonic()))
 
     log.info(
         "registrar %s: node %s, prefix %s, etcd %s, ttl %ds%s",
@@ -138,10 +114,13 @@ def run(settings: Settings) -> int:
     stop.wait()
 
     # --- shutdown: stop intake, deregister, drain, stop metrics, exit -------------------
+    deadline = time.monotonic() + SHUTDOWN_BUDGET
     signalled = not (sidecar and watcher.finished_reason)
-    watcher.stop()
-    follower.stop()
-    keeper.shutdown(SHUTDOWN_TIMEOUT)
+    watcher.request_stop()
+    follower.request_stop()
+    keeper.shutdown(deadline)
+    watcher.join(deadline)
+    follower.join(deadline)
     if settings.drain and signalled:
         log.info("draining for %gs", settings.drain, extra={"event": "drain"})
         time.sleep(settings.drain)

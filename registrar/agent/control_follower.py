@@ -1,25 +1,41 @@
-"""Following promotions: `{control_prefix}/promoted/` watched, the LeaseKeeper poked.
+"""Following `{control_prefix}/`: promotions, canary weights and maintenance, for the keeper.
 
-The keeper itself reads the promotions (with this node's keys) before it writes, so it is the
-one place where promotions are applied; the follower only makes it re-read as soon as one
-changes (and after every reconnect: something may have changed meanwhile).
+One watch on the control prefix. The keeper itself reads the control state (with this node's
+keys) before it writes, so it is the one place where the state is applied; the follower only
+makes it re-read as soon as something that matters changed (a watch resumed after an outage
+delivers what changed meanwhile). Standby keys and routers' reports, which live under the
+same prefix and change often, are not a reason to read again.
 """
 
 from __future__ import annotations
 
-from registrar.adapters.etcd_store import EtcdStore
+from collections.abc import Iterable
+
+from registrar.adapters.etcd_store import EtcdStore, KeyEvent
 from registrar.agent.lease_keeper import LeaseKeeper
-from registrar.core.planner import promoted_prefix
+from registrar.core.layout import Layout
+from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 
 
-def promotion_follower(
-    store: EtcdStore, keeper: LeaseKeeper, control_prefix: str
+def relevant(layout: Layout, keys: Iterable[str]) -> bool:
+    """Whether any of `keys` is a promotion, a weights key or a maintenance entry."""
+    bases = tuple(f"{base}/" for base in (layout.promoted, layout.weights, layout.maintenance))
+    return any(key.startswith(bases) for key in keys)
+
+
+def control_follower(
+    store: EtcdStore, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
 ) -> PrefixFollower:
+    def on_events(events: list[KeyEvent]) -> None:
+        if relevant(layout, (event.key for event in events)):
+            keeper.request_reread()
+
     return PrefixFollower(
         store,
-        promoted_prefix(control_prefix),
-        name="promotions",
+        layout.control,
+        name="control",
         on_snapshot=lambda _stored: keeper.request_reread(),
-        on_events=lambda _events: keeper.request_reread(),
+        on_events=on_events,
+        on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
     )

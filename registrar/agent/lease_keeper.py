@@ -1,41 +1,67 @@
-"""LeaseKeeper: owns one lease and every key bound to it, on one thread.
+"""LeaseKeeper: owns one lease and every key bound to it.
 
-Callers say what should be registered (per container); the keeper's thread makes etcd match:
-it grants the lease, writes only differences (`plan_changes`), heartbeats, and when the lease is
-lost (expired during a partition) grants a new one and puts every key again. While etcd is
-unreachable it keeps the desired state and retries with backoff; nothing is dropped.
+Callers say what should be registered (per container); the keeper's thread gathers the inputs
+(what should run, what etcd holds, what `{control_prefix}/` says), asks the pure decision
+(`core.reconcile.plan`) what to write, applies it, and records what etcd acknowledged. The
+lease is kept alive by a `Heartbeat` on its own thread and clock; when it is lost (expired
+during a partition) the keeper grants a new one and puts every key again.
+
+While etcd is unreachable, writes are retried with backoff and the desired state is kept:
+nothing is dropped. A write etcd refuses (its quota full, a permission missing) is retried
+with a shorter backoff, logged once with its cause and counted; meanwhile deletes that can go
+alone still go, and the heartbeats never stop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable, LeaseNotFound
-from registrar.core.naming import parse_key
-from registrar.core.planner import (
-    Changes,
-    StoredKey,
-    parse_promotions,
-    place,
-    plan_changes,
-    promoted_prefix,
-    standby_prefix,
+from registrar.adapters.etcd_store import (
+    EtcdError,
+    EtcdRefused,
+    EtcdStore,
+    LeaseNotFound,
 )
+from registrar.agent.heartbeat import Heartbeat
+from registrar.core.control import Control, describe_changes, parse_control
+from registrar.core.layout import Layout
+from registrar.core.ownership import Ownership
+from registrar.core.planner import Changes, StoredKey
+from registrar.core.reconcile import Happened, Plan, mine, plan, split_deletes
+from registrar.health import LoopHealth
 from registrar.metrics import Metrics
-from registrar.retry import retrying
+from registrar.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-# registrar_etcd_up must turn 0 within 2 s of losing etcd: where it is scraped, heartbeat at
-# least this often (else every TTL/3).
-WATCHED_HEARTBEAT_INTERVAL = 1.0
+REFUSED_MAX_BACKOFF = 2.0  # a refused write is tried again at least this often
+REVOKE_RESERVE = 2.0  # of the shutdown's deadline, kept for revoking the lease
+_MESSAGES = {
+    Happened.REGISTER: "registered %s %s",
+    Happened.REGISTER_STANDBY: "registered %s %s on standby (held out of rotation)",
+    Happened.STANDBY: "left rotation, on standby: %s %s",
+    Happened.ROTATION_IN: "back in rotation: %s %s",
+    Happened.REPUT: "put %s %s again under the new lease",
+    Happened.DEREGISTER: "deregistered %s %s",
+}
 
 
-class LeaseLost(Exception):
-    pass
+@dataclasses.dataclass
+class _Inputs:
+    """What callers told the keeper (guarded by the keeper's condition)."""
+
+    desired: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # cid -> keys
+    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> event time
+    ready: bool = False  # the first full picture of what runs arrived: writing may begin
+    dirty: bool = True  # something changed since the last write
+    reread: bool = True  # read this node's keys and the control state before writing
+
+    def flat(self) -> dict[str, str]:
+        return {key: value for keys in self.desired.values() for key, value in keys.items()}
 
 
 class LeaseKeeper:
@@ -44,53 +70,37 @@ class LeaseKeeper:
         store: EtcdStore,
         *,
         ttl: int,
-        prefix: str,
-        owns: Callable[[str], bool],
+        layout: Layout,
+        ownership: Ownership,
         metrics: Metrics,
-        control_prefix: str | None = None,
-        fast_heartbeat: bool = True,
+        heartbeat_interval: float | None = None,
     ) -> None:
-        """`owns(instance)` says which keys are this keeper's to reconcile.
-
-        `fast_heartbeat`: heartbeat at least every second, so that `registrar_etcd_up` turns 0
-        within 2 s of losing etcd (only worth it where metrics are served).
-        With `control_prefix`, promotions under `{control_prefix}/promoted/` are followed:
-        instances of a demoted version are kept at `{control_prefix}/standby/...` instead.
-        """
+        """`ownership` says which keys are this keeper's to reconcile; heartbeats every
+        `heartbeat_interval` (default TTL/3)."""
         self._store = store
         self._ttl = ttl
-        self._owns = owns
-        self._prefix = prefix
-        self._control = control_prefix
-        self._standby = standby_prefix(control_prefix) if control_prefix else None
-        self._promotions: dict[str, str] = {}
+        self._layout = layout
+        self._ownership = ownership
         self._metrics = metrics
-        self.heartbeat_interval = ttl / 3
-        if fast_heartbeat:
-            self.heartbeat_interval = min(self.heartbeat_interval, WATCHED_HEARTBEAT_INTERVAL)
-
         self._cond = threading.Condition()
-        self._desired: dict[str, dict[str, str]] = {}  # container id -> key -> value
-        self._since: dict[str, float] = {}  # key -> Docker event time, for the latency metric
-        self._reread = True  # read this node's keys from etcd before the next write
-        # Nothing is written before the first full picture of what runs (`replace_all`):
-        # otherwise a restarted agent would delete every key of its node, then put it back.
-        self._ready = False
-        self._dirty = True
-        self._stop = threading.Event()
+        self._inputs = _Inputs()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-
+        self.heartbeat = Heartbeat(store, heartbeat_interval or ttl / 3, metrics, self._lost)
+        self.health = LoopHealth("lease keeper", self.alive,
+                                 lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         # Only the keeper's thread touches these (and shutdown, after joining it).
         self._lease: int | None = None
-        self._had_lease = False
-        self._written: dict[str, StoredKey] = {}
-        # "service/instance" of every registration made and not withdrawn since: keys put again
-        # after a lost lease are not new registrations.
-        self._known: set[str] = set()
-        self._next_heartbeat = 0.0
-        self._etcd_ok: bool | None = None
-        self.last_progress = time.monotonic()
-        self.synced = threading.Event()
+        self._lost_lease: int | None = None  # set by the heartbeat's thread (under _cond)
+        self._held: dict[str, StoredKey] = {}
+        self._known: frozenset[str] = frozenset()
+        self._control = Control()
+        self._refused: str | None = None  # why etcd refuses our writes, while it does
+        self._grants = 0
+        self._etcd_back = False  # etcd answered again: retry at once, not after the backoff
+        store.add_listener(self._etcd_answers)
+        self.synced = threading.Event()  # everything told so far is written
+        self.steps = 0  # steps taken (written or not): what tests wait for, not sleep
 
     # --- what callers use ---------------------------------------------------------------
 
@@ -98,296 +108,303 @@ class LeaseKeeper:
         self, container_id: str, keys: Mapping[str, str], event_time: float | None = None
     ) -> None:
         with self._cond:
-            old = self._desired.get(container_id, {})
+            old = self._inputs.desired.get(container_id, {})
             if old == keys:
                 return
             if event_time is not None:
                 for key, value in keys.items():
                     if old.get(key) != value:
-                        self._since[key] = event_time
+                        self._inputs.since[key] = event_time
             if keys:
-                self._desired[container_id] = dict(keys)
+                self._inputs.desired[container_id] = dict(keys)
             else:
-                self._desired.pop(container_id, None)
-            self._mark_dirty()
+                self._inputs.desired.pop(container_id, None)
+            self._changed()
 
     def drop_container(self, container_id: str) -> None:
         self.set_container(container_id, {})
 
-    def replace_all(self, desired: Mapping[str, Mapping[str, str]]) -> None:
-        """A full reconcile: this is everything that should exist; re-read etcd and diff."""
+    def replace_all(self, desired: Mapping[str, Mapping[str, str]],
+                    sidecars: frozenset[str] | None = None) -> None:
+        """A full reconcile: this is everything that should exist; re-read etcd and diff.
+        `sidecars`: the containers whose own sidecar owns their keys (watch)."""
         with self._cond:
-            self._desired = {cid: dict(keys) for cid, keys in desired.items() if keys}
-            self._ready = True
-            self._reread = True
-            self._mark_dirty()
+            self._inputs.desired = {cid: dict(keys) for cid, keys in desired.items() if keys}
+            if sidecars is not None:
+                self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
+            self._inputs.ready = True
+            self._inputs.reread = True
+            self._changed()
+
+    def set_sidecars(self, sidecars: frozenset[str]) -> None:
+        with self._cond:
+            if sidecars != self._ownership.sidecars:
+                self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
+                self._changed()
 
     def request_reread(self) -> None:
-        """Re-read this node's keys and the promotions from etcd before the next write."""
+        """Re-read this node's keys and the control state from etcd before the next write."""
         with self._cond:
-            self._reread = True
-            self._mark_dirty()
-
-    @property
-    def promotions(self) -> dict[str, str]:
-        return dict(self._promotions)
+            self._inputs.reread = True
+            self._changed()
 
     def desired_keys(self) -> dict[str, str]:
         with self._cond:
-            return self._flat()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+            return self._inputs.flat()
 
     @property
     def lease(self) -> int | None:
         return self._lease
 
-    def shutdown(self, timeout: float) -> bool:
-        """Stops the thread and revokes the lease (every key at once). False if etcd refused."""
-        self._stop.set()
+    @property
+    def control(self) -> Control:
+        return self._control
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+        self.heartbeat.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, deadline: float) -> bool:
+        """Stops both threads and revokes the lease (every key at once), giving up at
+        `deadline` (time.monotonic()). False when etcd could not be told."""
+        self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+        self.heartbeat.request_stop()  # both told at once, each joined within the deadline
+        # what a step in flight may take (its request's timeout), leaving time to revoke
+        joined_by = deadline - min(REVOKE_RESERVE, (deadline - time.monotonic()) / 2)
+        self.heartbeat.join(joined_by - time.monotonic())
         if self._thread is not None:
-            self._thread.join(timeout)
-        lease, count = self._lease, len(self._written)
+            self._thread.join(max(0.0, joined_by - time.monotonic()))
+        lease, count = self._lease, len(self._held)
         if lease is None:
             return True
-        deadline = time.monotonic() + timeout
+        backoff = Backoff(maximum=0.5)
         while True:
             try:
-                self._store.revoke(lease)
+                self._store.revoke(lease, timeout=max(0.1, deadline - time.monotonic()))
                 break
-            except EtcdUnavailable as exc:
-                if time.monotonic() + 0.2 >= deadline:
-                    log.warning(
-                        "could not revoke lease %x: %s; its %d keys expire within %ds",
-                        lease, exc, count, self._ttl, extra={"event": "revoke_failed"},
-                    )
+            except EtcdError as exc:
+                wait = backoff.next()
+                if time.monotonic() + wait >= deadline:
+                    log.warning("could not revoke lease %x: %s; its %d keys expire within %ds",
+                                lease, exc, count, self._ttl,
+                                extra={"event": "revoke_failed"})
                     return False
-                time.sleep(0.2)
+                time.sleep(wait)
         self._metrics.deregistrations.inc(count)
         self._metrics.registered.set(0)
         self._metrics.standby.set(0)
-        self._written = {}
-        self._known = set()
-        self._lease = None
+        self._held, self._known, self._lease = {}, frozenset(), None
         log.info("revoked lease %x: %d keys removed", lease, count,
                  extra={"event": "deregister_all", "keys": count})
         return True
 
     # --- the thread ---------------------------------------------------------------------
 
-    def _mark_dirty(self) -> None:
-        self._dirty = True
+    def _changed(self) -> None:
+        self._inputs.dirty = True
         self.synced.clear()
         self._cond.notify_all()
 
-    def _flat(self) -> dict[str, str]:
-        return {key: value for keys in self._desired.values() for key, value in keys.items()}
+    def _lost(self, lease: int, why: str) -> None:
+        """From the heartbeat: `lease` is gone."""
+        with self._cond:
+            self._lost_lease = lease
+            self._cond.notify_all()
+        log.warning("lease %x lost (%s)", lease, why, extra={"event": "lease_lost"})
+
+    def _etcd_answers(self, up: bool) -> None:
+        if up:
+            with self._cond:
+                self._etcd_back = True
+                self._cond.notify_all()
+
+    def _wait_for_work(self, retry_at: float | None) -> None:
+        """Until something changed (and any backoff is over, or etcd is back) or the lease
+        was lost."""
+        with self._cond:
+            while not self._stopping.is_set():
+                self.health.progressed()
+                now = time.monotonic()
+                due = retry_at is None or now >= retry_at or self._etcd_back
+                if self._lost_lease is not None or (self._inputs.dirty and due):
+                    self._etcd_back = False
+                    return
+                timeout = 1.0 if retry_at is None else min(1.0, max(0.0, retry_at - now))
+                self._cond.wait(timeout)
 
     def _run(self) -> None:
-        policy = retrying(
-            "etcd", (EtcdUnavailable,), self._stop, log, on_failure=self._etcd_failed
-        )
-        while not self._stop.is_set():
-            with self._cond:
-                wait = self._next_heartbeat - time.monotonic()
-                if not self._dirty and wait > 0:
-                    self._cond.wait(wait)
-                self.last_progress = time.monotonic()
-                if self._stop.is_set():
-                    return
+        retry_at: float | None = None
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            self._wait_for_work(retry_at)
+            if self._stopping.is_set():
+                return
             try:
-                policy(self._step)
-            except EtcdUnavailable:
-                return  # only raised once stopping
-            except Exception:  # a bug must not silently stop heartbeats: log, back off, go on
+                self._step()
+            except EtcdRefused as exc:
+                backoff.maximum = REFUSED_MAX_BACKOFF
+                retry_at = time.monotonic() + backoff.next()
+                self._writes_refused(exc)
+            except EtcdError:
+                backoff.maximum = Backoff().maximum
+                retry_at = time.monotonic() + backoff.next()
+            except Exception:  # a bug: it must show, and must not stop the keeper
                 log.exception("lease keeper step failed")
-                self._stop.wait(1.0)
+                self.health.internal_error()
+                retry_at = time.monotonic() + 1.0
+            else:
+                backoff.reset()
+                retry_at = None
+                self.health.succeeded()
+            finally:
+                self.steps += 1
 
-    def _etcd_failed(self, error: BaseException) -> None:
-        self.last_progress = time.monotonic()
-        if self._etcd_ok is not False:
-            log.warning("etcd unreachable or refusing requests: %s", error,
-                        extra={"event": "etcd_down"})
-        self._etcd_ok = False
-        self._metrics.etcd_up.set(0)
+    def _take(self) -> tuple[dict[str, str], dict[str, float], bool, Ownership] | None:
+        """The inputs of one write (None before the first full picture of what runs)."""
         with self._cond:
-            # Whatever changed meanwhile (promotions first of all) is read before writing.
-            self._reread = True
+            if self._lost_lease is not None:
+                if self._lost_lease == self._lease:
+                    self._drop_lease()
+                self._lost_lease = None
+            if not self._inputs.ready:
+                self._inputs.dirty = False
+                return None
+            taken = (self._inputs.flat(), self._inputs.since, self._inputs.reread,
+                     self._ownership)
+            self._inputs.since, self._inputs.dirty, self._inputs.reread = {}, False, False
+            return taken
+
+    def _give_back(self, since: dict[str, float], reread: bool) -> None:
+        with self._cond:
+            self._inputs.since = {**since, **self._inputs.since}
+            self._inputs.reread = self._inputs.reread or reread
+            self._inputs.dirty = True
 
     def _step(self) -> None:
-        self.last_progress = time.monotonic()
-        try:
-            self._ensure_lease()
-            if time.monotonic() >= self._next_heartbeat:
-                self._heartbeat()
-            self._write()
-        except (LeaseLost, LeaseNotFound) as exc:
-            self._lease_lost(str(exc))
-            self._ensure_lease()
-            self._write()
-        if self._etcd_ok is False:
-            log.info("etcd reachable again", extra={"event": "etcd_up"})
-        self._etcd_ok = True
-        self._metrics.etcd_up.set(1)
-
-    def _ensure_lease(self) -> None:
-        if self._lease is not None:
+        taken = self._take()
+        if taken is None:
             return
+        desired, since, reread, ownership = taken
+        try:
+            if self._lease is None:
+                self._grant()
+                reread = True
+            if reread:
+                self._read(ownership)
+            assert self._lease is not None
+            decided = plan(desired, self._held, self._control, self._layout, ownership,
+                           self._lease, self._known)
+            if decided.changes:
+                self._apply(decided)
+        except LeaseNotFound as exc:
+            self._give_back(since, True)
+            log.warning("lease %x lost (%s)", self._lease or 0, exc,
+                        extra={"event": "lease_lost"})
+            self._drop_lease()
+            return  # dirty again: the next step grants a new lease and puts every key
+        except EtcdError:
+            self._give_back(since, True)  # whatever changed meanwhile is read before writing
+            raise
+        except BaseException:
+            self._give_back(since, reread)
+            raise
+        self._account(decided, since)
+        if self._refused is not None:
+            log.info("etcd accepts writes again", extra={"event": "writes_accepted"})
+            self._refused = None
+            self._metrics.writes_refused.set(0)
+        with self._cond:
+            if not self._inputs.dirty:
+                self.synced.set()
+
+    def _grant(self) -> None:
+        regrant = self._grants > 0
         self._lease = self._store.grant(self._ttl)
-        self._next_heartbeat = time.monotonic() + self.heartbeat_interval
-        if self._had_lease:
+        self._grants += 1
+        self.heartbeat.follow(self._lease)
+        if regrant:
             self._metrics.lease_regrants.inc()
             log.warning("lease lost; granted a new one (%x), putting every key again",
                         self._lease, extra={"event": "lease_regrant"})
         else:
             log.info("granted lease %x (ttl %ds)", self._lease, self._ttl,
                      extra={"event": "lease_grant"})
-        self._had_lease = True
 
-    def _heartbeat(self) -> None:
-        assert self._lease is not None
-        try:
-            ttl = self._store.keepalive(self._lease)
-        except EtcdUnavailable:
-            self._metrics.keepalive_failures.inc()
-            raise
-        self._next_heartbeat = time.monotonic() + self.heartbeat_interval
-        if ttl <= 0:
-            self._metrics.keepalive_failures.inc()
-            raise LeaseLost("keepalive answered TTL 0")
-
-    def _lease_lost(self, why: str) -> None:
-        log.warning("lease %x lost (%s)", self._lease or 0, why, extra={"event": "lease_lost"})
+    def _drop_lease(self) -> None:
         self._lease = None
-        self._written = {}
+        self.heartbeat.follow(None)
+        self._held = {}
         self._metrics.registered.set(0)
         self._metrics.standby.set(0)
-        with self._cond:
-            self._dirty = True
-            self._reread = True
 
-    def _read(self) -> None:
-        """This node's keys (in rotation and on standby) and the promotions, from etcd."""
-        stored, _revision = self._store.list_prefix(self._prefix)
-        written = {key: value for key, value in stored.items() if self._is_mine(key)}
-        if self._control and self._standby:
-            standby, _revision = self._store.list_prefix(self._standby)
-            written.update(
-                (key, value) for key, value in standby.items() if self._is_mine(key)
-            )
-            promoted, _revision = self._store.list_prefix(promoted_prefix(self._control))
-            promotions = parse_promotions(promoted, self._control)
-            if promotions != self._promotions:
-                log.info("promotions: %s", ", ".join(
-                    f"{service}={version}" for service, version in sorted(promotions.items())
-                ) or "none", extra={"event": "promotions"})
-            self._promotions = promotions
-        self._written = written
+    def _read(self, ownership: Ownership) -> None:
+        """This node's keys (in rotation and on standby) and the control state, from etcd:
+        two reads, whatever the number of services."""
+        stored, _revision = self._store.list_prefix(self._layout.prefix)
+        control_keys, _revision = self._store.list_prefix(self._layout.control)
+        held = {**stored, **{k: v for k, v in control_keys.items()
+                             if k.startswith(self._layout.standby + "/")}}
+        control = parse_control(control_keys, self._layout)
+        changes = describe_changes(self._control, control)
+        if changes:
+            log.info("control: %s", "; ".join(changes[:20]) + (
+                f"; and {len(changes) - 20} more" if len(changes) > 20 else ""),
+                extra={"event": "control"})
+        self._control = control
+        self._held = mine(held, self._layout, ownership)
 
-    def _write(self) -> None:
+    def _apply(self, decided: Plan) -> None:
         assert self._lease is not None
-        with self._cond:
-            if not self._ready:
-                self._dirty = False
-                return
-            desired = self._flat()
-            since = {key: self._since.pop(key) for key in list(self._since)}
-            reread = self._reread
-            self._dirty = False
-            self._reread = False
         try:
-            if reread:
-                self._read()
-            placed = desired
-            if self._control:
-                placed = place(desired, self._promotions, self._prefix, self._control)
-            changes = plan_changes(placed, self._written, self._lease)
-            if changes:
-                self._store.apply(changes.puts, changes.deletes, self._lease)
-        except BaseException:
-            with self._cond:
-                self._dirty = True
-                self._reread = self._reread or reread
-                self._since = {**since, **self._since}
+            self._store.apply(decided.changes.puts, decided.changes.deletes, self._lease)
+        except EtcdRefused:
+            alone = split_deletes(decided.changes, self._layout)
+            if alone.deletes and alone != decided.changes:
+                self._apply_deletes(alone)
             raise
-        self._account(changes, since)
-        with self._cond:
-            if not self._dirty:
-                self.synced.set()
 
-    def _account(self, changes: Changes, since: dict[str, float]) -> None:
-        """Updates what we hold, the metrics and the log after a write etcd acknowledged."""
+    def _apply_deletes(self, alone: Changes) -> None:
+        """Refused as a whole: deregistrations go on their own (they free space, never use it)."""
         assert self._lease is not None
+        try:
+            self._store.apply({}, alone.deletes, self._lease)
+        except EtcdError:
+            return
+        for key in alone.deletes:
+            self._held.pop(key, None)
+        self._metrics.deregistrations.inc(len(alone.deletes))
+        log.info("deregistered %d keys while etcd refuses puts", len(alone.deletes),
+                 extra={"event": "deregister", "keys": len(alone.deletes)})
+
+    def _writes_refused(self, exc: EtcdRefused) -> None:
+        self._metrics.write_refusals.labels(code=exc.code).inc()
+        self._metrics.writes_refused.set(1)
+        if self._refused != str(exc):
+            log.error("etcd refuses writes: %s; retrying every %gs at most, heartbeats go on",
+                      exc, REFUSED_MAX_BACKOFF, extra={"event": "writes_refused"})
+        self._refused = str(exc)
+
+    def _account(self, decided: Plan, since: Mapping[str, float]) -> None:
+        """Records, counts and logs what etcd acknowledged."""
         acked = time.time()
-        previous = set(self._written)
-        for key in changes.deletes:
-            self._written.pop(key, None)
-        for key, value in changes.puts.items():
-            self._written[key] = StoredKey(value, self._lease)
-
-        def twin(key: str) -> str:
-            """The same instance's key on the other side (rotation <-> standby)."""
-            if self._standby and key.startswith(self._standby + "/"):
-                return self._prefix + key[len(self._standby) :]
-            if self._standby:
-                return self._standby + key[len(self._prefix) :]
-            return key
-
-        for key in changes.puts:
-            if key in previous:
-                continue
-            in_rotation = key.startswith(self._prefix + "/")
-            service, instance = self._describe(key)
-            extra = {"service": service, "instance": instance}
-            identity = f"{service}/{instance}"
-            if identity in self._known and twin(key) not in previous:
-                log.info("put %s %s again under the new lease", service, instance,
-                         extra={"event": "reput", **extra})
-            elif twin(key) in previous:
-                event = "rotation_in" if in_rotation else "standby"
-                what = "back in rotation" if in_rotation else "left rotation, on standby"
-                log.info("%s %s %s", what, service, instance, extra={"event": event, **extra})
-            elif in_rotation:
-                self._metrics.registrations.inc()
-                log.info("registered %s %s", service, instance,
-                         extra={"event": "register", **extra})
-            else:
-                self._metrics.registrations.inc()
-                log.info("registered %s %s on standby (version not promoted)", service,
-                         instance, extra={"event": "register_standby", **extra})
-            self._known.add(identity)
-            event_time = since.get(key)
-            if event_time is not None and in_rotation:
+        self._held = dict(decided.held)
+        self._known = decided.known
+        registered, deregistered = decided.counts()
+        self._metrics.registrations.inc(registered)
+        self._metrics.deregistrations.inc(deregistered)
+        for note in decided.notes:
+            log.info(_MESSAGES[note.happened], note.service, note.instance,
+                     extra={"event": note.happened.value, "service": note.service,
+                            "instance": note.instance})
+            event_time = since.get(note.key)
+            if event_time is not None and self._layout.in_rotation(note.key):
                 self._metrics.registration_latency.observe(max(0.0, acked - event_time))
-        for key in changes.deletes:
-            if twin(key) in changes.puts:
-                continue  # moved, logged above
-            service, instance = self._describe(key)
-            self._known.discard(f"{service}/{instance}")
-            self._metrics.deregistrations.inc()
-            log.info("deregistered %s %s", service, instance,
-                     extra={"event": "deregister", "service": service, "instance": instance})
-        standby = sum(1 for key in self._written if not key.startswith(self._prefix + "/"))
-        self._metrics.registered.set(len(self._written) - standby)
+        standby = sum(1 for key in self._held if not self._layout.in_rotation(key))
+        self._metrics.registered.set(len(self._held) - standby)
         self._metrics.standby.set(standby)
-
-    def _parse(self, key: str) -> tuple[str, str] | None:
-        """(service, instance) of a key in rotation or on standby."""
-        parsed = parse_key(self._prefix, key)
-        if parsed is None and self._standby:
-            parsed = parse_key(self._standby, key)
-        return parsed
-
-    def _describe(self, key: str) -> tuple[str, str]:
-        return self._parse(key) or ("?", key)
-
-    def _is_mine(self, key: str) -> bool:
-        parsed = self._parse(key)
-        return parsed is not None and self._owns(parsed[1])

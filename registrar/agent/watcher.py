@@ -24,13 +24,13 @@ from registrar.core.lifecycle import Effect, effect_of
 from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrations_for
 from registrar.core.planner import json_object
 from registrar.core.replay import ReplayFilter, event_time_nano
+from registrar.health import LoopHealth
 from registrar.metrics import Metrics
-from registrar.retry import retrying
+from registrar.retry import INITIAL_BACKOFF, retry_forever
 
 log = logging.getLogger(__name__)
 
 QUEUE_POLL = 0.5
-INITIAL_RECONNECT = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,20 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def event_label(action: str) -> str:
-    """A bounded label for the events counter ('exec_create: sh -c ..' -> 'exec_create')."""
-    head, _, tail = action.partition(":")
-    return f"health_status:{tail.strip()}" if head == "health_status" else head
+def event_label(action: str, attributes: dict[str, Any] | None = None) -> str:
+    """A bounded label for the events counter ('exec_create: sh -c ..' -> 'exec_create';
+    Docker's 'health_status: healthy' and Podman's bare one both 'health_status:healthy')."""
+    head, colon, tail = action.partition(":")
+    if head != "health_status":
+        return head
+    status = tail if colon else str((attributes or {}).get("health_status", ""))
+    return f"health_status:{status.strip()}" if status.strip() else "health_status"
 
 
 class ContainerWatcher:
     def __init__(
         self,
         docker: DockerSource,
-        events_docker: DockerSource,
         keeper: LeaseKeeper,
         naming: NamingContext,
         metrics: Metrics,
@@ -78,7 +81,6 @@ class ContainerWatcher:
     ) -> None:
         """`only`: a sidecar's container id; `finished` is set when that container is gone."""
         self._docker = docker
-        self._events = events_docker
         self._keeper = keeper
         self._naming = naming
         self._metrics = metrics
@@ -87,14 +89,14 @@ class ContainerWatcher:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._tracked: dict[str, _Tracked] = {}
+        self._sidecars: frozenset[str] = frozenset()
         self._replay = ReplayFilter()
         self._threads: list[threading.Thread] = []
         self._docker_ok: bool | None = None
         self.finished = finished if finished is not None else threading.Event()
         self.finished_reason: str | None = None
-        # Names of containers whose keys a sidecar owns; the keeper must leave them alone.
-        self.sidecar_names: frozenset[str] = frozenset()
-        self.last_progress = time.monotonic()
+        self.health = LoopHealth("event loop", self.alive,
+                                 lambda loop: metrics.internal_errors.labels(loop=loop).inc())
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -104,13 +106,15 @@ class ContainerWatcher:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stops taking events: ends the stream and both threads."""
+    def request_stop(self) -> None:
+        """Stops taking events: ends the stream; both threads end (see `join`)."""
         self._stop.set()
-        self._events.close_events()
+        self._docker.close_events()
         self._queue.put(None)
+
+    def join(self, deadline: float) -> None:
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -118,16 +122,14 @@ class ContainerWatcher:
     # --- reader thread ------------------------------------------------------------------
 
     def _read(self) -> None:
-        policy = retrying(
-            "docker events", (DockerUnavailable,), self._stop, log, on_failure=self._docker_failed
-        )
         while not self._stop.is_set():
             try:
-                policy(self._read_once)
+                retry_forever(self._read_once, what="docker events", errors=(DockerUnavailable,),
+                              stop=self._stop, log=log, on_failure=self._docker_failed)
             except DockerUnavailable:
                 return  # stopping
             # A stream that was open has ended: reconnect with a fresh backoff.
-            self._stop.wait(INITIAL_RECONNECT)
+            self._stop.wait(INITIAL_BACKOFF)
 
     def _read_once(self) -> None:
         filters = {"container": self._only} if self._only else None
@@ -136,7 +138,7 @@ class ContainerWatcher:
         if resume is not None:
             seconds, nanos = divmod(resume, 1_000_000_000)
             since = f"{seconds}.{nanos:09d}"
-        events = self._events.open_events(since, filters)
+        events = self._docker.open_events(since, filters)
         # Subscribed: now the consumer may list what runs (nothing starting meanwhile is missed).
         self._queue.put(_StreamOpened())
         for event in events:
@@ -159,17 +161,11 @@ class ContainerWatcher:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            self.last_progress = time.monotonic()
+            self.health.progressed()
             if self._stop.is_set():
                 return
             try:
-                if isinstance(item, _StreamOpened):
-                    self._set_docker_up(True, "events stream open")
-                    self.reconcile()
-                elif isinstance(item, _StreamLost):
-                    self._set_docker_up(False, item.reason)
-                elif isinstance(item, dict):
-                    self._apply_event(item)
+                self._handle(item)
                 if next_resync is not None and time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self._resync
                     if self._docker_ok:
@@ -178,9 +174,21 @@ class ContainerWatcher:
                 # Make the reader reconnect (it may not have noticed: a timed-out inspect on a
                 # live stream); the full reconcile after it catches up on what we missed.
                 self._set_docker_up(False, str(exc))
-                self._events.close_events()
-            except Exception:
+                self._docker.close_events()
+            except Exception:  # a bug: it must show, and must not stop the consumer
                 log.exception("handling %r failed", item)
+                self.health.internal_error()
+            else:
+                self.health.succeeded()
+
+    def _handle(self, item: object) -> None:
+        if isinstance(item, _StreamOpened):
+            self._set_docker_up(True, "events stream open")
+            self.reconcile()
+        elif isinstance(item, _StreamLost):
+            self._set_docker_up(False, item.reason)
+        elif isinstance(item, dict):
+            self._apply_event(item)
 
     def _set_docker_up(self, up: bool, reason: str) -> None:
         self._metrics.docker_up.set(1 if up else 0)
@@ -209,47 +217,51 @@ class ContainerWatcher:
             if cid not in seen:
                 del self._tracked[cid]
         if not self._only:
-            self.sidecar_names = frozenset(
+            self._sidecars = frozenset(
                 t.info.name for t in self._tracked.values() if has_sidecar(t.info)
             )
         self._keeper.replace_all(
-            {cid: tracked.values for cid, tracked in self._tracked.items()}
+            {cid: tracked.values for cid, tracked in self._tracked.items()},
+            sidecars=None if self._only else self._sidecars,
         )
 
     def _apply_event(self, event: dict[str, Any]) -> None:
+        if not self._replay.first_time(event):
+            return  # delivered again by a resumed stream
         action = str(event.get("Action") or event.get("status") or "")
         actor = event.get("Actor") or {}
         cid = str(actor.get("ID") or event.get("id") or "")
         attributes = actor.get("Attributes") or {}
-        time_nano = event_time_nano(event)
-        if not self._replay.first_time(event):
-            return  # delivered again by a resumed stream
         if not cid or (self._only and cid != self._only):
             return
-        self._metrics.docker_events.labels(action=event_label(action)).inc()
+        self._metrics.docker_events.labels(action=event_label(action, attributes)).inc()
         tracked = self._tracked.get(cid)
-        stop_signal = tracked.info.stop_signal if tracked else "SIGTERM"
-        effect = effect_of(action, attributes, stop_signal)
+        effect = effect_of(action, attributes, tracked.info.stop_signal if tracked else "SIGTERM")
+        time_nano = event_time_nano(event)
         event_time = time_nano / 1e9 if time_nano else time.time()
         log.debug("event %s %s -> %s", action, cid[:12], effect.value)
-        if effect is Effect.REFRESH:
+        if effect is Effect.RECHECK:
+            if tracked is None or not tracked.info.has_healthcheck:
+                return
+            effect = Effect.REFRESH
+        if effect in (Effect.START, Effect.REFRESH):
             info = self._docker.inspect(cid)
             if info is None:
                 self._forget(cid)
                 return
-            if action in ("start", "restart") and tracked is not None:
+            if effect is Effect.START and tracked is not None:
                 tracked.stopping = False
             self._update(info, event_time=event_time, push=True)
         elif effect is Effect.WITHDRAW:
             if tracked is None:
                 tracked = self._tracked[cid] = _Tracked(info=_placeholder(cid))
             tracked.stopping = True
-            self._withdraw(cid, f"{action} {attributes.get('signal', '')}".strip())
-        elif effect is Effect.OUT:
-            self._withdraw(cid, action)
-            if action == "die" and tracked is not None:
+            self._withdraw(cid)
+        elif effect in (Effect.OUT, Effect.DIED):
+            self._withdraw(cid)
+            if effect is Effect.DIED and tracked is not None:
                 tracked.info = replace(tracked.info, running=False)
-            if action in ("die", "stop") and self._only:
+            if effect is Effect.DIED and self._only:
                 self._container_gone(cid, action)
         elif effect is Effect.GONE:
             self._forget(cid)
@@ -257,13 +269,14 @@ class ContainerWatcher:
                 self._container_gone(cid, action)
 
     def _note_sidecar(self, info: ContainerInfo) -> None:
-        if has_sidecar(info) != (info.name in self.sidecar_names):
-            names = set(self.sidecar_names)
+        if has_sidecar(info) != (info.name in self._sidecars):
+            names = set(self._sidecars)
             if has_sidecar(info):
                 names.add(info.name)
             else:
                 names.discard(info.name)
-            self.sidecar_names = frozenset(names)  # replaced whole: read by the keeper's thread
+            self._sidecars = frozenset(names)
+            self._keeper.set_sidecars(self._sidecars)
 
     def _update(self, info: ContainerInfo, *, event_time: float | None, push: bool) -> None:
         if not self._only:
@@ -302,10 +315,9 @@ class ContainerWatcher:
             )
         tracked.rejected = outcome.rejected
 
-    def _withdraw(self, cid: str, why: str) -> None:
+    def _withdraw(self, cid: str) -> None:
         tracked = self._tracked.get(cid)
-        if tracked is not None and tracked.values:
-            log.debug("withdrawing %s: %s", cid[:12], why)
+        if tracked is not None:
             tracked.values = {}
         self._keeper.drop_container(cid)
 

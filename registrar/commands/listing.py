@@ -8,14 +8,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.core.naming import parse_key
-from registrar.core.planner import (
-    StoredKey,
-    json_object,
-    parse_promotions,
-    promoted_prefix,
-    standby_prefix,
-)
+from registrar.core.control import parse_promotions
+from registrar.core.layout import Layout, parse_key
+from registrar.core.planner import StoredKey, json_object
 
 
 def _age(registered_at: Any, now: datetime) -> str:
@@ -66,7 +61,7 @@ def render_promotions(
     out: TextIO,
 ) -> None:
     """After the table: `SERVICE PROMOTED SINCE`, a row a promoted service, and its standby."""
-    base = promoted_prefix(control_prefix) + "/"
+    base = Layout("/", control_prefix).promoted + "/"
     table = [("SERVICE", "PROMOTED", "SINCE")]
     for key in sorted(promoted):
         name = key[len(base):]
@@ -126,20 +121,21 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
 
 
 def run(settings: Any, out: TextIO = sys.stdout) -> int:
-    from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable
-    from registrar.errors import FatalError
+    from registrar.adapters.etcd_store import EtcdStore
+    from registrar.commands.oneshot import OneShot
 
+    layout = Layout(settings.prefix, settings.control_prefix)
     store = EtcdStore(settings.etcd)
-    standby_base = standby_prefix(settings.control_prefix)
+    etcd = OneShot(store, settings.timeout, f"cannot read {settings.prefix}/ from etcd")
     try:
-        stored, _revision = store.list_prefix(settings.prefix)
-        promoted, _revision = store.list_prefix(promoted_prefix(settings.control_prefix))
-        standby, _revision = store.list_prefix(standby_base)
-    except EtcdUnavailable as exc:
-        raise FatalError(f"cannot read {settings.prefix}/ from etcd: {exc}") from None
+        stored, _revision = etcd(lambda s: s.list_prefix(settings.prefix))
+        control, _revision = etcd(lambda s: s.list_prefix(settings.control_prefix))
     finally:
         store.close()
-    promotions = parse_promotions(promoted, settings.control_prefix)
+    promoted = {k: v for k, v in control.items() if k.startswith(layout.promoted + "/")}
+    standby = {k: v for k, v in control.items() if k.startswith(layout.standby + "/")}
+    standby_base = layout.standby
+    promotions = parse_promotions(promoted, layout)
     entries = rows(settings.prefix, stored, settings.service, promotions)
     render(entries, settings.prefix, settings.json, out)
     if not settings.json:

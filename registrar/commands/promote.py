@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable
-from registrar.core.planner import json_object, promoted_prefix, standby_prefix
+from registrar.adapters.etcd_store import EtcdStore
+from registrar.commands.oneshot import OneShot
+from registrar.core.layout import Layout
+from registrar.core.planner import json_object
 from registrar.errors import FatalError
+from registrar.retry import POLL_INTERVAL
 from registrar.settings import Settings
-
-POLL = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ def _instances(stored: dict[str, Any], base: str) -> dict[str, Instance]:
     return found
 
 
-def read_rotation(store: EtcdStore, settings: Settings, service: str) -> Rotation:
+def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
     active_base = f"{settings.prefix}/{service}"
-    standby_base = f"{standby_prefix(settings.control_prefix)}/{service}"
-    active, _revision = store.list_prefix(active_base)
-    standby, _revision = store.list_prefix(standby_base)
+    standby_base = f"{Layout(settings.prefix, settings.control_prefix).standby}/{service}"
+    active, _revision = etcd(lambda store: store.list_prefix(active_base))
+    standby, _revision = etcd(lambda store: store.list_prefix(standby_base))
     return Rotation(_instances(active, active_base), _instances(standby, standby_base))
 
 
@@ -79,9 +80,10 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     assert settings.promote is not None
     p = settings.promote
     store = EtcdStore(settings.etcd)
-    key = f"{promoted_prefix(settings.control_prefix)}/{p.service}"
+    etcd = OneShot(store, p.timeout)
+    key = f"{Layout(settings.prefix, settings.control_prefix).promoted}/{p.service}"
     try:
-        before = read_rotation(store, settings, p.service)
+        before = read_rotation(etcd, settings, p.service)
         if p.version is not None:
             have = before.count(p.version)
             if have < p.min_instances:
@@ -90,16 +92,14 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
                     f"registered, --min-instances is {p.min_instances}; nothing changed"
                 )
             at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            store.put(key, json.dumps({"version": p.version, "at": at}))
+            value = json.dumps({"version": p.version, "at": at})
+            etcd(lambda store: store.put(key, value))
         else:
-            store.delete(key)
-        deadline = time.monotonic() + p.timeout
-        after = read_rotation(store, settings, p.service)
-        while not after.settled(p.version) and time.monotonic() < deadline:
-            time.sleep(POLL)
-            after = read_rotation(store, settings, p.service)
-    except EtcdUnavailable as exc:
-        raise FatalError(f"etcd: {exc}") from None
+            etcd(lambda store: store.delete(key))
+        after = read_rotation(etcd, settings, p.service)
+        while not after.settled(p.version) and etcd.left() > 0:
+            time.sleep(POLL_INTERVAL)
+            after = read_rotation(etcd, settings, p.service)
     finally:
         store.close()
 

@@ -107,6 +107,16 @@ def _bindings(ports: Mapping[str, Any] | None) -> tuple[PortBinding, ...]:
     return tuple(found.values())
 
 
+def exposed_ports(spec: Mapping[str, Any] | None) -> tuple[tuple[int, str], ...]:
+    """`Config.ExposedPorts` ({"8080/tcp": {}}) of a container or an image."""
+    exposed = []
+    for item in sorted(spec or {}):
+        parsed = _split_port(item)
+        if parsed is not None:
+            exposed.append(parsed)
+    return tuple(exposed)
+
+
 def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
     """Builds a ContainerInfo from the JSON of `docker inspect` (one container)."""
     config = data.get("Config") or {}
@@ -116,11 +126,6 @@ def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
     health = state.get("Health") or {}
     healthcheck = config.get("Healthcheck") or {}
     test = healthcheck.get("Test") or []
-    exposed = []
-    for spec in sorted(config.get("ExposedPorts") or {}):
-        parsed = _split_port(spec)
-        if parsed is not None:
-            exposed.append(parsed)
     return ContainerInfo(
         id=str(data.get("Id", "")),
         name=str(data.get("Name", "")).lstrip("/"),
@@ -128,7 +133,7 @@ def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         labels=dict(config.get("Labels") or {}),
         env=_env_map(config.get("Env")),
         ports=_bindings(network.get("Ports")),
-        exposed=tuple(exposed),
+        exposed=exposed_ports(config.get("ExposedPorts")),
         host_network=host_config.get("NetworkMode") == "host",
         running=bool(state.get("Running")) and not bool(state.get("Restarting")),
         paused=bool(state.get("Paused")),

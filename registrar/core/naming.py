@@ -211,22 +211,3 @@ def registrations_for(
         why = "no service label (--explicit)" if ctx.explicit else "all ports ignored"
         return Outcome(skipped=why)
     return Outcome(registrations=tuple(registrations))
-
-
-def parse_key(prefix: str, key: str) -> tuple[str, str] | None:
-    """'{prefix}/{service}/{instance}' -> (service, instance), or None if not one of ours."""
-    if not key.startswith(prefix + "/"):
-        return None
-    rest = key[len(prefix) + 1 :]
-    service, sep, instance = rest.partition("/")
-    if not sep or "/" in instance or not valid_name(service):
-        return None
-    return service, instance
-
-
-def owned_by(node: str, instance: str) -> bool:
-    """Whether an instance id was written by `node` (`{node}:{container}:{port}[:udp]`)."""
-    parts = instance.split(":")
-    return len(parts) in (3, 4) and parts[0] == node and parts[2].isdigit() and (
-        len(parts) == 3 or parts[3] == "udp"
-    )

@@ -1,4 +1,4 @@
-"""Deciding what to write: differences between what should be in etcd and what is (pure)."""
+"""Stored values and the difference between what should be in etcd and what is (pure)."""
 
 from __future__ import annotations
 
@@ -40,37 +40,6 @@ def plan_changes(
     return Changes(puts=dict(sorted(puts.items())), deletes=deletes)
 
 
-def standby_prefix(control_prefix: str) -> str:
-    return f"{control_prefix}/standby"
-
-
-def promoted_prefix(control_prefix: str) -> str:
-    return f"{control_prefix}/promoted"
-
-
-def place(
-    desired: Mapping[str, str],
-    promotions: Mapping[str, str],
-    prefix: str,
-    control_prefix: str,
-) -> dict[str, str]:
-    """Moves instances of a promoted service whose version differs to standby.
-
-    `desired` maps `{prefix}/{service}/{instance}` to its JSON value; the result has the same
-    values, with the keys of demoted instances at `{control_prefix}/standby/{service}/{instance}`.
-    """
-    if not promotions:
-        return dict(desired)
-    placed = {}
-    for key, value in desired.items():
-        service, _, instance = key[len(prefix) + 1 :].partition("/")
-        promoted = promotions.get(service)
-        if promoted is not None and version_of(value) != promoted:
-            key = f"{standby_prefix(control_prefix)}/{service}/{instance}"
-        placed[key] = value
-    return placed
-
-
 def json_object(raw: str) -> dict[str, Any] | None:
     """A stored value as a JSON object, or None. Values under the prefixes are anyone's input:
     not JSON, not an object, or nested deep enough to exhaust the parser's stack."""
@@ -87,17 +56,3 @@ def version_of(raw: str) -> str | None:
     """The `version` of a stored value, when it is a string."""
     version = (json_object(raw) or {}).get("version")
     return version if isinstance(version, str) else None
-
-
-def parse_promotions(stored: Mapping[str, StoredKey], control_prefix: str) -> dict[str, str]:
-    """`{control_prefix}/promoted/{service}` = {"version": V, ...} -> {service: V}."""
-    base = promoted_prefix(control_prefix) + "/"
-    promotions = {}
-    for key, item in stored.items():
-        service = key[len(base) :] if key.startswith(base) else ""
-        if not service or "/" in service:
-            continue
-        version = version_of(item.value)
-        if version:
-            promotions[service] = version
-    return promotions

@@ -13,6 +13,10 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+# An event of a container this much older than the newest applied for that container is a
+# replay whatever its identity: Podman re-sends old events when its events file rotates, older
+# than any window of identities. (One container's events are never that far out of order.)
+STALE_FOR_CONTAINER_NS = 1_000_000_000
 # A resumed stream starts this long before the newest event seen: an event that was still on
 # its way (stamped earlier than one already delivered) when the stream broke comes again.
 RESUME_OVERLAP_NS = 2_000_000_000
@@ -20,6 +24,7 @@ RESUME_OVERLAP_NS = 2_000_000_000
 # them): enough for any replay, which never reaches further back than RESUME_OVERLAP_NS.
 KEEP_NS = 2 * RESUME_OVERLAP_NS
 MAX_KEPT = 8192
+MAX_CONTAINERS = 16384  # containers whose newest event time is kept
 
 Identity = tuple[int, str, str, str]
 
@@ -50,13 +55,15 @@ def identity(event: Mapping[str, Any]) -> Identity:
 
 
 class ReplayFilter:
-    """Remembers the identities of recent events; `first_time` is False for a replayed one."""
+    """Remembers the identities of recent events (and each container's newest event time);
+    `first_time` is False for a replayed one."""
 
     def __init__(self, keep_ns: int = KEEP_NS, max_kept: int = MAX_KEPT) -> None:
         self._keep_ns = keep_ns
         self._max_kept = max_kept
         self._seen: set[Identity] = set()
         self._order: deque[Identity] = deque()
+        self._newest_of: dict[str, int] = {}  # container -> its newest timeNano seen
         self.newest = 0  # the newest timeNano seen
 
     def resume_from(self) -> int | None:
@@ -67,8 +74,13 @@ class ReplayFilter:
 
     def first_time(self, event: Mapping[str, Any]) -> bool:
         ident = identity(event)
-        if ident in self._seen:
+        at, container = ident[0], ident[1]
+        if ident in self._seen or at < self._newest_of.get(container, 0) - STALE_FOR_CONTAINER_NS:
             return False
+        self._newest_of[container] = max(at, self._newest_of.get(container, 0))
+        if len(self._newest_of) > MAX_CONTAINERS:  # containers come and go: forget the oldest
+            oldest = min(self._newest_of, key=self._newest_of.__getitem__)
+            del self._newest_of[oldest]
         self._seen.add(ident)
         self._order.append(ident)
         self.newest = max(self.newest, ident[0])

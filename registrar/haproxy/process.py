@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import random
 import re
 import signal
 import socket
@@ -25,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from registrar.retry import INITIAL_BACKOFF, MAX_BACKOFF
+from registrar.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +208,7 @@ class HAProxyMaster:
         self.master_socket = master_socket
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
-        self._attempts = 0  # failed starts / deaths in a row
+        self._backoff = Backoff()  # failed starts / deaths in a row
         self._next_start = 0.0
         self._state = "not started"
         self._ever_started = False
@@ -282,14 +281,13 @@ class HAProxyMaster:
         """Notices a dead HAProxy and starts it again, with backoff. True when it (re)started
         right now (the caller must then assume the config file's layout)."""
         if self.running():
-            if self._attempts and now - self._started_at > STABLE_AFTER:
-                self._attempts = 0
+            if self._backoff.attempts and now - self._started_at > STABLE_AFTER:
+                self._backoff.reset()
             return False
         if self._proc is not None:
             code = self._proc.poll()
             self._proc = None
-            self._attempts += 1
-            delay = self._backoff()
+            delay = self._backoff.next()
             self._next_start = now + delay
             self._state = f"exited with status {code}, restarting"
             log.error("haproxy exited with status %s; restarting in %.1fs", code, delay,
@@ -299,19 +297,13 @@ class HAProxyMaster:
         try:
             self.start()
         except HAProxyError as exc:
-            self._attempts += 1
-            delay = self._backoff()
+            delay = self._backoff.next()
             self._next_start = time.monotonic() + delay
             self._state = f"not running ({exc}), retrying"
             log.error("%s; retrying in %.1fs", exc, delay, extra={"event": "haproxy_start_failed"})
             return False
         return True
 
-    def _backoff(self) -> float:
-        # the one policy's shape (full jitter), computed here since nothing blocks on it
-        return random.uniform(
-            INITIAL_BACKOFF, min(MAX_BACKOFF, INITIAL_BACKOFF * 2 ** min(self._attempts, 10))
-        )
 
     # --- reload and runtime API ----------------------------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from registrar.adapters.etcd_store import EtcdStore, EtcdUnavailable, KeyEvent
+from registrar.adapters.etcd_store import EtcdError, EtcdStore, KeyEvent
 from registrar.haproxy.config import (
     Backend,
     LiveBackend,
@@ -55,10 +54,11 @@ from registrar.haproxy.process import (
     runtime_dir,
     socket_paths,
 )
+from registrar.health import LoopHealth, health_problem
 from registrar.http_server import serve_metrics
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
-from registrar.retry import INITIAL_BACKOFF, MAX_BACKOFF
+from registrar.retry import Backoff
 from registrar.settings import HAProxySettings, Settings
 from registrar.shutdown import install_stop_signals
 
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 QUIET = 0.1  # changes this close together are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
-STALL_LIMIT = 15.0  # /healthz turns 503 when a loop has not moved for this long
 STOP_GRACE = 10.0  # SIGTERM: open connections get this long before HAProxy is hard-stopped
 RELOAD_CMD_TIMEOUT = 60.0
 
@@ -202,27 +201,21 @@ class Registrations:
 
 
 def registration_watcher(
-    store: EtcdStore, prefix: str, registrations: Registrations, etcd_up: Gauge,
+    store: EtcdStore, prefix: str, registrations: Registrations, metrics: Metrics,
     revision: int = 0,
 ) -> PrefixFollower:
     """Keeps `Registrations` in step with `{prefix}/` in etcd, on its own thread."""
     return PrefixFollower(
-        store, prefix, name="etcd-watch", revision=revision,
+        store, prefix, name="etcd watcher", revision=revision,
         on_snapshot=lambda stored: registrations.replace_all(
             {key: s.value for key, s in stored.items()}
         ),
         on_events=registrations.apply,
-        on_failure=lambda _error: etcd_up.set(0),
-        on_connected=lambda: etcd_up.set(1),
+        on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
     )
 
 
 # --- the HAProxy side ---------------------------------------------------------------------
-
-
-def _backoff(attempt: int) -> float:
-    ceiling = min(MAX_BACKOFF, INITIAL_BACKOFF * 2 ** min(attempt, 10))
-    return random.uniform(INITIAL_BACKOFF, ceiling)
 
 
 class Router:
@@ -248,7 +241,7 @@ class Router:
         self.live: dict[str, LiveBackend] | None = None  # its server slots (None: unknown)
         self.can_run = False  # a config exists that HAProxy may be started with
         self.retry_at: float | None = None
-        self._failures = 0  # failed reloads in a row, for the retry backoff
+        self._backoff = Backoff()  # failed reloads in a row, for the retry
 
     # --- applying ------------------------------------------------------------------------
 
@@ -362,7 +355,7 @@ class Router:
             self.live, self.running_text = None, None
             self._schedule_retry()
             return
-        self._failures = 0
+        self._backoff.reset()
         self.running_text = text
         self.live = fresh_layout(backends) if self.builtin else None
         self._describe("reload", before, backends, started)
@@ -386,14 +379,13 @@ class Router:
             self.metrics.reload_failures.inc()
             self._schedule_retry()
             return
-        self._failures = 0
+        self._backoff.reset()
         self.running_text = text
         self._describe("--reload-cmd", None, backends, started)
         self._routed(backends)
 
     def _schedule_retry(self) -> None:
-        self._failures += 1
-        self.retry_at = time.monotonic() + _backoff(self._failures)
+        self.retry_at = time.monotonic() + self._backoff.next()
 
     def retry_due(self, now: float) -> bool:
         return self.retry_at is not None and now >= self.retry_at
@@ -483,7 +475,7 @@ def run(settings: Settings) -> int:
     metrics = Metrics()
     metrics.etcd_up.set(0)
     routing = RoutingMetrics(metrics.registry)
-    store = EtcdStore(settings.etcd, metrics)
+    store = EtcdStore(settings.etcd, metrics, log_health=True)
 
     sock_dir, temporary_dir = runtime_dir(hp.config)
     master_socket, stats_socket = socket_paths(sock_dir, hp.config)
@@ -497,18 +489,27 @@ def run(settings: Settings) -> int:
                     extra={"event": "invalid_registration", "key": key, "reason": why.reason})
 
     registrations = Registrations(settings.prefix, rejected)
-    progress = [time.monotonic()]
-    watcher = registration_watcher(store, settings.prefix, registrations, metrics.etcd_up)
+    main_loop = LoopHealth("router", lambda: True,
+                           lambda loop: metrics.internal_errors.labels(loop=loop).inc())
+    # The first read, once: when etcd cannot be read now, HAProxy may start from the config
+    # already installed (if it passes haproxy -c) while the watcher keeps trying.
+    revision = 0
+    try:
+        stored, revision = store.list_prefix(settings.prefix)
+    except EtcdError as exc:
+        log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
+        router.adopt_existing_config()
+    else:
+        registrations.replace_all({key: s.value for key, s in stored.items()})
+        log.info("read %d keys under %s/ (revision %d)", len(stored), settings.prefix, revision,
+                 extra={"event": "read", "revision": revision})
+    watcher = registration_watcher(store, settings.prefix, registrations, metrics, revision)
 
     def health() -> str | None:
-        now = time.monotonic()
-        if not watcher.alive():
-            return "etcd watcher stopped"
-        if now - watcher.last_progress > STALL_LIMIT:
-            return f"etcd watcher stalled for {now - watcher.last_progress:.0f}s"
-        if now - progress[0] > STALL_LIMIT:
-            return f"router stalled for {now - progress[0]:.0f}s"
-        return haproxy.problem() if haproxy is not None else None
+        problem = health_problem((watcher.health, main_loop), time.monotonic())
+        if problem is None and haproxy is not None:
+            problem = haproxy.problem()
+        return problem
 
     server = serve_metrics(settings.metrics_addr, metrics.registry, health)
 
@@ -520,20 +521,6 @@ def run(settings: Settings) -> int:
         extra={"event": "start"},
     )
 
-    # The first read, once: when etcd cannot be read now, HAProxy may start from the config
-    # already installed (if it passes haproxy -c) while the watcher keeps trying.
-    try:
-        stored, revision = store.list_prefix(settings.prefix)
-    except EtcdUnavailable as exc:
-        log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
-        router.adopt_existing_config()
-    else:
-        metrics.etcd_up.set(1)
-        registrations.replace_all({key: s.value for key, s in stored.items()})
-        watcher = registration_watcher(store, settings.prefix, registrations,
-                                       metrics.etcd_up, revision)
-        log.info("read %d keys under %s/ (revision %d)", len(stored), settings.prefix, revision,
-                 extra={"event": "read", "revision": revision})
     watcher.start()
 
     try:
@@ -546,10 +533,10 @@ def run(settings: Settings) -> int:
             elif registrations.loaded and router.retry_due(time.monotonic()):
                 router.apply(registrations.snapshot())
             router.supervise(time.monotonic())
-            progress[0] = time.monotonic()
+            main_loop.progressed()
     finally:
         # --- shutdown: stop watching, soft-stop HAProxy, stop metrics, exit -------------
-        watcher.stop()
+        watcher.stop(time.monotonic() + 2.0)
         if haproxy is not None:
             haproxy.stop(STOP_GRACE)
         if server is not None:

@@ -1,8 +1,9 @@
 """Byte-level TCP / unix-socket forwarders to put between a client and a server.
 
 They simulate a lost connection (``cut()``: every open connection closed on both sides and
-new ones refused) or a network partition (``blackhole()``: connections stay open but nothing
-flows; data sent meanwhile is delivered after ``restore()``). Each connection is a pair of
+new ones refused), a network partition (``blackhole()``: connections stay open but nothing
+flows; data sent meanwhile is delivered after ``restore()``) or a slow link (``delay``: every
+byte is delivered that many seconds after it was sent, each way). Each connection is a pair of
 threads pumping bytes both ways, so long-lived streams (Docker's chunked events response,
 gRPC's HTTP/2) pass unchanged.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import socket
 import tempfile
@@ -65,6 +67,7 @@ class _Forwarder:
         self._flowing.set()
         self._closed = False
         self.connections_total = 0
+        self.delay = 0.0  # seconds each way (a slow link); settable at any time
         self._listen()
 
     # -- subclass hooks ----------------------------------------------------------------------
@@ -171,10 +174,31 @@ class _Forwarder:
                 ).start()
 
     def _pump(self, conn: _Conn, src: socket.socket, dst: socket.socket) -> None:
-        clean_eof = False
+        """Reads from `src`; a sender thread writes each chunk to `dst` once it is due (now,
+        or `delay` seconds after it was read)."""
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+        sender = threading.Thread(target=self._send, args=(conn, chunks, dst), daemon=True,
+                                  name=f"{self!r}-send")
+        sender.start()
         try:
             while True:
                 data = src.recv(_BUF)
+                chunks.put((time.monotonic() + self.delay, data))
+                if not data:
+                    return
+        except OSError:
+            chunks.put((0.0, b""))
+            self._drop(conn)
+
+    def _send(self, conn: _Conn, chunks: queue.Queue[tuple[float, bytes]],
+              dst: socket.socket) -> None:
+        clean_eof = False
+        try:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
                 if not data:
                     # half-close: pass the EOF on, the other direction may still flow
                     dst.shutdown(socket.SHUT_WR)

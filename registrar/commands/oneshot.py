@@ -1,0 +1,50 @@
+"""etcd for a one-shot command (`ls`, `promote`, `maint`): every request is retried through
+transient errors (an outage, a leader election, a connection attempt that timed out on a loaded
+machine) until the command's own deadline, and then given up on with one line that says so.
+A configuration problem (TLS refused, a wrong password) or a refusal (a missing permission) is
+not transient: it ends the command at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from registrar.adapters.etcd_store import EtcdRefused, EtcdStore, EtcdUnavailable
+from registrar.errors import FatalError
+from registrar.retry import GaveUp, retry_within
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class OneShot:
+    def __init__(self, store: EtcdStore, timeout: float, what: str = "etcd") -> None:
+        """`timeout`: the command's --timeout, from now; `what` starts every error line."""
+        self.store = store
+        self.deadline = time.monotonic() + timeout
+        self.what = what
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def __call__(self, fn: Callable[[EtcdStore], T]) -> T:
+        """`fn(store)`, retried through transient errors until the deadline."""
+
+        def attempt() -> T:
+            try:
+                return fn(self.store)
+            except EtcdUnavailable as exc:
+                if exc.lasting:
+                    raise FatalError(f"{self.what}: {exc}") from None
+                raise
+            except EtcdRefused as exc:
+                raise FatalError(f"{self.what}: {exc}") from None
+
+        try:
+            return retry_within(attempt, what=self.what, errors=(EtcdUnavailable,),
+                                timeout=self.left(), log=log)
+        except GaveUp as exc:
+            raise FatalError(str(exc)) from None

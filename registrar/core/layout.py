@@ -1,0 +1,82 @@
+"""Where things are kept in etcd: the keys of the SPEC, built and parsed in one place (pure).
+
+- `{prefix}/{service}/{instance}`: an instance in rotation (bound to its agent's lease).
+- `{control}/standby/{service}/{instance}`: the same instance held out of rotation.
+- `{control}/promoted/{service}`, `{control}/weights/{service}`: a promotion, a canary step.
+- `{control}/maintenance/service/{service}`, `.../instance/{service}/{instance}`,
+  `.../node/{node}`: maintenance entries (no lease).
+- `{control}/routers/{node}`: a router's traffic report (bound to the router's lease).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from registrar.settings import NAME_RE
+
+
+def parse_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """'{prefix}/{service}/{instance}' -> (service, instance), or None if not one of these."""
+    if not key.startswith(prefix + "/"):
+        return None
+    rest = key[len(prefix) + 1 :]
+    service, sep, instance = rest.partition("/")
+    if not sep or not instance or "/" in instance or not NAME_RE.fullmatch(service):
+        return None
+    return service, instance
+
+
+def child_name(base: str, key: str) -> str | None:
+    """The last segment of `{base}/{name}` when it is a valid name (one segment deep)."""
+    name = key[len(base) + 1 :] if key.startswith(base + "/") else ""
+    return name if NAME_RE.fullmatch(name) else None
+
+
+@dataclass(frozen=True)
+class Layout:
+    prefix: str
+    control: str
+
+    @property
+    def standby(self) -> str:
+        return f"{self.control}/standby"
+
+    @property
+    def promoted(self) -> str:
+        return f"{self.control}/promoted"
+
+    @property
+    def weights(self) -> str:
+        return f"{self.control}/weights"
+
+    @property
+    def maintenance(self) -> str:
+        return f"{self.control}/maintenance"
+
+    @property
+    def routers(self) -> str:
+        return f"{self.control}/routers"
+
+    def key(self, service: str, instance: str, in_rotation: bool = True) -> str:
+        return f"{self.prefix if in_rotation else self.standby}/{service}/{instance}"
+
+    def parse(self, key: str) -> tuple[str, str, bool] | None:
+        """(service, instance, in rotation) of a key in rotation or on standby, else None."""
+        parsed = parse_key(self.prefix, key)
+        if parsed is not None:
+            return parsed[0], parsed[1], True
+        parsed = parse_key(self.standby, key)
+        if parsed is not None:
+            return parsed[0], parsed[1], False
+        return None
+
+    def in_rotation(self, key: str) -> bool:
+        return key.startswith(self.prefix + "/")
+
+    def twin(self, key: str) -> str:
+        """The same instance's key on the other side (rotation <-> standby)."""
+        if key.startswith(self.standby + "/"):
+            return self.prefix + key[len(self.standby) :]
+        if key.startswith(self.prefix + "/"):
+            return self.standby + key[len(self.prefix) :]
+        return key

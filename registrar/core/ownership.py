@@ -1,0 +1,34 @@
+"""Which keys a keeper may reconcile and delete: the two rules, as data (pure).
+
+- `watch`: this node's instances (`{node}:{container}:{port}[:udp]`), less those of containers
+  that have their own `register` sidecar (`registrar.sidecar=true`): they share the node name.
+- `register`: only its own container's instances.
+Nothing else is ever deleted, whatever is stored under the prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def owned_by(node: str, instance: str) -> bool:
+    """Whether an instance id was written by `node` (`{node}:{container}:{port}[:udp]`)."""
+    parts = instance.split(":")
+    return len(parts) in (3, 4) and parts[0] == node and parts[2].isdigit() and (
+        len(parts) == 3 or parts[3] == "udp"
+    )
+
+
+@dataclass(frozen=True)
+class Ownership:
+    node: str
+    container: str | None = None  # a sidecar's container name: only its keys
+    sidecars: frozenset[str] = frozenset()  # watch: containers whose own sidecar owns their keys
+
+    def owns(self, instance: str) -> bool:
+        if not owned_by(self.node, instance):
+            return False
+        container = instance.split(":")[1]
+        if self.container is not None:
+            return container == self.container
+        return container not in self.sidecars

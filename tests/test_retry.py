@@ -1,0 +1,96 @@
+"""The one retry policy: the backoff, the retry loops, the poll, and one-shot commands' etcd."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+from registrar.adapters.etcd_store import EtcdRefused, EtcdUnavailable
+from registrar.commands.oneshot import OneShot
+from registrar.errors import FatalError
+from registrar.retry import Backoff, GaveUp, poll_until, retry_forever, retry_within
+
+log = logging.getLogger("test")
+
+
+def test_backoff_is_full_jitter_capped_and_resets() -> None:
+    top = Backoff(initial=0.1, maximum=5.0, rng=lambda: 1.0)
+    assert [round(top.next(), 3) for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    top.reset()
+    assert top.next() == 0.1
+    bottom = Backoff(initial=0.1, maximum=5.0, rng=lambda: 0.0)
+    assert bottom.next() == pytest.approx(0.01)  # never a busy loop
+
+
+class Flaky:
+    def __init__(self, failures: int, error: BaseException) -> None:
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    def __call__(self, *_: Any) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return "ok"
+
+
+def test_retry_forever_until_it_works_or_stop() -> None:
+    flaky = Flaky(3, EtcdUnavailable("down"))
+    seen: list[BaseException] = []
+    stop = threading.Event()
+    got = retry_forever(flaky, what="x", errors=(EtcdUnavailable,), stop=stop, log=log,
+                        on_failure=seen.append, backoff=Backoff(initial=0.001))
+    assert got == "ok" and flaky.calls == 4 and len(seen) == 3
+    stop.set()
+    with pytest.raises(EtcdUnavailable):
+        retry_forever(Flaky(10, EtcdUnavailable("down")), what="x", errors=(EtcdUnavailable,),
+                      stop=stop, log=log)
+    with pytest.raises(ValueError):  # not retried: a bug shows
+        retry_forever(Flaky(1, ValueError("bug")), what="x", errors=(EtcdUnavailable,),
+                      stop=threading.Event(), log=log)
+
+
+def test_retry_within_gives_up_at_its_deadline_with_the_last_error() -> None:
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    with pytest.raises(GaveUp, match=r"etcd: gave up after \d+ attempt\(s\) over 5.0s: down"):
+        retry_within(Flaky(1000, EtcdUnavailable("down")), what="etcd",
+                     errors=(EtcdUnavailable,), timeout=5.0, log=log, clock=lambda: now[0],
+                     sleep=sleep)
+    assert sum(sleeps) == pytest.approx(5.0)
+    assert retry_within(Flaky(2, EtcdUnavailable("x")), what="etcd", errors=(EtcdUnavailable,),
+                        timeout=5.0, log=log, clock=lambda: now[0], sleep=sleep) == "ok"
+
+
+def test_poll_until() -> None:
+    values = iter([0, 0, 3])
+    assert poll_until(lambda: next(values), 5, interval=0.001) == 3
+    assert poll_until(lambda: 0, 0.01, interval=0.001) == 0
+    stop = threading.Event()
+    stop.set()
+    assert poll_until(lambda: 0, 60, stop=stop) == 0  # returns at once
+
+
+def test_one_shot_retries_transient_errors_and_stops_at_a_lasting_one() -> None:
+    etcd = OneShot(None, timeout=30, what="cannot read /services/")  # type: ignore[arg-type]
+    flaky = Flaky(2, EtcdUnavailable("UNAVAILABLE: connection attempt timed out"))
+    assert etcd(flaky) == "ok" and flaky.calls == 3
+    lasting = Flaky(100, EtcdUnavailable("TLS: not trusted (check --etcd-ca)", lasting=True))
+    with pytest.raises(FatalError, match=r"^cannot read /services/: TLS: not trusted"):
+        etcd(lasting)
+    assert lasting.calls == 1
+    refused = Flaky(100, EtcdRefused("lacks a permission", "PERMISSION_DENIED"))
+    with pytest.raises(FatalError, match="lacks a permission"):
+        etcd(refused)
+    assert refused.calls == 1
+    with pytest.raises(FatalError, match="gave up after 1 attempt"):
+        OneShot(None, timeout=0)(Flaky(5, EtcdUnavailable("down")))  # type: ignore[arg-type]

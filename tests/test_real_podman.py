@@ -1,0 +1,95 @@
+"""`registrar watch` against a real Podman 4.3 service (its Docker-compatible API): register,
+stop, start, healthy, unhealthy, SIGTERM. Podman differs from Docker in its events (a bare
+`health_status` at every check, no `kill` at stop, `remove` for `destroy`); registrar must do
+what the SPEC says all the same."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Scope, metrics_flag, scrape
+from tests.support.observe import KeyLog
+from tests.support.podman import PodmanService, require_podman
+from tests.support.proc import wait_until
+
+pytestmark = pytest.mark.real
+TTL = 3
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanService]:
+    require_podman()  # fails (never skips) with the install hint when podman is missing
+    service = PodmanService(tmp_path_factory.mktemp("podman"))
+    try:
+        service.start()
+        yield service
+    finally:
+        service.destroy()
+
+
+def test_podman_register_stop_start_health_and_sigterm(
+    podman: PodmanService, etcd, unique, registrar, tmp_path: Path
+) -> None:
+    scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+    keys = KeyLog(etcd.url, scope.prefix + "/")
+    try:
+        flag, port = metrics_flag()
+        agent = registrar([*scope.args("watch", ttl=TTL), *flag, "--docker", podman.url,
+                           "--resync", "30"])
+        agent.wait_for_log("docker connected", timeout=20)
+
+        latencies = []
+        for _ in range(3):
+            begun = time.time()
+            web = podman.run(labels={"registrar.service": "pm"})
+            key = scope.key("pm", web.name)
+            assert keys.wait(lambda k, key=key: key in k.live, timeout=10), agent.logs()
+            latencies.append(keys.first_put[key] - begun)
+        value = keys.live_matching(web.name)
+        assert value, "registered"
+
+        # stop: Podman sends no `kill` when it begins; out of rotation at `die` (stop -t 1)
+        stopped_at = time.time()
+        podman.stop(web.name, timeout=1)
+        assert keys.wait(lambda k: key not in k.live, timeout=10)
+        stop_latency = keys.deleted[key] - stopped_at
+        podman.start_container(web.name)
+        assert keys.wait(lambda k: key in k.live, timeout=10), "back after start"
+
+        # a HEALTHCHECK: registered only once healthy, out when unhealthy, back when healthy
+        checked = podman.run(labels={"registrar.service": "pmhc"},
+                             healthcheck={"cmd": "test -f /tmp/ok", "retries": 1})
+        hkey = scope.key("pmhc", checked.name)
+        podman.healthcheck_run(checked.name)  # fails: not yet
+        podman.podman("exec", checked.name, "touch", "/tmp/ok")
+        healthy_at = time.time()
+        podman.healthcheck_run(checked.name)
+        assert keys.wait(lambda k: hkey in k.live, timeout=10), agent.logs()
+        healthy_latency = keys.first_put[hkey] - healthy_at
+        podman.podman("exec", checked.name, "rm", "/tmp/ok")
+        unhealthy_at = time.time()
+        podman.healthcheck_run(checked.name)
+        assert keys.wait(lambda k: hkey not in k.live, timeout=10), agent.logs()
+        unhealthy_latency = keys.deleted[hkey] - unhealthy_at
+        podman.podman("exec", checked.name, "touch", "/tmp/ok")
+        podman.healthcheck_run(checked.name)
+        assert keys.wait(lambda k: hkey in k.live, timeout=10)
+
+        metrics = scrape(port)
+        assert metrics["registrar_docker_up"] == 1
+        print(f"podman: start -> key p50 {statistics.median(latencies) * 1000:.0f} ms; "
+              f"stop -t 1 -> key gone {stop_latency * 1000:.0f} ms; healthy -> key "
+              f"{healthy_latency * 1000:.0f} ms; unhealthy -> gone "
+              f"{unhealthy_latency * 1000:.0f} ms")
+
+        # SIGTERM: every key of this node goes, exit 0
+        assert agent.stop(15) == 0
+        wait_until(lambda: not keys.live, timeout=5)
+        assert "Traceback" not in agent.logs()
+    finally:
+        keys.close()

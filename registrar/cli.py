@@ -29,9 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return listing.run(settings)
         if settings.command == "haproxy":
-            from registrar.haproxy import router
+            from registrar.haproxy import command as haproxy
 
-            return router.run(settings)
+            return haproxy.run(settings)
         if settings.command == "promote":
             from registrar.commands.promote import run as promote
 

@@ -71,3 +71,13 @@ class Metrics:
             "registrar_build_info", "Build information.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+        self.check_results = Counter(
+            "registrar_check_results_total", "Results of registrar's own health checks.",
+            ["result"], registry=r,
+        )
+        self.failing_checks = Gauge(
+            "registrar_failing_checks",
+            "Checked ports held out of rotation by their check right now.", registry=r,
+        )
+        for result in ("pass", "fail"):  # both series exist from the start, at 0
+            self.check_results.labels(result=result)

@@ -3,17 +3,19 @@ plan, and the debounce of `Registrations` (with a fake clock)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
-import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registrar.adapters.etcd_store import KeyEvent
+from registrar.core.control import Canary
 from registrar.haproxy.config import (
+    DEFAULT_WEIGHT,
     INVALID_HOST,
     INVALID_JSON,
     INVALID_KEY,
@@ -21,27 +23,23 @@ from registrar.haproxy.config import (
     MIN_SPARES,
     MISSING_HOST_OR_PORT,
     SERVER_NAME_RE,
-    Registration,
     Rejected,
     RenderContext,
+    Routed,
     Server,
-    SlotState,
     TemplateError,
     build_backends,
-    check_slots,
-    fresh_layout,
-    live_model,
     load_template,
-    model_of,
     parse_registration,
-    plan_runtime,
     render,
     server_name,
+    server_weights,
 )
-from registrar.haproxy.process import ProcInfo, parse_show_proc, runtime_dir, socket_paths
-from registrar.haproxy.router import Registrations
+from registrar.haproxy.process import runtime_dir, socket_paths
 from registrar.settings import Bind
 
+GOLDEN = Path(__file__).with_name("golden")
+REGENERATE = os.environ.get("REGISTRAR_REGENERATE_GOLDEN") == "1"
 PREFIX = "/services"
 
 
@@ -49,9 +47,12 @@ def value(host: object = "10.0.0.5", port: object = 32768, **extra: object) -> s
     return json.dumps({"service": "web", "host": host, "port": port, **extra})
 
 
-def reg(service: str, instance: str, host: str = "10.0.0.5", port: int = 32768) -> Registration:
-    parsed = parse_registration(PREFIX, f"{PREFIX}/{service}/{instance}", value(host, port))
-    assert isinstance(parsed, Registration), parsed
+def reg(service: str, instance: str, host: str = "10.0.0.5", port: int = 32768,
+        version: str | None = None) -> Routed:
+    extra = {} if version is None else {"version": version}
+    parsed = parse_registration(PREFIX, f"{PREFIX}/{service}/{instance}",
+                                value(host, port, **extra))
+    assert isinstance(parsed, Routed), parsed
     return parsed
 
 
@@ -63,19 +64,23 @@ WEB = (Bind("web", "127.0.0.1", 8080),)
 
 def test_a_registrar_value_becomes_a_server_named_after_its_instance():
     parsed = parse_registration(PREFIX, "/services/web/core-01:web-1:8080", value())
-    assert parsed == Registration(
+    assert parsed == Routed(
         "web", Server("core-01:web-1:8080", "10.0.0.5", 32768, "core-01:web-1:8080")
     )
+    versioned = parse_registration(PREFIX, "/services/web/n:c:80", value(version="abc123"))
+    assert isinstance(versioned, Routed) and versioned.server.version == "abc123"
+    odd = parse_registration(PREFIX, "/services/web/n:c:80", value(version=7))
+    assert isinstance(odd, Routed) and odd.server.version is None
     assert parsed.server.address == "10.0.0.5:32768"
 
 
 def test_ipv6_hosts_are_bracketed_and_normalised():
     parsed = parse_registration(PREFIX, "/services/web/n:c:80", value("0:0:0:0:0:0:0:1", 80))
-    assert isinstance(parsed, Registration)
+    assert isinstance(parsed, Routed)
     assert parsed.server.host == "::1"
     assert parsed.server.address == "[::1]:80"
     mapped = parse_registration(PREFIX, "/services/web/n:c:80", value("::ffff:10.0.0.1", 80))
-    assert isinstance(mapped, Registration) and mapped.server.host == "10.0.0.1"
+    assert isinstance(mapped, Routed) and mapped.server.host == "10.0.0.1"
 
 
 @pytest.mark.parametrize(
@@ -144,33 +149,87 @@ def ctx(mode: str = "tcp") -> RenderContext:
     return RenderContext(mode=mode, prefix=PREFIX, stats_socket="/run/haproxy-stats.sock")
 
 
-def test_builtin_template_in_tcp_mode():
+def golden(name: str, text: str) -> None:
+    """Compares with tests/golden/NAME (REGISTRAR_REGENERATE_GOLDEN=1 rewrites it: `make
+    golden`); on a difference, the assertion shows a unified diff."""
+    path = GOLDEN / name
+    if REGENERATE:
+        path.write_text(text)
+    expected = path.read_text() if path.exists() else ""
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
+                                            f"golden/{name}", "rendered"))
+        raise AssertionError(f"rendered config differs from golden/{name} "
+                             f"(`make golden` to accept):\n{diff}")
+
+
+def test_builtin_template_tcp_golden():
     regs = [reg("web", "n1:a:8080", "10.0.0.5", 32768), reg("web", "n2:b:8080", "10.0.0.6", 1)]
-    text = render(load_template(None), build_backends(WEB, regs), regs, ctx("tcp"))
-    assert "    mode tcp\n" in text
-    assert "timeout http-request" not in text
-    assert "    stats socket /run/haproxy-stats.sock mode 600 level admin\n" in text
-    assert (
-        "frontend fe_web\n"
-        "    bind 127.0.0.1:8080\n"
-        "    default_backend be_web\n"
-        "\n"
-        "backend be_web\n"
-        "    balance roundrobin\n"
-        "    server n1:a:8080 10.0.0.5:32768\n"
-        "    server n2:b:8080 10.0.0.6:1\n"
-        f"    server-template _spare 1-{MIN_SPARES} 127.0.0.1:1 disabled\n"
-    ) in text
+    binds = (*WEB, Bind("db", "127.0.0.1", 5432))
+    text = render(load_template(None), build_backends(binds, regs), regs, ctx("tcp"))
+    golden("haproxy-tcp.cfg", text)
     assert "{" not in text and "}" not in text  # no template syntax left over
 
 
-def test_builtin_template_in_http_mode_without_a_stats_socket():
-    text = render(load_template(None), build_backends(WEB, []), [],
+def test_builtin_template_http_golden_without_a_stats_socket():
+    regs = [reg("web", "n1:a:8080", "fd00::5", 8080, "v1"),
+            reg("web", "n1:b:8080", "10.0.0.6", 8081, "v2")]
+    text = render(load_template(None),
+                  build_backends(WEB, regs, {"web": Canary("v2", 10)}), regs,
                   RenderContext(mode="http", prefix=PREFIX))
-    assert "    mode http\n" in text
-    assert "    timeout http-request 10s\n" in text
+    golden("haproxy-http-canary.cfg", text)
     assert "stats socket" not in text
-    assert "backend be_web\n    balance roundrobin\n    server-template _spare" in text
+
+
+def test_builtin_template_spare_slots_and_hostile_names_golden():
+    hostile = ["a b:1", "x\nserver evil 1.2.3.4:80", "_spare1", "é:2", "{{x}}"]
+    regs = [reg("web", f"n1:{name}", "10.0.0.5", 1000 + i) for i, name in enumerate(hostile)]
+    regs += [reg("web", f"n1:c{i}:8080", "10.0.0.7", 2000 + i) for i in range(MIN_SPARES + 3)]
+    text = render(load_template(None), build_backends(WEB, regs), regs, ctx("tcp"))
+    golden("haproxy-spares-hostile.cfg", text)
+    assert f"server-template _spare 1-{MIN_SPARES + 3 + len(hostile)} " in text
+
+
+def test_every_golden_config_passes_haproxy_check(tmp_path):
+    import shutil
+    import subprocess
+
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.access(haproxy, os.X_OK):
+        pytest.fail("haproxy missing: run `make setup`", pytrace=False)
+    for path in sorted(GOLDEN.glob("haproxy-*.cfg")):
+        text = path.read_text().replace("/run/haproxy-stats.sock", str(tmp_path / "s.sock"))
+        copy = tmp_path / path.name
+        copy.write_text(text)
+        done = subprocess.run([haproxy, "-c", "-f", str(copy)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{path.name}: {done.stderr}"
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def share(servers: list[Server], weights: dict[str, int], version: str) -> float:
+    total = sum(weights.values())
+    return sum(weights[s.name] for s in servers if s.version == version) / total
+
+
+@pytest.mark.parametrize("percent", [1, 10, 50, 90, 99])
+@pytest.mark.parametrize(("ours", "others"), [(1, 1), (1, 3), (3, 1), (3, 3), (2, 7)])
+def test_weights_give_the_canary_its_share(percent, ours, others):
+    servers = ([Server(f"n:c{i}:1", "10.0.0.1", i + 1, f"n:c{i}:1", "v2") for i in range(ours)]
+               + [Server(f"n:o{i}:1", "10.0.0.1", 100 + i, f"n:o{i}:1", "v1")
+                  for i in range(others)])
+    weights = server_weights(servers, Canary("v2", percent))
+    assert all(1 <= w <= 256 for w in weights.values())
+    assert share(servers, weights, "v2") == pytest.approx(percent / 100, abs=0.01)
+    assert len({weights[s.name] for s in servers if s.version == "v2"}) == 1  # even
+
+
+def test_no_canary_or_one_side_only_weighs_every_server_the_same():
+    servers = [Server("a", "10.0.0.1", 1, "a", "v1"), Server("b", "10.0.0.1", 2, "b", "v1")]
+    assert set(server_weights(servers, None).values()) == {DEFAULT_WEIGHT}
+    assert set(server_weights(servers, Canary("v2", 10)).values()) == {DEFAULT_WEIGHT}
+    assert set(server_weights(servers, Canary("v1", 10)).values()) == {DEFAULT_WEIGHT}
 
 
 def test_rendering_is_deterministic():
@@ -213,140 +272,6 @@ def test_broken_templates_raise_template_error(tmp_path):
         render(load_template(str(undefined)), build_backends(WEB, []), [], ctx())
 
 
-# --- the runtime API plan -------------------------------------------------------------------
-
-
-def test_servers_coming_and_going_use_spare_slots_then_freed_ones():
-    a, b, c = reg("web", "n:a:1", port=1), reg("web", "n:b:1", port=2), reg("web", "n:c:1", port=3)
-    live = fresh_layout(build_backends(WEB, [a]))
-    plan = plan_runtime(live, build_backends(WEB, [a, b]))
-    assert plan is not None
-    assert plan.commands == (
-        "set server be_web/_spare1 addr 10.0.0.5 port 2",
-        "set server be_web/_spare1 state ready",
-    )
-    assert plan.expect == (SlotState("be_web", "_spare1", b.server),)
-    assert live_model(plan.live) == model_of(build_backends(WEB, [a, b]))
-
-    # a leaves (maintenance, the slot freed last), c comes (the next never-used spare)
-    plan2 = plan_runtime(plan.live, build_backends(WEB, [b, c]))
-    assert plan2 is not None
-    assert plan2.commands == (
-        "set server be_web/_spare2 addr 10.0.0.5 port 3",
-        "set server be_web/_spare2 state ready",
-        "set server be_web/n:a:1 state maint",
-    )
-    assert plan2.live["web"].free[-1] == "n:a:1"
-    assert plan2.live["web"].slots["n:a:1"] is None
-
-    # nothing changed: no command
-    same = plan_runtime(plan2.live, build_backends(WEB, [b, c]))
-    assert same is not None and same.empty
-
-
-def test_an_instance_that_moves_gets_its_slot_readdressed():
-    live = fresh_layout(build_backends(WEB, [reg("web", "n:a:1", port=1)]))
-    plan = plan_runtime(live, build_backends(WEB, [reg("web", "n:a:1", "10.0.0.9", 7)]))
-    assert plan is not None
-    assert plan.commands == ("set server be_web/n:a:1 addr 10.0.0.9 port 7",)
-
-
-def test_a_reload_is_needed_when_slots_run_out_or_backends_change():
-    regs = [reg("web", f"n:c{i}:1", port=i + 1) for i in range(MIN_SPARES + 1)]
-    empty = fresh_layout(build_backends(WEB, []))
-    assert plan_runtime(empty, build_backends(WEB, regs[:MIN_SPARES])) is not None
-    assert plan_runtime(empty, build_backends(WEB, regs)) is None
-    two = (*WEB, Bind("api", "127.0.0.1", 9090))
-    assert plan_runtime(empty, build_backends(two, [])) is None
-
-
-def test_check_slots_reads_show_servers_state():
-    state = (
-        "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight "
-        "srv_iweight srv_time_since_last_change srv_check_status srv_check_result "
-        "srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id "
-        "srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr "
-        "srv_agent_port\n"
-        "3 be_web 1 n:a:1 10.0.0.5 0 5 1 1 9 1 0 0 8 0 0 0 - 1 - 0 0 - - 0\n"
-        "3 be_web 2 _spare1 10.0.0.5 2 4 1 1 0 1 0 0 8 0 0 0 - 2 - 0 0 - - 0\n"
-        "3 be_web 3 _spare2 ::1 2 4 1 1 0 1 0 0 8 0 0 0 - 3 - 0 0 - - 0\n"
-    )
-    b = Server("n:b:1", "10.0.0.5", 2, "n:b:1")
-    assert check_slots(state, [SlotState("be_web", "n:a:1", None),
-                               SlotState("be_web", "_spare1", b),
-                               SlotState("be_web", "_spare2", Server("x", "::1", 3, "x"))]) == []
-    problems = check_slots(state, [SlotState("be_web", "_spare1", None),
-                                   SlotState("be_web", "n:a:1", b),
-                                   SlotState("be_web", "nope", b)])
-    assert len(problems) == 4
-
-
-# --- Registrations: what counts as a change, and the debounce ------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_registrations_count_rejections_once_and_ignore_repeats():
-    rejected: list[tuple[str, str]] = []
-    regs = Registrations(PREFIX, lambda key, why: rejected.append((key, why.reason)))
-    regs.replace_all({"/services/web/a": value(port=1), "/services/web/bad": "nope"})
-    assert [r.server.instance for r in regs.snapshot()] == ["a"]
-    assert rejected == [("/services/web/bad", INVALID_JSON)]
-    stop = threading.Event()
-    assert regs.wait_batch(stop, 0) is not None  # the first read is always a change
-    regs.apply([KeyEvent("/services/web/bad", "nope", 5), KeyEvent("/services/web/a",
-                                                                   value(port=1), 5)])
-    assert rejected == [("/services/web/bad", INVALID_JSON)]
-    assert regs.wait_batch(stop, 0) is None  # same values: nothing to apply
-    regs.apply([KeyEvent("/services/web/a", None, 6)])
-    assert regs.wait_batch(stop, 0) == []
-
-
-def test_debounce_waits_for_quiet_but_never_longer_than_the_max_delay(monkeypatch):
-    clock = FakeClock()
-    regs = Registrations(PREFIX, quiet=0.1, max_delay=1.0, clock=clock)
-    regs.replace_all({})
-    stop = threading.Event()
-    waits: list[float] = []
-
-    # Each wait advances the clock; a new change arrives every 50 ms (never quiet for 100 ms).
-    def fake_wait(timeout: float | None = None) -> bool:
-        step = min(timeout or 0.0, 0.05)
-        waits.append(step)
-        clock.now += step
-        regs._raw.pop("/services/web/x", None)
-        regs._set("/services/web/x", value(port=int(clock.now * 1000) % 60000 + 1))
-        regs._changed()
-        return True
-
-    monkeypatch.setattr(regs._cond, "wait", fake_wait)
-    started = clock.now
-    batch = regs.wait_batch(stop, timeout=5)
-    assert batch is not None
-    assert clock.now - started == pytest.approx(1.0, abs=0.06)  # the max delay bounds it
-
-
-def test_debounce_applies_after_100ms_of_quiet(monkeypatch):
-    clock = FakeClock()
-    regs = Registrations(PREFIX, quiet=0.1, max_delay=1.0, clock=clock)
-    regs.replace_all({})
-
-    def fake_wait(timeout: float | None = None) -> bool:
-        clock.now += timeout or 0.0
-        return True
-
-    monkeypatch.setattr(regs._cond, "wait", fake_wait)
-    started = clock.now
-    assert regs.wait_batch(threading.Event(), timeout=5) == []
-    assert clock.now - started == pytest.approx(0.1, abs=1e-6)
-
-
 # --- hostile input cannot shape the config --------------------------------------------------
 
 _json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
@@ -363,7 +288,7 @@ _hostile_values = st.one_of(
 @given(instance=st.text(min_size=1, max_size=60), raw=_hostile_values)
 def test_hostile_keys_and_values_never_add_config_lines(instance, raw):
     parsed = parse_registration(PREFIX, f"{PREFIX}/web/{instance}", raw)
-    regs = [parsed] if isinstance(parsed, Registration) else []
+    regs = [parsed] if isinstance(parsed, Routed) else []
     text = render(load_template(None), build_backends(WEB, regs), regs, ctx())
     empty = render(load_template(None), build_backends(WEB, []), [], ctx())
     extra = [line for line in text.splitlines() if line not in empty.splitlines()]
@@ -373,20 +298,6 @@ def test_hostile_keys_and_values_never_add_config_lines(instance, raw):
 
 
 # --- haproxy_process helpers ----------------------------------------------------------------
-
-
-def test_show_proc_gives_reloads_failures_and_current_workers():
-    text = (
-        "#<PID>          <type>          <reloads>       <uptime>        <version>      \n"
-        "11286           master          1 [failed: 1]   0d00h00m09s     2.6.12-1+deb12u4\n"
-        "# workers\n"
-        "11289           worker          1               0d00h00m09s     2.6.12-1+deb12u4\n"
-        "# old workers\n"
-        "11100           worker          2               0d00h01m09s     2.6.12-1+deb12u4\n"
-        "# programs\n\n"
-    )
-    assert parse_show_proc(text) == ProcInfo(reloads=1, failed=1, workers=(11289,))
-    assert parse_show_proc("Unknown command\n") is None
 
 
 def test_sockets_go_next_to_the_config_unless_the_path_is_too_long(tmp_path):

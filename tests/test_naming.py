@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from registrar.core.checks import CheckSpec, http_request
 from registrar.core.containers import parse_inspect
 from registrar.core.layout import parse_key
 from registrar.core.naming import (
@@ -519,3 +520,103 @@ def test_property_parse_key_never_claims_what_is_not_ours(node: str, key: str) -
     assert "/" not in instance
     if owned_by(node, instance):
         assert instance.split(":")[0] == node
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def test_registrations_carry_their_ports_check_outside_the_value() -> None:
+    labels = {"registrar.service": "web", "registrar.check": "http:/health",
+              "registrar.9090.check": "tcp", "registrar.check.interval": "0.5"}
+    result = outcome(labels=labels, ports={**TWO_PORTS, "53/udp": published(5353)})
+    checks = {(r.value["private_port"], r.value["protocol"]): r.check
+              for r in result.registrations}
+    assert checks == {
+        (8080, "tcp"): CheckSpec("http", "/health", 0.5, 0.25, 1, 2),
+        (9090, "tcp"): CheckSpec("tcp", None, 0.5, 0.25, 1, 2),
+        (53, "udp"): None,  # nothing to connect to: UDP ports are registered unchecked
+    }
+    unchecked = outcome(labels={"registrar.service": "web"},
+                        ports={**TWO_PORTS, "53/udp": published(5353)})
+    assert [r.check for r in unchecked.registrations] == [None, None, None]
+    # the check changes neither keys nor stored values
+    assert [(r.key, r.encoded()) for r in result.registrations] == [
+        (r.key, r.encoded()) for r in unchecked.registrations
+    ]
+    assert all(set(json.loads(r.encoded())) == VALUE_FIELDS for r in result.registrations)
+
+
+@pytest.mark.parametrize(
+    ("labels", "label"),
+    [
+        ({"registrar.check": "ping"}, "registrar.check"),
+        ({"registrar.check": "http:health"}, "registrar.check"),
+        ({"registrar.8080.check": "http:/a b"}, "registrar.8080.check"),
+        ({"registrar.check": "tcp", "registrar.check.interval": "0.1"},
+         "registrar.check.interval"),
+        ({"registrar.check": "tcp", "registrar.check.timeout": "3"}, "registrar.check.timeout"),
+        ({"registrar.check": "tcp", "registrar.check.rise": "0"}, "registrar.check.rise"),
+        ({"registrar.check": "tcp", "registrar.check.fall": "101"}, "registrar.check.fall"),
+        ({"registrar.check": "tcp", "registrar.check.fall": "nan"}, "registrar.check.fall"),
+        ({"registrar.check": "tcp", "registrar.check.every": "2"}, "registrar.check.every"),
+    ],
+)
+def test_bad_check_label_rejects_the_container(labels: dict[str, str], label: str) -> None:
+    result = outcome(labels={"registrar.service": "web", **labels}, ports=TWO_PORTS)
+    assert result.registrations == ()
+    assert result.rejected == "invalid_check"
+    assert label in result.detail
+
+
+def test_check_numbers_without_a_check_are_ignored() -> None:
+    result = outcome(labels={"registrar.service": "web", "registrar.check.interval": "nan"})
+    assert services(result) == {8080: "web"}
+    assert result.registrations[0].check is None
+
+
+check_values = st.one_of(
+    texts,
+    st.sampled_from(["tcp", "http:/", "http:/health", "http:/a b", "http:", "2", "0.2", "0.1",
+                     "1", "100", "101", "0", "nan", "inf", "-inf", "1e400", "-1", "", " ",
+                     "9" * 40, "0.5", "1.5", "\x00", "http:/\r\n\r\nGET /x"]),
+    st.from_regex(r"http:/[ -~]{0,30}", fullmatch=True),
+)
+
+good_kinds = st.one_of(st.just("tcp"), st.from_regex(r"http:/[a-z0-9/?=&._-]{0,20}",
+                                                     fullmatch=True))
+good_seconds = st.sampled_from(["0.2", "0.5", "1", "2", "2.5", "10", ".3"])
+good_counts = st.integers(1, 100).map(str)
+check_labels = st.fixed_dictionaries({}, optional={
+    "registrar.check": weighted(good_kinds, check_values),
+    "registrar.8080.check": weighted(good_kinds, check_values),
+    "registrar.9090.check": weighted(good_kinds, check_values),
+    "registrar.check.interval": weighted(good_seconds, check_values),
+    "registrar.check.timeout": weighted(good_seconds, check_values),
+    "registrar.check.rise": weighted(good_counts, check_values),
+    "registrar.check.fall": weighted(good_counts, check_values),
+    "registrar.check.bogus": check_values,
+})
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(checks=check_labels, labels=labels_st, ports=some_bindings)
+def test_property_hostile_check_labels_give_a_spec_or_invalid_check(
+    checks: dict[str, str], labels: dict[str, str], ports: list[tuple[int, str, int, str]]
+) -> None:
+    info = parse_inspect(_doc("/web-1", "example/web:1", {**labels, **checks}, {}, ports, False))
+    result = registrations_for(info, ctx(), NOW)  # never raises
+    if result.rejected == "invalid_check":
+        assert result.detail.strip() and len(result.detail) < 400
+        return
+    for registration in result.registrations:
+        check = registration.check
+        if check is None:
+            continue
+        assert registration.value["protocol"] == "tcp"
+        assert check.kind in ("tcp", "http")
+        assert 0.2 <= check.interval <= 3600 and 0 < check.timeout <= check.interval
+        assert 1 <= check.rise <= 100 and 1 <= check.fall <= 100
+        assert set(json.loads(registration.encoded())) == VALUE_FIELDS
+        if check.path is not None:
+            line = http_request("10.0.0.5", 80, check.path).split(b"\r\n")[0]
+            assert re.fullmatch(rb"GET /[!-~]* HTTP/1\.0", line), line

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from registrar.haproxy.config import builtin_template_text
+from registrar.core.control import Canary
+from registrar.haproxy.config import Server, builtin_template_text, server_weights
 from tests.helpers import Scope, healthz, metrics_flag, scrape
 from tests.support.proc import RegistrarProcess, free_port, wait_until
 
@@ -520,3 +521,247 @@ def test_promote_switches_every_request_without_a_failure(
     # HAProxy follows within its debounce (at most 1 s after the change).
     assert switched_v2 - promoted < 2 and switched_v1 - rolled_back < 2
     assert r.metrics()["registrar_haproxy_reloads_total"] == 0  # runtime API only
+
+
+# --- the router heals itself, counts traffic by version, splits by weight -------------------
+
+
+class Clients:
+    """Several clients at once through HAProxy (a request hung on a frozen server holds up only
+    its own client), each giving up after `timeout`: `answers` (time, body) and `failures`
+    (time, error)."""
+
+    def __init__(self, port: int, clients: int = 4, timeout: float = 2.0) -> None:
+        self.port, self.timeout = port, timeout
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[tuple[float, str]] = []
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self._done.is_set() and time.monotonic() < deadline:
+            try:
+                self.answers.append((time.monotonic(), get(self.port, self.timeout)))
+            except Exception as exc:
+                self.failures.append((time.monotonic(), repr(exc)[:80]))
+            time.sleep(0.005)
+
+    def __enter__(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        for thread in self._threads:
+            thread.join(10)
+
+
+def stats_socket(r: Router) -> str:
+    from registrar.haproxy.process import socket_paths
+
+    return socket_paths(str(r.config.parent), str(r.config))[1]
+
+
+def server_rows(r: Router) -> dict[str, list[str]]:
+    """`show servers state` of the running worker, by server name (fields as HAProxy gives)."""
+    from registrar.haproxy.process import cli
+
+    rows = {}
+    for line in cli(stats_socket(r), "show servers state").splitlines():
+        fields = line.split()
+        if len(fields) > 18 and fields[0].isdigit():
+            rows[fields[3]] = fields
+    return rows
+
+
+def slot_of(r: Router, container) -> str:
+    """The server slot that routes to `container` (by its published port)."""
+    port = str(container.port(8080))
+    return wait_until(lambda: next((name for name, f in server_rows(r).items()
+                                    if f[18] == port and f[6] in ("0", "4")), None),
+                      timeout=10, message=f"no slot for {container.name}")
+
+
+def host_pid(container) -> int:
+    return int(container.state()["Pid"])
+
+
+def test_a_frozen_server_leaves_rotation_in_2_s_and_comes_back_when_thawed(
+    scope, service, agent, router, containers
+):
+    agent()
+    r = router()
+    healthy, frozen = containers(labels=labels(service)), containers(labels=labels(service))
+    r.serves(healthy, frozen)
+    slot = slot_of(r, frozen)
+    with Clients(r.port) as clients:
+        time.sleep(1)
+        froze = time.monotonic()
+        os.kill(host_pid(frozen), signal.SIGSTOP)  # its key stands: only HAProxy can tell
+        try:
+            wait_until(lambda: server_rows(r)[slot][5] == "0", timeout=10,
+                       message="the frozen server never left rotation")
+            out_after = time.monotonic() - froze
+            time.sleep(2.5)  # every client's hung request has given up by now
+        finally:
+            os.kill(host_pid(frozen), signal.SIGCONT)
+        thawed = time.monotonic()
+        wait_until(lambda: any(t > thawed and b == host_of(frozen) for t, b in clients.answers),
+                   timeout=10, message="the thawed server takes no traffic")
+        back_after = time.monotonic() - thawed
+    failed = [f for f in clients.failures if f[0] > froze - 0.1]
+    print(f"frozen server: out of rotation after {out_after:.2f} s, back {back_after:.2f} s "
+          f"after thawing; {len(failed)} failed of {len(clients.answers)} requests")
+    assert out_after < 3.0
+    assert back_after < 3.0
+    # each client lost at most the one request it had sent to the frozen server
+    assert len(failed) <= 4, failed
+    assert {b for t, b in clients.answers if froze + out_after + 0.1 < t < thawed} == {
+        host_of(healthy)}
+
+
+def test_a_server_that_refuses_connections_fails_no_request(
+    scope, service, agent, router, containers
+):
+    agent()
+    r = router()
+    staying = containers(labels=labels(service))
+    # httpd in the background, the container's PID 1 a shell: killing httpd leaves the
+    # container running (its key stands) with nothing listening
+    refusing = containers(labels=labels(service), command=[
+        "sh", "-c", "hostname > /www/index.html && httpd -p 8080 -h /www && exec sleep 1d"])
+    r.serves(staying, refusing)
+    slot = slot_of(r, refusing)
+    with Clients(r.port) as clients:
+        time.sleep(1)
+        killed = time.monotonic()
+        docker_env_top = subprocess.run(["docker", "top", refusing.id, "-o", "pid,comm"],
+                                        capture_output=True, text=True, check=True).stdout
+        httpd = [int(line.split()[0]) for line in docker_env_top.splitlines()[1:]
+                 if line.split()[1] == "httpd"]
+        for pid in httpd:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: server_rows(r)[slot][5] == "0", timeout=10)
+        out_after = time.monotonic() - killed
+        time.sleep(1)
+    failed = [f for f in clients.failures if f[0] > killed - 0.1]
+    print(f"refusing server: out of rotation after {out_after:.2f} s; {len(failed)} failed "
+          f"of {len(clients.answers)} requests")
+    assert failed == []
+    assert out_after < 2.5
+    assert {b for t, b in clients.answers if t > killed + out_after + 0.1} == {host_of(staying)}
+
+
+def test_traffic_by_version_is_counted_reported_and_survives_a_reload_from_outside(
+    scope, service, registrar, router, containers, etcd_reader
+):
+    ctl = scope.prefix + "-ctl"
+    agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
+                       "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    node = f"router-{scope.node}"
+    r = router("--control-prefix", ctl, "--node", node, "--ttl", "3")
+    v1 = containers(labels={**labels(service), "registrar.version": "v1"})
+    v2 = containers(labels={**labels(service), "registrar.version": "v2"})
+    r.serves(v1, v2)
+    version_of = {host_of(v1): "v1", host_of(v2): "v2"}
+    key = f"{ctl}/routers/{node}"
+    base = json.loads(etcd_reader.get(key) or '{"services": {}}')["services"].get(service, {})
+
+    def client_counts(n: int) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for _ in range(n):
+            seen[version_of[get(r.port)]] += 1
+        return seen
+
+    def reported() -> dict[str, int]:
+        services = json.loads(etcd_reader.get(key) or "{}").get("services", {})
+        return {v: services.get(service, {}).get(v, {}).get("2xx", 0)
+                - base.get(v, {}).get("2xx", 0) for v in ("v1", "v2")}
+
+    def matches(sent: Counter[str]) -> bool:
+        got = reported()
+        return all(abs(got[v] - sent[v]) <= max(2, 0.05 * sent[v]) for v in ("v1", "v2"))
+
+    sent = client_counts(300)
+    wait_until(lambda: matches(sent), timeout=8, message=lambda: f"{reported()} vs {sent}")
+    report = json.loads(etcd_reader.get(key) or "{}")
+    assert set(report) == {"at", "services"}
+    assert set(report["services"][service]["v1"]) == {
+        "2xx", "3xx", "4xx", "5xx", "other", "tcp", "connection_errors"}
+    assert etcd_reader.lease_id(key), "the report is bound to the router's lease"
+    m = r.metrics()
+    assert m[f'registrar_haproxy_responses_total{{code="2xx",service="{service}",'
+             'version="v1"}'] >= sent["v1"]
+
+    # A reload someone else makes (SIGUSR2 to the master): a new worker, counters at 0
+    os.kill(r.master_pid(), signal.SIGUSR2)
+    r.proc.wait_for_log("reloaded from outside", timeout=10)
+    sent += client_counts(300)
+    wait_until(lambda: matches(sent), timeout=8, message=lambda: f"{reported()} vs {sent}")
+    # ... and its view of the servers is right: v1 leaving takes it out of rotation
+    v1.stop(timeout=3)
+    r.serves(v2)
+    assert set(r.bodies(30)) == {host_of(v2)}
+    assert r.metrics()["registrar_haproxy_outside_reloads_total"] >= 1
+    assert r.proc.stop(15) == 0
+    assert etcd_reader.get(key) is None  # its lease revoked: the report goes with the router
+
+
+@pytest.mark.parametrize("each_side", [1, 3])
+def test_weights_send_the_canary_its_share(
+    scope, service, registrar, router, containers, etcd_reader, each_side
+):
+    ctl = scope.prefix + "-ctl"
+    agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
+                       "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    r = router("--control-prefix", ctl)
+    old = [containers(labels={**labels(service), "registrar.version": "v1"})
+           for _ in range(each_side)]
+    new = [containers(labels={**labels(service), "registrar.version": "v2"})
+           for _ in range(each_side)]
+    r.serves(*old, *new)
+    new_hosts = {host_of(c) for c in new}
+    slots = {slot_of(r, c) for c in new}
+
+    def share(n: int = 1000) -> float:
+        seen = r.bodies(n)
+        return sum(v for body, v in seen.items() if body in new_hosts) / sum(seen.values())
+
+    shares = {}
+    for percent in (10, 50):
+        etcd_reader.put(f"{ctl}/weights/{service}",
+                        {"version": "v2", "percent": percent, "at": "2026-12-01T00:00:00Z"})
+        model = [Server(f"o{i}", "127.0.0.1", i, f"o{i}", "v1") for i in range(each_side)] + [
+            Server(f"n{i}", "127.0.0.1", i, f"n{i}", "v2") for i in range(each_side)]
+        want = str(server_weights(model, Canary("v2", percent))["n0"])
+        wait_until(lambda w=want: {server_rows(r)[s][7] for s in slots} == {w}, timeout=10,
+                   message=r.proc.logs)
+        shares[percent] = share()
+        assert abs(shares[percent] * 100 - percent) <= 5, shares
+    etcd_reader.delete(f"{ctl}/weights/{service}")
+    wait_until(lambda: {server_rows(r)[s][7] for s in slots} == {"100"}, timeout=10)
+    even = share(600)
+    print(f"weights with {each_side} instance(s) a side: shares {shares}, after: {even:.3f}")
+    assert abs(even - 0.5) <= 0.05
+    assert r.metrics()["registrar_haproxy_reloads_total"] == 0  # runtime API only
+
+
+def test_an_ipv6_host_is_dialled_as_such(scope, service, registrar, router, containers):
+    port = free_port()
+    agent = registrar([*scope.args("watch"), "--host-ip", "::1", "--explicit",
+                       "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    r = router()
+    six = containers(labels=labels(service), network="host", publish=False,
+                     ports=(str(port),), detach_wait=False,
+                     command=["sh", "-c", f"hostname > /www/index.html && exec httpd -f -p "
+                              f"[::1]:{port} -h /www"])
+    wait_until(lambda: "[::1]" in r.config.read_text(), timeout=10, message=r.proc.logs)
+    assert f"[::1]:{port}" in r.config.read_text()
+    wait_until(lambda: status(r.port) == 200, timeout=10, message=r.proc.logs)
+    assert get(r.port) == socket.gethostname()  # a host-network container: the host's name
+    six.remove()

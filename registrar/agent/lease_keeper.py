@@ -26,13 +26,13 @@ from registrar.adapters.etcd_store import (
     EtcdStore,
     LeaseNotFound,
 )
-from registrar.agent.heartbeat import Heartbeat
 from registrar.core.control import Control, describe_changes, parse_control
 from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
 from registrar.core.planner import Changes, StoredKey
 from registrar.core.reconcile import Happened, Plan, mine, plan, split_deletes
 from registrar.health import LoopHealth
+from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
 from registrar.retry import Backoff
 

@@ -2,7 +2,9 @@
 
 Labels and environment are somebody else's input: every name that ends up in a key is checked
 against NAME_RE, so no label can make a key leave `{prefix}/`. A container with any bad name
-is refused whole, with a reason that is logged and counted.
+is refused whole, with a reason that is logged and counted; so is one with a bad check label
+(`invalid_check`, see `core.checks`). Each registration carries its port's `CheckSpec` (None:
+unchecked), which is not part of the stored value.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from registrar.core.checks import CheckSpec, InvalidCheck, parse_checks
 from registrar.core.containers import UNSPECIFIED_IPS, ContainerInfo
 from registrar.settings import NAME_RE, TRUE_WORDS
 
@@ -26,6 +29,7 @@ class Registration:
     service: str
     instance: str
     value: Mapping[str, Any]
+    check: CheckSpec | None = None  # how registrar checks this port; never in the value
 
     def encoded(self) -> str:
         return json.dumps(self.value, sort_keys=True, separators=(",", ":"))
@@ -159,6 +163,10 @@ def registrations_for(
     version, version_error = _version(container)
     if version_error:
         return Outcome(rejected="invalid_version", detail=version_error)
+    try:
+        checks = parse_checks(container.labels)
+    except InvalidCheck as exc:
+        return Outcome(rejected="invalid_check", detail=str(exc))
 
     several = len(ports) > 1
     registrations = []
@@ -203,7 +211,8 @@ def registrations_for(
             "tags": tags,
             "registered_at": registered_at,
         }
-        registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance, value)
+        registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance,
+                                    value, checks.for_port(private_port, proto))
         if len(registration.encoded()) > MAX_VALUE_BYTES:
             return Outcome(rejected="value_too_large", detail=f"port {private_port}")
         registrations.append(registration)

@@ -1,33 +1,36 @@
-"""Registrations -> backends -> HAProxy config text, and the runtime-API plan. Pure.
+"""Registrations -> backends -> HAProxy config text. Pure.
 
 - `parse_registration`: one etcd key and value to a `Server` of a service, or a `Rejected` with
   the reason (a value that is not JSON, lacks host or port, ...).
 - `build_backends`: the servers of every service named in `--bind`, sorted, with HAProxy-safe
   and stable server names derived from the instance.
+- `server_weights`: the weights that give a canary's version its share of new requests.
 - `render`: the built-in Jinja2 template (tcp and http mode) or the operator's.
-- `plan_runtime`: how to bring a running HAProxy from one set of servers to another with the
-  runtime API only (server slots: `set server ... addr/state`), or None when that needs a reload.
+The runtime-API side (bringing a running HAProxy to new backends without a reload) is in
+`haproxy.runtime`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
 import jinja2
 
 from registrar import __version__
+from registrar.core.control import Canary
+from registrar.core.planner import json_object
 from registrar.settings import NAME_RE, Bind
 
 SPARE_PREFIX = "_spare"  # server-template slots: _spare1, _spare2, ... (no instance starts with _)
 MIN_SPARES = 32
 HARD_STOP_AFTER = "30s"  # old workers of a reload get this long to finish their connections
+CHECK_TIMEOUT = "250ms"  # a server check not answered by then has failed
 BUILTIN_TEMPLATE = "haproxy.cfg.j2"
 
 # HAProxy identifiers: letters, digits, '-', '_', '.', ':'. We also want an alphanumeric first.
@@ -42,12 +45,18 @@ INVALID_HOST = "invalid_host"
 INVALID_PORT = "invalid_port"
 
 
+DEFAULT_WEIGHT = 100  # every server's weight without a canary (HAProxy's range is 0-256)
+MAX_WEIGHT = 256
+
+
 @dataclass(frozen=True, order=True)
 class Server:
     name: str  # HAProxy server name, derived from the instance
     host: str  # an IP address, normalised
     port: int
     instance: str  # the key's last segment: {node}:{container_name}:{private_port}
+    version: str | None = None  # the value's `version`: traffic is counted by it
+    weight: int = DEFAULT_WEIGHT
 
     @property
     def address(self) -> str:
@@ -56,7 +65,9 @@ class Server:
 
 
 @dataclass(frozen=True)
-class Registration:
+class Routed:
+    """One registration as the router sees it: a server of a service."""
+
     service: str
     server: Server
 
@@ -114,7 +125,7 @@ def server_name(instance: str) -> str:
     return f"{cleaned}-{digest}" if cleaned else f"x-{digest}"
 
 
-def _host(raw: object) -> str | None:
+def ip_of(raw: object) -> str | None:
     if not isinstance(raw, str):
         return None
     try:
@@ -128,7 +139,7 @@ def _host(raw: object) -> str | None:
     return str(address)
 
 
-def parse_registration(prefix: str, key: str, value: str) -> Registration | Rejected:
+def parse_registration(prefix: str, key: str, value: str) -> Routed | Rejected:
     """One key `{prefix}/{service}/{instance}` and its JSON value, or why it is skipped.
 
     `host` must be an IP address (a host name would make `haproxy -c` resolve it, and one bad
@@ -138,31 +149,49 @@ def parse_registration(prefix: str, key: str, value: str) -> Registration | Reje
     service, _, instance = rest.partition("/")
     if not NAME_RE.fullmatch(service) or not instance or "/" in instance:
         return Rejected(INVALID_KEY, f"not {prefix}/SERVICE/INSTANCE")
-    try:
-        data = json.loads(value)
-    except (ValueError, RecursionError):
-        return Rejected(INVALID_JSON, "value is not JSON")
-    if not isinstance(data, dict):
+    data = json_object(value)
+    if data is None:
         return Rejected(INVALID_JSON, "value is not a JSON object")
     if "host" not in data or "port" not in data:
         return Rejected(MISSING_HOST_OR_PORT, "value lacks host or port")
-    host = _host(data["host"])
+    host = ip_of(data["host"])
     if host is None:
         return Rejected(INVALID_HOST, f"host {str(data['host'])[:64]!r} is not an IP address")
     port = data["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         return Rejected(INVALID_PORT, f"port {str(port)[:16]!r} is not an integer 1-65535")
-    return Registration(service, Server(server_name(instance), host, port, instance))
+    version = data.get("version")
+    return Routed(service, Server(server_name(instance), host, port, instance,
+                                  version if isinstance(version, str) else None))
 
 
 def _bind_address(bind: Bind) -> str:
     return f"[{bind.host}]:{bind.port}" if ":" in bind.host else f"{bind.host}:{bind.port}"
 
 
+def server_weights(servers: Sequence[Server], canary: Canary | None) -> dict[str, int]:
+    """Weights (by server name) that send `canary.percent` % of new requests to the canary's
+    version, evenly among its servers, and the rest evenly among the others. Without a canary,
+    or without servers on both sides, every server weighs the same."""
+    ours = [s.name for s in servers if canary is not None and s.version == canary.version]
+    others = [s.name for s in servers if s.name not in set(ours)]
+    if canary is None or not ours or not others:
+        return dict.fromkeys((s.name for s in servers), DEFAULT_WEIGHT)
+    # n_ours * w_ours / (n_ours * w_ours + n_others * w_others) = P / 100
+    want_ours = canary.percent * len(others)
+    want_others = (100 - canary.percent) * len(ours)
+    scale = MAX_WEIGHT / max(want_ours, want_others)
+    weights = dict.fromkeys(others, max(1, round(want_others * scale)))
+    weights.update(dict.fromkeys(ours, max(1, round(want_ours * scale))))
+    return weights
+
+
 def build_backends(
-    binds: Sequence[Bind], registrations: Iterable[Registration]
+    binds: Sequence[Bind], registrations: Iterable[Routed],
+    canaries: Mapping[str, Canary] | None = None,
 ) -> tuple[Backend, ...]:
-    """One backend per service of --bind (in the order given), with every instance's server.
+    """One backend per service of --bind (in the order given), with every instance's server;
+    their weights follow the service's canary (`{control_prefix}/weights/SERVICE`), if any.
 
     A service with no registration gets an empty backend (HAProxy answers 503 / closes): the
     frontend stays, so the first instance to appear needs no reload.
@@ -185,14 +214,17 @@ def build_backends(
         if name in by_name and by_name[name].instance != reg.server.instance:
             # cannot happen short of a hash collision; keep both anyway
             name = f"{name}-{len(by_name)}"
-        by_name[name] = Server(name, reg.server.host, reg.server.port, reg.server.instance)
-    return tuple(
-        Backend(service, tuple(addresses[service]), tuple(sorted(servers[service].values())))
-        for service in order
-    )
+        by_name[name] = replace(reg.server, name=name)
+    backends = []
+    for service in order:
+        chosen = sorted(servers[service].values())
+        weights = server_weights(chosen, (canaries or {}).get(service))
+        weighted = tuple(replace(s, weight=weights[s.name]) for s in chosen)
+        backends.append(Backend(service, tuple(addresses[service]), weighted))
+    return tuple(backends)
 
 
-def services_of(registrations: Iterable[Registration]) -> dict[str, list[Server]]:
+def services_of(registrations: Iterable[Routed]) -> dict[str, list[Server]]:
     """Every valid registration by service (bound or not), for operators' templates."""
     out: dict[str, list[Server]] = {}
     for reg in registrations:
@@ -252,7 +284,7 @@ class RenderContext:
 def render(
     template: jinja2.Template,
     backends: Sequence[Backend],
-    registrations: Iterable[Registration],
+    registrations: Iterable[Routed],
     context: RenderContext,
 ) -> str:
     """The config text; TemplateError when the template fails to render."""
@@ -264,149 +296,11 @@ def render(
             prefix=context.prefix,
             stats_socket=context.stats_socket,
             hard_stop_after=HARD_STOP_AFTER,
+            check_timeout=CHECK_TIMEOUT,
+            default_weight=DEFAULT_WEIGHT,
             version=__version__,
             **context.extra,
         )
     except jinja2.TemplateError as exc:
         raise TemplateError(f"{type(exc).__name__}: {exc}") from None
     return text if text.endswith("\n") else text + "\n"
-
-
-# --- the runtime API ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LiveBackend:
-    """The server slots a running HAProxy has in one backend, and what each one serves.
-
-    `slots` maps a server name to the server it routes to (None: in maintenance, free).
-    `free` lists the free slots in the order they are to be reused: never-used spares first,
-    then the slots freed longest ago (an instance that just left may still be draining).
-    """
-
-    backend: str
-    slots: Mapping[str, Server | None]
-    free: tuple[str, ...]
-
-    def model(self) -> frozenset[tuple[str, str, int]]:
-        return frozenset(
-            (s.instance, s.host, s.port) for s in self.slots.values() if s is not None
-        )
-
-
-Live = Mapping[str, LiveBackend]  # service -> its live backend
-
-
-def fresh_layout(backends: Sequence[Backend]) -> dict[str, LiveBackend]:
-    """The slots a config rendered from `backends` by the built-in template starts with."""
-    layout = {}
-    for b in backends:
-        slots: dict[str, Server | None] = {s.name: s for s in b.servers}
-        spares = [f"{SPARE_PREFIX}{i}" for i in range(1, b.spares + 1)]
-        slots.update(dict.fromkeys(spares))
-        layout[b.service] = LiveBackend(b.backend, slots, tuple(spares))
-    return layout
-
-
-def model_of(backends: Sequence[Backend]) -> dict[str, frozenset[tuple[str, str, int]]]:
-    return {b.service: frozenset((s.instance, s.host, s.port) for s in b.servers) for b in backends}
-
-
-def live_model(live: Live) -> dict[str, frozenset[tuple[str, str, int]]]:
-    return {service: lb.model() for service, lb in live.items()}
-
-
-@dataclass(frozen=True)
-class SlotState:
-    """What `show servers state` must say about a slot after the commands ran."""
-
-    backend: str
-    slot: str
-    server: Server | None  # None: in maintenance
-
-
-@dataclass(frozen=True)
-class RuntimePlan:
-    commands: tuple[str, ...]  # runtime API commands, in order (adds first, then removals)
-    expect: tuple[SlotState, ...]
-    live: dict[str, LiveBackend]  # the slots once the commands ran
-
-    @property
-    def empty(self) -> bool:
-        return not self.commands
-
-
-def plan_runtime(live: Live, backends: Sequence[Backend]) -> RuntimePlan | None:
-    """Commands that turn `live` into `backends` without a reload; None when a reload is needed
-    (a backend added or removed, or not enough free slots)."""
-    if set(live) != {b.service for b in backends}:
-        return None
-    adds: list[str] = []
-    removals: list[str] = []
-    expect: list[SlotState] = []
-    new_live: dict[str, LiveBackend] = {}
-    for b in backends:
-        current = live[b.service]
-        slots = dict(current.slots)
-        free = list(current.free)
-        where = {s.instance: name for name, s in slots.items() if s is not None}
-        wanted = {s.instance: s for s in b.servers}
-        be = current.backend
-        freed: list[str] = []
-        for instance, name in sorted(where.items()):
-            if instance not in wanted:
-                removals.append(f"set server {be}/{name} state maint")
-                expect.append(SlotState(be, name, None))
-                slots[name] = None
-                freed.append(name)
-        for instance, server in sorted(wanted.items()):
-            held = where.get(instance)
-            if held is not None:
-                old = slots[held]
-                if old is not None and (old.host, old.port) != (server.host, server.port):
-                    adds.append(f"set server {be}/{held} addr {server.host} port {server.port}")
-                    expect.append(SlotState(be, held, server))
-                    slots[held] = server
-                continue
-            if not free:
-                return None
-            slot = free.pop(0)
-            adds.append(f"set server {be}/{slot} addr {server.host} port {server.port}")
-            adds.append(f"set server {be}/{slot} state ready")
-            expect.append(SlotState(be, slot, server))
-            slots[slot] = server
-        new_live[b.service] = LiveBackend(be, slots, tuple(free + freed))
-    return RuntimePlan(tuple(adds + removals), tuple(expect), new_live)
-
-
-def check_slots(state_lines: str, expect: Iterable[SlotState]) -> list[str]:
-    """Mismatches between `show servers state` output and what the plan expects ([] if none)."""
-    seen: dict[tuple[str, str], tuple[str, int, int]] = {}
-    for line in state_lines.splitlines():
-        fields = line.split()
-        # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ... srv_port (18)
-        if len(fields) < 19 or line.startswith("#") or not fields[0].isdigit():
-            continue
-        try:
-            seen[(fields[1], fields[3])] = (fields[4], int(fields[6]), int(fields[18]))
-        except ValueError:
-            continue
-    problems = []
-    for want in expect:
-        got = seen.get((want.backend, want.slot))
-        if got is None:
-            problems.append(f"{want.backend}/{want.slot}: no such server")
-            continue
-        addr, admin, port = got
-        in_maint = bool(admin & 0x01)
-        if want.server is None:
-            if not in_maint:
-                problems.append(f"{want.backend}/{want.slot}: not in maintenance")
-            continue
-        if in_maint:
-            problems.append(f"{want.backend}/{want.slot}: still in maintenance")
-        if _host(addr) != want.server.host or port != want.server.port:
-            problems.append(
-                f"{want.backend}/{want.slot}: at {addr}:{port}, not {want.server.address}"
-            )
-    return problems

@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import enum
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,8 +23,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from registrar.haproxy.runtime import ProcInfo, parse_show_proc
 from registrar.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -141,33 +142,6 @@ def cli(path: str, command: str, timeout: float = CLI_TIMEOUT) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-@dataclass(frozen=True)
-class ProcInfo:
-    reloads: int
-    failed: int
-    workers: tuple[int, ...]
-
-
-_MASTER_LINE = re.compile(r"^(\d+)\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", re.MULTILINE)
-
-
-def parse_show_proc(text: str) -> ProcInfo | None:
-    """The master's reload counters and current workers from `show proc` (None: unreadable)."""
-    match = _MASTER_LINE.search(text)
-    if match is None:
-        return None
-    workers = []
-    section = ""
-    for line in text.splitlines():
-        if line.startswith("#"):
-            section = line
-            continue
-        fields = line.split()
-        if section.startswith("# workers") and len(fields) >= 2 and fields[0].isdigit():
-            workers.append(int(fields[0]))
-    return ProcInfo(int(match.group(2)), int(match.group(3)), tuple(workers))
-
-
 _HAPROXY_LOG = logging.getLogger("haproxy")
 _LEVEL = re.compile(r"^\[(\w+)\]")
 _LEVELS = {"EMERG": logging.ERROR, "ALERT": logging.ERROR, "WARNING": logging.WARNING}
@@ -186,11 +160,20 @@ def _pump_output(proc: subprocess.Popen[bytes]) -> None:
             _HAPROXY_LOG.log(level, "%s", line, extra={"event": "haproxy_output"})
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if registrar dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _with_parent_death(command: list[str]) -> list[str]:
+    """HAProxy SIGTERMed if registrar dies (even by SIGKILL), without running Python between
+    fork and exec (unsafe with gRPC's threads live): util-linux's setpriv sets it, then execs."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
+
+
+class ProcState(enum.Enum):
+    NOT_STARTED = "not started"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "exited, restarting"
+    FAILED = "not running, retrying"
+    STOPPED = "stopped"
 
 
 # --- the process we run -------------------------------------------------------------------
@@ -210,7 +193,8 @@ class HAProxyMaster:
         self._started_at = 0.0
         self._backoff = Backoff()  # failed starts / deaths in a row
         self._next_start = 0.0
-        self._state = "not started"
+        self._state = ProcState.NOT_STARTED
+        self._why = ""  # what went wrong last, for /healthz
         self._ever_started = False
         self.restarts = 0  # successful starts after the first one
 
@@ -226,9 +210,11 @@ class HAProxyMaster:
     def problem(self) -> str | None:
         """None while HAProxy runs; else why not (for /healthz)."""
         proc = self._proc
-        if self._state == "running" and proc is not None and proc.poll() is not None:
+        if self._state is ProcState.RUNNING and proc is not None and proc.poll() is not None:
             return f"haproxy exited with status {proc.returncode}"
-        return None if self._state == "running" else f"haproxy {self._state}"
+        if self._state is ProcState.RUNNING:
+            return None
+        return f"haproxy {self._state.value}" + (f": {self._why}" if self._why else "")
 
     # --- start / restart -----------------------------------------------------------------
 
@@ -242,14 +228,14 @@ class HAProxyMaster:
             self.haproxy_bin, "-W", "-db", "-f", self.config,
             "-S", f"{self.master_socket},mode,600",
         ]
-        self._state = "starting"
+        self._state, self._why = ProcState.STARTING, ""
         try:
             self._proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                _with_parent_death(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
         except OSError as exc:
-            self._state = f"failed to start: {exc}"
+            self._state, self._why = ProcState.FAILED, f"failed to start: {exc}"
             raise HAProxyError(f"cannot run {self.haproxy_bin}: {exc}") from None
         threading.Thread(
             target=_pump_output, args=(self._proc,), name="haproxy-output", daemon=True
@@ -259,11 +245,11 @@ class HAProxyMaster:
         while True:
             code = self._proc.poll()
             if code is not None:
-                self._state = f"exited at start with status {code}"
+                self._state, self._why = ProcState.FAILED, f"exited at start with status {code}"
                 raise HAProxyError(f"haproxy exited at start with status {code}")
-            info = self._show_proc()
+            info = self.show_proc()
             if info is not None and info.workers:
-                self._state = "running"
+                self._state = ProcState.RUNNING
                 if self._ever_started:
                     self.restarts += 1
                 self._ever_started = True
@@ -273,7 +259,7 @@ class HAProxyMaster:
                 return info
             if time.monotonic() > deadline:
                 self._terminate(self._proc, 2.0)
-                self._state = "did not start"
+                self._state, self._why = ProcState.FAILED, "did not start"
                 raise HAProxyError(f"haproxy did not start within {START_TIMEOUT:g}s")
             time.sleep(0.01)
 
@@ -289,7 +275,7 @@ class HAProxyMaster:
             self._proc = None
             delay = self._backoff.next()
             self._next_start = now + delay
-            self._state = f"exited with status {code}, restarting"
+            self._state, self._why = ProcState.RESTARTING, f"exited with status {code}"
             log.error("haproxy exited with status %s; restarting in %.1fs", code, delay,
                       extra={"event": "haproxy_died", "status": code})
         if now < self._next_start:
@@ -299,7 +285,7 @@ class HAProxyMaster:
         except HAProxyError as exc:
             delay = self._backoff.next()
             self._next_start = time.monotonic() + delay
-            self._state = f"not running ({exc}), retrying"
+            self._state, self._why = ProcState.FAILED, str(exc)
             log.error("%s; retrying in %.1fs", exc, delay, extra={"event": "haproxy_start_failed"})
             return False
         return True
@@ -307,7 +293,7 @@ class HAProxyMaster:
 
     # --- reload and runtime API ----------------------------------------------------------
 
-    def _show_proc(self) -> ProcInfo | None:
+    def show_proc(self) -> ProcInfo | None:
         try:
             return parse_show_proc(cli(self.master_socket, "show proc", timeout=1.0))
         except OSError:
@@ -319,14 +305,14 @@ class HAProxyMaster:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             raise HAProxyError("haproxy is not running")
-        before = self._show_proc()
+        before = self.show_proc()
         proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while time.monotonic() < deadline:
             time.sleep(0.005)
             if proc.poll() is not None:
                 raise HAProxyError(f"haproxy exited during the reload (status {proc.returncode})")
-            info = self._show_proc()
+            info = self.show_proc()
             if info is None or (before is not None and info.reloads <= before.reloads):
                 continue
             if info.failed:
@@ -358,8 +344,15 @@ class HAProxyMaster:
 
     def servers_state(self) -> str:
         """`show servers state` of the current worker."""
+        return self._ask("@1 show servers state")
+
+    def stat(self) -> str:
+        """`show stat` of the current worker, its servers only (type 4)."""
+        return self._ask("@1 show stat -1 4 -1")
+
+    def _ask(self, command: str) -> str:
         try:
-            return cli(self.master_socket, "@1 show servers state")
+            return cli(self.master_socket, command)
         except OSError as exc:
             raise HAProxyError(f"master CLI: {exc}") from None
 
@@ -369,7 +362,7 @@ class HAProxyMaster:
         """Soft stop: SIGUSR1 to the master (listeners close at once, open connections may
         finish); after `grace` seconds a hard stop (SIGTERM), then SIGKILL."""
         proc, self._proc = self._proc, None
-        self._state = "stopped"
+        self._state = ProcState.STOPPED
         if proc is None or proc.poll() is not None:
             return
         log.info("stopping haproxy (soft stop, up to %gs for open connections)", grace,

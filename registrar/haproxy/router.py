@@ -1,48 +1,40 @@
-"""`registrar haproxy`: keeps an HAProxy in step with the registrations under the prefix.
+"""The router's loop: registrations and canary weights in, HAProxy in step.
 
-Three parts, two threads:
-- the registration watcher (a `PrefixFollower`, its own thread): reads `{prefix}/` once, then
-  watches it from the next revision; when the watch dies with etcd it resumes from the last
-  revision seen, and re-reads everything when that revision was compacted. While etcd is
-  unreachable nothing changes: the last known registrations stay.
-- `Registrations`: what was read, and the debounce: changes within 100 ms of each other are
-  applied together, none later than 1 s after it arrived.
-- `Router` (the main thread): renders the config, checks it with `haproxy -c`, installs it
-  atomically and brings HAProxy in step: the runtime API when only servers of existing backends
-  changed and free slots remain, else a reload (SIGUSR2 to the master we run, or --reload-cmd).
-  It also restarts a dead HAProxy with backoff.
+- `Registrations`: what was read of `{prefix}/` and `{control_prefix}/weights/` (kept by two
+  `PrefixFollower` threads), with a change counter the loop waits on.
+- `Gather`: reloads are gathered (changes within QUIET of each other go together, none waits
+  longer than MAX_DELAY); runtime-API changes are not: they are applied at once.
+- `Router`: renders, asks `runtime.decide` what to do and does it: the runtime API (then the
+  file follows, checked), or a checked install and a reload (SIGUSR2 to the master we run, or
+  --reload-cmd). Every second it also reads the master's `show proc` (a reload someone else
+  made: the servers are read again from HAProxy and put right) and `show stat` (the traffic by
+  version), and restarts a dead HAProxy with backoff.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore, KeyEvent
+from registrar.adapters.etcd_store import KeyEvent
+from registrar.core.control import Canary, parse_canaries
+from registrar.core.layout import Layout
+from registrar.core.planner import StoredKey
 from registrar.haproxy.config import (
     Backend,
-    LiveBackend,
-    Registration,
     Rejected,
     RenderContext,
-    RuntimePlan,
+    Routed,
     TemplateError,
     build_backends,
-    check_slots,
-    fresh_layout,
-    live_model,
     load_template,
-    model_of,
     parse_registration,
-    plan_runtime,
     render,
 )
 from registrar.haproxy.process import (
@@ -51,22 +43,31 @@ from registrar.haproxy.process import (
     HAProxyMaster,
     check_config,
     install_config,
-    runtime_dir,
-    socket_paths,
 )
-from registrar.health import LoopHealth, health_problem
-from registrar.http_server import serve_metrics
-from registrar.metrics import Metrics
-from registrar.prefix_follower import PrefixFollower
+from registrar.haproxy.runtime import (
+    Action,
+    Live,
+    Model,
+    RuntimePlan,
+    check_slots,
+    decide,
+    fresh_layout,
+    live_from_state,
+    live_model,
+    model_of,
+    parse_servers_state,
+    parse_stat,
+    plan_runtime,
+)
+from registrar.haproxy.traffic import UNVERSIONED, Owner, Slot, Traffic
 from registrar.retry import Backoff
-from registrar.settings import HAProxySettings, Settings
-from registrar.shutdown import install_stop_signals
+from registrar.settings import HAProxySettings
 
 log = logging.getLogger(__name__)
 
-QUIET = 0.1  # changes this close together are applied together ...
+QUIET = 0.1  # changes that need a reload, this close together, are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
-STOP_GRACE = 10.0  # SIGTERM: open connections get this long before HAProxy is hard-stopped
+POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic)
 RELOAD_CMD_TIMEOUT = 60.0
 
 
@@ -102,32 +103,42 @@ class RoutingMetrics:
             "registrar_haproxy_restarts_total", "HAProxy started again after it died.",
             registry=r,
         )
+        self.outside_reloads = Counter(
+            "registrar_haproxy_outside_reloads_total",
+            "Reloads someone else made (SIGUSR2, systemctl reload): servers read again.",
+            registry=r,
+        )
+        self.responses = Counter(
+            "registrar_haproxy_responses",
+            "Responses by service, version and class (tcp mode: sessions, code=tcp), from "
+            "HAProxy's per-server counters, cumulative across reloads.",
+            ["service", "version", "code"], registry=r,
+        )
+        self.connection_errors = Counter(
+            "registrar_haproxy_connection_errors",
+            "Connections to a server that failed, by service and version.",
+            ["service", "version"], registry=r,
+        )
 
 
-# --- what was read, and the debounce ------------------------------------------------------
+# --- what was read ------------------------------------------------------------------------
 
 
 class Registrations:
-    """The registrations under the prefix as last read, and the batching of changes."""
+    """The registrations and canary weights as last read; `version` counts the changes."""
 
     def __init__(
         self,
-        prefix: str,
+        layout: Layout,
         on_rejected: Callable[[str, Rejected], None] = lambda key, rejected: None,
-        quiet: float = QUIET,
-        max_delay: float = MAX_DELAY,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._prefix = prefix
+        self._layout = layout
         self._on_rejected = on_rejected
-        self._quiet = quiet
-        self._max_delay = max_delay
-        self._clock = clock
         self._cond = threading.Condition()
         self._raw: dict[str, str] = {}
-        self._valid: dict[str, Registration] = {}
-        self._first_pending: float | None = None
-        self._last_change = 0.0
+        self._valid: dict[str, Routed] = {}
+        self._weights: dict[str, StoredKey] = {}
+        self.version = 0
         self.loaded = False  # read from etcd at least once
 
     def _set(self, key: str, value: str | None) -> bool:
@@ -138,7 +149,7 @@ class Registrations:
         if self._raw.get(key) == value:
             return False
         self._raw[key] = value
-        parsed = parse_registration(self._prefix, key, value)
+        parsed = parse_registration(self._layout.prefix, key, value)
         if isinstance(parsed, Rejected):
             self._on_rejected(key, parsed)
             return self._valid.pop(key, None) is not None
@@ -147,10 +158,7 @@ class Registrations:
         return changed
 
     def _changed(self) -> None:
-        now = self._clock()
-        if self._first_pending is None:
-            self._first_pending = now
-        self._last_change = now
+        self.version += 1
         self._cond.notify_all()
 
     def replace_all(self, values: Mapping[str, str]) -> None:
@@ -173,53 +181,65 @@ class Registrations:
             if changed:
                 self._changed()
 
-    def snapshot(self) -> list[Registration]:
+    def replace_weights(self, stored: Mapping[str, StoredKey]) -> None:
         with self._cond:
-            return list(self._valid.values())
+            if stored != self._weights:
+                self._weights = dict(stored)
+                self._changed()
 
-    def wait_batch(self, stop: threading.Event, timeout: float) -> list[Registration] | None:
-        """Waits up to `timeout` for a change, then until the changes settle (QUIET without a
-        new one) or the first of them is MAX_DELAY old; the registrations then (None: none)."""
+    def apply_weights(self, events: Iterable[KeyEvent]) -> None:
         with self._cond:
-            deadline = self._clock() + timeout
-            while self._first_pending is None:
-                remaining = deadline - self._clock()
-                if remaining <= 0 or stop.is_set():
-                    return None
-                self._cond.wait(min(remaining, 0.2))
-            while not stop.is_set():
-                due = min(self._last_change + self._quiet, self._first_pending + self._max_delay)
-                remaining = due - self._clock()
-                if remaining <= 0:
-                    break
-                self._cond.wait(min(remaining, 0.2))
-            self._first_pending = None
-            return list(self._valid.values())
+            weights = dict(self._weights)
+            for event in events:
+                if event.value is None:
+                    weights.pop(event.key, None)
+                else:
+                    weights[event.key] = StoredKey(event.value, 0)
+            if weights != self._weights:
+                self._weights = weights
+                self._changed()
+
+    def snapshot(self) -> tuple[list[Routed], dict[str, Canary]]:
+        with self._cond:
+            return list(self._valid.values()), parse_canaries(self._weights, self._layout)
+
+    def wait_change(self, seen: int, stop: threading.Event, timeout: float) -> int:
+        """The version once it differs from `seen`, or after `timeout`."""
+        with self._cond:
+            if self.version == seen and not stop.is_set():
+                self._cond.wait(max(0.0, timeout))
+            return self.version
 
 
-# --- the etcd side ------------------------------------------------------------------------
+@dataclass
+class Gather:
+    """When to reload: a reload is due QUIET after the last change that needs one, or
+    MAX_DELAY after the first, whichever comes first (plain data, a clock given)."""
+
+    quiet: float = QUIET
+    max_delay: float = MAX_DELAY
+    first: float | None = None
+    last: float = 0.0
+
+    def note(self, now: float) -> None:
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def clear(self) -> None:
+        self.first = None
+
+    def due_at(self) -> float | None:
+        if self.first is None:
+            return None
+        return min(self.last + self.quiet, self.first + self.max_delay)
 
 
-def registration_watcher(
-    store: EtcdStore, prefix: str, registrations: Registrations, metrics: Metrics,
-    revision: int = 0,
-) -> PrefixFollower:
-    """Keeps `Registrations` in step with `{prefix}/` in etcd, on its own thread."""
-    return PrefixFollower(
-        store, prefix, name="etcd watcher", revision=revision,
-        on_snapshot=lambda stored: registrations.replace_all(
-            {key: s.value for key, s in stored.items()}
-        ),
-        on_events=registrations.apply,
-        on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
-    )
-
-
-# --- the HAProxy side ---------------------------------------------------------------------
+# --- bringing HAProxy in step ------------------------------------------------------------
 
 
 class Router:
-    """Brings the config file and HAProxy in step with the registrations (one thread)."""
+    """Brings the config file and HAProxy in step (one thread: the command's main loop)."""
 
     def __init__(
         self,
@@ -238,46 +258,72 @@ class Router:
         self.installed_text: str | None = None  # what we last wrote to --config
         self.installed_backends: tuple[Backend, ...] | None = None
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)
-        self.live: dict[str, LiveBackend] | None = None  # its server slots (None: unknown)
+        self.live: Live | None = None  # its server slots (None: unknown)
+        self.backends: tuple[Backend, ...] = ()  # what is wanted now
         self.can_run = False  # a config exists that HAProxy may be started with
         self.retry_at: float | None = None
         self._backoff = Backoff()  # failed reloads in a row, for the retry
+        self.traffic = Traffic(hp.mode)
+        self.traffic_lock = threading.Lock()  # the reporter reads the totals from its thread
+        self._workers: tuple[int, ...] | None = None  # the workers we know of
+        self._next_poll = 0.0
 
     # --- applying ------------------------------------------------------------------------
 
-    def apply(self, registrations: Sequence[Registration]) -> None:
-        """Brings the config file and HAProxy in step with `registrations`."""
-        self.retry_at = None
-        started = time.monotonic()
-        backends = build_backends(self.hp.binds, registrations)
+    def _render(self, routed: Sequence[Routed], canaries: Mapping[str, Canary]
+                ) -> tuple[tuple[Backend, ...], str] | None:
+        backends = build_backends(self.hp.binds, routed, canaries)
         try:
-            text = render(self.template, backends, registrations, self.context)
+            return backends, render(self.template, backends, routed, self.context)
         except TemplateError as exc:
             log.error("template %s failed to render: %s; keeping the current config",
                       self.template.name, exc, extra={"event": "template_error"})
             self.metrics.reload_failures.inc()
-            return
+            return None
 
-        if self.haproxy is None:  # --reload-cmd
+    def apply(self, routed: Sequence[Routed], canaries: Mapping[str, Canary]) -> Action:
+        """Applies what the runtime API can carry at once; RELOAD: a reload is needed (the
+        caller gathers, then calls `reload`)."""
+        self.retry_at = None
+        started = time.monotonic()
+        rendered = self._render(routed, canaries)
+        if rendered is None:
+            return Action.NOTHING
+        backends, text = rendered
+        self.backends = backends
+        running = self.haproxy.running() if self.haproxy is not None else True
+        decision = decide(backends, text, running=running,
+                          runtime_api=self.builtin and self.haproxy is not None,
+                          live=self.live if self.haproxy is not None else None,
+                          running_text=self.running_text)
+        if decision.action is Action.INSTALL:
+            self._install(text, backends)  # the supervisor starts HAProxy on it
+        elif decision.action is Action.NOTHING:
+            if self.haproxy is not None:
+                self._install(text, backends)
+            self._routed(backends)
+        elif decision.action is Action.RUNTIME:
+            assert decision.plan is not None
+            if not self._runtime_update(decision.plan, backends, started):
+                return Action.RELOAD
+            if not self._install(text, backends) and self.installed_backends is not None:
+                self._roll_back(self.installed_backends)
+        return decision.action
+
+    def reload(self, routed: Sequence[Routed], canaries: Mapping[str, Canary]) -> None:
+        """Renders, installs (checked) and reloads: SIGUSR2 to the master, or --reload-cmd."""
+        started = time.monotonic()
+        rendered = self._render(routed, canaries)
+        if rendered is None:
+            return
+        backends, text = rendered
+        self.backends = backends
+        if self.haproxy is None:
             if self.running_text != text and self._install(text, backends):
                 self._run_reload_cmd(text, backends, started)
             return
         if not self.haproxy.running():
-            self._install(text, backends)  # the supervisor starts HAProxy on it
-            return
-        if self.builtin and self.live is not None:
-            if live_model(self.live) == model_of(backends):
-                self._install(text, backends)
-                self._routed(backends)
-                return
-            # Only servers changed: the runtime API first (no check or disk on that path),
-            # then the file follows, checked, so that a reload or restart loads the same.
-            if self._runtime_update(backends, started):
-                if not self._install(text, backends) and self.installed_backends is not None:
-                    self._roll_back(self.installed_backends)
-                return
-        elif self.running_text == text:
-            self._routed(backends)
+            self._install(text, backends)
             return
         if self._install(text, backends):
             self._reload(text, backends, started)
@@ -303,19 +349,25 @@ class Router:
         self.can_run = True
         return True
 
-    def _runtime_update(self, backends: Sequence[Backend], started: float) -> bool:
+    def _runtime_update(self, plan: RuntimePlan, backends: Sequence[Backend],
+                        started: float) -> bool:
         assert self.haproxy is not None and self.live is not None
-        plan = plan_runtime(self.live, backends)
-        if plan is None:
-            log.info("not enough free server slots: reloading", extra={"event": "slots_full"})
-            return False
+        before = live_model(self.live)
+        if self._reassigns(plan):
+            self.poll_traffic()  # what the slots served so far goes to who served it
         if not self._run_plan(plan):
             return False
-        self._describe("runtime API", live_model(self.live), backends, started)
+        self._describe("runtime API", before, backends, started)
         self.live = plan.live
         self.metrics.runtime_updates.inc()
         self._routed(backends)
         return True
+
+    def _reassigns(self, plan: RuntimePlan) -> bool:
+        assert self.live is not None
+        owners = self._owners()
+        return any(self._owner_in(plan.live, slot) != owners.get(slot)
+                   for slot in plan.touched() if slot in owners)
 
     def _run_plan(self, plan: RuntimePlan) -> bool:
         assert self.haproxy is not None
@@ -346,6 +398,7 @@ class Router:
     def _reload(self, text: str, backends: Sequence[Backend], started: float) -> None:
         assert self.haproxy is not None
         before = live_model(self.live) if self.live is not None else None
+        self.poll_traffic()  # the old worker's counters, before a new one starts at 0
         self.metrics.reloads.inc()
         try:
             self.haproxy.reload()
@@ -358,6 +411,7 @@ class Router:
         self._backoff.reset()
         self.running_text = text
         self.live = fresh_layout(backends) if self.builtin else None
+        self._new_worker()
         self._describe("reload", before, backends, started)
         self._routed(backends)
 
@@ -394,28 +448,111 @@ class Router:
         for b in backends:
             self.metrics.backend_servers.labels(service=b.service).set(len(b.servers))
 
-    def _describe(
-        self,
-        how: str,
-        before: Mapping[str, frozenset[tuple[str, str, int]]] | None,
-        backends: Sequence[Backend],
-        started: float,
-    ) -> None:
+    def _describe(self, how: str, before: Model | None, backends: Sequence[Backend],
+                  started: float) -> None:
         parts = []
         for service, now in model_of(backends).items():
             old = before.get(service, frozenset()) if before is not None else None
             if old is None:
                 parts.append(f"{service}: {len(now)} servers")
             elif old != now:
-                parts.append(f"{service}: +{len(now - old)} -{len(old - now)} = {len(now)}")
+                instances = {i[0] for i in now}
+                gone = {i[0] for i in old} - instances
+                new = instances - {i[0] for i in old}
+                changed = len(now - old) - len(new)
+                parts.append(f"{service}: +{len(new)} -{len(gone)}"
+                             + (f" ~{changed}" if changed else "") + f" = {len(now)}")
         log.info("%s in %.0f ms: %s", how, (time.monotonic() - started) * 1000,
                  ", ".join(parts) or "no server change",
                  extra={"event": "applied", "how": how})
+
+    # --- what HAProxy does meanwhile -----------------------------------------------------
+
+    def _owners(self) -> dict[Slot, Owner]:
+        return self._owners_of(self.live)
+
+    def _owners_of(self, live: Live | None) -> dict[Slot, Owner]:
+        """Which service and version each slot serves (for counting its traffic)."""
+        owners: dict[Slot, Owner] = {}
+        if live is not None:
+            for service, lb in live.items():
+                for slot, server in lb.slots.items():
+                    if server is not None:
+                        owners[(lb.backend, slot)] = (service, server.version or UNVERSIONED)
+            return owners
+        for b in self.backends:  # an operator's template: servers named as rendered
+            for server in b.servers:
+                owners[(b.backend, server.name)] = (b.service, server.version or UNVERSIONED)
+        return owners
+
+    def _owner_in(self, live: Live, slot: Slot) -> Owner | None:
+        return self._owners_of(live).get(slot)
+
+    def poll_traffic(self) -> None:
+        """Reads `show stat` and adds what each slot served since the last reading."""
+        if self.haproxy is None or not self.haproxy.running():
+            return
+        try:
+            counters = parse_stat(self.haproxy.stat())
+        except HAProxyError as exc:
+            log.debug("show stat failed: %s", exc)
+            return
+        with self.traffic_lock:
+            added = self.traffic.observe(counters, self._owners())
+        for (service, version), counts in added.items():
+            for code, value in counts.items():
+                if code == "connection_errors":
+                    self.metrics.connection_errors.labels(service, version).inc(value)
+                else:
+                    self.metrics.responses.labels(service, version, code).inc(value)
+
+    def _new_worker(self) -> None:
+        assert self.haproxy is not None
+        info = self.haproxy.show_proc()
+        self._workers = info.workers if info is not None else None
+        with self.traffic_lock:
+            self.traffic.new_worker()
+
+    def poll(self, now: float) -> bool:
+        """Every POLL_EVERY: traffic, and reloads made by someone else. True when HAProxy's
+        servers were read again (the caller applies the wanted state against them)."""
+        if self.haproxy is None or now < self._next_poll or not self.haproxy.running():
+            return False
+        self._next_poll = now + POLL_EVERY
+        info = self.haproxy.show_proc()
+        if info is not None and self._workers is not None and info.workers != self._workers:
+            return self._reloaded_by_someone_else(info.workers)
+        if info is not None and self._workers is None:
+            self._workers = info.workers
+        self.poll_traffic()
+        return False
+
+    def _reloaded_by_someone_else(self, workers: tuple[int, ...]) -> bool:
+        """A new worker we did not start: it loaded the file; learn its servers from it."""
+        assert self.haproxy is not None
+        log.warning("haproxy was reloaded from outside (workers %s): reading its servers "
+                    "again", ",".join(map(str, workers)), extra={"event": "outside_reload"})
+        self.metrics.outside_reloads.inc()
+        self._workers = workers
+        with self.traffic_lock:
+            self.traffic.new_worker()
+        self.running_text = self.installed_text
+        if not self.builtin:
+            return True
+        try:
+            state = parse_servers_state(self.haproxy.servers_state())
+        except HAProxyError:
+            self.live = None
+            return True
+        self.live = live_from_state(state, self.backends)
+        return True
 
     # --- the HAProxy process -------------------------------------------------------------
 
     def adopt_existing_config(self) -> bool:
         """etcd unreadable at start: may HAProxy start from the config already there?"""
+        import os
+
         if not os.path.exists(self.hp.config):
             log.warning("etcd unreachable and no config at %s yet: HAProxy starts once the "
                         "registrations are read", self.hp.config, extra={"event": "waiting"})
@@ -442,107 +579,9 @@ class Router:
                 fresh_layout(self.installed_backends)
                 if self.builtin and self.installed_backends is not None else None
             )
+            self._new_worker()
             if self.haproxy.restarts:
                 self.metrics.restarts.inc()
             if self.installed_backends is not None:
                 self._routed(self.installed_backends)
             self.retry_at = now  # catch up with anything that changed meanwhile
-
-
-# --- the command --------------------------------------------------------------------------
-
-
-
-def _usage_error(message: str) -> int:
-    print(f"registrar: error: {message}", file=sys.stderr)
-    return 2
-
-
-def run(settings: Settings) -> int:
-
-    hp = settings.haproxy
-    assert hp is not None
-    if shutil.which(hp.haproxy_bin) is None:
-        return _usage_error(f"--haproxy-bin: {hp.haproxy_bin!r} not found or not executable")
-    if hp.template is not None:
-        try:
-            load_template(hp.template)
-        except TemplateError as exc:
-            return _usage_error(f"--template: {hp.template}: {exc}")
-
-    stop = threading.Event()
-    install_stop_signals(stop)
-    metrics = Metrics()
-    metrics.etcd_up.set(0)
-    routing = RoutingMetrics(metrics.registry)
-    store = EtcdStore(settings.etcd, metrics, log_health=True)
-
-    sock_dir, temporary_dir = runtime_dir(hp.config)
-    master_socket, stats_socket = socket_paths(sock_dir, hp.config)
-    haproxy = None if hp.reload_cmd else HAProxyMaster(hp.haproxy_bin, hp.config, master_socket)
-    router = Router(hp, settings.prefix, routing, haproxy,
-                    stats_socket if haproxy is not None else None)
-
-    def rejected(key: str, why: Rejected) -> None:
-        routing.invalid.labels(reason=why.reason).inc()
-        log.warning("skipping %s: %s", key, why.detail,
-                    extra={"event": "invalid_registration", "key": key, "reason": why.reason})
-
-    registrations = Registrations(settings.prefix, rejected)
-    main_loop = LoopHealth("router", lambda: True,
-                           lambda loop: metrics.internal_errors.labels(loop=loop).inc())
-    # The first read, once: when etcd cannot be read now, HAProxy may start from the config
-    # already installed (if it passes haproxy -c) while the watcher keeps trying.
-    revision = 0
-    try:
-        stored, revision = store.list_prefix(settings.prefix)
-    except EtcdError as exc:
-        log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
-        router.adopt_existing_config()
-    else:
-        registrations.replace_all({key: s.value for key, s in stored.items()})
-        log.info("read %d keys under %s/ (revision %d)", len(stored), settings.prefix, revision,
-                 extra={"event": "read", "revision": revision})
-    watcher = registration_watcher(store, settings.prefix, registrations, metrics, revision)
-
-    def health() -> str | None:
-        problem = health_problem((watcher.health, main_loop), time.monotonic())
-        if problem is None and haproxy is not None:
-            problem = haproxy.problem()
-        return problem
-
-    server = serve_metrics(settings.metrics_addr, metrics.registry, health)
-
-    log.info(
-        "registrar haproxy: prefix %s, etcd %s, %s mode, %s, config %s, %s",
-        settings.prefix, ",".join(str(ep) for ep in settings.etcd.endpoints), hp.mode,
-        ", ".join(f"{b.service}={b.host}:{b.port}" for b in hp.binds), hp.config,
-        f"--reload-cmd {hp.reload_cmd!r}" if hp.reload_cmd else f"running {hp.haproxy_bin}",
-        extra={"event": "start"},
-    )
-
-    watcher.start()
-
-    try:
-        while not stop.is_set():
-            batch = registrations.wait_batch(stop, timeout=0.2)
-            if stop.is_set():
-                break
-            if batch is not None:
-                router.apply(batch)
-            elif registrations.loaded and router.retry_due(time.monotonic()):
-                router.apply(registrations.snapshot())
-            router.supervise(time.monotonic())
-            main_loop.progressed()
-    finally:
-        # --- shutdown: stop watching, soft-stop HAProxy, stop metrics, exit -------------
-        watcher.stop(time.monotonic() + 2.0)
-        if haproxy is not None:
-            haproxy.stop(STOP_GRACE)
-        if server is not None:
-            server.stop()
-        store.close()
-        if temporary_dir:
-            shutil.rmtree(sock_dir, ignore_errors=True)
-    log.info("stopped", extra={"event": "stop"})
-    return 0

@@ -1,0 +1,188 @@
+"""`registrar haproxy`: keeps an HAProxy in step with the registrations under the prefix.
+
+Threads: two followers (`{prefix}/` and `{control_prefix}/weights/`, each read once and then
+watched, resumed after outages, read again after a compaction; while etcd is unreachable the
+last known state stays), the reporter (traffic totals every 2 s under its own lease), and the
+main loop here, which applies every change the runtime API can carry at once and gathers those
+that need a reload.
+
+The shutdown path: stop watching, stop reporting (the report's lease revoked), soft-stop
+HAProxy, stop metrics, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import threading
+import time
+
+from registrar.adapters.etcd_store import EtcdError, EtcdStore
+from registrar.core.layout import Layout
+from registrar.haproxy.config import Rejected, TemplateError, load_template
+from registrar.haproxy.process import HAProxyMaster, runtime_dir, socket_paths
+from registrar.haproxy.report import Reporter
+from registrar.haproxy.router import Gather, Registrations, Router, RoutingMetrics
+from registrar.haproxy.runtime import Action
+from registrar.health import LoopHealth, health_problem
+from registrar.http_server import serve_metrics
+from registrar.metrics import Metrics
+from registrar.prefix_follower import PrefixFollower
+from registrar.settings import Settings
+from registrar.shutdown import install_stop_signals
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 10.0  # SIGTERM: open connections get this long before HAProxy is hard-stopped
+SHUTDOWN_BUDGET = 3.0  # for the followers and the report's lease
+
+
+def _usage_error(message: str) -> int:
+    print(f"registrar: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _followers(store: EtcdStore, layout: Layout, registrations: Registrations,
+               metrics: Metrics, revision: int) -> tuple[PrefixFollower, PrefixFollower]:
+    def counted(loop: str) -> None:
+        metrics.internal_errors.labels(loop=loop).inc()
+
+    return (
+        PrefixFollower(
+            store, layout.prefix, name="etcd watcher", revision=revision,
+            on_snapshot=lambda stored: registrations.replace_all(
+                {key: s.value for key, s in stored.items()}),
+            on_events=registrations.apply, on_internal_error=counted,
+        ),
+        PrefixFollower(
+            store, layout.weights, name="weights watcher",
+            on_snapshot=registrations.replace_weights, on_events=registrations.apply_weights,
+            on_internal_error=counted,
+        ),
+    )
+
+
+def _loop(router: Router, registrations: Registrations, stop: threading.Event,
+          main_loop: LoopHealth) -> None:
+    seen = 0
+    gather = Gather()
+    while not stop.is_set():
+        now = time.monotonic()
+        due = gather.due_at()
+        timeout = 0.2 if due is None else max(0.0, min(0.2, due - now))
+        version = registrations.wait_change(seen, stop, timeout)
+        if stop.is_set():
+            break
+        now = time.monotonic()
+        if version != seen and registrations.loaded:
+            seen = version
+            routed, canaries = registrations.snapshot()
+            if router.apply(routed, canaries) is Action.RELOAD:
+                gather.note(now)
+            else:
+                gather.clear()
+        due = gather.due_at()
+        if due is not None and now >= due:
+            gather.clear()
+            router.reload(*registrations.snapshot())
+        elif (registrations.loaded and router.retry_due(now)
+              and router.apply(*registrations.snapshot()) is Action.RELOAD):
+            gather.note(now)
+        if router.poll(now) and registrations.loaded:
+            router.apply(*registrations.snapshot())  # put right what the reload undid
+        router.supervise(time.monotonic())
+        main_loop.progressed()
+
+
+def run(settings: Settings) -> int:
+    hp = settings.haproxy
+    assert hp is not None
+    if shutil.which(hp.haproxy_bin) is None:
+        return _usage_error(f"--haproxy-bin: {hp.haproxy_bin!r} not found or not executable")
+    if hp.template is not None:
+        try:
+            load_template(hp.template)
+        except TemplateError as exc:
+            return _usage_error(f"--template: {hp.template}: {exc}")
+
+    stop = threading.Event()
+    install_stop_signals(stop)
+    metrics = Metrics()
+    metrics.etcd_up.set(0)
+    routing = RoutingMetrics(metrics.registry)
+    store = EtcdStore(settings.etcd, metrics, log_health=True)
+    layout = Layout(settings.prefix, settings.control_prefix)
+
+    sock_dir, temporary_dir = runtime_dir(hp.config)
+    master_socket, stats_socket = socket_paths(sock_dir, hp.config)
+    haproxy = None if hp.reload_cmd else HAProxyMaster(hp.haproxy_bin, hp.config, master_socket)
+    router = Router(hp, settings.prefix, routing, haproxy,
+                    stats_socket if haproxy is not None else None)
+
+    def rejected(key: str, why: Rejected) -> None:
+        routing.invalid.labels(reason=why.reason).inc()
+        log.warning("skipping %s: %s", key, why.detail,
+                    extra={"event": "invalid_registration", "key": key, "reason": why.reason})
+
+    registrations = Registrations(layout, rejected)
+    main_loop = LoopHealth("router", lambda: True,
+                           lambda loop: metrics.internal_errors.labels(loop=loop).inc())
+    # The first read, once: when etcd cannot be read now, HAProxy may start from the config
+    # already installed (if it passes haproxy -c) while the watcher keeps trying.
+    revision = 0
+    try:
+        stored, revision = store.list_prefix(settings.prefix)
+    except EtcdError as exc:
+        log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
+        router.adopt_existing_config()
+    else:
+        registrations.replace_all({key: s.value for key, s in stored.items()})
+        log.info("read %d keys under %s/ (revision %d)", len(stored), settings.prefix, revision,
+                 extra={"event": "read", "revision": revision})
+    watchers = _followers(store, layout, registrations, metrics, revision)
+
+    def totals() -> dict[str, dict[str, dict[str, int]]]:
+        with router.traffic_lock:
+            return router.traffic.report()
+
+    reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
+                        totals)
+    loops = (*(w.health for w in watchers), main_loop, reporter.health)
+
+    def health() -> str | None:
+        problem = health_problem(loops, time.monotonic())
+        if problem is None and haproxy is not None:
+            problem = haproxy.problem()
+        return problem
+
+    server = serve_metrics(settings.metrics_addr, metrics.registry, health)
+    log.info(
+        "registrar haproxy: node %s, prefix %s, etcd %s, %s mode, %s, config %s, %s",
+        settings.node, settings.prefix, ",".join(str(ep) for ep in settings.etcd.endpoints),
+        hp.mode, ", ".join(f"{b.service}={b.host}:{b.port}" for b in hp.binds), hp.config,
+        f"--reload-cmd {hp.reload_cmd!r}" if hp.reload_cmd else f"running {hp.haproxy_bin}",
+        extra={"event": "start"},
+    )
+    for watcher in watchers:
+        watcher.start()
+    reporter.start()
+    try:
+        _loop(router, registrations, stop, main_loop)
+    finally:
+        # --- shutdown: stop watching, stop reporting, soft-stop HAProxy, stop metrics -----
+        deadline = time.monotonic() + SHUTDOWN_BUDGET
+        for watcher in watchers:
+            watcher.request_stop()
+        reporter.stop(deadline)
+        for watcher in watchers:
+            watcher.join(deadline)
+        if haproxy is not None:
+            haproxy.stop(STOP_GRACE)
+        if server is not None:
+            server.stop()
+        store.close()
+        if temporary_dir:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+    log.info("stopped", extra={"event": "stop"})
+    return 0

@@ -1,0 +1,88 @@
+"""Traffic by version, from HAProxy's per-server counters, kept cumulative (pure).
+
+HAProxy counts per server slot, and a slot changes hands (the runtime API gives a freed slot
+to the next instance) and its counters start again at 0 with every new worker (a reload, a
+restart). So the router reads `show stat` now and then, and before a slot changes hands; each
+time `Traffic.observe` takes the growth of each slot's counters since the last reading and
+adds it to the service and version the slot served meanwhile. A counter lower than last time
+means a new worker: all of it is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# `show stat` counter -> the report's name (SPEC: 2xx 3xx 4xx 5xx other tcp connection_errors)
+HTTP_CODES = {"hrsp_2xx": "2xx", "hrsp_3xx": "3xx", "hrsp_4xx": "4xx", "hrsp_5xx": "5xx",
+              "hrsp_1xx": "other", "hrsp_other": "other"}
+CODES = ("2xx", "3xx", "4xx", "5xx", "other", "tcp")
+
+Slot = tuple[str, str]  # (backend, server slot)
+Owner = tuple[str, str]  # (service, version)
+
+
+@dataclass
+class Traffic:
+    """Cumulative totals by service and version; `mode` "http" counts responses by class,
+    "tcp" sessions (as code "tcp")."""
+
+    mode: str
+    responses: dict[Owner, dict[str, int]] = field(default_factory=dict)
+    connection_errors: dict[Owner, int] = field(default_factory=dict)
+    _last: dict[Slot, dict[str, int]] = field(default_factory=dict)
+
+    def observe(self, counters: Mapping[Slot, Mapping[str, int]],
+                owners: Mapping[Slot, Owner]) -> dict[Owner, dict[str, int]]:
+        """Adds the growth since the last reading to whoever owned each slot meanwhile
+        (`owners`, as it was until now); returns what was added."""
+        added: dict[Owner, dict[str, int]] = {}
+        for slot, now in counters.items():
+            before = self._last.get(slot, {})
+            grown = {name: value - before.get(name, 0) for name, value in now.items()}
+            if any(v < 0 for v in grown.values()):  # a new worker: its counters start at 0
+                grown = dict(now)
+            self._last[slot] = dict(now)
+            owner = owners.get(slot)
+            if owner is None or not any(grown.values()):
+                continue
+            delta = self._add(owner, grown)
+            if delta:
+                into = added.setdefault(owner, {})
+                for name, value in delta.items():
+                    into[name] = into.get(name, 0) + value
+        return added
+
+    def new_worker(self) -> None:
+        """A new worker runs (a reload, a restart): its counters start at 0."""
+        self._last = {}
+
+    def _add(self, owner: Owner, grown: Mapping[str, int]) -> dict[str, int]:
+        delta: dict[str, int] = {}
+        if self.mode == "http":
+            for counter, code in HTTP_CODES.items():
+                if grown.get(counter):
+                    delta[code] = delta.get(code, 0) + grown[counter]
+        elif grown.get("stot"):
+            delta["tcp"] = grown["stot"]
+        totals = self.responses.setdefault(owner, dict.fromkeys(CODES, 0))
+        for code, value in delta.items():
+            totals[code] += value
+        errors = grown.get("econ", 0)
+        if errors:
+            self.connection_errors[owner] = self.connection_errors.get(owner, 0) + errors
+            delta["connection_errors"] = errors
+        return delta
+
+    def report(self) -> dict[str, dict[str, dict[str, int]]]:
+        """`services` of the router's report: {SERVICE: {VERSION: {code: N, ...}}}."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for owner in sorted(set(self.responses) | set(self.connection_errors)):
+            service, version = owner
+            counts = dict(self.responses.get(owner, dict.fromkeys(CODES, 0)))
+            counts["connection_errors"] = self.connection_errors.get(owner, 0)
+            out.setdefault(service, {})[version] = counts
+        return out
+
+
+UNVERSIONED = "-"  # the version of a registration whose value says none

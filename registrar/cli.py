@@ -32,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registrar.haproxy import command as haproxy
 
             return haproxy.run(settings)
+        if settings.command == "maint":
+            from registrar.commands import maint
+
+            return maint.run(settings)
         if settings.command == "promote":
             from registrar.commands.promote import run as promote
 

@@ -8,6 +8,7 @@ single line before exiting with status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class Settings:
     timeout: float = DEFAULT_LS_TIMEOUT  # ls: how long to retry etcd through transient errors
     haproxy: HAProxySettings | None = None
     promote: PromoteSettings | None = None
+    maint: MaintSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,30 @@ class HAProxySettings:
 
 
 @dataclass(frozen=True)
+class CanarySettings:
+    steps: tuple[int, ...]  # percentages, increasing, each 1..99
+    interval: float = 30.0
+    max_error_rate: float = 0.01
+    min_requests: int = 20
+
+
+@dataclass(frozen=True)
 class PromoteSettings:
     service: str
     version: str | None  # None with --clear
     clear: bool = False
     min_instances: int = 1
+    timeout: float = 30.0
+    canary: CanarySettings | None = None
+
+
+@dataclass(frozen=True)
+class MaintSettings:
+    action: str  # "enable", "disable" or "list"
+    service: str | None = None
+    instance: str | None = None  # as in its key: node:container:port[:udp]
+    node: str | None = None
+    reason: str = ""
     timeout: float = 30.0
 
 
@@ -166,8 +187,10 @@ _COMMON_HELP = {
 }
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for flag, help_text in _COMMON_HELP.items():
+        if flag in skip:
+            continue
         metavar = flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(flag, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
 
@@ -276,8 +299,42 @@ def build_parser() -> argparse.ArgumentParser:
                          help="refuse unless at least N instances of VERSION are registered "
                          "(default 1)")
     promote.add_argument("--timeout", metavar="SECONDS", default=argparse.SUPPRESS,
-                         help="how long to wait for the rotation to match (default 30)")
+                         help="how long to wait for the rotation to match; with --canary, how "
+                         "long a step may be prolonged for want of traffic (default 30)")
+    promote.add_argument("--canary", metavar="P1,P2,...", default=argparse.SUPPRESS,
+                         help="send VERSION these percentages of new requests, one step each "
+                         "(increasing, 1..99), judged by the routers' traffic; promote when "
+                         "every step passed, roll back at the first that failed")
+    promote.add_argument("--interval", metavar="SECONDS", default=argparse.SUPPRESS,
+                         help="how long each canary step lasts before it is judged (default 30)")
+    promote.add_argument("--max-error-rate", metavar="R", default=argparse.SUPPRESS,
+                         help="a step fails when VERSION's error rate over it is above R "
+                         "(0..1, default 0.01)")
+    promote.add_argument("--min-requests", metavar="N", default=argparse.SUPPRESS,
+                         help="a step is judged once VERSION answered at least N requests in it "
+                         "(default 20)")
     _add_common(promote)
+
+    maint = sub.add_parser(
+        "maint",
+        help="take instances, services or nodes out of rotation without stopping them",
+        description="`maint enable SERVICE [--instance INSTANCE]` or `maint enable --node "
+        "NODE` takes them out of rotation (every agent moves their keys to standby), "
+        "`maint disable ...` brings them back, `maint` alone lists what is held out. Entries "
+        "are keys without a lease: they outlive agents and reboots until disabled.",
+    )
+    maint.add_argument("action", metavar="enable|disable", nargs="?",
+                       help="enable or disable an entry (none: list the entries)")
+    maint.add_argument("service", metavar="SERVICE", nargs="?", help="the service")
+    maint.add_argument("--instance", metavar="INSTANCE", default=argparse.SUPPRESS,
+                       help="one instance of SERVICE, as in its key: NODE:CONTAINER:PORT[:udp]")
+    maint.add_argument("--node", dest="maint_node", metavar="NODE", default=argparse.SUPPRESS,
+                       help="every instance on NODE (instead of SERVICE)")
+    maint.add_argument("--reason", metavar="TEXT", default=argparse.SUPPRESS,
+                       help="why, shown by `registrar maint` and `ls`")
+    maint.add_argument("--timeout", metavar="SECONDS", default=argparse.SUPPRESS,
+                       help="how long to wait until the rotation matches (default 30)")
+    _add_common(maint, skip=("--node",))  # here --node names the node held out
     return parser
 
 
@@ -510,6 +567,7 @@ def parse_settings(
 
     haproxy = _haproxy(args, value) if command == "haproxy" else None
     promote = _promote(args, value) if command == "promote" else None
+    maint = _maint(args, value) if command == "maint" else None
 
     container = args.get("container")
     if container is not None and not container.strip():
@@ -539,6 +597,7 @@ def parse_settings(
                  if command == "ls" else DEFAULT_LS_TIMEOUT),
         haproxy=haproxy,
         promote=promote,
+        maint=maint,
     )
 
 
@@ -590,13 +649,89 @@ def _promote(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         raise SettingsError("VERSION: required (or --clear)")
     if version is not None and not NAME_RE.fullmatch(version):
         raise SettingsError(f"VERSION: must match {NAME_RE.pattern}, got {version!r}")
+    canary = _canary(value)
+    if canary is not None and clear:
+        raise SettingsError("--canary: not with --clear")
     return PromoteSettings(
         service=service,
         version=version,
         clear=clear,
         min_instances=_int("--min-instances", value("--min-instances", "1") or "", 1),
         timeout=_seconds("--timeout", value("--timeout", "30") or ""),
+        canary=canary,
     )
+
+
+def _canary(value: Callable[[str, str | None], str | None]) -> CanarySettings | None:
+    raw = value("--canary", None)
+    if raw is None:
+        for flag in ("--interval", "--max-error-rate", "--min-requests"):
+            if value(flag, None) is not None:
+                raise SettingsError(f"{flag}: only with --canary")
+        return None
+    steps = []
+    for part in raw.split(","):
+        text = part.strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 99:
+            raise SettingsError(f"--canary: percentages 1..99, got {part!r} in {raw!r}")
+        steps.append(int(text))
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise SettingsError(f"--canary: percentages must increase, got {raw!r}")
+    interval = _seconds("--interval", value("--interval", "30") or "")
+    if interval <= 0:
+        raise SettingsError(f"--interval: must be a number of seconds > 0, got {interval:g}")
+    rate_raw = value("--max-error-rate", "0.01") or ""
+    try:
+        rate = float(rate_raw.strip())
+    except ValueError:
+        rate = float("nan")
+    if not 0 <= rate <= 1:
+        raise SettingsError(f"--max-error-rate: must be a number 0..1, got {rate_raw!r}")
+    return CanarySettings(
+        steps=tuple(steps), interval=interval, max_error_rate=rate,
+        min_requests=_int("--min-requests", value("--min-requests", "20") or "", 1),
+    )
+
+
+def _maint(args: Mapping[str, Any], value: Callable[[str, str | None], str | None]) -> (
+    MaintSettings
+):
+    action = args.get("action") or "list"
+    if action not in ("enable", "disable", "list"):
+        raise SettingsError(f"maint: enable or disable, got {action!r}")
+    service, node = args.get("service"), args.get("maint_node")
+    instance = args.get("instance")
+    timeout = _seconds("--timeout", value("--timeout", "30") or "")
+    if action == "list":
+        if service or node or instance:
+            raise SettingsError("maint: SERVICE, --instance and --node need enable or disable")
+        return MaintSettings("list", timeout=timeout)
+    if (service is None) == (node is None):
+        raise SettingsError(f"maint {action}: give SERVICE or --node NODE (one of them)")
+    if service is not None and not NAME_RE.fullmatch(service):
+        raise SettingsError(f"SERVICE: must match {NAME_RE.pattern}, got {service!r}")
+    if node is not None and not NAME_RE.fullmatch(node):
+        raise SettingsError(f"--node: must match {NAME_RE.pattern}, got {node!r}")
+    if instance is not None:
+        if service is None:
+            raise SettingsError("--instance: needs SERVICE")
+        if not _valid_instance(instance):
+            raise SettingsError("--instance: must be NODE:CONTAINER:PORT or "
+                                f"NODE:CONTAINER:PORT:udp, got {instance!r}")
+    reason = args.get("reason") or ""
+    if len(reason) > 500 or any(not ch.isprintable() for ch in reason):
+        raise SettingsError("--reason: at most 500 printable characters")
+    return MaintSettings(action, service=service, instance=instance, node=node,
+                         reason=reason, timeout=timeout)
+
+
+def _valid_instance(instance: str) -> bool:
+    parts = instance.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "udp"):
+        return False
+    node, container, port = parts[:3]
+    return (bool(NAME_RE.fullmatch(node)) and bool(NAME_RE.fullmatch(container))
+            and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
 
 
 def _ip(flag: str, raw: str) -> str:

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from registrar.core.canary import (
-    Canary,
     CanaryPlan,
+    CanaryRun,
     Counts,
     Failed,
     NotEnough,
@@ -77,7 +77,7 @@ def plan(**changes: Any) -> CanaryPlan:
 Look = tuple[float, Mapping[str, Report]]
 
 
-def run(canary: Canary, looks: Sequence[Look]) -> list[Any]:
+def run(canary: CanaryRun, looks: Sequence[Look]) -> list[Any]:
     """Start the canary at 0 and feed it the looks; every decision, the start's first."""
     decisions: list[Any] = [canary.start(0.0)]
     for now, reports in looks:
@@ -284,7 +284,7 @@ def two_routers(v2_each: int, bad_each: int = 0) -> dict[str, Report]:
 
 
 def test_a_good_version_goes_10_then_50_then_promoted() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     decisions = run(canary, [
         (0.5, two_routers(0)), (10.0, two_routers(20)), (30.0, two_routers(60)),
         (45.0, two_routers(200)), (60.0, two_routers(400)),
@@ -309,7 +309,7 @@ def test_a_good_version_goes_10_then_50_then_promoted() -> None:
 
 
 def test_a_version_answering_500_to_everything_is_rolled_back_once_min_requests_are_in() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     decisions = run(canary, [(0.5, two_routers(0)), (1.5, two_routers(0, 8)),
                              (2.5, two_routers(0, 11))])
     assert type(decisions[2]) is Wait  # 16 requests: not judged yet
@@ -320,7 +320,7 @@ def test_a_version_answering_500_to_everything_is_rolled_back_once_min_requests_
 
 
 def test_five_percent_of_500s_is_rolled_back_at_the_first_step() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     decisions = run(canary, [(0.5, {"r1": report(http(0))}), (2.0, {"r1": report(http(21, 1))}),
                              (10.0, {"r1": report(http(97, 3))}),
                              (20.0, {"r1": report(http(190, 10))})])
@@ -335,7 +335,7 @@ def test_five_percent_of_500s_is_rolled_back_at_the_first_step() -> None:
 
 
 def test_a_rate_above_the_maximum_at_the_interval_s_end_fails_even_if_not_clearly() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     decisions = run(canary, [(0.0, two_routers(0)), (29.0, two_routers(98, 1)),
                              (30.0, two_routers(98, 1))])
     assert type(decisions[2]) is Wait
@@ -348,7 +348,7 @@ def test_the_spec_s_example_line() -> None:
         assert parsed is not None
         return {"r1": parsed}
 
-    canary = Canary(plan(version="abc123"))
+    canary = CanaryRun(plan(version="abc123"))
     final = run(canary, [(0.0, at(http(0))), (30.0, at(http(140, 72)))])[2]
     assert isinstance(final, RollBack)
     assert final.message == ("canary of web abc123 rolled back at 10%: error rate 0.34 over 212"
@@ -356,7 +356,7 @@ def test_the_spec_s_example_line() -> None:
 
 
 def test_refused_connections_roll_back_with_no_response_at_all() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     decisions = run(canary, [(0.0, {"r1": report(http(0))}),
                              (3.0, {"r1": report(http(0, 0, 25))})])
     final = decisions[2]
@@ -366,7 +366,7 @@ def test_refused_connections_roll_back_with_no_response_at_all() -> None:
 
 
 def test_too_little_traffic_is_prolonged_then_times_out() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     r = {"r1": report(ok(0))}
     decisions = run(canary, [(0.0, r), (30.0, {"r1": report(ok(5))}),
                              (45.0, {"r1": report(ok(10))}), (60.0, {"r1": report(ok(12))})])
@@ -380,7 +380,7 @@ def test_too_little_traffic_is_prolonged_then_times_out() -> None:
 
 
 def test_no_traffic_at_all_times_out_without_a_rate() -> None:
-    canary = Canary(plan(timeout=0.0))
+    canary = CanaryRun(plan(timeout=0.0))
     final = run(canary, [(0.0, {}), (30.0, {})])[2]
     assert final.message == ("canary of web v2 rolled back at 10%: too little traffic: 0 of the"
                              " 20 requests needed in 30s")
@@ -388,14 +388,14 @@ def test_no_traffic_at_all_times_out_without_a_rate() -> None:
 
 
 def test_a_prolonged_step_passes_as_soon_as_enough_requests_are_in() -> None:
-    canary = Canary(plan(steps=(10,)))
+    canary = CanaryRun(plan(steps=(10,)))
     decisions = run(canary, [(0.0, {"r1": report(ok(0))}), (30.0, {"r1": report(ok(5))}),
                              (41.0, {"r1": report(ok(20))})])
     assert isinstance(decisions[3], Promote) and decisions[3].steps[0].seconds == 41.0
 
 
 def test_a_router_appearing_mid_step_counts_from_its_first_report_seen() -> None:
-    canary = Canary(plan(steps=(10,)))
+    canary = CanaryRun(plan(steps=(10,)))
     decisions = run(canary, [
         (0.0, {"r1": report(ok(0))}),
         (10.0, {"r1": report(ok(5)), "r2": report(http(4000, 900))}),  # history: not counted
@@ -405,7 +405,7 @@ def test_a_router_appearing_mid_step_counts_from_its_first_report_seen() -> None
 
 
 def test_a_router_vanishing_mid_step_keeps_what_it_counted() -> None:
-    canary = Canary(plan(steps=(10,)))
+    canary = CanaryRun(plan(steps=(10,)))
     decisions = run(canary, [
         (0.0, {"r1": report(ok(0)), "r2": report(ok(0))}),
         (10.0, {"r1": report(ok(5)), "r2": report(ok(15))}),
@@ -417,7 +417,7 @@ def test_a_router_vanishing_mid_step_keeps_what_it_counted() -> None:
 
 
 def test_a_router_restarting_mid_step_counts_its_new_counters() -> None:
-    canary = Canary(plan(steps=(10,)))
+    canary = CanaryRun(plan(steps=(10,)))
     decisions = run(canary, [
         (0.0, {"r1": report(ok(900), api=ok(50))}),
         (10.0, {"r1": report(ok(910), api=ok(60))}),  # +10
@@ -429,7 +429,7 @@ def test_a_router_restarting_mid_step_counts_its_new_counters() -> None:
 
 
 def test_the_next_step_starts_from_the_reports_that_passed_the_last() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     decisions = run(canary, [(0.0, two_routers(0)), (30.0, two_routers(50)),
                              (40.0, two_routers(50, 25))])
     assert isinstance(decisions[2], SetPercent)
@@ -438,7 +438,7 @@ def test_the_next_step_starts_from_the_reports_that_passed_the_last() -> None:
 
 
 def test_a_signal_rolls_back_saying_what_the_step_saw() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     run(canary, [(0.0, two_routers(0)), (5.0, two_routers(10))])
     final = canary.interrupt(12.4, "SIGTERM", two_routers(30))
     assert isinstance(final, RollBack)
@@ -449,21 +449,21 @@ def test_a_signal_rolls_back_saying_what_the_step_saw() -> None:
 
 
 def test_a_signal_before_any_request() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     canary.start(0.0)
     assert canary.interrupt(3.0, "SIGINT").message == (
         "canary of web v2 rolled back at 10%: interrupted by SIGINT after 3s: 0 requests")
 
 
 def test_a_signal_after_the_end_changes_nothing() -> None:
-    canary = Canary(plan(steps=(10,)))
+    canary = CanaryRun(plan(steps=(10,)))
     promote = run(canary, [(0.0, two_routers(0)), (30.0, two_routers(20))])[2]
     assert isinstance(promote, Promote)
     assert canary.interrupt(31.0, "SIGTERM") is promote
 
 
 def test_the_machine_refuses_to_be_misused() -> None:
-    canary = Canary(plan())
+    canary = CanaryRun(plan())
     with pytest.raises(RuntimeError):
         canary.decide(0.0, {})
     canary.start(0.0)
@@ -542,7 +542,7 @@ def test_judge_never_raises_nor_divides_by_zero(start: dict[str, str], end: dict
 @given(st.lists(routers_reads, max_size=12), st.floats(min_value=0.01, max_value=1))
 def test_the_canary_never_raises_on_hostile_reports(looks: list[dict[str, str]],
                                                     max_rate: float) -> None:
-    canary = Canary(plan(max_error_rate=max_rate, interval=2.0, timeout=3.0))
+    canary = CanaryRun(plan(max_error_rate=max_rate, interval=2.0, timeout=3.0))
     canary.start(0.0)
     for second, raw in enumerate(looks):
         decision = canary.decide(float(second), parsed_all(raw))

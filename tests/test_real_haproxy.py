@@ -765,3 +765,41 @@ def test_an_ipv6_host_is_dialled_as_such(scope, service, registrar, router, cont
     wait_until(lambda: status(r.port) == 200, timeout=10, message=r.proc.logs)
     assert get(r.port) == socket.gethostname()  # a host-network container: the host's name
     six.remove()
+
+
+def test_maintenance_under_load_fails_no_request_and_lifts_within_1_s(
+    scope, service, registrar, router, containers
+):
+    ctl = scope.prefix + "-ctl"
+    agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
+                       "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    r = router()
+    held, staying = containers(labels=labels(service)), containers(labels=labels(service))
+    r.serves(held, staying)
+    instance = f"{scope.node}:{held.name}:8080"
+
+    def maint(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "registrar", "maint", *args, "--etcd", scope.etcd_url,
+             "--prefix", scope.prefix, "--control-prefix", ctl], capture_output=True,
+            text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with Clients(r.port) as clients:
+        time.sleep(0.5)
+        enabled = time.monotonic()
+        maint("enable", service, "--instance", instance, "--reason", "debugging")
+        r.serves(staying)
+        time.sleep(0.5)
+        disabled = time.monotonic()
+        maint("disable", service, "--instance", instance)
+        wait_until(lambda: any(t > disabled and b == host_of(held)
+                               for t, b in clients.answers), timeout=5)
+        back_after = min(t for t, b in clients.answers
+                         if t > disabled and b == host_of(held)) - disabled
+    print(f"maintenance: 0 of {len(clients.answers)} failed; back {back_after:.2f} s after "
+          "`maint disable` began")
+    assert clients.failures == []
+    assert back_after < 1.0 + 1.0  # the command's own start (~0.5 s) plus the SPEC's second
+    assert enabled < disabled

@@ -463,6 +463,17 @@ class EtcdStore:
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self._call("put", lambda c: c.put(key, value, lease=lease))
 
+    def put_if_absent(self, key: str, value: str) -> bool:
+        """Puts `key` unless it exists (one transaction); False when it was there."""
+
+        def txn(client: Any) -> bool:
+            t = client.transactions
+            succeeded, _responses = client.transaction(
+                compare=[t.version(key) == 0], success=[t.put(key, value)], failure=[])
+            return bool(succeeded)
+
+        return self._call("txn", txn)
+
     def delete(self, key: str) -> None:
         self._call("delete", lambda c: c.delete(key))
 

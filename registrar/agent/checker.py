@@ -124,7 +124,7 @@ class _Port:
 class _Probe:
     """One check in flight (the checker thread's alone)."""
 
-    __slots__ = ("deadline", "port", "received", "sock", "started", "to_send")
+    __slots__ = ("deadline", "port", "received", "settling", "sock", "started", "to_send")
 
     def __init__(self, port: _Port, sock: socket.socket, started: float) -> None:
         self.port = port
@@ -133,6 +133,10 @@ class _Probe:
         self.deadline = started + port.target.spec.timeout
         self.to_send: bytes | None = None  # None: still connecting
         self.received = b""
+        self.settling = False  # tcp: connected, watching that the peer does not close at once
+
+
+TCP_SETTLE = 0.1  # a TCP check passes once the connection stayed open this long (or data came)
 
 
 def _reason(code: int) -> str:
@@ -277,6 +281,9 @@ class Checker:
                 self._reap()
             due = self._take_due(now)
         for probe in [p for p in self._probes.values() if p.deadline <= now]:
+            if probe.settling:  # connected, and the peer kept the connection: it listens
+                self._finish(probe, True, "connected")
+                continue
             phase = "connecting" if probe.to_send is None else "no answer"
             self._finish(probe, False, f"timeout ({phase})")
         for port in due:
@@ -374,6 +381,11 @@ class Checker:
     def _step(self, probe: _Probe) -> None:
         """The probe's socket is ready: go one step further."""
         try:
+            if probe.settling:
+                data = probe.sock.recv(1)
+                self._finish(probe, bool(data), "connected" if data else (
+                    "closed at once (a proxy with nothing listening behind it?)"))
+                return
             if probe.to_send is None:
                 code = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
@@ -381,7 +393,11 @@ class Checker:
                     return
                 spec, target = probe.port.target.spec, probe.port.target
                 if spec.path is None:
-                    self._finish(probe, True, "connected")
+                    # Docker's userland proxy accepts on the published port even when nothing
+                    # listens in the container, then closes: connected means "and kept open"
+                    probe.settling = True
+                    probe.deadline = min(probe.deadline, time.monotonic() + TCP_SETTLE)
+                    self._selector.modify(probe.sock, selectors.EVENT_READ, probe)
                     return
                 probe.to_send = http_request(target.host, target.port, spec.path)
             if probe.to_send:

@@ -96,7 +96,8 @@ def run(settings: Settings) -> int:
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
-    loops = (keeper.health, keeper.heartbeat.health, watcher.health, follower.health)
+    loops = (keeper.health, keeper.heartbeat.health, watcher.health, watcher.checker.health,
+             follower.health)
     server = serve_metrics(settings.metrics_addr, metrics.registry,
                            lambda: health_problem(loops, time.monotonic()))
 

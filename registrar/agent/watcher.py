@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from registrar.adapters.docker_source import DockerSource, DockerUnavailable
+from registrar.agent.checker import Checker, targets_of
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core.containers import ContainerInfo
 from registrar.core.lifecycle import Effect, effect_of
@@ -41,6 +42,13 @@ class _StreamOpened:
 @dataclass(frozen=True)
 class _StreamLost:
     reason: str
+
+
+@dataclass(frozen=True)
+class _Recheck:
+    """A port of this container entered or left rotation by registrar's own check."""
+
+    container_id: str
 
 
 @dataclass
@@ -79,8 +87,12 @@ class ContainerWatcher:
         only: str | None = None,
         finished: threading.Event | None = None,
     ) -> None:
-        """`only`: a sidecar's container id; `finished` is set when that container is gone."""
+        """`only`: a sidecar's container id; `finished` is set when that container is gone.
+        `checker` runs registrar's own checks (`registrar.check` labels) on a thread of its
+        own: a checked port is registered only while its check holds; a change comes back
+        to the one consumer as a `_Recheck`."""
         self._docker = docker
+        self.checker = Checker(self.recheck, metrics)
         self._keeper = keeper
         self._naming = naming
         self._metrics = metrics
@@ -101,20 +113,27 @@ class ContainerWatcher:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self.checker.start()
         for target, name in ((self._read, "docker-events"), (self._consume, "event-consumer")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
+    def recheck(self, container_id: str) -> None:
+        """From the checker's thread: a check result changed a port's rotation."""
+        self._queue.put(_Recheck(container_id))
+
     def request_stop(self) -> None:
         """Stops taking events: ends the stream; both threads end (see `join`)."""
         self._stop.set()
         self._docker.close_events()
+        self.checker.request_stop()
         self._queue.put(None)
 
     def join(self, deadline: float) -> None:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.checker.join(deadline)
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -189,6 +208,10 @@ class ContainerWatcher:
             self._set_docker_up(False, item.reason)
         elif isinstance(item, dict):
             self._apply_event(item)
+        elif isinstance(item, _Recheck):
+            tracked = self._tracked.get(item.container_id)
+            if tracked is not None:
+                self._update(tracked.info, event_time=None, push=True)
 
     def _set_docker_up(self, up: bool, reason: str) -> None:
         self._metrics.docker_up.set(1 if up else 0)
@@ -216,6 +239,7 @@ class ContainerWatcher:
         for cid in list(self._tracked):
             if cid not in seen:
                 del self._tracked[cid]
+                self._unchecked(cid)
         if not self._only:
             self._sidecars = frozenset(
                 t.info.name for t in self._tracked.values() if has_sidecar(t.info)
@@ -287,16 +311,26 @@ class ContainerWatcher:
         else:
             tracked.info = info
         values: dict[str, str] = {}
+        checked = False
         if info.serving and not tracked.stopping:
             outcome = registrations_for(info, self._naming, now_rfc3339())
             self._note_outcome(tracked, outcome)
-            for registration in outcome.registrations:
+            registrations = outcome.registrations
+            if outcome.rejected is None:
+                targets = targets_of(registrations)
+                checked = bool(targets)
+                self.checker.set_targets(info.id, targets)
+                registrations = tuple(r for r in registrations
+                                      if r.check is None or self.checker.passing(r.key))
+            for registration in registrations:
                 encoded = registration.encoded()
                 old = tracked.values.get(registration.key)
                 # Keep registered_at of an unchanged registration: a resync writes nothing.
                 if old is not None and _same_but_time(old, registration.value):
                     encoded = old
                 values[registration.key] = encoded
+        if not checked:
+            self._unchecked(info.id)
         tracked.values = values
         if push:
             self._keeper.set_container(info.id, values, event_time)
@@ -319,11 +353,16 @@ class ContainerWatcher:
         tracked = self._tracked.get(cid)
         if tracked is not None:
             tracked.values = {}
+        self._unchecked(cid)  # its checks stop the moment it starts stopping
         self._keeper.drop_container(cid)
 
     def _forget(self, cid: str) -> None:
         self._tracked.pop(cid, None)
+        self._unchecked(cid)
         self._keeper.drop_container(cid)
+
+    def _unchecked(self, cid: str) -> None:
+        self.checker.forget(cid)
 
     def _container_gone(self, cid: str, why: str) -> None:
         log.info("container %s %s: deregistering and exiting", cid[:12], why,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.core.control import parse_promotions
+from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, parse_key
 from registrar.core.planner import StoredKey, json_object
 
@@ -75,7 +75,7 @@ def render_promotions(
     if len(table) == 1:
         return
     out.write("\n")
-    _write_table(table, out)
+    write_table(table, out)
     for entry in standby:
         if "invalid" in entry:
             continue
@@ -91,7 +91,7 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-def _write_table(table: Sequence[tuple[str, ...]], out: TextIO) -> None:
+def write_table(table: Sequence[tuple[str, ...]], out: TextIO) -> None:
     table = [tuple(_printable(cell) for cell in row) for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
@@ -117,7 +117,7 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
             str(entry.get("version", "-")), str(entry.get("node", "-")),
             _age(entry.get("registered_at"), now),
         ))
-    _write_table(table, out)
+    write_table(table, out)
 
 
 def run(settings: Any, out: TextIO = sys.stdout) -> int:
@@ -134,11 +134,59 @@ def run(settings: Any, out: TextIO = sys.stdout) -> int:
         store.close()
     promoted = {k: v for k, v in control.items() if k.startswith(layout.promoted + "/")}
     standby = {k: v for k, v in control.items() if k.startswith(layout.standby + "/")}
-    standby_base = layout.standby
+    state = parse_control(control, layout)
+    held = {k: v for k, v in standby.items()
+            if (p := parse_key(layout.standby, k)) is not None and state.in_maintenance(*p)}
     promotions = parse_promotions(promoted, layout)
     entries = rows(settings.prefix, stored, settings.service, promotions)
-    render(entries, settings.prefix, settings.json, out)
-    if not settings.json:
-        standby_rows = rows(standby_base, standby, settings.service)
-        render_promotions(promoted, standby_rows, settings.control_prefix, settings.service, out)
+    if settings.json:
+        held_rows = [{**row, "maintenance": True}
+                     for row in rows(layout.standby, held, settings.service, promotions)]
+        render([*entries, *held_rows], settings.prefix, True, out)
+        return 0
+    render(entries, settings.prefix, False, out)
+    standby_rows = rows(layout.standby, {k: v for k, v in standby.items() if k not in held},
+                        settings.service)
+    render_promotions(promoted, standby_rows, settings.control_prefix, settings.service, out)
+    render_maintenance(control, rows(layout.standby, held, settings.service), layout,
+                       settings.service, out)
+    render_canaries(control, layout, settings.service, out)
     return 0
+
+
+def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]],
+                       layout: Layout, service: str | None, out: TextIO) -> None:
+    """After the table: the maintenance entries in force, and the instances they hold out."""
+    from registrar.commands.maint import entries
+
+    found = entries(control, layout)
+    shown = [t for t in sorted(found, key=str)
+             if service is None or t.service in (None, service)]
+    if not shown and not held:
+        return
+    out.write("\n")
+    table = [("MAINTENANCE", "REASON", "SINCE")]
+    table += [(str(t), found[t]["reason"] or "-", found[t]["at"]) for t in shown]
+    write_table(table, out)
+    for entry in held:
+        if "invalid" not in entry:
+            out.write(_printable(
+                f"  held out (maintenance): {entry.get('service', '?')} "
+                f"{entry['key'].rsplit('/', 1)[-1]} {entry.get('host', '?')}:"
+                f"{entry.get('port', '?')} {entry.get('version', '-')}") + "\n")
+
+
+def render_canaries(control: dict[str, StoredKey], layout: Layout, service: str | None,
+                    out: TextIO) -> None:
+    """After the table: a canary in progress (its weights key) per service."""
+    table = [("CANARY", "VERSION", "PERCENT", "SINCE")]
+    for key in sorted(control):
+        name = key[len(layout.weights) + 1:] if key.startswith(layout.weights + "/") else ""
+        value = json_object(control[key].value)
+        if not name or "/" in name or value is None or service not in (None, name):
+            continue
+        table.append((name, str(value.get("version", "?")), f"{value.get('percent', '?')}%",
+                      str(value.get("at", "?"))))
+    if len(table) > 1:
+        out.write("\n")
+        write_table(table, out)

@@ -76,32 +76,52 @@ def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
     return Rotation(_instances(active, active_base), _instances(standby, standby_base))
 
 
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def refuse_unless_registered(before: Rotation, service: str, version: str, minimum: int) -> None:
+    have = before.count(version)
+    if have < minimum:
+        raise FatalError(
+            f"refusing to promote {service} {version}: {have} instance(s) of it "
+            f"registered, --min-instances is {minimum}; nothing changed"
+        )
+
+
 def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     assert settings.promote is not None
     p = settings.promote
     store = EtcdStore(settings.etcd)
     etcd = OneShot(store, p.timeout)
-    key = f"{Layout(settings.prefix, settings.control_prefix).promoted}/{p.service}"
     try:
         before = read_rotation(etcd, settings, p.service)
         if p.version is not None:
-            have = before.count(p.version)
-            if have < p.min_instances:
-                raise FatalError(
-                    f"refusing to promote {p.service} {p.version}: {have} instance(s) of it "
-                    f"registered, --min-instances is {p.min_instances}; nothing changed"
-                )
-            at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            value = json.dumps({"version": p.version, "at": at})
-            etcd(lambda store: store.put(key, value))
-        else:
-            etcd(lambda store: store.delete(key))
-        after = read_rotation(etcd, settings, p.service)
-        while not after.settled(p.version) and etcd.left() > 0:
-            time.sleep(POLL_INTERVAL)
-            after = read_rotation(etcd, settings, p.service)
+            refuse_unless_registered(before, p.service, p.version, p.min_instances)
+        if p.canary is not None:
+            from registrar.commands.canary import run_canary
+
+            return run_canary(store, settings, before, out)
+        return promote_and_wait(etcd, settings, before, out)
     finally:
         store.close()
+
+
+def promote_and_wait(etcd: OneShot, settings: Settings, before: Rotation, out: TextIO) -> int:
+    """Writes (or with --clear deletes) the promotion, then waits until the rotation matches
+    and says what entered and left it."""
+    p = settings.promote
+    assert p is not None
+    key = f"{Layout(settings.prefix, settings.control_prefix).promoted}/{p.service}"
+    if p.version is not None:
+        value = json.dumps({"version": p.version, "at": _now()})
+        etcd(lambda store: store.put(key, value))
+    else:
+        etcd(lambda store: store.delete(key))
+    after = read_rotation(etcd, settings, p.service)
+    while not after.settled(p.version) and etcd.left() > 0:
+        time.sleep(POLL_INTERVAL)
+        after = read_rotation(etcd, settings, p.service)
 
     what = f"promoted {p.version}" if p.version is not None else "promotion cleared"
     out.write(f"{p.service}: {what} ({len(after.active)} in rotation, "

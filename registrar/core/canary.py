@@ -20,7 +20,7 @@ errors). The rules this module decides, one place each:
   values might be counters started during the span (a new router), or its whole history (a
   report that was merely missing: a lease re-granted after a partition, a first report not yet
   written); nothing in a report tells which, and counting a history would judge the step by
-  traffic that was not in it, maybe at another weight or before the canary. The `Canary` looks
+  traffic that was not in it, maybe at another weight or before the canary. The `CanaryRun` looks
   often and remembers the last report of every router it saw, so this costs at most one look of
   a new router's traffic, and a router that vanishes and comes back is compared with its last.
 - A router whose report vanished (its lease expired): what it counted up to its last report
@@ -30,7 +30,7 @@ errors). The rules this module decides, one place each:
   the rate is above `max_error_rate`, Passed otherwise. Failed carries `clear`: the rate is above
   the maximum beyond reasonable doubt (the lower bound of a one-sided 99 % Wilson interval), so
   that one unlucky error among the first requests does not fail a good version early.
-- The steps (`Canary`): a step lasts `interval`. Before its end it can only fail, and only
+- The steps (`CanaryRun`): a step lasts `interval`. Before its end it can only fail, and only
   clearly (all 500s fail as soon as `min_requests` are in); at its end it passes or fails on its
   rate; with fewer than `min_requests` it is prolonged, judged again at every look, until
   `timeout` after its interval (the timeout bounds each step's prolongation, so a step lasts at
@@ -393,7 +393,7 @@ class RollBack:
 Decision = Wait | SetPercent | Promote | RollBack
 
 
-class Canary:
+class CanaryRun:
     """The canary of one version as a small state machine: `start(now)` -> the first step, then
     at each look `decide(now, reports)` with every router's report ({router: Report}) ->
     what to do; `interrupt(now, signal)` on SIGINT/SIGTERM. Plain data in, decisions out."""

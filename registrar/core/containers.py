@@ -35,7 +35,6 @@ class ContainerInfo:
     has_healthcheck: bool = False
     health: str | None = None  # "starting", "healthy", "unhealthy" or None
     stop_signal: str = "SIGTERM"
-    started_at: str = ""
 
     @property
     def serving(self) -> bool:
@@ -140,5 +139,4 @@ def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         has_healthcheck=bool(test) and test[0] != "NONE",
         health=health.get("Status") or None,
         stop_signal=str(config.get("StopSignal") or "SIGTERM"),
-        started_at=str(state.get("StartedAt") or ""),
     )

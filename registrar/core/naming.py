@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from registrar.core.checks import CheckSpec, InvalidCheck, parse_checks
@@ -43,7 +43,6 @@ class Outcome:
     rejected: str | None = None
     detail: str = ""
     skipped: str | None = None  # not an error: ignored, no port, not explicit...
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)

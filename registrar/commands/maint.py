@@ -1,0 +1,198 @@
+"""`registrar maint`: take instances, services or nodes out of rotation, bring them back, list.
+
+An entry is one key without a lease under `{control_prefix}/maintenance/` (it outlives agents
+and reboots until disabled). This command only writes or deletes it; every agent and sidecar
+follows the control prefix and moves its own matching instances to standby (or back), in one
+transaction each. Then it waits, up to --timeout, until the rotation matches, and prints the
+instances that left or came back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TextIO
+
+from registrar.adapters.etcd_store import EtcdStore
+from registrar.commands.oneshot import OneShot
+from registrar.core.control import Control, parse_control
+from registrar.core.layout import Layout, child_name
+from registrar.core.planner import StoredKey, json_object, version_of
+from registrar.errors import FatalError
+from registrar.retry import POLL_INTERVAL
+from registrar.settings import MaintSettings, Settings
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one maintenance entry holds out."""
+
+    service: str | None = None
+    instance: str | None = None
+    node: str | None = None
+
+    def key(self, layout: Layout) -> str:
+        base = layout.maintenance
+        if self.node is not None:
+            return f"{base}/node/{self.node}"
+        if self.instance is not None:
+            return f"{base}/instance/{self.service}/{self.instance}"
+        return f"{base}/service/{self.service}"
+
+    def matches(self, service: str, instance: str) -> bool:
+        if self.node is not None:
+            return instance.split(":", 1)[0] == self.node
+        return service == self.service and self.instance in (None, instance)
+
+    def __str__(self) -> str:
+        if self.node is not None:
+            return f"node {self.node}"
+        if self.instance is not None:
+            return f"instance {self.service}/{self.instance}"
+        return f"service {self.service}"
+
+
+def entries(stored: Mapping[str, StoredKey], layout: Layout) -> dict[Target, dict[str, str]]:
+    """The maintenance entries in force: target -> {"reason", "at"} (as stored, or "?")."""
+    found: dict[Target, dict[str, str]] = {}
+    base = layout.maintenance
+    for key, item in stored.items():
+        target = None
+        if (service := child_name(f"{base}/service", key)) is not None:
+            target = Target(service=service)
+        elif (node := child_name(f"{base}/node", key)) is not None:
+            target = Target(node=node)
+        else:
+            rest = key[len(base) + len("/instance/"):] if key.startswith(
+                f"{base}/instance/") else ""
+            service, _, instance = rest.partition("/")
+            if service and instance and "/" not in instance:
+                target = Target(service=service, instance=instance)
+        if target is not None:
+            value = json_object(item.value) or {}
+            found[target] = {"reason": str(value.get("reason", "")),
+                              "at": str(value.get("at", "?"))}
+    return found
+
+
+@dataclass(frozen=True)
+class View:
+    """One read of etcd: who is in rotation, who on standby, and the control state."""
+
+    active: dict[tuple[str, str], str]  # (service, instance) -> value
+    standby: dict[tuple[str, str], str]
+    control: Control
+    stored_control: dict[str, StoredKey]
+
+    def held_by(self, target: Target) -> list[tuple[str, str]]:
+        return sorted(i for i in self.standby if target.matches(*i))
+
+    def rotating(self, target: Target) -> list[tuple[str, str]]:
+        return sorted(i for i in self.active if target.matches(*i))
+
+
+def read_view(etcd: OneShot, layout: Layout) -> View:
+    stored, _revision = etcd(lambda store: store.list_prefix(layout.prefix))
+    control, _revision = etcd(lambda store: store.list_prefix(layout.control))
+    active: dict[tuple[str, str], str] = {}
+    standby: dict[tuple[str, str], str] = {}
+    for key, item in [*stored.items(), *control.items()]:
+        parsed = layout.parse(key)
+        if parsed is not None:
+            (active if parsed[2] else standby)[(parsed[0], parsed[1])] = item.value
+    return View(active, standby, parse_control(control, layout), control)
+
+
+def _address(raw: str) -> str:
+    value = json_object(raw) or {}
+    return f"{value.get('host', '?')}:{value.get('port', '?')} {version_of(raw) or '-'}"
+
+
+def _wait(etcd: OneShot, layout: Layout, settled: Callable[[View], object]) -> View:
+    view = read_view(etcd, layout)
+    while not settled(view) and etcd.left() > 0:
+        time.sleep(POLL_INTERVAL)
+        view = read_view(etcd, layout)
+    return view
+
+
+def run(settings: Settings, out: TextIO = sys.stdout) -> int:
+    m = settings.maint
+    assert m is not None
+    layout = Layout(settings.prefix, settings.control_prefix)
+    store = EtcdStore(settings.etcd)
+    etcd = OneShot(store, m.timeout)
+    try:
+        if m.action == "list":
+            return _list(etcd, layout, out)
+        return _change(etcd, layout, m, out)
+    finally:
+        store.close()
+
+
+def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int:
+    target = Target(m.service, m.instance, m.node)
+    key = target.key(layout)
+    before = read_view(etcd, layout)
+    if m.action == "enable":
+        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        value = json.dumps({"reason": m.reason, "at": at})
+        etcd(lambda store: store.put(key, value))
+        matching = before.rotating(target) + before.held_by(target)
+        if not matching:
+            out.write(f"maintenance on {target}: holds nothing yet (no instance registered); "
+                      "written all the same\n")
+            return 0
+        after = _wait(etcd, layout, lambda v: not v.rotating(target))
+        moved = [i for i in before.rotating(target) if i in after.standby]
+        out.write(f"maintenance on {target}: {len(after.held_by(target))} instance(s) out of "
+                  "rotation\n")
+        for service, instance in moved:
+            out.write(f"  left rotation: {service} {instance} "
+                      f"{_address(after.standby[(service, instance)])}\n")
+        if after.rotating(target):
+            raise FatalError(f"timed out after {m.timeout:g}s (--timeout): "
+                             f"{len(after.rotating(target))} instance(s) still in rotation; "
+                             "agents that are down or cut off apply it when they are back")
+        return 0
+    etcd(lambda store: store.delete(key))
+    control = parse_control({k: v for k, v in before.stored_control.items() if k != key},
+                            layout)
+
+    def back(view: View) -> list[tuple[str, str]]:
+        """Held by this entry and by nothing else: due back in rotation."""
+        return [i for i in before.held_by(target)
+                if control.in_rotation(i[0], i[1], version_of(before.standby[i]))
+                and i in view.standby]
+
+    after = _wait(etcd, layout, lambda v: not back(v))
+    came = [i for i in before.held_by(target) if i in after.active]
+    out.write(f"maintenance on {target} lifted: {len(came)} instance(s) back in rotation\n")
+    for service, instance in came:
+        out.write(f"  back in rotation: {service} {instance} "
+                  f"{_address(after.active[(service, instance)])}\n")
+    if back(after):
+        raise FatalError(f"timed out after {m.timeout:g}s (--timeout): {len(back(after))} "
+                         "instance(s) still on standby")
+    return 0
+
+
+def _list(etcd: OneShot, layout: Layout, out: TextIO) -> int:
+    view = read_view(etcd, layout)
+    found = entries(view.stored_control, layout)
+    if not found:
+        out.write("no maintenance entry\n")
+        return 0
+    from registrar.commands.listing import write_table
+
+    table = [("WHAT", "REASON", "SINCE", "HOLDS")]
+    for target in sorted(found, key=str):
+        entry = found[target]
+        table.append((str(target), entry["reason"] or "-", entry["at"],
+                      str(len(view.held_by(target)))))
+    write_table(table, out)
+    return 0

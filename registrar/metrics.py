@@ -53,6 +53,14 @@ class Metrics:
             "registrar_rejected_containers_total", "Containers not registered for bad labels.",
             ["reason"], registry=r,
         )
+        self._add_failures(r)
+        self.build_info = Gauge(
+            "registrar_build_info", "Build information.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self._add_checks(r)
+
+    def _add_failures(self, r: CollectorRegistry) -> None:
         self.writes_refused = Gauge(
             "registrar_etcd_writes_refused",
             "1 while etcd answers but refuses this process's writes (quota full: the NOSPACE "
@@ -67,10 +75,8 @@ class Metrics:
             "Unexpected errors (bugs) caught in a loop, which goes on; /healthz turns 503 when "
             "one keeps failing.", ["loop"], registry=r,
         )
-        self.build_info = Gauge(
-            "registrar_build_info", "Build information.", ["version"], registry=r
-        )
-        self.build_info.labels(version=__version__).set(1)
+
+    def _add_checks(self, r: CollectorRegistry) -> None:
         self.check_results = Counter(
             "registrar_check_results_total", "Results of registrar's own health checks.",
             ["result"], registry=r,

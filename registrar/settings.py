@@ -496,56 +496,11 @@ def parse_settings(
 ) -> Settings:
     """Turns argv (without the program name) and the environment into Settings; `hostname` is
     the default of --node (the caller reads it: this function does no I/O)."""
-    parser = build_parser()
-    try:
-        args = vars(parser.parse_args(list(argv)))
-    except SettingsError as exc:
-        # argparse complains of the missing COMMAND before an unknown option: name the option.
-        known = {o for action in parser._actions for o in action.option_strings}
-        unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in known]
-        if unknown and "COMMAND" in str(exc):
-            raise SettingsError(f"unrecognized arguments: {' '.join(unknown)}") from None
-        raise
+    args = _parse_args(argv)
     command = args["command"]
     value = _resolver(args, env)
-
-    etcd_raw = value("--etcd", DEFAULT_ETCD) or ""
-    endpoints = _endpoints(etcd_raw)
-    ca = _pem("--etcd-ca", value("--etcd-ca", None) or None, "cert")
-    cert = _pem("--etcd-cert", value("--etcd-cert", None) or None, "cert")
-    key = _pem("--etcd-key", value("--etcd-key", None) or None, "key")
-    if (cert is None) != (key is None):
-        raise SettingsError("--etcd-cert and --etcd-key: give both or neither")
-    if (ca or cert) and not all(ep.secure for ep in endpoints):
-        flag = "--etcd-ca" if ca else "--etcd-cert"
-        raise SettingsError(
-            f"{flag}: TLS files are given but --etcd has http:// endpoints; use https:// for all"
-        )
-    _check_tls(ca, cert, key)
-    user = value("--etcd-user", None) or None
-    password = value("--etcd-password", None) or None
-    if (user is None) != (password is None):
-        raise SettingsError(
-            "--etcd-user: needs a password (REGISTRAR_ETCD_PASSWORD) and the other way round"
-        )
-    etcd = EtcdSettings(
-        endpoints=endpoints,
-        ca=ca,
-        cert=cert,
-        key=key,
-        user=user,
-        password=password,
-    )
-
-    prefix = _path_prefix("--prefix", value("--prefix", DEFAULT_PREFIX) or "")
-    control = _path_prefix(
-        "--control-prefix", value("--control-prefix", DEFAULT_CONTROL_PREFIX) or ""
-    )
-    if (prefix + "/").startswith(control + "/") or (control + "/").startswith(prefix + "/"):
-        raise SettingsError(
-            f"--control-prefix: {control!r} and --prefix {prefix!r} must not contain each other"
-        )
-
+    etcd = _etcd(value)
+    prefix, control = _prefixes(value)
     node = value("--node", None) or hostname
     if not NAME_RE.fullmatch(node):
         raise SettingsError(f"--node: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}, got {node!r}")
@@ -558,12 +513,7 @@ def parse_settings(
         "register": DEFAULT_SIDECAR_METRICS_ADDR,
         "haproxy": DEFAULT_ROUTER_METRICS_ADDR,
     }.get(command, DEFAULT_METRICS_ADDR)
-    log_format = (value("--log-format", "text") or "").lower()
-    if log_format not in LOG_FORMATS:
-        raise SettingsError(f"--log-format: must be text or json, got {log_format!r}")
-    log_level = (value("--log-level", "info") or "").lower()
-    if log_level not in LOG_LEVELS:
-        raise SettingsError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
+    log_format, log_level = _logging(value)
 
     haproxy = _haproxy(args, value) if command == "haproxy" else None
     promote = _promote(args, value) if command == "promote" else None
@@ -599,6 +549,74 @@ def parse_settings(
         promote=promote,
         maint=maint,
     )
+
+
+Resolve = Callable[[str, str | None], str | None]
+
+
+def _parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    parser = build_parser()
+    try:
+        return vars(parser.parse_args(list(argv)))
+    except SettingsError as exc:
+        # argparse complains of the missing COMMAND before an unknown option: name the option.
+        known = {o for action in parser._actions for o in action.option_strings}
+        unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in known]
+        if unknown and "COMMAND" in str(exc):
+            raise SettingsError(f"unrecognized arguments: {' '.join(unknown)}") from None
+        raise
+
+
+def _logging(value: Resolve) -> tuple[str, str]:
+    log_format = (value("--log-format", "text") or "").lower()
+    if log_format not in LOG_FORMATS:
+        raise SettingsError(f"--log-format: must be text or json, got {log_format!r}")
+    log_level = (value("--log-level", "info") or "").lower()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
+    return log_format, log_level
+
+
+def _etcd(value: Resolve) -> EtcdSettings:
+    etcd_raw = value("--etcd", DEFAULT_ETCD) or ""
+    endpoints = _endpoints(etcd_raw)
+    ca = _pem("--etcd-ca", value("--etcd-ca", None) or None, "cert")
+    cert = _pem("--etcd-cert", value("--etcd-cert", None) or None, "cert")
+    key = _pem("--etcd-key", value("--etcd-key", None) or None, "key")
+    if (cert is None) != (key is None):
+        raise SettingsError("--etcd-cert and --etcd-key: give both or neither")
+    if (ca or cert) and not all(ep.secure for ep in endpoints):
+        flag = "--etcd-ca" if ca else "--etcd-cert"
+        raise SettingsError(
+            f"{flag}: TLS files are given but --etcd has http:// endpoints; use https:// for all"
+        )
+    _check_tls(ca, cert, key)
+    user = value("--etcd-user", None) or None
+    password = value("--etcd-password", None) or None
+    if (user is None) != (password is None):
+        raise SettingsError(
+            "--etcd-user: needs a password (REGISTRAR_ETCD_PASSWORD) and the other way round"
+        )
+    return EtcdSettings(
+        endpoints=endpoints,
+        ca=ca,
+        cert=cert,
+        key=key,
+        user=user,
+        password=password,
+    )
+
+
+def _prefixes(value: Resolve) -> tuple[str, str]:
+    prefix = _path_prefix("--prefix", value("--prefix", DEFAULT_PREFIX) or "")
+    control = _path_prefix(
+        "--control-prefix", value("--control-prefix", DEFAULT_CONTROL_PREFIX) or ""
+    )
+    if (prefix + "/").startswith(control + "/") or (control + "/").startswith(prefix + "/"):
+        raise SettingsError(
+            f"--control-prefix: {control!r} and --prefix {prefix!r} must not contain each other"
+        )
+    return prefix, control
 
 
 def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | None]) -> (

@@ -26,6 +26,7 @@ from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
 from registrar.http_server import serve_metrics
 from registrar.metrics import Metrics
+from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL
 from registrar.settings import Settings
 from registrar.shutdown import install_stop_signals
@@ -101,6 +102,23 @@ def run(settings: Settings) -> int:
     server = serve_metrics(settings.metrics_addr, metrics.registry,
                            lambda: health_problem(loops, time.monotonic()))
 
+    _announce(settings, sidecar)
+    keeper.start()
+    follower.start()
+    watcher.start()
+
+    stop.wait()
+    _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
+              watcher=watcher, follower=follower, keeper=keeper)
+    if server is not None:
+        server.stop()
+    store.close()
+    docker.close()
+    log.info("stopped", extra={"event": "stop"})
+    return 0
+
+
+def _announce(settings: Settings, sidecar: bool) -> None:
     log.info(
         "registrar %s: node %s, prefix %s, etcd %s, ttl %ds%s",
         settings.command, settings.node, settings.prefix,
@@ -108,15 +126,12 @@ def run(settings: Settings) -> int:
         f", container {settings.container}" if sidecar else "",
         extra={"event": "start"},
     )
-    keeper.start()
-    follower.start()
-    watcher.start()
 
-    stop.wait()
 
-    # --- shutdown: stop intake, deregister, drain, stop metrics, exit -------------------
+def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
+              follower: PrefixFollower, keeper: LeaseKeeper) -> None:
+    """Stop intake, deregister (revoke the lease), drain: all within one deadline."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
-    signalled = not (sidecar and watcher.finished_reason)
     watcher.request_stop()
     follower.request_stop()
     keeper.shutdown(deadline)
@@ -125,9 +140,3 @@ def run(settings: Settings) -> int:
     if settings.drain and signalled:
         log.info("draining for %gs", settings.drain, extra={"event": "drain"})
         time.sleep(settings.drain)
-    if server is not None:
-        server.stop()
-    store.close()
-    docker.close()
-    log.info("stopped", extra={"event": "stop"})
-    return 0

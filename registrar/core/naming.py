@@ -140,6 +140,31 @@ def has_sidecar(container: ContainerInfo) -> bool:
     return _truthy(container.labels.get("registrar.sidecar"))
 
 
+def _service_name(container: ContainerInfo, ctx: NamingContext, private_port: int,
+                  several: bool) -> str | Outcome | None:
+    """The service of one port (None: none under --explicit), or the Outcome rejecting the
+    container: labels first, then Registrator's names, then the image's base name."""
+    service = container.labels.get(f"registrar.{private_port}.service")
+    if service is None:
+        service = container.labels.get("registrar.service")
+    if service is None:
+        service = _registrator(container, f"SERVICE_{private_port}_NAME")
+    if service is None:
+        service = _registrator(container, "SERVICE_NAME")
+    if service is not None:
+        if valid_name(service):
+            return service
+        return Outcome(rejected="invalid_service_name",
+                       detail=f"service {service[:64]!r} for port {private_port}")
+    if ctx.explicit and not ctx.sidecar:
+        return None
+    derived = image_base(container.image) + (f"-{private_port}" if several else "")
+    if not valid_name(derived):
+        return Outcome(rejected="invalid_image_name",
+                       detail=f"service name {derived[:64]!r} derived from the image")
+    return derived
+
+
 def registrations_for(
     container: ContainerInfo, ctx: NamingContext, registered_at: str
 ) -> Outcome:
@@ -172,43 +197,17 @@ def registrations_for(
     for private_port, proto, host, host_port in ports:
         if _registrator(container, f"SERVICE_{private_port}_IGNORE"):
             continue
-        service = container.labels.get(f"registrar.{private_port}.service")
+        service = _service_name(container, ctx, private_port, several)
+        if isinstance(service, Outcome):
+            return service
         if service is None:
-            service = container.labels.get("registrar.service")
-        if service is None:
-            service = _registrator(container, f"SERVICE_{private_port}_NAME")
-        if service is None:
-            service = _registrator(container, "SERVICE_NAME")
-        if service is None:
-            if ctx.explicit and not ctx.sidecar:
-                continue
-            service = image_base(container.image)
-            if several:
-                service = f"{service}-{private_port}"
-            if not valid_name(service):
-                return Outcome(
-                    rejected="invalid_image_name",
-                    detail=f"service name {service[:64]!r} derived from the image",
-                )
-        elif not valid_name(service):
-            return Outcome(
-                rejected="invalid_service_name",
-                detail=f"service {service[:64]!r} for port {private_port}",
-            )
+            continue
         instance = instance_id(ctx.node, container.name, private_port, proto)
         value = {
-            "service": service,
-            "host": host,
-            "port": host_port,
-            "node": ctx.node,
-            "container_id": container.id,
-            "container_name": container.name,
-            "private_port": private_port,
-            "protocol": proto,
-            "image": container.image[:512],
-            "version": version,
-            "tags": tags,
-            "registered_at": registered_at,
+            "service": service, "host": host, "port": host_port, "node": ctx.node,
+            "container_id": container.id, "container_name": container.name,
+            "private_port": private_port, "protocol": proto, "image": container.image[:512],
+            "version": version, "tags": tags, "registered_at": registered_at,
         }
         registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance,
                                     value, checks.for_port(private_port, proto))

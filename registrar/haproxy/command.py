@@ -29,13 +29,58 @@ from registrar.health import LoopHealth, health_problem
 from registrar.http_server import serve_metrics
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
-from registrar.settings import Settings
+from registrar.settings import HAProxySettings, Settings
 from registrar.shutdown import install_stop_signals
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 10.0  # SIGTERM: open connections get this long before HAProxy is hard-stopped
 SHUTDOWN_BUDGET = 3.0  # for the followers and the report's lease
+
+
+def _refused(hp: HAProxySettings) -> str | None:
+    """What is wrong with the HAProxy flags that only the file system can tell."""
+    if shutil.which(hp.haproxy_bin) is None:
+        return f"--haproxy-bin: {hp.haproxy_bin!r} not found or not executable"
+    if hp.template is not None:
+        try:
+            load_template(hp.template)
+        except TemplateError as exc:
+            return f"--template: {hp.template}: {exc}"
+    return None
+
+
+def _first_read(store: EtcdStore, prefix: str, registrations: Registrations,
+                router: Router) -> int:
+    """The first read, once: when etcd cannot be read now, HAProxy may start from the config
+    already installed (if it passes haproxy -c) while the watcher keeps trying. The revision
+    read (0: none)."""
+    try:
+        stored, revision = store.list_prefix(prefix)
+    except EtcdError as exc:
+        log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
+        router.adopt_existing_config()
+        return 0
+    registrations.replace_all({key: s.value for key, s in stored.items()})
+    log.info("read %d keys under %s/ (revision %d)", len(stored), prefix, revision,
+             extra={"event": "read", "revision": revision})
+    return revision
+
+
+def _rejected(routing: RoutingMetrics, key: str, why: Rejected) -> None:
+    routing.invalid.labels(reason=why.reason).inc()
+    log.warning("skipping %s: %s", key, why.detail,
+                extra={"event": "invalid_registration", "key": key, "reason": why.reason})
+
+
+def _announce(settings: Settings, hp: HAProxySettings) -> None:
+    log.info(
+        "registrar haproxy: node %s, prefix %s, etcd %s, %s mode, %s, config %s, %s",
+        settings.node, settings.prefix, ",".join(str(ep) for ep in settings.etcd.endpoints),
+        hp.mode, ", ".join(f"{b.service}={b.host}:{b.port}" for b in hp.binds), hp.config,
+        f"--reload-cmd {hp.reload_cmd!r}" if hp.reload_cmd else f"running {hp.haproxy_bin}",
+        extra={"event": "start"},
+    )
 
 
 def _usage_error(message: str) -> int:
@@ -98,13 +143,9 @@ def _loop(router: Router, registrations: Registrations, stop: threading.Event,
 def run(settings: Settings) -> int:
     hp = settings.haproxy
     assert hp is not None
-    if shutil.which(hp.haproxy_bin) is None:
-        return _usage_error(f"--haproxy-bin: {hp.haproxy_bin!r} not found or not executable")
-    if hp.template is not None:
-        try:
-            load_template(hp.template)
-        except TemplateError as exc:
-            return _usage_error(f"--template: {hp.template}: {exc}")
+    refused = _refused(hp)
+    if refused is not None:
+        return _usage_error(refused)
 
     stop = threading.Event()
     install_stop_signals(stop)
@@ -120,26 +161,10 @@ def run(settings: Settings) -> int:
     router = Router(hp, settings.prefix, routing, haproxy,
                     stats_socket if haproxy is not None else None)
 
-    def rejected(key: str, why: Rejected) -> None:
-        routing.invalid.labels(reason=why.reason).inc()
-        log.warning("skipping %s: %s", key, why.detail,
-                    extra={"event": "invalid_registration", "key": key, "reason": why.reason})
-
-    registrations = Registrations(layout, rejected)
+    registrations = Registrations(layout, lambda key, why: _rejected(routing, key, why))
     main_loop = LoopHealth("router", lambda: True,
                            lambda loop: metrics.internal_errors.labels(loop=loop).inc())
-    # The first read, once: when etcd cannot be read now, HAProxy may start from the config
-    # already installed (if it passes haproxy -c) while the watcher keeps trying.
-    revision = 0
-    try:
-        stored, revision = store.list_prefix(settings.prefix)
-    except EtcdError as exc:
-        log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
-        router.adopt_existing_config()
-    else:
-        registrations.replace_all({key: s.value for key, s in stored.items()})
-        log.info("read %d keys under %s/ (revision %d)", len(stored), settings.prefix, revision,
-                 extra={"event": "read", "revision": revision})
+    revision = _first_read(store, settings.prefix, registrations, router)
     watchers = _followers(store, layout, registrations, metrics, revision)
 
     def totals() -> dict[str, dict[str, dict[str, int]]]:
@@ -157,28 +182,14 @@ def run(settings: Settings) -> int:
         return problem
 
     server = serve_metrics(settings.metrics_addr, metrics.registry, health)
-    log.info(
-        "registrar haproxy: node %s, prefix %s, etcd %s, %s mode, %s, config %s, %s",
-        settings.node, settings.prefix, ",".join(str(ep) for ep in settings.etcd.endpoints),
-        hp.mode, ", ".join(f"{b.service}={b.host}:{b.port}" for b in hp.binds), hp.config,
-        f"--reload-cmd {hp.reload_cmd!r}" if hp.reload_cmd else f"running {hp.haproxy_bin}",
-        extra={"event": "start"},
-    )
+    _announce(settings, hp)
     for watcher in watchers:
         watcher.start()
     reporter.start()
     try:
         _loop(router, registrations, stop, main_loop)
     finally:
-        # --- shutdown: stop watching, stop reporting, soft-stop HAProxy, stop metrics -----
-        deadline = time.monotonic() + SHUTDOWN_BUDGET
-        for watcher in watchers:
-            watcher.request_stop()
-        reporter.stop(deadline)
-        for watcher in watchers:
-            watcher.join(deadline)
-        if haproxy is not None:
-            haproxy.stop(STOP_GRACE)
+        _shutdown(watchers, reporter, haproxy)
         if server is not None:
             server.stop()
         store.close()
@@ -186,3 +197,16 @@ def run(settings: Settings) -> int:
             shutil.rmtree(sock_dir, ignore_errors=True)
     log.info("stopped", extra={"event": "stop"})
     return 0
+
+
+def _shutdown(watchers: tuple[PrefixFollower, ...], reporter: Reporter,
+              haproxy: HAProxyMaster | None) -> None:
+    """Stop watching, stop reporting (the report's lease revoked), soft-stop HAProxy."""
+    deadline = time.monotonic() + SHUTDOWN_BUDGET
+    for watcher in watchers:
+        watcher.request_stop()
+    reporter.stop(deadline)
+    for watcher in watchers:
+        watcher.join(deadline)
+    if haproxy is not None:
+        haproxy.stop(STOP_GRACE)

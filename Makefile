@@ -16,7 +16,10 @@ run: setup
 test: setup lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup
+# The pure and in-memory tests only: they need the virtualenv, no daemon (setup runs only when
+# the virtualenv is missing or older than pyproject.toml).
+test-fast:
+	@[ -x $(BIN)/pytest ] && [ $(VENV)/.installed -nt pyproject.toml ] || bash scripts/setup.sh
 	$(BIN)/pytest -m "not real" $(PYTEST_ARGS)
 
 lint: setup
@@ -35,3 +38,10 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# `make demo`: a 4-host cluster on this machine (network namespaces, an engine and an agent
+# per host, 3 etcd, 2 routers) and the deploy flow narrated, then a host dies (root; < 2 min).
+DEMO_ARGS ?=
+.PHONY: demo
+demo: setup
+	$(BIN)/python -m demo $(DEMO_ARGS)

@@ -38,7 +38,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import report
+from bench import cluster_bench, report
+from bench.cluster_bench import ClusterResults
 from bench.observe import (
     DockerEvents,
     EtcdCounters,
@@ -712,7 +713,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where the table goes (default {RESULTS}; with --quick: nowhere)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs directory")
-    parser.add_argument("--only", choices=("latency", "convergence", "routing"), default=None,
+    parser.add_argument("--only", choices=("latency", "convergence", "routing", "cluster"),
+                        default=None,
                         help="run one part only")
     return parser.parse_args(argv)
 
@@ -730,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="rgbench-"))
     routing: list[dict[str, object]] = []
+    cluster: ClusterResults | None = None
     bench = Bench(plan, work)
     began = time.monotonic()
     try:
@@ -746,6 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             say("routing: registrar haproxy with a real HAProxy")
             routing = haproxy_bench.run(args.quick)
+        # --- the seed's cluster on one machine (bench/cluster_bench.py; needs root) ---
+        if args.only in (None, "cluster"):
+            say("cluster: 18 hosts x 70 services x 2, two routers (bench/cluster_bench.py)")
+            cluster = cluster_bench.run(args.quick)
     finally:
         bench.cleanup()
         if not args.keep_logs:
@@ -761,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = report.machine()
     info["registrar"] = report.revision()
     text = report.render(rows, info, settings, bench.details(), routing)
+    if cluster is not None:
+        text = cluster_bench.add_section(text, cluster_bench.section(cluster))
     print(text)
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:

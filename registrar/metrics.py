@@ -77,6 +77,11 @@ class Metrics:
         )
 
     def _add_checks(self, r: CollectorRegistry) -> None:
+        self.reconciles = Counter(
+            "registrar_reconciles_total",
+            "Full reconciles against Docker: at start, after Docker came back, every --resync.",
+            registry=r,
+        )
         self.check_results = Counter(
             "registrar_check_results_total", "Results of registrar's own health checks.",
             ["result"], registry=r,

@@ -2,7 +2,8 @@
 private etcd started here; when either cannot be reached those tests FAIL, never skip.
 
 Tests that use any fixture of REAL_FIXTURES are marked ``real`` automatically, so
-``pytest -m "not real"`` (``make test-fast``) runs the pure tests only.
+``pytest -m "not real"`` (``make test-fast``) runs the pure tests only; a test that runs an
+outside tool without such a fixture (systemd-analyze, promtool) carries the marker itself.
 """
 
 from __future__ import annotations

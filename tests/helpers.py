@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.proc import free_port
+from tests.support.proc import free_port, wait_until
+
+REQUESTS = "registrar_etcd_request_duration_seconds_count"
 
 
 @dataclass
@@ -60,3 +64,39 @@ def value_of(raw: str | None) -> dict[str, object]:
     value = json.loads(raw)
     assert isinstance(value, dict)
     return value
+
+
+def etcd_requests(port: int, op: str | None = None) -> float:
+    """How many etcd requests of `op` (every op when None) the process has made, answered or
+    not: each one is observed in `registrar_etcd_request_duration_seconds`."""
+    prefix = f'{REQUESTS}{{op="{op}"}}' if op else REQUESTS + "{"
+    return sum(v for k, v in scrape(port).items() if k.startswith(prefix))
+
+
+def reconciles(port: int) -> float:
+    return scrape(port).get("registrar_reconciles_total", 0.0)
+
+
+def resynced(port: int, times: int = 1, timeout: float | None = None) -> None:
+    """Waits until the agent of metrics `port` has done `times` full reconciles that began
+    after this call (`registrar_reconciles_total`), and started the next one: by then the
+    keeper has long written what the `times`-th decided (it takes milliseconds; a resync
+    interval, a second or more, passed since)."""
+    start = reconciles(port)
+    wanted = start + times + 1
+    wait_until(lambda: reconciles(port) >= wanted,
+               timeout=timeout if timeout is not None else 5 + 3 * times,
+               message=lambda: f"{times} reconcile(s) never came: {reconciles(port)} of "
+               f"{wanted}")
+
+
+def holds(check: Callable[[], object], seconds: float, what: str,
+          interval: float = 0.2) -> None:
+    """Asserts that `check()` is truthy at every poll for `seconds`: for the tests whose point
+    is a duration (longer than a TTL, a whole alarm), checked all along, not only at the end."""
+    end = time.monotonic() + seconds
+    while True:
+        assert check(), f"{what}: no longer true after {seconds - (end - time.monotonic()):.1f} s"
+        if time.monotonic() >= end:
+            return
+        time.sleep(min(interval, max(0.0, end - time.monotonic())))

@@ -62,7 +62,7 @@ WEB = (Bind("web", "127.0.0.1", 8080),)
 # --- parsing --------------------------------------------------------------------------------
 
 
-def test_a_registrar_value_becomes_a_server_named_after_its_instance():
+def test_a_registrar_value_becomes_a_server_named_after_its_instance() -> None:
     parsed = parse_registration(PREFIX, "/services/web/core-01:web-1:8080", value())
     assert parsed == Routed(
         "web", Server("core-01:web-1:8080", "10.0.0.5", 32768, "core-01:web-1:8080")
@@ -74,7 +74,7 @@ def test_a_registrar_value_becomes_a_server_named_after_its_instance():
     assert parsed.server.address == "10.0.0.5:32768"
 
 
-def test_ipv6_hosts_are_bracketed_and_normalised():
+def test_ipv6_hosts_are_bracketed_and_normalised() -> None:
     parsed = parse_registration(PREFIX, "/services/web/n:c:80", value("0:0:0:0:0:0:0:1", 80))
     assert isinstance(parsed, Routed)
     assert parsed.server.host == "::1"
@@ -109,13 +109,14 @@ def test_ipv6_hosts_are_bracketed_and_normalised():
         ("/other/web/i", value(), INVALID_KEY),
     ],
 )
-def test_unusable_keys_and_values_are_rejected_with_a_reason(key, raw, reason):
+def test_unusable_keys_and_values_are_rejected_with_a_reason(key: str, raw: str,
+                                                             reason: str) -> None:
     parsed = parse_registration(PREFIX, key, raw)
     assert isinstance(parsed, Rejected)
     assert parsed.reason == reason
 
 
-def test_server_names_are_haproxy_safe_stable_and_distinct():
+def test_server_names_are_haproxy_safe_stable_and_distinct() -> None:
     assert server_name("core-01:web-1:8080:udp") == "core-01:web-1:8080:udp"
     hostile = ["a b", "a_b", "a\nb", "_spare1", "{{x}}", "é", "-x", "x" * 300, ""]
     names = [server_name(h) for h in hostile]
@@ -129,7 +130,7 @@ def test_server_names_are_haproxy_safe_stable_and_distinct():
 # --- backends -------------------------------------------------------------------------------
 
 
-def test_only_bound_services_get_backends_with_all_their_instances_sorted():
+def test_only_bound_services_get_backends_with_all_their_instances_sorted() -> None:
     binds = (Bind("web", "127.0.0.1", 8080), Bind("api", "::1", 9090),
              Bind("web", "10.0.0.1", 80))
     regs = [reg("web", "n2:b:8080", port=2), reg("web", "n1:a:8080", port=1),
@@ -163,7 +164,7 @@ def golden(name: str, text: str) -> None:
                              f"(`make golden` to accept):\n{diff}")
 
 
-def test_builtin_template_tcp_golden():
+def test_builtin_template_tcp_golden() -> None:
     regs = [reg("web", "n1:a:8080", "10.0.0.5", 32768), reg("web", "n2:b:8080", "10.0.0.6", 1)]
     binds = (*WEB, Bind("db", "127.0.0.1", 5432))
     text = render(load_template(None), build_backends(binds, regs), regs, ctx("tcp"))
@@ -171,7 +172,7 @@ def test_builtin_template_tcp_golden():
     assert "{" not in text and "}" not in text  # no template syntax left over
 
 
-def test_builtin_template_http_golden_without_a_stats_socket():
+def test_builtin_template_http_golden_without_a_stats_socket() -> None:
     regs = [reg("web", "n1:a:8080", "fd00::5", 8080, "v1"),
             reg("web", "n1:b:8080", "10.0.0.6", 8081, "v2")]
     text = render(load_template(None),
@@ -181,7 +182,7 @@ def test_builtin_template_http_golden_without_a_stats_socket():
     assert "stats socket" not in text
 
 
-def test_builtin_template_spare_slots_and_hostile_names_golden():
+def test_builtin_template_spare_slots_and_hostile_names_golden() -> None:
     hostile = ["a b:1", "x\nserver evil 1.2.3.4:80", "_spare1", "é:2", "{{x}}"]
     regs = [reg("web", f"n1:{name}", "10.0.0.5", 1000 + i) for i, name in enumerate(hostile)]
     regs += [reg("web", f"n1:c{i}:8080", "10.0.0.7", 2000 + i) for i in range(MIN_SPARES + 3)]
@@ -190,7 +191,7 @@ def test_builtin_template_spare_slots_and_hostile_names_golden():
     assert f"server-template _spare 1-{MIN_SPARES + 3 + len(hostile)} " in text
 
 
-def test_every_golden_config_passes_haproxy_check(tmp_path):
+def test_every_golden_config_passes_haproxy_check(tmp_path: Path) -> None:
     import shutil
     import subprocess
 
@@ -215,7 +216,7 @@ def share(servers: list[Server], weights: dict[str, int], version: str) -> float
 
 @pytest.mark.parametrize("percent", [1, 10, 50, 90, 99])
 @pytest.mark.parametrize(("ours", "others"), [(1, 1), (1, 3), (3, 1), (3, 3), (2, 7)])
-def test_weights_give_the_canary_its_share(percent, ours, others):
+def test_weights_give_the_canary_its_share(percent: int, ours: int, others: int) -> None:
     servers = ([Server(f"n:c{i}:1", "10.0.0.1", i + 1, f"n:c{i}:1", "v2") for i in range(ours)]
                + [Server(f"n:o{i}:1", "10.0.0.1", 100 + i, f"n:o{i}:1", "v1")
                   for i in range(others)])
@@ -225,21 +226,21 @@ def test_weights_give_the_canary_its_share(percent, ours, others):
     assert len({weights[s.name] for s in servers if s.version == "v2"}) == 1  # even
 
 
-def test_no_canary_or_one_side_only_weighs_every_server_the_same():
+def test_no_canary_or_one_side_only_weighs_every_server_the_same() -> None:
     servers = [Server("a", "10.0.0.1", 1, "a", "v1"), Server("b", "10.0.0.1", 2, "b", "v1")]
     assert set(server_weights(servers, None).values()) == {DEFAULT_WEIGHT}
     assert set(server_weights(servers, Canary("v2", 10)).values()) == {DEFAULT_WEIGHT}
     assert set(server_weights(servers, Canary("v1", 10)).values()) == {DEFAULT_WEIGHT}
 
 
-def test_rendering_is_deterministic():
+def test_rendering_is_deterministic() -> None:
     regs = [reg("web", f"n1:c{i}:8080", port=1000 + i) for i in range(5)]
     a = render(load_template(None), build_backends(WEB, regs), regs, ctx())
     b = render(load_template(None), build_backends(WEB, list(reversed(regs))), regs, ctx())
     assert a == b
 
 
-def test_operator_template_sees_backends_services_and_mode(tmp_path):
+def test_operator_template_sees_backends_services_and_mode(tmp_path: Path) -> None:
     path = tmp_path / "t.j2"
     # trim_blocks and lstrip_blocks are on: a line holding only a block tag leaves nothing
     path.write_text(
@@ -259,7 +260,7 @@ def test_operator_template_sees_backends_services_and_mode(tmp_path):
     assert text == "# http /services\nbe_web:\n  n1:a:8080=10.0.0.5:1\ndb=1\nweb=1\n"
 
 
-def test_broken_templates_raise_template_error(tmp_path):
+def test_broken_templates_raise_template_error(tmp_path: Path) -> None:
     syntax = tmp_path / "syntax.j2"
     syntax.write_text("{% for b in backends %}\n")
     with pytest.raises(TemplateError, match="line"):
@@ -286,7 +287,7 @@ _hostile_values = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(instance=st.text(min_size=1, max_size=60), raw=_hostile_values)
-def test_hostile_keys_and_values_never_add_config_lines(instance, raw):
+def test_hostile_keys_and_values_never_add_config_lines(instance: str, raw: str) -> None:
     parsed = parse_registration(PREFIX, f"{PREFIX}/web/{instance}", raw)
     regs = [parsed] if isinstance(parsed, Routed) else []
     text = render(load_template(None), build_backends(WEB, regs), regs, ctx())
@@ -300,7 +301,7 @@ def test_hostile_keys_and_values_never_add_config_lines(instance, raw):
 # --- haproxy_process helpers ----------------------------------------------------------------
 
 
-def test_sockets_go_next_to_the_config_unless_the_path_is_too_long(tmp_path):
+def test_sockets_go_next_to_the_config_unless_the_path_is_too_long(tmp_path: Path) -> None:
     directory, temporary = runtime_dir(str(tmp_path / "haproxy.cfg"))
     assert (directory, temporary) == (str(tmp_path), False)
     assert socket_paths(directory, "/x/haproxy.cfg") == (

@@ -6,12 +6,15 @@ import shlex
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.test_units import Unit, help_flags, raw_commands, verify
 
 UNIT = Path(__file__).resolve().parents[1] / "units" / "haproxy.service"
 IMAGE_WORD = "${REGISTRAR_HAPROXY_IMAGE}"
 
 
+@pytest.mark.real  # runs systemd-analyze: not in the fast tier
 def test_haproxy_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     copy = tmp_path / "haproxy.service"
     shutil.copy(UNIT, copy)

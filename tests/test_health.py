@@ -14,6 +14,7 @@ from registrar.core.ownership import Ownership
 from registrar.health import FAILING_AFTER, LoopHealth, health_problem
 from registrar.http_server import MetricsServer
 from registrar.metrics import Metrics
+from tests.support.proc import wait_until
 
 
 class Loop:
@@ -112,10 +113,14 @@ def test_a_stuck_lease_keeper_turns_healthz_503() -> None:
         consumer.last_progress = time.monotonic()
         status, body = get(url + "/healthz")
         assert status == 200, body
-        time.sleep(0.6)  # the keeper's thread is alive but has not moved since
-        consumer.last_progress = time.monotonic()
-        status, body = get(url + "/healthz")
-        assert status == 503
+
+        def stalled() -> tuple[int, str] | None:
+            consumer.last_progress = time.monotonic()  # the other loop keeps moving
+            answer = get(url + "/healthz")
+            return answer if answer[0] == 503 else None
+
+        # The keeper's thread is alive but does not move: 503 once that lasts over the limit.
+        status, body = wait_until(stalled, timeout=5)
         assert "lease keeper stalled" in body
         status, body = get(url + "/metrics")
         assert status == 200 and "registrar_build_info" in body

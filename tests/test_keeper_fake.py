@@ -11,7 +11,7 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -595,9 +595,9 @@ def test_the_heartbeat_keeps_its_clock_while_a_write_hangs(etcd: FakeEtcd, metri
     release = threading.Event()
     real_apply = etcd.apply
 
-    def slow_apply(*args: Any) -> None:
+    def slow_apply(puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
         release.wait(5)
-        real_apply(*args)
+        real_apply(puts, deletes, lease)
 
     try:
         keeper.set_container("c1", {key("a"): encoded("a")})
@@ -671,3 +671,47 @@ def test_podman_health_events(rig_factory: Callable[..., Rig]) -> None:
     rig.docker.remove(cid)
     rig.docker.emit("remove", cid)
     rig.sentinel("z")
+
+
+# --- registrar's own checks: a checked port is registered only while its check holds ------
+
+
+def test_a_checked_port_follows_its_check(rig_factory: Callable[..., Rig]) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    rig = rig_factory(host_ip="127.0.0.1")
+    labels = {"registrar.service": "web", "registrar.check": "tcp",
+              "registrar.check.interval": "0.2", "registrar.check.fall": "1"}
+    cid = rig.docker.add(container("web-1", labels=labels,
+                                   ports={"8080/tcp": published(port)}))
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in once the check passes")
+    listener.close()  # refused from now on
+    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out when it fails")
+    assert sample(rig.metrics, "registrar_failing_checks") == 1
+    back = socket.socket()
+    back.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    back.bind(("127.0.0.1", port))
+    back.listen(16)
+    try:
+        wait_until(lambda: key("web-1") in rig.etcd.stored(), what="back when it passes")
+        rig.docker.emit("kill", cid, signal="15")
+        wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out at kill")
+        assert sample(rig.metrics, "registrar_check_results_total", result="fail") >= 1
+    finally:
+        back.close()
+
+
+def test_a_bad_check_label_rejects_the_container(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    rig.docker.add(container("web-1", labels={"registrar.service": "web",
+                                              "registrar.check": "ping"}))
+    rig.start()
+    rig.sentinel("z")
+    assert key("web-1") not in rig.etcd.stored()
+    assert sample(rig.metrics, "registrar_rejected_containers_total",
+                  reason="invalid_check") == 1

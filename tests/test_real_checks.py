@@ -8,11 +8,18 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from tests.helpers import Scope, metrics_flag, scrape
+from tests.support.docker_env import Container, ContainerFactory
+from tests.support.etcd import EtcdServer
 from tests.support.observe import DockerEvents, KeyLog
-from tests.support.proc import wait_until
+from tests.support.proc import RegistrarProcess, wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import RegistrarFactory
 
 TTL = 3
 # httpd serves /www; /www/ok.html is what the HTTP check asks for
@@ -26,14 +33,17 @@ def checked(service: str, kind: str = "http:/ok.html", **numbers: str) -> dict[s
     return labels
 
 
-def agent(registrar, scope: Scope, *extra: str):
+def agent(registrar: RegistrarFactory, scope: Scope,
+          *extra: str) -> tuple[RegistrarProcess, int]:
     flag, port = metrics_flag()
     proc = registrar([*scope.args("watch", ttl=TTL), "--host-ip", "127.0.0.1", *flag, *extra])
     proc.wait_for_log("docker connected", timeout=15)
     return proc, port
 
 
-def test_an_http_check_takes_a_port_out_and_back(etcd, unique, registrar, containers):
+def test_an_http_check_takes_a_port_out_and_back(
+    etcd: EtcdServer, unique: str, registrar: RegistrarFactory, containers: ContainerFactory
+) -> None:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
     keys = KeyLog(etcd.url, scope.prefix + "/")
     try:
@@ -41,7 +51,7 @@ def test_an_http_check_takes_a_port_out_and_back(etcd, unique, registrar, contai
         web = containers(labels=checked("chk"), command=["sh", "-c", SERVE])
         key = scope.key("chk", web.name)
         assert keys.wait(lambda k: key in k.live, timeout=10), proc.logs()
-        took = []
+        took: list[float] = []
         for _ in range(3):
             failed_at = time.time()
             web_exec(web, "rm /www/ok.html")  # 404 from now on
@@ -63,15 +73,15 @@ def test_an_http_check_takes_a_port_out_and_back(etcd, unique, registrar, contai
         keys.close()
 
 
-def web_exec(container, command: str) -> None:
+def web_exec(container: Container, command: str) -> None:
     from tests.support.docker_env import docker
 
     docker("exec", container.id, "sh", "-c", command)
 
 
 def test_a_tcp_check_waits_for_the_port_and_a_frozen_process_leaves(
-    etcd, unique, registrar, containers
-):
+    etcd: EtcdServer, unique: str, registrar: RegistrarFactory, containers: ContainerFactory
+) -> None:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
     keys = KeyLog(etcd.url, scope.prefix + "/")
     try:
@@ -101,7 +111,9 @@ def test_a_tcp_check_waits_for_the_port_and_a_frozen_process_leaves(
         keys.close()
 
 
-def test_the_sidecar_gates_on_its_check(etcd, unique, registrar, containers):
+def test_the_sidecar_gates_on_its_check(
+    etcd: EtcdServer, unique: str, registrar: RegistrarFactory, containers: ContainerFactory
+) -> None:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
     keys = KeyLog(etcd.url, scope.prefix + "/")
     try:
@@ -121,7 +133,27 @@ def test_the_sidecar_gates_on_its_check(etcd, unique, registrar, containers):
         keys.close()
 
 
-def test_a_hanging_check_holds_up_nobody(etcd, unique, registrar, containers):
+def live(key: str) -> Callable[[KeyLog], bool]:
+    """A `KeyLog.wait` predicate: `key` is live."""
+
+    def check(k: KeyLog) -> bool:
+        return key in k.live
+
+    return check
+
+
+def not_live(key: str) -> Callable[[KeyLog], bool]:
+    """A `KeyLog.wait` predicate: `key` is not live."""
+
+    def check(k: KeyLog) -> bool:
+        return key not in k.live
+
+    return check
+
+
+def test_a_hanging_check_holds_up_nobody(
+    etcd: EtcdServer, unique: str, registrar: RegistrarFactory, containers: ContainerFactory
+) -> None:
     """30 checked containers, one of which accepts and never answers: a new container is still
     registered within its usual latency plus one check, and a stop still deregisters at once."""
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
@@ -137,11 +169,12 @@ def test_a_hanging_check_holds_up_nobody(etcd, unique, registrar, containers):
         wanted = {scope.key("many", c.name) for c in many}
         assert keys.wait(lambda k: wanted <= k.live, timeout=30), proc.logs()[-3000:]
         assert scope.key("hang", hanging.name) not in keys.live
-        latencies, gone = [], []
+        latencies: list[float] = []
+        gone: list[float] = []
         for _ in range(3):
             new = containers(labels=checked("many"), command=["sh", "-c", SERVE])
             nkey = scope.key("many", new.name)
-            assert keys.wait(lambda k, nkey=nkey: nkey in k.live, timeout=10)
+            assert keys.wait(live(nkey), timeout=10)
             started = events.time_of(new.name, "start")
             assert started is not None
             latencies.append(keys.first_put[nkey] - started)
@@ -149,7 +182,7 @@ def test_a_hanging_check_holds_up_nobody(etcd, unique, registrar, containers):
             vkey = scope.key("many", victim.name)
             victim.stop(timeout=2)
             killed = events.time_of(victim.name, "kill")
-            assert killed is not None and keys.wait(lambda k, v=vkey: v not in k.live, 5)
+            assert killed is not None and keys.wait(not_live(vkey), 5)
             gone.append(keys.deleted[vkey] - killed)
         print(f"with a hanging check among 30: start -> key max {max(latencies) * 1000:.0f} ms "
               f"(first check included); kill -> key gone max {max(gone) * 1000:.0f} ms")

@@ -16,7 +16,9 @@ import pytest
 
 from registrar import __version__
 from tests.helpers import Scope, healthz, value_of
-from tests.support.docker_env import docker
+from tests.support.docker_env import ContainerFactory, docker
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.image import TEST_REVISION, BuiltImage, registrar_image
 from tests.support.proc import free_port, tail, wait_until
 
@@ -73,7 +75,8 @@ def test_image_metadata_version_and_contents(registrar_image: BuiltImage) -> Non
 
 
 def test_image_as_host_agent_registers_and_docker_stop_deregisters(
-    registrar_image: BuiltImage, etcd, etcd_reader, containers, unique: str
+    registrar_image: BuiltImage, etcd: EtcdServer, etcd_reader: EtcdReader,
+    containers: ContainerFactory, unique: str,
 ) -> None:
     scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
     before = containers(labels={"registrar.service": "web"})

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import Scope, healthz, metrics_flag, scrape
+from tests.support.docker_env import ContainerFactory
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import RegistrarFactory
 
 SECRET = "s3cret-Pa55word"
 
 
 @pytest.fixture
-def scope(etcd, unique) -> Scope:
+def scope(etcd: EtcdServer, unique: str) -> Scope:
     return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
 
 
 def test_metrics_follow_real_events_and_json_logs_parse(
-    scope, registrar, containers, etcd_reader
-):
+    scope: Scope, registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     flag, port = metrics_flag()
     proc = registrar([*scope.args("watch"), *flag, "--explicit", "--log-format", "json",
                       "--log-level", "debug"])
@@ -67,7 +75,10 @@ def test_metrics_follow_real_events_and_json_logs_parse(
     assert any(e.get("event") == "deregister_all" for e in events)
 
 
-def test_the_password_never_shows(scope, registrar, containers, etcd_reader):
+def test_the_password_never_shows(
+    scope: Scope, registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     # etcd here has no auth: the agent fails to authenticate and retries; the failure is
     # logged, and the password must appear nowhere: not in logs, not in metrics.
     flag, port = metrics_flag()

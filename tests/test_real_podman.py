@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import Scope, metrics_flag, scrape
+from tests.support.etcd import EtcdServer
 from tests.support.observe import KeyLog
 from tests.support.podman import PodmanService, require_podman
 from tests.support.proc import wait_until
 
+if TYPE_CHECKING:
+    from tests.conftest import RegistrarFactory
+
 pytestmark = pytest.mark.real
 TTL = 3
+
+
+def live(key: str) -> Callable[[KeyLog], bool]:
+    return lambda keys: key in keys.live
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanService]:
 
 
 def test_podman_register_stop_start_health_and_sigterm(
-    podman: PodmanService, etcd, unique, registrar, tmp_path: Path
+    podman: PodmanService, etcd: EtcdServer, unique: str, registrar: RegistrarFactory,
+    tmp_path: Path,
 ) -> None:
     scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
     keys = KeyLog(etcd.url, scope.prefix + "/")
@@ -43,12 +53,12 @@ def test_podman_register_stop_start_health_and_sigterm(
                            "--resync", "30"])
         agent.wait_for_log("docker connected", timeout=20)
 
-        latencies = []
+        latencies: list[float] = []
         for _ in range(3):
             begun = time.time()
             web = podman.run(labels={"registrar.service": "pm"})
             key = scope.key("pm", web.name)
-            assert keys.wait(lambda k, key=key: key in k.live, timeout=10), agent.logs()
+            assert keys.wait(live(key), timeout=10), agent.logs()
             latencies.append(keys.first_put[key] - begun)
         value = keys.live_matching(web.name)
         assert value, "registered"

@@ -8,17 +8,26 @@ import signal
 import subprocess
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 
 from tests.helpers import Scope, metrics_flag
+from tests.support.docker_env import ContainerFactory
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import free_port, wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import RegistrarFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "units" / "prometheus" / "registrar-alerts.yml"
 
 
+@pytest.mark.real  # runs promtool: not in the fast tier
 def test_alert_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: `make setup` installs Debian's prometheus package"
@@ -29,10 +38,10 @@ def test_alert_rules_pass_promtool() -> None:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path):
+def prometheus(tmp_path: Path) -> Iterator[Callable[[int], int]]:
     binary = shutil.which("prometheus")
     assert binary, "prometheus missing: `make setup` installs Debian's prometheus package"
-    procs = []
+    procs: list[tuple[subprocess.Popen[bytes], BinaryIO]] = []
 
     def start(target_port: int) -> int:
         port = free_port()
@@ -73,8 +82,9 @@ def query(port: int, expr: str) -> list[dict[str, object]]:
 
 
 def test_prometheus_reads_registered_services(
-    prometheus, registrar, containers, etcd, etcd_reader, unique
-):
+    prometheus: Callable[[int], int], registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd: EtcdServer, etcd_reader: EtcdReader, unique: str,
+) -> None:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
     flag, metrics_port = metrics_flag()
     agent = registrar([*scope.args("watch"), *flag, "--explicit"])

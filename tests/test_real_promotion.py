@@ -6,17 +6,25 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import Scope, metrics_flag, scrape
+from tests.helpers import Scope, metrics_flag, resynced, scrape
+from tests.support.docker_env import Container, ContainerFactory
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import Forwarders, RegistrarFactory
 
 TTL = 3
 
 
 @pytest.fixture
-def scope(etcd, unique) -> Scope:
+def scope(etcd: EtcdServer, unique: str) -> Scope:
     return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
 
 
@@ -33,9 +41,9 @@ def cli(scope: Scope, *args: str, etcd_url: str | None = None) -> subprocess.Com
     )
 
 
-def versions_in(reader, base: str, names) -> dict[str, str]:
+def versions_in(reader: EtcdReader, base: str, names: Iterable[str]) -> dict[str, str]:
     """{container name: version} of the instances under `base` for these containers."""
-    found = {}
+    found: dict[str, str] = {}
     for raw in reader.get_prefix(base + "/").values():
         value = json.loads(raw)
         if value.get("container_name") in names:
@@ -43,19 +51,20 @@ def versions_in(reader, base: str, names) -> dict[str, str]:
     return found
 
 
-def start_version(containers, version: str, service: str):
+def start_version(containers: ContainerFactory, version: str, service: str) -> Container:
     return containers(labels={"registrar.service": service, "registrar.version": version})
 
 
 @pytest.fixture
-def svc(unique) -> str:
+def svc(unique: str) -> str:
     """A service name of this test's own: other sessions on a shared engine use "web" too."""
     return f"web-{unique}"
 
 
 def test_promote_standby_resync_rollback_and_clear(
-    scope, svc, registrar, containers, etcd_reader
-):
+    scope: Scope, svc: str, registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     flag, port = metrics_flag()
     agent = registrar([*scope.args("watch", ttl=TTL), "--control-prefix", control(scope),
                        *flag, "--resync", "1", "--explicit"])
@@ -96,7 +105,7 @@ def test_promote_standby_resync_rollback_and_clear(
     names |= {late_v1.name, late_v2.name}
     wait_until(lambda: len(state()[0]) == 3 and len(state()[1]) == 3, timeout=10,
                message=lambda: str(state()))
-    time.sleep(2.5)
+    resynced(port)
     active, waiting = state()
     assert set(active.values()) == {"v2"} and set(waiting.values()) == {"v1"}
     assert late_v1.name in waiting and late_v2.name in active
@@ -138,8 +147,9 @@ def test_promote_standby_resync_rollback_and_clear(
 
 
 def test_quick_successive_promotions_end_in_the_last_state(
-    scope, svc, registrar, containers, etcd_reader
-):
+    scope: Scope, svc: str, registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     agent = registrar([*scope.args("watch", ttl=TTL), "--control-prefix", control(scope),
                        "--metrics-addr", "127.0.0.1:0", "--explicit"])
     agent.wait_for_log("docker connected", timeout=15)
@@ -150,20 +160,19 @@ def test_quick_successive_promotions_end_in_the_last_state(
     key = f"{control(scope)}/promoted/{svc}"
     for version in ("v1", "v2", "v3", "v2"):
         etcd_reader.put(key, json.dumps({"version": version, "at": "2026-01-01T00:00:00Z"}))
-    wait_until(lambda: set(versions_in(etcd_reader, f"{scope.prefix}/{svc}", names).values())
-               == {"v2"}, timeout=5)
-    time.sleep(1)
-    assert versions_in(etcd_reader, f"{scope.prefix}/{svc}", names) == {cs[1].name: "v2"}
-    # A promotion of a service no agent knows is harmless.
+    # A promotion of a service no agent knows is harmless; written last, it also tells when
+    # the agent has read the last promotion of ours (it re-reads the whole control state).
     etcd_reader.put(f"{control(scope)}/promoted/nobody", '{"version": "x"}')
-    time.sleep(1)
+    agent.wait_for_log(r"control: .*nobody promoted x", timeout=10)
+    wait_until(lambda: versions_in(etcd_reader, f"{scope.prefix}/{svc}", names)
+               == {cs[1].name: "v2"}, timeout=5)
     assert agent.alive
-    assert versions_in(etcd_reader, f"{scope.prefix}/{svc}", names) == {cs[1].name: "v2"}
 
 
 def test_an_agent_cut_off_during_a_promotion_applies_it_first_when_back(
-    scope, svc, etcd, registrar, containers, etcd_reader, forwarders
-):
+    scope: Scope, svc: str, etcd: EtcdServer, registrar: RegistrarFactory,
+    containers: ContainerFactory, etcd_reader: EtcdReader, forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
     agent = registrar([*Scope(scope.prefix, scope.node, fwd.url).args("watch", ttl=TTL),
                        "--control-prefix", control(scope), "--metrics-addr", "127.0.0.1:0",
@@ -200,8 +209,9 @@ def test_an_agent_cut_off_during_a_promotion_applies_it_first_when_back(
 
 
 def test_the_sidecar_follows_promotions(
-    scope, svc, registrar, containers, etcd_reader
-):
+    scope: Scope, svc: str, registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     old = start_version(containers, "v1", svc)
     new = start_version(containers, "v2", svc)
     sidecars = [

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import Scope, metrics_flag, scrape, value_of
+from tests.helpers import Scope, etcd_requests, holds, metrics_flag, scrape, value_of
+from tests.support.docker_env import ContainerFactory
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import Forwarders, RegistrarFactory
 
 TTL = 3
 
 
 @pytest.fixture
-def scope(etcd, unique) -> Scope:
+def scope(etcd: EtcdServer, unique: str) -> Scope:
     return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
 
 
 def test_registers_host_port_and_lease_then_sigterm_removes(
-    scope, containers, registrar, etcd_reader
-):
+    scope: Scope, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     c = containers(labels={"registrar.service": "web", "registrar.version": "v7"})
     sidecar = registrar(scope.args("register", c.name, ttl=TTL))
     key = scope.key("web", c.name)
@@ -35,21 +43,21 @@ def test_registers_host_port_and_lease_then_sigterm_removes(
     assert value["private_port"] == 8080
     assert value["protocol"] == "tcp"
     assert value["version"] == "v7"
-    granted, _remaining = etcd_reader.lease_ttl(key)
-    assert granted == TTL
+    assert (etcd_reader.lease_ttl(key) or (0, 0))[0] == TTL
 
-    # Heartbeats keep it well past its TTL.
+    # Heartbeats keep it well past its TTL, under the same lease all along.
     lease = etcd_reader.lease_id(key)
-    time.sleep(TTL * 2.5)
-    assert etcd_reader.get(key) is not None
-    assert etcd_reader.lease_id(key) == lease
+    holds(lambda: etcd_reader.lease_id(key) == lease, TTL * 2.5, "the key under its lease")
 
     sidecar.terminate()
     assert sidecar.wait(10) == 0
     assert etcd_reader.get(key) is None  # revoked before exiting, not left to expire
 
 
-def test_sigkill_lets_the_key_expire_within_ttl(scope, containers, registrar, etcd_reader):
+def test_sigkill_lets_the_key_expire_within_ttl(
+    scope: Scope, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     c = containers(labels={"registrar.service": "web"})
     sidecar = registrar(scope.args("register", c.name, ttl=TTL))
     key = scope.key("web", c.name)
@@ -61,8 +69,9 @@ def test_sigkill_lets_the_key_expire_within_ttl(scope, containers, registrar, et
 
 
 def test_docker_stop_deregisters_before_the_container_dies(
-    scope, containers, registrar, etcd_reader
-):
+    scope: Scope, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     # busybox httpd as PID 1 ignores SIGTERM: `docker stop -t 4` takes the full 4 s.
     c = containers(labels={"registrar.service": "web"})
     sidecar = registrar(scope.args("register", c.name, ttl=TTL))
@@ -80,19 +89,23 @@ def test_docker_stop_deregisters_before_the_container_dies(
     assert sidecar.wait(10) == 0
 
 
-def test_waits_for_a_container_created_later(scope, containers, registrar, etcd_reader):
+def test_waits_for_a_container_created_later(
+    scope: Scope, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     name = containers.full_name("later")
     sidecar = registrar(scope.args("register", name, "--wait", "30", ttl=TTL))
     sidecar.wait_for_log("waiting up to 30s", timeout=10)
-    time.sleep(1)
-    assert sidecar.alive
+    assert sidecar.alive  # and it registers the container created after it started:
     containers(name=name, labels={"registrar.service": "late"})
     wait_until(lambda: etcd_reader.get(scope.key("late", name)), timeout=10,
                message=lambda: sidecar.logs())
     assert sidecar.stop() == 0
 
 
-def test_a_container_that_never_appears_exits_1_naming_it(scope, registrar, etcd_reader):
+def test_a_container_that_never_appears_exits_1_naming_it(
+    scope: Scope, registrar: RegistrarFactory, etcd_reader: EtcdReader
+) -> None:
     sidecar = registrar(scope.args("register", "rgt-no-such-container", "--wait", "1"))
     assert sidecar.wait(15) == 1
     last = sidecar.logs().strip().splitlines()[-1]
@@ -102,8 +115,9 @@ def test_a_container_that_never_appears_exits_1_naming_it(scope, registrar, etcd
 
 
 def test_etcd_stopped_and_restarted(
-    scope, containers, registrar, etcd_reader, etcd_restartable
-):
+    scope: Scope, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader, etcd_restartable: EtcdServer,
+) -> None:
     c = containers(labels={"registrar.service": "web"})
     flag, port = metrics_flag()
     sidecar = registrar(scope.args("register", c.name, *flag, ttl=TTL))
@@ -113,21 +127,20 @@ def test_etcd_stopped_and_restarted(
     etcd_restartable.stop()
     wait_until(lambda: scrape(port)["registrar_etcd_up"] == 0, timeout=3,
                message="registrar_etcd_up did not turn 0")
-    time.sleep(TTL + 1)
-    assert sidecar.alive
+    holds(lambda: sidecar.alive, TTL + 1, "the sidecar runs on while etcd is down")
     etcd_restartable.start()
     wait_until(lambda: etcd_reader.get(key), timeout=15, message=lambda: sidecar.logs())
     wait_until(lambda: scrape(port)["registrar_etcd_up"] == 1, timeout=5)
     # ... and it is kept alive afterwards, by the same sidecar.
-    time.sleep(TTL * 1.5)
-    assert etcd_reader.get(key) is not None
+    holds(lambda: etcd_reader.get(key), TTL * 1.5, "the key after etcd's restart")
     assert sidecar.stop() == 0
     assert etcd_reader.get(key) is None
 
 
 def test_lease_expired_during_a_partition_is_granted_anew(
-    scope, etcd, containers, registrar, etcd_reader, forwarders
-):
+    scope: Scope, etcd: EtcdServer, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader, forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
     c = containers(labels={"registrar.service": "web"})
     flag, port = metrics_flag()
@@ -149,18 +162,22 @@ def test_lease_expired_during_a_partition_is_granted_anew(
 
 
 def test_etcd_reachable_only_after_the_sidecar_starts(
-    scope, etcd, containers, registrar, etcd_reader, forwarders
-):
+    scope: Scope, etcd: EtcdServer, containers: ContainerFactory, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader, forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
     fwd.cut()
     c = containers(labels={"registrar.service": "web"})
+    flag, port = metrics_flag()
     sidecar = registrar(
-        Scope(scope.prefix, scope.node, fwd.url).args("register", c.name, ttl=TTL)
+        Scope(scope.prefix, scope.node, fwd.url).args("register", c.name, *flag, ttl=TTL)
     )
     key = scope.key("web", c.name)
-    time.sleep(2)
+    # It tries etcd, fails, and tries again rather than giving up.
+    wait_until(lambda: etcd_requests(port, "lease_grant") >= 2, timeout=10, ignore=(OSError,),
+               message=lambda: sidecar.logs())
     assert sidecar.alive
-    assert etcd_reader.get(key) is None
+    assert scrape(port)["registrar_etcd_up"] == 0
     fwd.restore()
     wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
     assert sidecar.stop() == 0

@@ -23,7 +23,7 @@ import pyetcd
 import pytest
 
 from registrar import cli
-from tests.helpers import metrics_flag, scrape
+from tests.helpers import etcd_requests, metrics_flag, scrape
 from tests.support.docker_readonly import ReadOnlyDockerProxy
 from tests.support.etcd import EtcdServer
 from tests.support.proc import wait_until
@@ -347,7 +347,8 @@ def test_tls_refused_at_runtime_is_retried_with_a_clear_log(
     agent = registrar("watch", "--etcd", tls_etcd.url, *pki.flags(None), "--node",
                       f"node-{unique}", "--prefix", f"/rgt-{unique}", *flag)
     agent.wait_for_log(r"etcd unreachable or refusing requests: TLS: .*--etcd-cert", timeout=15)
-    time.sleep(1.5)
+    tried = etcd_requests(port)
+    wait_until(lambda: etcd_requests(port) > tried, timeout=10)  # tried again, after the log
     assert agent.alive, agent.logs()
     assert scrape(port)["registrar_etcd_up"] == 0
     assert agent.stop(15) == 0
@@ -467,7 +468,8 @@ def test_wrong_password_is_retried_with_a_clear_log_and_ls_exits_1(
     agent = registrar(*auth_etcd.scope_args("watch", node=node), "--etcd-user", "registrar",
                       *flag, "--log-level", "debug", env=user_env(wrong))
     agent.wait_for_log(r"etcd refused user 'registrar': check --etcd-user", timeout=15)
-    time.sleep(1)
+    tried = etcd_requests(port)
+    wait_until(lambda: etcd_requests(port) > tried, timeout=10)  # tried again, after the log
     assert agent.alive and scrape(port)["registrar_etcd_up"] == 0
 
     listed = run_cli([*auth_etcd.scope_args("ls", node=node), "--etcd-user", "registrar"],

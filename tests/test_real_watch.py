@@ -4,27 +4,40 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
-from tests.helpers import Scope, healthz, metrics_flag, scrape, value_of
-from tests.support.proc import wait_until
+from tests.helpers import Scope, healthz, holds, metrics_flag, resynced, scrape, value_of
+from tests.support.docker_env import ContainerFactory
+from tests.support.etcd import EtcdCluster, EtcdServer
+from tests.support.etcd_reader import EtcdReader
+from tests.support.proc import RegistrarProcess, wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import Forwarders, RegistrarFactory
 
 TTL = 3
 IMAGE_SERVICE = "registrar-test-busybox"
 
 
+class StartAgent(Protocol):
+    def __call__(self, *extra: str, etcd_url: str | None = None, docker: str | None = None,
+                 ttl: int = TTL, resync: int = 2) -> tuple[RegistrarProcess, int]: ...
+
+
 @pytest.fixture
-def scope(etcd, unique) -> Scope:
+def scope(etcd: EtcdServer, unique: str) -> Scope:
     return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
 
 
 @pytest.fixture
-def agent(registrar, scope):
+def agent(registrar: RegistrarFactory, scope: Scope) -> StartAgent:
     """Starts `registrar watch` for this test's scope; returns (process, metrics port)."""
 
     def start(*extra: str, etcd_url: str | None = None, docker: str | None = None,
-              ttl: int = TTL, resync: int = 2):
+              ttl: int = TTL, resync: int = 2) -> tuple[RegistrarProcess, int]:
         flag, port = metrics_flag()
         s = Scope(scope.prefix, scope.node, etcd_url or scope.etcd_url)
         args = [*s.args("watch", ttl=ttl), *flag, "--resync", str(resync), *extra]
@@ -37,7 +50,7 @@ def agent(registrar, scope):
     return start
 
 
-def ours(reader, scope: Scope, names) -> set[str]:
+def ours(reader: EtcdReader, scope: Scope, names: Iterable[str]) -> set[str]:
     """Keys under the scope's prefix that belong to the given containers."""
     return {
         key for key in reader.get_prefix(scope.prefix + "/")
@@ -45,10 +58,19 @@ def ours(reader, scope: Scope, names) -> set[str]:
     }
 
 
+def sentinel(containers: ContainerFactory, reader: EtcdReader, scope: Scope) -> None:
+    """Starts a labelled container and waits for its key. The agent applies Docker's events in
+    order, and the keeper writes the whole wanted state at once: once the sentinel's key is
+    there, whatever an earlier event should have written or deleted is written or deleted."""
+    c = containers(labels={"registrar.service": "sentinel"})
+    wait_until(lambda: reader.get(scope.key("sentinel", c.name)), timeout=10,
+               message="the sentinel container was never registered")
+
+
 def test_registers_by_labels_env_and_image_and_refuses_bad_ones(
-    scope, agent, containers, etcd_reader
-):
-    proc, port = agent()
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
+    proc, port = agent(resync=1)
     labelled = containers(labels={"registrar.service": "web", "registrar.tags": "blue,canary"})
     several = containers(ports=("8080", "9090"))
     per_port = containers(ports=("8080", "9090"), labels={
@@ -83,7 +105,7 @@ def test_registers_by_labels_env_and_image_and_refuses_bad_ones(
     rejected = 'registrar_rejected_containers_total{reason="invalid_service_name"}'
     wait_until(lambda: scrape(port).get(rejected, 0) >= len(hostile), timeout=5,
                message=lambda: str(scrape(port)))
-    time.sleep(2.5)  # a resync later, still the same keys and counts
+    resynced(port)  # a resync later, still the same keys and counts
     assert ours(etcd_reader, scope, names) == expected
     logs = proc.logs()
     for c in hostile:
@@ -101,20 +123,22 @@ def test_registers_by_labels_env_and_image_and_refuses_bad_ones(
     assert api["tags"] == ["a", "b"]
 
 
-def test_explicit_registers_only_labelled_containers(scope, agent, containers, etcd_reader):
-    agent("--explicit")
+def test_explicit_registers_only_labelled_containers(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
+    _proc, port = agent("--explicit", resync=1)
+    plain = containers()  # started first: its event is applied before the labelled one's
     labelled = containers(labels={"registrar.service": "web"})
-    plain = containers()
     names = [labelled.name, plain.name]
     wait_until(lambda: ours(etcd_reader, scope, names) == {scope.key("web", labelled.name)},
                timeout=10)
-    time.sleep(2.5)
+    resynced(port)  # and a full reconcile does not register it either
     assert ours(etcd_reader, scope, names) == {scope.key("web", labelled.name)}
 
 
 def test_host_network_container_registers_its_exposed_ports(
-    scope, agent, containers, etcd_reader
-):
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     agent("--host-ip", "127.0.0.1")
     c = containers(network="host", publish=False, ports=("18080",),
                    labels={"registrar.service": "hostnet"}, command="httpd -f -p 18080")
@@ -124,27 +148,32 @@ def test_host_network_container_registers_its_exposed_ports(
     assert value["port"] == 18080
 
 
-def test_pause_and_unpause(scope, agent, containers, etcd_reader):
-    agent()
+def test_pause_and_unpause(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
+    _proc, port = agent(resync=1)
     c = containers(labels={"registrar.service": "web"})
     key = scope.key("web", c.name)
     wait_until(lambda: etcd_reader.get(key), timeout=10)
     c.pause()
     wait_until(lambda: etcd_reader.get(key) is None, timeout=3)
-    time.sleep(2.5)  # a resync does not bring a paused container back
+    resynced(port)  # a resync does not bring a paused container back
     assert etcd_reader.get(key) is None
     c.unpause()
     wait_until(lambda: etcd_reader.get(key), timeout=3)
 
 
-def test_healthcheck_registers_only_when_healthy(scope, agent, containers, etcd_reader):
+def test_healthcheck_registers_only_when_healthy(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     agent()
     c = containers(
         labels={"registrar.service": "web"},
         healthcheck={"cmd": "test -f /ok", "interval": 0.5, "retries": 1},
     )
     key = scope.key("web", c.name)
-    time.sleep(2)
+    wait_until(lambda: c.state()["Health"]["Status"] == "unhealthy", timeout=10)
+    sentinel(containers, etcd_reader, scope)  # its start and health events are applied
     assert etcd_reader.get(key) is None, "registered before it was healthy"
     from tests.support.docker_env import docker
 
@@ -156,9 +185,9 @@ def test_healthcheck_registers_only_when_healthy(scope, agent, containers, etcd_
 
 
 def test_docker_stop_removes_the_key_before_the_container_dies(
-    scope, agent, containers, etcd_reader
-):
-    agent()
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
+    _proc, port = agent(resync=1)
     c = containers(labels={"registrar.service": "web"})
     key = scope.key("web", c.name)
     wait_until(lambda: etcd_reader.get(key), timeout=10)
@@ -167,42 +196,45 @@ def test_docker_stop_removes_the_key_before_the_container_dies(
     try:
         wait_until(lambda: etcd_reader.get(key) is None, timeout=3, interval=0.02)
         assert c.state()["Running"]
-        time.sleep(2.5)  # a resync while it still drains does not bring it back
+        resynced(port)  # a resync while it still drains does not bring it back
         assert etcd_reader.get(key) is None
         assert c.state()["Running"]
     finally:
         stopper.join()
 
 
-def test_kill_with_a_reload_signal_changes_nothing(scope, agent, containers, etcd_reader):
+def test_kill_with_a_reload_signal_changes_nothing(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     agent()
     c = containers(labels={"registrar.service": "web"})
     key = scope.key("web", c.name)
     wait_until(lambda: etcd_reader.get(key), timeout=10)
     c.kill("HUP")
-    time.sleep(1)
+    sentinel(containers, etcd_reader, scope)  # the kill event is applied
     assert etcd_reader.get(key) is not None
 
 
 def test_stale_keys_of_this_node_go_at_start_and_other_nodes_stay(
-    scope, agent, containers, etcd_reader
-):
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     stale = scope.key("web", "gone-container")
     other = f"{scope.prefix}/web/other-node:gone-container:8080"
     lease = etcd_reader.grant_lease(300)
     etcd_reader.put(stale, '{"service": "web"}', lease=lease)
     etcd_reader.put(other, '{"service": "web"}', lease=lease)
     c = containers(labels={"registrar.service": "web"})
-    agent()
+    _proc, port = agent(resync=1)
     wait_until(lambda: etcd_reader.get(scope.key("web", c.name)), timeout=10)
     wait_until(lambda: etcd_reader.get(stale) is None, timeout=5)
-    time.sleep(2.5)
+    assert etcd_reader.get(other) is not None
+    resynced(port)  # nor does a later reconcile touch it
     assert etcd_reader.get(other) is not None
 
 
 def test_sigterm_removes_every_key_of_this_node_and_exits_0(
-    scope, agent, containers, etcd_reader
-):
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     proc, _port = agent("--drain", "1")
     cs = [containers(labels={"registrar.service": "web"}) for _ in range(3)]
     names = [c.name for c in cs]
@@ -216,10 +248,11 @@ def test_sigterm_removes_every_key_of_this_node_and_exits_0(
 
 
 def test_etcd_cut_longer_than_the_ttl(
-    scope, etcd, agent, containers, etcd_reader, forwarders
-):
+    scope: Scope, etcd: EtcdServer, agent: StartAgent, containers: ContainerFactory,
+    etcd_reader: EtcdReader, forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
-    proc, port = agent(etcd_url=fwd.url)
+    proc, port = agent("--log-level", "debug", etcd_url=fwd.url)
     first = containers(labels={"registrar.service": "web"})
     wait_until(lambda: etcd_reader.get(scope.key("web", first.name)), timeout=10)
 
@@ -229,7 +262,7 @@ def test_etcd_cut_longer_than_the_ttl(
     wait_until(lambda: etcd_reader.get(scope.key("web", first.name)) is None, timeout=TTL + 3)
     second = containers(labels={"registrar.service": "web"})
     doomed = containers(labels={"registrar.service": "web"})
-    time.sleep(0.5)
+    proc.wait_for_log(rf"event start {doomed.id[:12]} -> ", timeout=5)  # seen running
     doomed.stop(timeout=0)
     assert healthz(port) == 200  # still making progress, just retrying
     fwd.restore()
@@ -242,7 +275,10 @@ def test_etcd_cut_longer_than_the_ttl(
     assert scrape(port)["registrar_lease_regrants_total"] >= 1
 
 
-def test_docker_connection_cut(scope, agent, containers, etcd_reader, forwarders):
+def test_docker_connection_cut(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader,
+    forwarders: Forwarders,
+) -> None:
     fwd = forwarders.unix()
     proc, port = agent(docker=fwd.url, resync=0)
     keep = containers(labels={"registrar.service": "web"})
@@ -251,9 +287,8 @@ def test_docker_connection_cut(scope, agent, containers, etcd_reader, forwarders
 
     fwd.cut()
     wait_until(lambda: scrape(port)["registrar_docker_up"] == 0, timeout=2.5)
-    gone.remove()
+    gone.remove()  # both happen while the agent is cut off (the commands return after)
     new = containers(labels={"registrar.service": "web"})
-    time.sleep(1)
     fwd.restore()
 
     names = [keep.name, gone.name, new.name]
@@ -264,14 +299,15 @@ def test_docker_connection_cut(scope, agent, containers, etcd_reader, forwarders
 
 
 def test_sigterm_while_etcd_is_cut_exits_in_bounded_time(
-    scope, etcd, agent, containers, etcd_reader, forwarders
-):
+    scope: Scope, etcd: EtcdServer, agent: StartAgent, containers: ContainerFactory,
+    etcd_reader: EtcdReader, forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
-    proc, _port = agent(etcd_url=fwd.url)
+    proc, port = agent(etcd_url=fwd.url)
     c = containers(labels={"registrar.service": "web"})
     wait_until(lambda: etcd_reader.get(scope.key("web", c.name)), timeout=10)
     fwd.cut()
-    time.sleep(1)
+    wait_until(lambda: scrape(port)["registrar_etcd_up"] == 0, timeout=2.5)  # it knows
     started = time.monotonic()
     proc.terminate()
     assert proc.wait(15) == 0
@@ -279,12 +315,11 @@ def test_sigterm_while_etcd_is_cut_exits_in_bounded_time(
 
 
 def test_three_member_cluster_survives_the_leader(
-    unique, etcd_cluster, registrar, containers
-):
-    from tests.support.etcd_reader import EtcdReader
-
+    unique: str, etcd_cluster: EtcdCluster, registrar: RegistrarFactory,
+    containers: ContainerFactory,
+) -> None:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", ",".join(etcd_cluster.urls))
-    flag, _port = metrics_flag()
+    flag, port = metrics_flag()
     proc = registrar([*scope.args("watch", ttl=TTL), *flag])
     proc.wait_for_log("docker connected", timeout=15)
     before = containers(labels={"registrar.service": "web"})
@@ -294,35 +329,43 @@ def test_three_member_cluster_survives_the_leader(
     reader = EtcdReader(etcd_cluster.urls[survivor])
     try:
         wait_until(lambda: reader.get(scope.key("web", before.name)), timeout=10)
+        lease = reader.lease_id(scope.key("web", before.name))
         etcd_cluster.kill(leader)
         after = containers(labels={"registrar.service": "web"})
         wait_until(lambda: reader.get(scope.key("web", after.name)), timeout=15,
                    message=lambda: proc.logs())
-        time.sleep(TTL + 1)  # heartbeats go on through the new leader
-        assert reader.get(scope.key("web", before.name)) is not None
-        assert reader.get(scope.key("web", after.name)) is not None
+        # Heartbeats go on through the new leader: longer than the TTL, the same lease.
+        keys = [scope.key("web", c.name) for c in (before, after)]
+        holds(lambda: [reader.lease_id(k) for k in keys] == [lease, lease], TTL + 1,
+              "both keys under the first lease")
+        assert scrape(port)["registrar_lease_regrants_total"] == 0
     finally:
         reader.close()
     assert proc.stop() == 0
 
 
-def test_steady_state_writes_nothing(scope, agent, containers, etcd_reader):
+def test_steady_state_writes_nothing(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     _proc, port = agent(ttl=2, resync=1)
     cs = [containers(labels={"registrar.service": "web"}) for _ in range(3)]
     keys = [scope.key("web", c.name) for c in cs]
     wait_until(lambda: all(etcd_reader.get(k) for k in keys), timeout=10)
-    time.sleep(1.5)
+    resynced(port)  # whatever the registrations started is written
 
     def writes() -> float:
         samples = scrape(port)
         return sum(samples.get(f'registrar_etcd_request_duration_seconds_count{{op="{op}"}}', 0)
                    for op in ("put", "txn", "delete"))
 
-    before_revision, before_writes = etcd_reader.revision(), writes()
-    before_mods = {k: etcd_reader.get_meta(k)[1].mod_revision for k in keys}
-    time.sleep(2 * 3)  # three TTLs, six resyncs
+    def mod_revisions() -> dict[str, int]:
+        metas = {k: etcd_reader.get_meta(k) for k in keys}
+        return {k: int(meta[1].mod_revision) for k, meta in metas.items() if meta is not None}
+
+    before_revision, before_writes, before_mods = etcd_reader.revision(), writes(), mod_revisions()
+    resynced(port, 2)  # two full reconciles, longer than a TTL of heartbeats
     assert writes() == before_writes
-    assert {k: etcd_reader.get_meta(k)[1].mod_revision for k in keys} == before_mods
+    assert mod_revisions() == before_mods and len(before_mods) == 3
     # This agent is the only writer of this etcd here, so the store's revision stays put.
     # (Other containers on a shared dev engine would be registered too: only check when alone.)
     if not any(":rgt" in k and scope.node in k and k not in keys
@@ -330,7 +373,9 @@ def test_steady_state_writes_nothing(scope, agent, containers, etcd_reader):
         assert etcd_reader.revision() == before_revision
 
 
-def test_many_keys_are_written_in_few_transactions(scope, agent, containers, etcd_reader):
+def test_many_keys_are_written_in_few_transactions(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     # One host-network container exposing 200 ports: 200 keys at once, no port proxies needed.
     c = containers(network="host", publish=False, ports=(), command="httpd -f -p 18081",
                    labels={"registrar.service": "bulk"},
@@ -348,8 +393,9 @@ def test_many_keys_are_written_in_few_transactions(scope, agent, containers, etc
 
 
 def test_agent_leaves_sidecar_containers_to_their_sidecar(
-    scope, agent, registrar, containers, etcd_reader
-):
+    scope: Scope, agent: StartAgent, registrar: RegistrarFactory, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
     # A key left by an earlier sidecar run must not be "cleaned" by the agent's first reconcile
     # while its container runs, nor written a second time under the agent's lease.
     c = containers(labels={"registrar.service": "web", "registrar.sidecar": "true"})
@@ -358,17 +404,19 @@ def test_agent_leaves_sidecar_containers_to_their_sidecar(
     wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
     lease = etcd_reader.lease_id(key)
     plain = containers(labels={"registrar.service": "web"})
-    agent(resync=1)
+    _proc, port = agent(resync=1)
     wait_until(lambda: etcd_reader.get(scope.key("web", plain.name)), timeout=10)
-    time.sleep(2.5)  # two resyncs
+    resynced(port)  # a full reconcile neither cleans it nor takes it over
     assert etcd_reader.lease_id(key) == lease
     assert sidecar.stop() == 0
     assert etcd_reader.get(key) is None
-    time.sleep(1.5)
+    resynced(port)
     assert etcd_reader.get(key) is None  # the agent does not take it over
 
 
-def test_a_restarted_agent_takes_keys_over_without_a_gap(scope, agent, containers, etcd_reader):
+def test_a_restarted_agent_takes_keys_over_without_a_gap(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
+) -> None:
     first, _port = agent(ttl=10)
     c = containers(labels={"registrar.service": "web"})
     key = scope.key("web", c.name)

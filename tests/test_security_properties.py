@@ -47,7 +47,11 @@ PROMOTED = LAYOUT.promoted
 NODE = "core-01"
 
 # --- strategies ---------------------------------------------------------------------------
-names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,12}", fullmatch=True)
+ALNUM = string.ascii_letters + string.digits
+# [A-Za-z0-9][A-Za-z0-9._-]{0,12}, built from its two parts: the same language as
+# st.from_regex(..., fullmatch=True), drawn about three times faster.
+names = st.builds(lambda head, tail: head + tail, st.sampled_from(ALNUM),
+                  st.text(ALNUM + "._-", max_size=12))
 texts = st.text(max_size=30)
 # Nodes that look like ours: a prefix of it, it with a suffix, other case.
 nodes = st.one_of(st.just(NODE), st.sampled_from(["core", "core-0", "core-011", "CORE-01",
@@ -112,14 +116,26 @@ bindings = st.lists(
               st.sampled_from(["", "0.0.0.0", "127.0.0.1"])),
     min_size=1, max_size=3,
 )
-container_infos = st.builds(
-    ContainerInfo,
-    id=st.text(string.hexdigits, min_size=12, max_size=12),
-    name=st.one_of(names, texts, st.sampled_from([f"{NODE}:x", "../x", "a/b"])),
-    image=st.one_of(names, texts, st.builds(lambda a, b: f"{a}:{b}", texts, texts)),
-    labels=labels,
-    env=labels,
-    ports=bindings,
+container_ids = st.text(string.hexdigits, min_size=12, max_size=12)
+container_infos = st.one_of(
+    st.builds(
+        ContainerInfo,
+        id=container_ids,
+        name=st.one_of(names, texts, st.sampled_from([f"{NODE}:x", "../x", "a/b"])),
+        image=st.one_of(names, texts, st.builds(lambda a, b: f"{a}:{b}", texts, texts)),
+        labels=labels,
+        env=labels,
+        ports=bindings,
+    ),
+    # and plain ones, that do register: so that most examples have keys to write
+    st.builds(
+        ContainerInfo,
+        id=container_ids,
+        name=names,
+        image=names,
+        labels=st.one_of(st.just({}), st.builds(lambda s: {"registrar.service": s}, names)),
+        ports=bindings,
+    ),
 )
 
 
@@ -148,10 +164,17 @@ controls = st.builds(
     held_instances=st.frozensets(st.tuples(names, instances), max_size=2),
     held_nodes=st.frozensets(nodes, max_size=2),
 )
-ownerships = st.one_of(
-    st.builds(Ownership, st.just(NODE), sidecars=st.frozensets(names, max_size=2)),
-    st.builds(lambda name: Ownership(NODE, container=name), names),
-)
+
+
+def ownerships(containers: list[ContainerInfo]) -> st.SearchStrategy[Ownership]:
+    """The agent's rule (less some containers that have their own sidecar) or a sidecar's
+    (one container's keys), naming the containers of the example as often as not."""
+    pool = st.one_of(names, st.sampled_from([c.name for c in containers])) if containers \
+        else names
+    return st.one_of(
+        st.builds(Ownership, st.just(NODE), sidecars=st.frozensets(pool, max_size=2)),
+        st.builds(lambda name: Ownership(NODE, container=name), pool),
+    )
 
 
 def desired_of(containers: list[ContainerInfo]) -> dict[str, str]:
@@ -166,13 +189,14 @@ def desired_of(containers: list[ContainerInfo]) -> dict[str, str]:
 
 
 # --- the keeper's decision, driven directly -------------------------------------------------
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(contents=etcd_contents, containers=st.lists(container_infos, max_size=4),
-       control=controls, ownership=ownerships, lease=st.integers(1, 4))
+       control=controls, data=st.data(), lease=st.integers(1, 4))
 def test_the_decision_touches_only_this_keepers_keys(
     contents: dict[str, StoredKey], containers: list[ContainerInfo], control: Control,
-    ownership: Ownership, lease: int,
+    data: st.DataObject, lease: int,
 ) -> None:
+    ownership = data.draw(ownerships(containers), label="ownership")
     desired = desired_of(containers)
     decided = plan(desired, contents, control, LAYOUT, ownership, lease)
     for key in decided.changes.deletes:
@@ -190,7 +214,7 @@ def test_the_decision_touches_only_this_keepers_keys(
             assert key in decided.held or LAYOUT.twin(key) in decided.held
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contents=etcd_contents, containers=st.lists(container_infos, max_size=3))
 def test_the_keeper_thread_writes_what_the_decision_says_and_revokes_only_its_lease(
     contents: dict[str, StoredKey], containers: list[ContainerInfo]
@@ -238,6 +262,7 @@ def test_the_decision_does_delete_this_nodes_stale_keys() -> None:
 
 
 # --- the pure pieces ----------------------------------------------------------------------
+@settings(max_examples=50)
 @given(
     desired=st.dictionaries(st.builds(lambda s, i: f"{PREFIX}/{s}/{i}", names, instances),
                             stored_values, max_size=8),
@@ -252,6 +277,7 @@ def test_plan_changes_deletes_only_what_it_was_given(
     assert set(changes.puts) <= set(desired)
 
 
+@settings(max_examples=60)
 @given(
     desired=st.dictionaries(
         st.builds(lambda s, n, c, p: f"{PREFIX}/{s}/{n}:{c}:{p}", names, nodes, names,
@@ -272,6 +298,7 @@ def test_place_keeps_every_instance_in_rotation_or_standby(
         assert parsed is not None and f"{PREFIX}/{parsed[0]}/{parsed[1]}" in desired
 
 
+@settings(max_examples=50)
 @given(stored=etcd_contents)
 def test_parse_promotions_takes_only_direct_children(stored: dict[str, StoredKey]) -> None:
     promotions = parse_promotions(stored, LAYOUT)
@@ -282,7 +309,7 @@ def test_parse_promotions_takes_only_direct_children(stored: dict[str, StoredKey
         assert "/" not in service and service and isinstance(version, str) and version
 
 
-@settings(max_examples=300)
+@settings(max_examples=100)
 @given(stored=etcd_contents, service=st.one_of(st.none(), names, texts),
        promotions=st.dictionaries(names, names, max_size=3))
 def test_ls_never_crashes_and_no_value_poses_as_another_key(
@@ -358,16 +385,21 @@ path_like = st.one_of(
                        any_text), max_size=4).map(lambda p: "/" + "/".join(p)),
     st.sampled_from(["/", "//", "/services/", "/services/..", "/services/../registrar",
                      "/services//x", "services", "/registrar", "/services-ctl"]),
+    # valid paths, some nested in one another: what settings must still tell apart
+    st.lists(names, min_size=1, max_size=3).map(lambda p: "/" + "/".join(p)),
+    st.sampled_from(["/services", "/services/registrar", "/registrar", "/registrar/services",
+                     "/services-ctl", "/a", "/a/b"]),
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=100)
 @given(prefix=path_like, control=path_like, service=names, instance=instances)
 def test_no_accepted_prefix_lets_a_key_escape(
     prefix: str, control: str, service: str, instance: str
 ) -> None:
     s = _settings(["watch", "--node", NODE], {"REGISTRAR_PREFIX": prefix,
                                                "REGISTRAR_CONTROL_PREFIX": control})
+    event("accepted" if s is not None else "refused")
     if s is None:
         return
     for path in (s.prefix, s.control_prefix):
@@ -382,9 +414,11 @@ def test_no_accepted_prefix_lets_a_key_escape(
     assert parse_key(s.prefix, key) is None or parse_key(s.prefix, key) == (service, instance)
 
 
-@given(node=any_text)
+@settings(max_examples=60)
+@given(node=st.one_of(any_text, nodes, st.builds(lambda n, t: n + t, nodes, any_text)))
 def test_no_accepted_node_can_claim_another_nodes_keys(node: str) -> None:
     s = _settings(["watch"], {"REGISTRAR_NODE": node})
+    event("accepted" if s is not None else "refused")
     if s is None:
         return
     assert NAME_RE.fullmatch(s.node)
@@ -399,7 +433,7 @@ FLAGS = ["ETCD", "ETCD_USER", "PREFIX", "CONTROL_PREFIX", "TTL", "HOST_IP", "NOD
 SECRET = "Zq9-s3cret-Xw"
 
 
-@settings(max_examples=300)
+@settings(max_examples=100)
 @given(values=st.dictionaries(st.sampled_from(FLAGS), any_text, min_size=1, max_size=4),
        command=st.sampled_from([["watch"], ["register", "c1"], ["ls"], ["ls", "web"]]),
        user=st.sampled_from([None, "registrar"]))

@@ -37,7 +37,9 @@ from registrar import __version__
 from registrar.agent.command import SHUTDOWN_BUDGET
 from registrar.settings import parse_settings
 from tests.helpers import healthz, value_of
-from tests.support.docker_env import BUSYBOX_IMAGE, docker
+from tests.support.docker_env import BUSYBOX_IMAGE, ContainerFactory, docker
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.image import BuiltImage, registrar_image
 from tests.support.proc import free_port, tail, wait_until
 
@@ -277,6 +279,7 @@ def verify(paths: list[Path]) -> subprocess.CompletedProcess[str]:
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.real  # runs systemd-analyze: not in the fast tier
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_units_pass_systemd_analyze_verify(variant: str, tmp_path: Path) -> None:
     # Copies in a directory of their own (the two variants share file names), plus one
@@ -321,8 +324,7 @@ def test_unit_commands_use_only_flags_registrar_accepts(variant: str, path: Path
     unit = Unit.load(path)
     lines = [w for key in ("ExecStartPre", "ExecStart", "ExecStartPost")
              for w in raw_commands(unit, key)]
-    runs = [(w, registrar_part(w)) for w in lines]
-    runs = [(w, args) for w, args in runs if args is not None]
+    runs = [(w, args) for w in lines if (args := registrar_part(w)) is not None]
     assert len(runs) == 1, f"{path}: expected one line running {REGISTRAR_IMAGE_WORD}"
     words, args = runs[0]
     command = args[0]
@@ -402,7 +404,8 @@ def test_unit_structure(variant: str) -> None:
     (post,) = raw_commands(app, "ExecStartPost")
     assert post[:3] == ["/usr/bin/docker", "run", "-d"]
     assert flag_value(post, "--name") == "registrar-%p-%i"
-    assert registrar_part(post)[:2] == ["register", "%p-%i"]
+    post_args = registrar_part(post)
+    assert post_args is not None and post_args[:2] == ["register", "%p-%i"]
     (main,) = raw_commands(app, "ExecStart")
     assert flag_value(main, "--name") == "%p-%i"
     stops = raw_commands(app, "ExecStop")
@@ -426,7 +429,9 @@ def test_unit_structure(variant: str) -> None:
 
 # --- 3. running them ------------------------------------------------------------------------
 @pytest.fixture
-def stand_ins(registrar_image: BuiltImage, etcd, unique: str) -> dict[str, dict[str, str]]:
+def stand_ins(
+    registrar_image: BuiltImage, etcd: EtcdServer, unique: str
+) -> dict[str, dict[str, str]]:
     """The host's files as the test gives them."""
     return {
         "/etc/environment": {"COREOS_PRIVATE_IPV4": "127.0.0.1"},
@@ -453,7 +458,9 @@ class Timeline:
     app_running_when_gone: bool | None = None
 
 
-def watch_key(etcd_reader, key: str, app: str, stop: threading.Event, out: Timeline) -> None:
+def watch_key(
+    etcd_reader: EtcdReader, key: str, app: str, stop: threading.Event, out: Timeline
+) -> None:
     while not stop.is_set():
         if etcd_reader.get(key) is None:
             out.key_gone_at = time.time()
@@ -484,7 +491,8 @@ def cleanup_unit(run: UnitRun, names: list[str], main: subprocess.Popen[str] | N
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_app_template_registers_then_deregisters_and_drains_before_the_app_stops(
-    variant: str, stand_ins, etcd_reader, containers, unique: str, tmp_path: Path
+    variant: str, stand_ins: dict[str, dict[str, str]], etcd_reader: EtcdReader,
+    containers: ContainerFactory, unique: str, tmp_path: Path,
 ) -> None:
     unit = Unit.load(VARIANTS[variant] / "app@.service")
     # The template under the app's name, as an operator copies it; the prefix makes every
@@ -556,7 +564,8 @@ def test_app_template_registers_then_deregisters_and_drains_before_the_app_stops
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_agent_unit_runs_watch_and_its_stop_deregisters_then_drains(
-    variant: str, stand_ins, etcd_reader, containers, unique: str, tmp_path: Path
+    variant: str, stand_ins: dict[str, dict[str, str]], etcd_reader: EtcdReader,
+    containers: ContainerFactory, unique: str, tmp_path: Path,
 ) -> None:
     unit = Unit.load(VARIANTS[variant] / "registrar.service")
     port = free_port()

@@ -191,11 +191,6 @@ def _token_expired(exc: BaseException) -> bool:
     )
 
 
-def describe_error(exc: BaseException, settings: EtcdSettings) -> str:
-    """One line saying what went wrong and which flag to check (never the password)."""
-    return diagnose(exc, settings)[0]
-
-
 def diagnose(exc: BaseException, settings: EtcdSettings) -> tuple[str, bool]:
     """(one line saying what went wrong and which flag to check, whether it is a configuration
     problem that retrying will not fix)."""
@@ -358,8 +353,8 @@ class EtcdStore:
                     f"no etcd endpoint available (last error: {self._last_error})",
                     self._last_lasting,
                 ) from None
-            self._last_error = describe_error(exc, self._settings)
-            raise self._unavailable(self._last_error) from None
+            self._last_error, self._last_lasting = diagnose(exc, self._settings)
+            raise self._unavailable(self._last_error, self._last_lasting) from None
         except ValueError as exc:
             if "failed node" not in str(exc):
                 raise  # a bug, not an outage: it must show

@@ -14,7 +14,7 @@ import time
 
 from registrar.adapters.docker_source import DockerSource, DockerUnavailable
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.agent.control_follower import control_follower
+from registrar.agent.control_follower import control_follower, keys_follower
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.agent.watcher import ContainerWatcher
 from registrar.core.containers import ContainerInfo
@@ -87,6 +87,7 @@ def run(settings: Settings) -> int:
     keeper = LeaseKeeper(store, ttl=settings.ttl, layout=layout, ownership=ownership,
                          metrics=metrics)
     follower = control_follower(store, keeper, layout, metrics)
+    keys = keys_follower(store, keeper, layout, metrics)
     naming = NamingContext(
         prefix=settings.prefix,
         node=settings.node,
@@ -98,18 +99,19 @@ def run(settings: Settings) -> int:
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
     loops = (keeper.health, keeper.heartbeat.health, watcher.health, watcher.checker.health,
-             follower.health)
+             follower.health, keys.health)
     server = serve_metrics(settings.metrics_addr, metrics.registry,
                            lambda: health_problem(loops, time.monotonic()))
 
     _announce(settings, sidecar)
     keeper.start()
     follower.start()
+    keys.start()
     watcher.start()
 
     stop.wait()
     _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
-              watcher=watcher, follower=follower, keeper=keeper)
+              watcher=watcher, followers=(follower, keys), keeper=keeper)
     if server is not None:
         server.stop()
     store.close()
@@ -129,14 +131,16 @@ def _announce(settings: Settings, sidecar: bool) -> None:
 
 
 def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
-              follower: PrefixFollower, keeper: LeaseKeeper) -> None:
+              followers: tuple[PrefixFollower, ...], keeper: LeaseKeeper) -> None:
     """Stop intake, deregister (revoke the lease), drain: all within one deadline."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
     watcher.request_stop()
-    follower.request_stop()
+    for follower in followers:
+        follower.request_stop()
     keeper.shutdown(deadline)
     watcher.join(deadline)
-    follower.join(deadline)
+    for follower in followers:
+        follower.join(deadline)
     if settings.drain and signalled:
         log.info("draining for %gs", settings.drain, extra={"event": "drain"})
         time.sleep(settings.drain)

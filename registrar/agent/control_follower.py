@@ -18,17 +18,34 @@ from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 
 
-def relevant(layout: Layout, keys: Iterable[str]) -> bool:
-    """Whether any of `keys` is a promotion, a weights key or a maintenance entry."""
-    bases = tuple(f"{base}/" for base in (layout.promoted, layout.weights, layout.maintenance))
-    return any(key.startswith(bases) for key in keys)
+def concerned(layout: Layout, key: str) -> tuple[str | None, str | None] | None:
+    """(service, node) a promotion, weights key or maintenance entry is about; None for any
+    other key (standby keys, routers' reports)."""
+    for base in (layout.promoted, layout.weights, f"{layout.maintenance}/service"):
+        if key.startswith(base + "/"):
+            return key[len(base) + 1:].split("/")[0], None
+    if key.startswith(f"{layout.maintenance}/instance/"):
+        return key[len(layout.maintenance) + len("/instance/"):].split("/")[0], None
+    if key.startswith(f"{layout.maintenance}/node/"):
+        return None, key[len(layout.maintenance) + len("/node/"):]
+    return None
+
+
+def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
+    """Whether any of `keys` is a control entry that can move one of the keeper's instances."""
+    for key in keys:
+        about = concerned(layout, key)
+        if about is not None and keeper.concerns(*about):
+            return True
+    return False
 
 
 def control_follower(
     store: EtcdStore, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
 ) -> PrefixFollower:
     def on_events(events: list[KeyEvent]) -> None:
-        if relevant(layout, (event.key for event in events)):
+        keeper.notice(events)  # its standby keys live here too
+        if relevant(layout, keeper, (event.key for event in events)):
             keeper.request_reread()
 
     return PrefixFollower(
@@ -37,5 +54,20 @@ def control_follower(
         name="control",
         on_snapshot=lambda _stored: keeper.request_reread(),
         on_events=on_events,
+        on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
+    )
+
+
+def keys_follower(
+    store: EtcdStore, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
+) -> PrefixFollower:
+    """`{prefix}/`, watched: a key of this keeper changed by someone else makes it read again
+    (so a periodic resync need not read etcd)."""
+    return PrefixFollower(
+        store,
+        layout.prefix,
+        name="keys",
+        on_snapshot=lambda _stored: None,
+        on_events=keeper.notice,
         on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
     )

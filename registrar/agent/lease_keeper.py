@@ -18,12 +18,13 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from registrar.adapters.etcd_store import (
     EtcdError,
     EtcdRefused,
     EtcdStore,
+    KeyEvent,
     LeaseNotFound,
 )
 from registrar.core.control import Control, describe_changes, parse_control
@@ -95,6 +96,7 @@ class LeaseKeeper:
         self._held: dict[str, StoredKey] = {}
         self._known: frozenset[str] = frozenset()
         self._control = Control()
+        self._applying: Mapping[str, StoredKey] = {}  # what etcd holds once a write is in
         self._refused: str | None = None  # why etcd refuses our writes, while it does
         self._grants = 0
         self._etcd_back = False  # etcd answered again: retry at once, not after the backoff
@@ -125,16 +127,53 @@ class LeaseKeeper:
         self.set_container(container_id, {})
 
     def replace_all(self, desired: Mapping[str, Mapping[str, str]],
-                    sidecars: frozenset[str] | None = None) -> None:
-        """A full reconcile: this is everything that should exist; re-read etcd and diff.
+                    sidecars: frozenset[str] | None = None, reread: bool = True) -> None:
+        """A full reconcile: this is everything that should exist; diff it with what etcd
+        holds (read again when `reread`: at start and after Docker came back; a periodic
+        resync trusts what the keeper holds, which the prefix watches keep honest).
         `sidecars`: the containers whose own sidecar owns their keys (watch)."""
         with self._cond:
-            self._inputs.desired = {cid: dict(keys) for cid, keys in desired.items() if keys}
+            desired_now = {cid: dict(keys) for cid, keys in desired.items() if keys}
+            if (not reread and self._inputs.ready and desired_now == self._inputs.desired
+                    and sidecars in (None, self._ownership.sidecars)):
+                return  # nothing changed: not even a wake-up
+            self._inputs.desired = desired_now
             if sidecars is not None:
                 self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
             self._inputs.ready = True
-            self._inputs.reread = True
+            self._inputs.reread = self._inputs.reread or reread
             self._changed()
+
+    def concerns(self, service: str | None = None, node: str | None = None) -> bool:
+        """Whether a control entry for `service` (or `node`) can move one of this keeper's
+        instances: a sidecar needs no re-read when another service is promoted."""
+        if node is not None:
+            return node == self._ownership.node
+        with self._cond:
+            services = {key.split("/")[-2] for keys in self._inputs.desired.values()
+                        for key in keys}
+        held = self._held  # the keeper thread's; replaced whole, read as a snapshot
+        services |= {parsed[0] for key in held if (parsed := self._layout.parse(key))}
+        return service in services
+
+    def notice(self, events: Iterable[KeyEvent]) -> None:
+        """Events under the prefix or standby: re-read before the next write when one touches
+        a key of this keeper and is not what it wrote (someone else deleted or changed it)."""
+        held, expected = self._held, self._applying
+        for event in events:
+            parsed = self._layout.parse(event.key)
+            if parsed is None or not self._ownership.owns(parsed[1]):
+                continue
+            mine, meant = held.get(event.key), expected.get(event.key)
+            if event.value is None:
+                foreign = meant is not None  # we meant it to stay
+            else:
+                foreign = event.value not in {m.value for m in (mine, meant) if m is not None}
+            if foreign:
+                log.info("%s changed in etcd by someone else: reading again", event.key,
+                         extra={"event": "outside_change"})
+                self.request_reread()
+                return
 
     def set_sidecars(self, sidecars: frozenset[str]) -> None:
         with self._cond:
@@ -361,6 +400,7 @@ class LeaseKeeper:
 
     def _apply(self, decided: Plan) -> None:
         assert self._lease is not None
+        self._applying = decided.held
         try:
             self._store.apply(decided.changes.puts, decided.changes.deletes, self._lease)
         except EtcdRefused:

@@ -203,7 +203,7 @@ class ContainerWatcher:
     def _handle(self, item: object) -> None:
         if isinstance(item, _StreamOpened):
             self._set_docker_up(True, "events stream open")
-            self.reconcile()
+            self.reconcile(reread=True)
         elif isinstance(item, _StreamLost):
             self._set_docker_up(False, item.reason)
         elif isinstance(item, dict):
@@ -223,8 +223,10 @@ class ContainerWatcher:
                             extra={"event": "docker_down", "reason": reason})
         self._docker_ok = up
 
-    def reconcile(self) -> None:
-        """Re-reads every running container (or the one) and hands the whole set to the keeper."""
+    def reconcile(self, reread: bool = False) -> None:
+        """Re-reads every running container (or the one) and hands the whole set to the keeper
+        (`reread`: and makes it read etcd again, at start and after Docker came back)."""
+        self._metrics.reconciles.inc()
         if self._only:
             info = self._docker.inspect(self._only)
             running = [info] if info is not None and info.running else []
@@ -246,7 +248,7 @@ class ContainerWatcher:
             )
         self._keeper.replace_all(
             {cid: tracked.values for cid, tracked in self._tracked.items()},
-            sidecars=None if self._only else self._sidecars,
+            sidecars=None if self._only else self._sidecars, reread=reread,
         )
 
     def _apply_event(self, event: dict[str, Any]) -> None:

@@ -101,6 +101,7 @@ class ReadOnlyDockerProxy:
                     with self._lock:
                         self.refused.append((method, target))
                     client.sendall(_forbidden(method))
+                    self._linger(client)
                     return
                 with self._lock:
                     self.passed.append((method, target))
@@ -123,6 +124,17 @@ class ReadOnlyDockerProxy:
                         s.close()
                     with self._lock:
                         self._socks.discard(s)
+
+    @staticmethod
+    def _linger(client: socket.socket) -> None:
+        """After a refusal: reads and drops what the client still sends (the body of a POST)
+        until it closes, 2 s at most. Closing at once would make its write of the body fail
+        (a broken pipe, or a reset before it reads the 403) instead of showing the refusal."""
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
+            client.settimeout(2.0)
+            while client.recv(_BUF):
+                pass
 
     @staticmethod
     def _read_head(client: socket.socket, buffer: bytes) -> tuple[bytes | None, bytes]:

@@ -18,6 +18,7 @@ import socket
 import tempfile
 import threading
 import time
+from typing import Self
 
 _BUF = 65536
 
@@ -67,6 +68,7 @@ class _Forwarder:
         self._flowing.set()
         self._closed = False
         self.connections_total = 0
+        self.held = 0  # chunks that arrived while blackholed (a request or a reply hangs)
         self.delay = 0.0  # seconds each way (a slow link); settable at any time
         self._listen()
 
@@ -111,7 +113,8 @@ class _Forwarder:
         self._flowing.set()
 
     def blackhole(self) -> None:
-        """Partition: connections stay open (new ones too) but no byte moves either way."""
+        """Partition: connections stay open (new ones too) but no byte moves either way
+        (``held`` counts the chunks that arrive meanwhile)."""
         self._flowing.clear()
 
     def restore(self) -> None:
@@ -126,7 +129,7 @@ class _Forwarder:
         self._closed = True
         self.cut()
 
-    def __enter__(self) -> _Forwarder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -204,6 +207,9 @@ class _Forwarder:
                     dst.shutdown(socket.SHUT_WR)
                     clean_eof = True
                     return
+                if not self._flowing.is_set():
+                    with self._lock:
+                        self.held += 1
                 while not self._flowing.wait(0.1):
                     if conn.closed:
                         return

@@ -31,7 +31,7 @@ def free_port(exclude: Iterable[int] = ()) -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 10.0,
     interval: float = 0.05,
     message: str | Callable[[], str] = "condition not met",

@@ -1,0 +1,1 @@
+"""`make demo`: the deploy flow on a simulated cluster, narrated (see walkthrough.py)."""

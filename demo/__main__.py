@@ -1,0 +1,5 @@
+import sys
+
+from demo.walkthrough import main
+
+sys.exit(main())

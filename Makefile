@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint typecheck clean
+.PHONY: setup run test test-fast lint typecheck golden clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,17 +17,23 @@ test: setup lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The pure and in-memory tests only: they need the virtualenv, no daemon (setup runs only when
-# the virtualenv is missing or older than pyproject.toml).
+# the virtualenv is missing or older than pyproject.toml). On 2 xdist workers: much of the tier
+# waits on real sockets and threads (tests/test_checker.py). Only this tier runs in parallel.
 test-fast:
 	@[ -x $(BIN)/pytest ] && [ $(VENV)/.installed -nt pyproject.toml ] || bash scripts/setup.sh
-	$(BIN)/pytest -m "not real" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not real" -n 2 $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check registrar tests bench
+	$(BIN)/ruff check registrar tests bench demo
 	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py
 
 typecheck: setup
 	$(BIN)/mypy
+
+# After an intended change of the HAProxy template: rewrite tests/golden/, then review `git diff`.
+golden: setup
+	REGISTRAR_REGENERATE_GOLDEN=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_haproxy_config.py
+	git --no-pager diff --stat -- tests/golden
 
 clean:
 	rm -f $(VENV)/.installed

@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.haproxy_bench import Row, med, p95, rounded, table, write_section
+from bench.haproxy_bench import Row, med, p95, rounded, table
 from bench.observe import KeyLog, cpu_seconds, rss_kib
+from bench.report import write_section
 from tests.helpers import scrape
 from tests.support.docker_env import docker, ensure_busybox_image, remove_prefixed
 from tests.support.etcd import EtcdServer

@@ -49,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.observe import scrape
+from bench.report import add_section
 from tests.cluster import Cluster, ClusterContainer, LoadStats
 from tests.cluster.fleet import Fleet, addresses
 from tests.cluster.load import ClientLoad
@@ -786,19 +787,6 @@ def section(results: ClusterResults) -> str:
     return "\n".join(out)
 
 
-def add_section(text: str, block: str) -> str:
-    """``text`` (bench/results.md) with the cluster section replaced, or put before
-    ``## Machine`` (or at the end) when it has none."""
-    start = text.find(HEADING)
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADING))
-        return text[:start] + block.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    at = text.find("## Machine")
-    if at >= 0:
-        return text[:at] + block.rstrip("\n") + "\n\n" + text[at:]
-    return text.rstrip("\n") + "\n\n" + block
-
-
 # --- main --------------------------------------------------------------------------------------
 def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -829,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:
         old = out.read_text() if out.exists() else ""
-        out.write_text(add_section(old, block))
+        out.write_text(add_section(old, HEADING, block))
         say(f"wrote {out}")
     return 0 if all(r.ok for r in results.modes.values()) else 1
 

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.observe import DockerEvents
-from bench.report import ratio
+from bench.report import ratio, write_section
 from registrar.core.control import Canary
 from registrar.haproxy.config import Server, builtin_template_text, server_weights
 from registrar.haproxy.process import cli, socket_paths
@@ -231,25 +231,6 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         out.append(f"| {row['metric']} | {value} | {before} | {rate} | {row['target']} | {met} "
                    f"| {row['detail']} |")
     return out
-
-
-def add_section(text: str, heading: str, block: str) -> str:
-    """`text` (bench/results.md) with the section under `heading` replaced by `block`, or
-    `block` put before `## Machine` (or at the end) when there is none."""
-    start = text.find(heading)
-    if start >= 0:
-        end = text.find("\n## ", start + len(heading))
-        return text[:start] + block.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    at = text.find("## Machine")
-    if at >= 0:
-        return text[:at] + block.rstrip("\n") + "\n\n" + text[at:]
-    return text.rstrip("\n") + "\n\n" + block
-
-
-def write_section(out: Path, heading: str, block: str) -> None:
-    """Replaces one part's section of `out`, read right before writing (others write it too)."""
-    old = out.read_text() if out.exists() else ""
-    out.write_text(add_section(old, heading, block))
 
 
 def section(rows: Sequence[Mapping[str, Any]]) -> str:

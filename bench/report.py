@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -132,7 +133,6 @@ def render(
     info: dict[str, str],
     settings: dict[str, Any],
     details: Sequence[str],
-    routing: Sequence[dict[str, Any]] = (),
 ) -> str:
     out = ["# `make bench`: registrar vs the classic shell sidekick", ""]
     out.append(
@@ -142,17 +142,6 @@ def render(
     out.append("")
     out.append(table(rows))
     out.append("")
-    if routing:
-        out.append("## Routing: `registrar haproxy` (bench/haproxy_bench.py)")
-        out.append("")
-        out.append("| metric | value | target | | how |")
-        out.append("|---|---|---|---|---|")
-        for row in routing:
-            value = "-" if row["value"] is None else f"**{row['value']:g}** {row['unit']}"
-            met = {True: "met", False: "**missed**", None: ""}[row["met"]]
-            out.append(f"| {row['metric']} | {value} | {row['target']} | {met} | "
-                       f"{row['detail']} |")
-        out.append("")
     out.append("## Machine")
     out.append("")
     for key, value in info.items():
@@ -169,3 +158,36 @@ def render(
         out.extend(details)
     out.append("")
     return "\n".join(out)
+
+
+# --- sections of bench/results.md, one per part (## heading) ---------------------------------
+
+
+def add_section(text: str, heading: str, block: str) -> str:
+    """`text` (bench/results.md) with the section under `heading` replaced by `block`, or
+    `block` put before `## Machine` (or at the end) when there is none."""
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        return text[:start] + block.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+    at = text.find("## Machine")
+    if at >= 0:
+        return text[:at] + block.rstrip("\n") + "\n\n" + text[at:]
+    return text.rstrip("\n") + "\n\n" + block
+
+
+def write_section(out: Path, heading: str, block: str) -> None:
+    """Replaces one part's section of `out`, read right before writing (others write it too)."""
+    old = out.read_text() if out.exists() else ""
+    out.write_text(add_section(old, heading, block))
+
+
+
+
+def section_of(text: str, heading: str) -> str:
+    """The section under `heading` in `text` ("" when there is none)."""
+    start = text.find(heading)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end + 1]

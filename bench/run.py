@@ -1,7 +1,7 @@
 """`make bench`: registrar's host agent and sidecar against the classic shell sidekick, on the
 real Docker engine and private etcd servers. Prints a table and writes it to bench/results.md.
 
-    .venv/bin/python -m bench [--quick] [--max-n N] [--out PATH]
+    .venv/bin/python -m bench [--quick] [--max-n N] [--out PATH] [--only PART]
 
 Phases, each subject on its own private etcd so that revisions and request counts are its own:
 1. latency: `docker run -d` containers one at a time (each subject attached right after `docker
@@ -12,7 +12,10 @@ Phases, each subject on its own private etcd so that revisions and request count
 3. deregistration: `docker stop -t 5` issued for each container (staggered) to the key's DELETE
    in the watch;
 4. convergence: a subject started on a host that already runs N containers: time from process
-   start to every key visible, and the etcd requests it took.
+   start to every key visible, and the etcd requests it took;
+5. the parts of bench/parts.py, each its own section: routing (bench/haproxy_bench.py), health
+   checks (bench/checks_bench.py), canary (bench/canary_bench.py), the seed's cluster
+   (bench/cluster_bench.py). `--only NAME` runs one phase or part.
 Every container is named `rgbench-<run>-...` and removed by that name at the end.
 """
 
@@ -38,8 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import cluster_bench, report
-from bench.cluster_bench import ClusterResults
+from bench import report
 from bench.observe import (
     DockerEvents,
     EtcdCounters,
@@ -51,6 +53,7 @@ from bench.observe import (
     rss_kib,
     tree_rss_kib,
 )
+from bench.parts import PARTS, add_section, section_of, write_section
 from bench.report import Row, median, ms, num, p95
 from bench.subjects import (
     SERVICE,
@@ -564,8 +567,8 @@ class Bench:
                 "`docker wait` for the exit, `etcdctl del`)"
             ),
             "ttl": (
-                f"{p.ttl} s for all three (registrar heartbeats every min(TTL/3, 1 s) where "
-                "metrics are served, as for the agent here; a sidecar without metrics every TTL/3)"
+                f"{p.ttl} s for all three (registrar heartbeats every TTL/3, with or without "
+                "metrics)"
             ),
             "etcd": "a private single-member etcd per subject, on loopback",
             "containers": (
@@ -713,9 +716,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where the table goes (default {RESULTS}; with --quick: nowhere)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs directory")
-    parser.add_argument("--only", choices=("latency", "convergence", "routing", "cluster"),
-                        default=None,
-                        help="run one part only")
+    parser.add_argument("--only", default=None,
+                        choices=("latency", "convergence", *(part.name for part in PARTS)),
+                        help="run one part only (alone, a part's section is replaced in the "
+                        "file and the rest kept)")
     return parser.parse_args(argv)
 
 
@@ -731,8 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = replace(plan, conv_ns=tuple(ns))
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="rgbench-"))
-    routing: list[dict[str, object]] = []
-    cluster: ClusterResults | None = None
+    parts: dict[str, str] = {}  # heading -> its section, for the parts that ran
     bench = Bench(plan, work)
     began = time.monotonic()
     try:
@@ -744,15 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.latency_phase(ShellSidekicks, "s")
         if args.only in (None, "convergence"):
             bench.convergence_phase()
-        if args.only in (None, "routing"):
-            from bench import haproxy_bench
-
-            say("routing: registrar haproxy with a real HAProxy")
-            routing = haproxy_bench.run(args.quick)
-        # --- the seed's cluster on one machine (bench/cluster_bench.py; needs root) ---
-        if args.only in (None, "cluster"):
-            say("cluster: 18 hosts x 70 services x 2, two routers (bench/cluster_bench.py)")
-            cluster = cluster_bench.run(args.quick)
+        for part in PARTS:
+            if args.only in (None, part.name):
+                say(f"{part.name}: {part.says}")
+                parts[part.heading] = part.run(args.quick)
     finally:
         bench.cleanup()
         if not args.keep_logs:
@@ -767,12 +765,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     info = report.machine()
     info["registrar"] = report.revision()
-    text = report.render(rows, info, settings, bench.details(), routing)
-    if cluster is not None:
-        text = cluster_bench.add_section(text, cluster_bench.section(cluster))
-    print(text)
     out = args.out or (None if args.quick else RESULTS)
+    if args.only in {part.name for part in PARTS}:
+        # one part alone: its section replaced in the file, the rest of it kept
+        for heading, block in parts.items():
+            print(block)
+            if out is not None:
+                write_section(out, heading, block)
+    else:
+        text = report.render(rows, info, settings, bench.details())
+        old = out.read_text() if out is not None and out.exists() else ""
+        for part in PARTS:  # the parts that did not run keep their last section
+            block = parts.get(part.heading) or section_of(old, part.heading)
+            if block:
+                text = add_section(text, part.heading, block)
+        print(text)
+        if out is not None:
+            out.write_text(text)
     if out is not None:
-        out.write_text(text)
         say(f"wrote {out}")
     return 0

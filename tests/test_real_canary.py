@@ -13,26 +13,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import Scope
+from tests.support.cgi_app import PATH, app
+from tests.support.docker_env import Container, ContainerFactory
+from tests.support.etcd import EtcdServer
 from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import RegistrarProcess, free_port, wait_until
 
-PATH = "/cgi-bin/app"
-
-
-def app(version: str, fail_one_in: int = 0) -> list[str]:
-    """busybox httpd answering `version` at PATH (a 500 one request in `fail_one_in`)."""
-    fail = (f'if [ $((RANDOM % {fail_one_in})) -eq 0 ]; then echo "Status: 500 Oops"; fi\n'
-            if fail_one_in else "")
-    script = f"#!/bin/sh\n{fail}echo Content-Type: text/plain\necho\necho {version}\n"
-    return ["sh", "-c", "hostname > /www/index.html && mkdir -p /www/cgi-bin && "
-            f"printf '%s' '{script}' > /www/cgi-bin/app && chmod +x /www/cgi-bin/app && "
-            "exec httpd -f -p 8080 -h /www"]
-
+if TYPE_CHECKING:
+    from tests.conftest import RegistrarFactory
 
 @dataclass
 class Load:
@@ -78,9 +72,9 @@ class Rig:
     routers: list[RegistrarProcess]
     router_ports: list[int]
     reader: EtcdReader
-    containers: Any
+    containers: ContainerFactory
 
-    def run(self, version: str, fail_one_in: int = 0) -> Any:
+    def run(self, version: str, fail_one_in: int = 0) -> Container:
         """A new version's instance: on standby (v1 is promoted), as in a real deploy."""
         c = self.containers(labels={"registrar.service": self.service,
                                     "registrar.version": version},
@@ -113,14 +107,17 @@ class Rig:
 
 
 @pytest.fixture
-def rig(registrar, etcd, unique, containers, etcd_reader, tmp_path) -> Iterator[Rig]:
+def rig(registrar: RegistrarFactory, etcd: EtcdServer, unique: str,
+        containers: ContainerFactory, etcd_reader: EtcdReader,
+        tmp_path: Path) -> Iterator[Rig]:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
     ctl = f"/rgtc-{unique}"
     service = f"web-{unique}"
     agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
                        "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
     agent.wait_for_log("docker connected", timeout=15)
-    routers, ports = [], []
+    routers: list[RegistrarProcess] = []
+    ports: list[int] = []
     for name in ("r1", "r2"):
         port = free_port(ports)
         routers.append(registrar([
@@ -179,6 +176,7 @@ def test_a_good_version_goes_through_its_steps_and_is_promoted(rig: Rig) -> None
             t for t, p in changes if t > at and p is None)
         window = [b for t, b in load.seen if at + 1.0 < t < until]  # weights applied by then
         assert window, f"no request at {percent}%"
+        assert percent is not None  # steps are the changes with a percent
         shares[percent] = sum(1 for b in window if b == "v2") / len(window)
         assert abs(shares[percent] * 100 - percent) <= 5, shares
     print(f"good canary: client shares {shares}; {len(load.seen)} requests, 0 failed;\n{out}")

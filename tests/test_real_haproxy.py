@@ -21,15 +21,23 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
 from registrar.core.control import Canary
 from registrar.haproxy.config import Server, builtin_template_text, server_weights
 from tests.helpers import Scope, healthz, metrics_flag, scrape
+from tests.support.docker_env import Container, ContainerFactory
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import RegistrarProcess, free_port, wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import Forwarders, RegistrarFactory
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -42,17 +50,20 @@ def haproxy_installed() -> None:
 
 
 @pytest.fixture
-def scope(etcd, unique) -> Scope:
+def scope(etcd: EtcdServer, unique: str) -> Scope:
     return Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
 
 
 @pytest.fixture
-def service(unique) -> str:
+def service(unique: str) -> str:
     return f"web-{unique}"
 
 
+StartAgent = Callable[[], RegistrarProcess]
+
+
 @pytest.fixture
-def agent(registrar, scope):
+def agent(registrar: RegistrarFactory, scope: Scope) -> StartAgent:
     """`registrar watch` for this test's scope (it registers containers at 127.0.0.1)."""
 
     def start() -> RegistrarProcess:
@@ -64,7 +75,7 @@ def agent(registrar, scope):
     return start
 
 
-def host_of(container) -> str:
+def host_of(container: Container) -> str:
     """What busybox httpd answers at / in that container: its host name, the short id."""
     return str(container.id[:12])
 
@@ -130,11 +141,13 @@ class Router:
                 seen[get(self.port)] += 1
         return seen
 
-    def serves(self, *containers) -> set[str]:
+    def serves(self, *containers: Container) -> set[str]:
         """Waits until exactly these containers answer through HAProxy."""
         want = {host_of(c) for c in containers}
-        return wait_until(lambda: set(self.bodies()) == want and want, timeout=15,
-                          message=lambda: f"wanted {want}; log:\n{self.proc.logs()[-3000:]}")
+        served = wait_until(lambda: set(self.bodies()) == want and want, timeout=15,
+                            message=lambda: f"wanted {want}; log:\n{self.proc.logs()[-3000:]}")
+        assert isinstance(served, set)  # wait_until returns a truthy value: `want`
+        return served
 
     def metrics(self) -> dict[str, float]:
         return scrape(self.metrics_port)
@@ -143,8 +156,15 @@ class Router:
         return int(re.findall(r"master pid (\d+)", self.proc.logs())[-1])
 
 
+class StartRouter(Protocol):
+    def __call__(self, *extra: str, mode: str = ..., etcd_url: str | None = ...,
+                 port: int | None = ..., config: Path | None = ...,
+                 wait: str | None = ...) -> Router: ...
+
+
 @pytest.fixture
-def router(registrar, scope, service, tmp_path):
+def router(registrar: RegistrarFactory, scope: Scope, service: str,
+           tmp_path: Path) -> StartRouter:
     """Starts `registrar haproxy` for this test's service; returns a Router."""
 
     def start(*extra: str, mode: str = "http", etcd_url: str | None = None,
@@ -175,8 +195,9 @@ def check(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_started_container_gets_traffic_and_two_instances_share_it(
-    scope, service, agent, router, containers, etcd_reader
-):
+    scope: Scope, service: str, agent: StartAgent, router: StartRouter,
+    containers: ContainerFactory, etcd_reader: EtcdReader,
+) -> None:
     # Values no router can use are skipped and counted; the rest still routes.
     etcd_reader.put(f"{scope.prefix}/{service}/bad-json", "not json")
     etcd_reader.put(f"{scope.prefix}/{service}/no-port", {"host": "127.0.0.1"})
@@ -214,8 +235,9 @@ def test_a_started_container_gets_traffic_and_two_instances_share_it(
 
 
 def test_docker_stop_under_load_fails_no_request(
-    scope, service, agent, router, containers
-):
+    scope: Scope, service: str, agent: StartAgent, router: StartRouter,
+    containers: ContainerFactory,
+) -> None:
     agent()
     r = router()
     leaving = containers(labels=labels(service))
@@ -243,8 +265,9 @@ def test_docker_stop_under_load_fails_no_request(
 
 
 def test_etcd_cut_keeps_the_last_servers_and_catches_up_after(
-    scope, service, etcd, agent, router, containers, forwarders
-):
+    scope: Scope, service: str, etcd: EtcdServer, agent: StartAgent, router: StartRouter,
+    containers: ContainerFactory, forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
     agent()
     r = router(mode="tcp", etcd_url=fwd.url)
@@ -266,8 +289,9 @@ def test_etcd_cut_keeps_the_last_servers_and_catches_up_after(
 
 
 def test_haproxy_starts_from_the_existing_config_when_etcd_is_unreachable(
-    scope, service, etcd, agent, router, containers, forwarders
-):
+    scope: Scope, service: str, etcd: EtcdServer, agent: StartAgent, router: StartRouter,
+    containers: ContainerFactory, forwarders: Forwarders,
+) -> None:
     agent()
     first = containers(labels=labels(service))
     before = router()
@@ -287,8 +311,9 @@ def test_haproxy_starts_from_the_existing_config_when_etcd_is_unreachable(
 
 
 def test_a_compacted_revision_is_read_again_in_full(
-    scope, service, etcd, router, etcd_reader, forwarders
-):
+    scope: Scope, service: str, etcd: EtcdServer, router: StartRouter, etcd_reader: EtcdReader,
+    forwarders: Forwarders,
+) -> None:
     fwd = forwarders.etcd(etcd)
     r = router(mode="tcp", etcd_url=fwd.url)
     key = f"{scope.prefix}/{service}/n:c{{}}:80"
@@ -316,7 +341,9 @@ def test_a_compacted_revision_is_read_again_in_full(
 # --- bad configs ----------------------------------------------------------------------------
 
 
-def test_a_template_with_a_syntax_error_is_refused_at_start(router, tmp_path):
+def test_a_template_with_a_syntax_error_is_refused_at_start(
+    router: StartRouter, tmp_path: Path,
+) -> None:
     template = tmp_path / "broken.j2"
     template.write_text("{% for b in backends %}\n")
     r = router("--template", str(template), wait=None)
@@ -327,8 +354,9 @@ def test_a_template_with_a_syntax_error_is_refused_at_start(router, tmp_path):
 
 
 def test_a_config_that_fails_the_check_is_never_installed(
-    service, agent, router, containers, tmp_path
-):
+    service: str, agent: StartAgent, router: StartRouter, containers: ContainerFactory,
+    tmp_path: Path,
+) -> None:
     # A template that renders a config HAProxy refuses once a second server appears.
     template = tmp_path / "custom.j2"
     template.write_text(
@@ -355,7 +383,9 @@ def test_a_config_that_fails_the_check_is_never_installed(
 # --- debounce -------------------------------------------------------------------------------
 
 
-def test_changes_close_together_are_one_reload(scope, service, router, etcd_reader, tmp_path):
+def test_changes_close_together_are_one_reload(
+    scope: Scope, service: str, router: StartRouter, etcd_reader: EtcdReader, tmp_path: Path,
+) -> None:
     template = tmp_path / "copy.j2"  # any --template: every change is a reload
     template.write_text(builtin_template_text())
     r = router("--template", str(template))
@@ -394,8 +424,8 @@ def test_changes_close_together_are_one_reload(scope, service, router, etcd_read
 
 
 def test_sigterm_stops_the_watcher_and_soft_stops_haproxy(
-    service, agent, router, containers
-):
+    service: str, agent: StartAgent, router: StartRouter, containers: ContainerFactory,
+) -> None:
     agent()
     r = router("--log-format", "json", mode="tcp")
     c = containers(labels=labels(service))
@@ -428,8 +458,8 @@ def test_sigterm_stops_the_watcher_and_soft_stops_haproxy(
 
 
 def test_haproxy_dying_is_restarted_with_backoff_and_reported(
-    service, agent, router, containers
-):
+    service: str, agent: StartAgent, router: StartRouter, containers: ContainerFactory,
+) -> None:
     agent()
     r = router()
     c = containers(labels=labels(service))
@@ -462,8 +492,8 @@ def test_haproxy_dying_is_restarted_with_backoff_and_reported(
 
 
 def test_reload_cmd_for_an_haproxy_managed_elsewhere(
-    scope, service, router, etcd_reader, tmp_path
-):
+    scope: Scope, service: str, router: StartRouter, etcd_reader: EtcdReader, tmp_path: Path,
+) -> None:
     calls = tmp_path / "calls"
     r = router("--reload-cmd", f"echo reloaded >> {calls}", wait="read 0 keys")
     config = r.config
@@ -481,8 +511,9 @@ def test_reload_cmd_for_an_haproxy_managed_elsewhere(
 
 
 def test_promote_switches_every_request_without_a_failure(
-    scope, service, registrar, router, containers
-):
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory,
+) -> None:
     """The deploy's step four through HAProxy: promote v2, then roll back to v1, under load."""
     ctl = scope.prefix + "-ctl"
     agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
@@ -576,7 +607,7 @@ def server_rows(r: Router) -> dict[str, list[str]]:
     return rows
 
 
-def slot_of(r: Router, container) -> str:
+def slot_of(r: Router, container: Container) -> str:
     """The server slot that routes to `container` (by its published port)."""
     port = str(container.port(8080))
     return wait_until(lambda: next((name for name, f in server_rows(r).items()
@@ -584,13 +615,14 @@ def slot_of(r: Router, container) -> str:
                       timeout=10, message=f"no slot for {container.name}")
 
 
-def host_pid(container) -> int:
+def host_pid(container: Container) -> int:
     return int(container.state()["Pid"])
 
 
 def test_a_frozen_server_leaves_rotation_in_2_s_and_comes_back_when_thawed(
-    scope, service, agent, router, containers
-):
+    scope: Scope, service: str, agent: StartAgent, router: StartRouter,
+    containers: ContainerFactory,
+) -> None:
     agent()
     r = router()
     healthy, frozen = containers(labels=labels(service)), containers(labels=labels(service))
@@ -623,8 +655,9 @@ def test_a_frozen_server_leaves_rotation_in_2_s_and_comes_back_when_thawed(
 
 
 def test_a_server_that_refuses_connections_fails_no_request(
-    scope, service, agent, router, containers
-):
+    scope: Scope, service: str, agent: StartAgent, router: StartRouter,
+    containers: ContainerFactory,
+) -> None:
     agent()
     r = router()
     staying = containers(labels=labels(service))
@@ -655,8 +688,9 @@ def test_a_server_that_refuses_connections_fails_no_request(
 
 
 def test_traffic_by_version_is_counted_reported_and_survives_a_reload_from_outside(
-    scope, service, registrar, router, containers, etcd_reader
-):
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory, etcd_reader: EtcdReader,
+) -> None:
     ctl = scope.prefix + "-ctl"
     agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
                        "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
@@ -712,8 +746,9 @@ def test_traffic_by_version_is_counted_reported_and_survives_a_reload_from_outsi
 
 @pytest.mark.parametrize("each_side", [1, 3])
 def test_weights_send_the_canary_its_share(
-    scope, service, registrar, router, containers, etcd_reader, each_side
-):
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory, etcd_reader: EtcdReader, each_side: int,
+) -> None:
     ctl = scope.prefix + "-ctl"
     agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
                        "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
@@ -738,8 +773,11 @@ def test_weights_send_the_canary_its_share(
         model = [Server(f"o{i}", "127.0.0.1", i, f"o{i}", "v1") for i in range(each_side)] + [
             Server(f"n{i}", "127.0.0.1", i, f"n{i}", "v2") for i in range(each_side)]
         want = str(server_weights(model, Canary("v2", percent))["n0"])
-        wait_until(lambda w=want: {server_rows(r)[s][7] for s in slots} == {w}, timeout=10,
-                   message=r.proc.logs)
+
+        def weights_applied(w: str = want) -> bool:
+            return {server_rows(r)[s][7] for s in slots} == {w}
+
+        wait_until(weights_applied, timeout=10, message=r.proc.logs)
         shares[percent] = share()
         assert abs(shares[percent] * 100 - percent) <= 5, shares
     etcd_reader.delete(f"{ctl}/weights/{service}")
@@ -750,7 +788,10 @@ def test_weights_send_the_canary_its_share(
     assert r.metrics()["registrar_haproxy_reloads_total"] == 0  # runtime API only
 
 
-def test_an_ipv6_host_is_dialled_as_such(scope, service, registrar, router, containers):
+def test_an_ipv6_host_is_dialled_as_such(
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory,
+) -> None:
     port = free_port()
     agent = registrar([*scope.args("watch"), "--host-ip", "::1", "--explicit",
                        "--metrics-addr", "127.0.0.1:0"])
@@ -768,8 +809,9 @@ def test_an_ipv6_host_is_dialled_as_such(scope, service, registrar, router, cont
 
 
 def test_maintenance_under_load_fails_no_request_and_lifts_within_1_s(
-    scope, service, registrar, router, containers
-):
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory,
+) -> None:
     ctl = scope.prefix + "-ctl"
     agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
                        "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])

@@ -7,12 +7,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
 from tests.helpers import Scope
+from tests.support.docker_env import ContainerFactory
+from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.observe import KeyLog
-from tests.support.proc import wait_until
+from tests.support.proc import RegistrarProcess, wait_until
+
+if TYPE_CHECKING:
+    from tests.conftest import Forwarders, RegistrarFactory
+
+
+class Agent(Protocol):
+    def __call__(self, url: str | None = ...) -> RegistrarProcess: ...
+
+
+Ctx = tuple[Scope, str, Agent]
 
 
 def maint(scope: Scope, ctl: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,11 +43,11 @@ def ls_json(scope: Scope, ctl: str) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def ctx(registrar, etcd, unique):
+def ctx(registrar: RegistrarFactory, etcd: EtcdServer, unique: str) -> Ctx:
     scope = Scope(f"/rgt-{unique}", f"node-{unique}", etcd.url)
     ctl = f"/rgtc-{unique}"
 
-    def agent(url: str | None = None):
+    def agent(url: str | None = None) -> RegistrarProcess:
         s = Scope(scope.prefix, scope.node, url or etcd.url)
         proc = registrar([*s.args("watch"), "--control-prefix", ctl, "--explicit",
                           "--metrics-addr", "127.0.0.1:0"])
@@ -44,7 +58,9 @@ def ctx(registrar, etcd, unique):
 
 
 @pytest.mark.parametrize("kind", ["service", "instance", "node"])
-def test_each_kind_takes_instances_out_and_back(ctx, containers, etcd_reader, kind):
+def test_each_kind_takes_instances_out_and_back(
+    ctx: Ctx, containers: ContainerFactory, etcd_reader: EtcdReader, kind: str
+) -> None:
     scope, ctl, agent = ctx
     proc = agent()
     held = containers(labels={"registrar.service": "mweb"})
@@ -74,8 +90,8 @@ def test_each_kind_takes_instances_out_and_back(ctx, containers, etcd_reader, ki
 
 
 def test_an_agent_starting_on_a_node_in_maintenance_puts_nothing_in_rotation(
-    ctx, containers, etcd
-):
+    ctx: Ctx, containers: ContainerFactory, etcd: EtcdServer
+) -> None:
     scope, ctl, agent = ctx
     c = containers(labels={"registrar.service": "mboot"})
     assert "holds nothing yet" in maint(scope, ctl, "enable", "--node", scope.node).stdout
@@ -94,8 +110,9 @@ def test_an_agent_starting_on_a_node_in_maintenance_puts_nothing_in_rotation(
 
 
 def test_an_agent_cut_off_applies_maintenance_first_when_back(
-    ctx, containers, etcd, etcd_reader, forwarders
-):
+    ctx: Ctx, containers: ContainerFactory, etcd: EtcdServer, etcd_reader: EtcdReader,
+    forwarders: Forwarders,
+) -> None:
     scope, ctl, agent = ctx
     fwd = forwarders.etcd(etcd)
     agent(fwd.url)
@@ -120,7 +137,9 @@ def test_an_agent_cut_off_applies_maintenance_first_when_back(
     ["enable", "web", "--instance", "n:c:99999"], ["enable", "--node", "bad node"],
     ["enable"], ["enable", "web", "--node", "n1"], ["disable", "--instance", "n:c:1"],
 ])
-def test_bad_names_exit_2_and_write_nothing(ctx, etcd_reader, args):
+def test_bad_names_exit_2_and_write_nothing(
+    ctx: Ctx, etcd_reader: EtcdReader, args: list[str]
+) -> None:
     scope, ctl, _agent = ctx
     done = maint(scope, ctl, *args)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -92,6 +92,7 @@ def run_canary(store: EtcdStore, settings: Settings, before: Rotation, out: Text
         raise FatalError(final.message)
     for line in final.lines:
         out.write(f"  {line}\n")
+    out.flush()  # every step passed: said before the promotion is waited for
     code = promote_and_wait(OneShot(store, p.timeout), settings, before, out)
     _lift(store, weights)
     return code

@@ -1,0 +1,17 @@
+"""A container command for busybox httpd that answers its version at `PATH`, as the canary's
+real tests and bench need: with `fail_one_in=N`, one request in N answers 500 (1: every one);
+the body is the version either way."""
+
+from __future__ import annotations
+
+PATH = "/cgi-bin/app"
+
+
+def app(version: str, fail_one_in: int = 0) -> list[str]:
+    """`sh -c ...`: httpd on 8080 with a CGI script at PATH answering `version`."""
+    fail = (f'if [ $((RANDOM % {fail_one_in})) -eq 0 ]; then echo "Status: 500 Oops"; fi\n'
+            if fail_one_in else "")
+    script = f"#!/bin/sh\n{fail}echo Content-Type: text/plain\necho\necho {version}\n"
+    return ["sh", "-c", "hostname > /www/index.html && mkdir -p /www/cgi-bin && "
+            f"printf '%s' '{script}' > /www/cgi-bin/app && chmod +x /www/cgi-bin/app && "
+            "exec httpd -f -p 8080 -h /www"]

@@ -20,7 +20,6 @@ Every container is named `rgbench-cy-<run>-...` and removed by that name at the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import secrets
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.haproxy_bench import Clients, Row, Sample, rounded, table
-from bench.report import write_section
+from bench.report import part_main
 from tests.support.cgi_app import PATH, app
 from tests.support.docker_env import docker, ensure_busybox_image, remove_prefixed
 from tests.support.etcd import EtcdServer
@@ -46,7 +45,6 @@ from tests.support.proc import RegistrarProcess, free_port, wait_until
 SERVICE = "rgbench-cy"
 PREFIX = "/services"
 CONTROL = "/rgbench-cy-ctl"
-RESULTS = Path(__file__).with_name("results.md")
 HEADING = "## Canary: `registrar promote --canary` (bench/canary_bench.py)"
 TARGET_ROLLBACK = 1.0  # issue 16: failing judgement -> all new requests on the old version
 STEPS = "10,50"
@@ -314,19 +312,8 @@ def run(quick: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.canary_bench")
-    parser.add_argument("--quick", action="store_true", help="one round (writes nothing)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"where the section goes (default: replaced in {RESULTS}; "
-                        "--quick: nowhere)")
-    args = parser.parse_args(argv)
-    block = run(args.quick)
-    print(block)
-    out = args.out or (None if args.quick else RESULTS)
-    if out is not None:
-        write_section(out, HEADING, block)
-        say(f"wrote {out}")
-    return 0 if "**missed**" not in block else 1
+    return part_main(argv, "python -m bench.canary_bench", "one round (writes nothing)",
+                     HEADING, run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Every container is named `rgbench-chk-<run>-...` and removed by that name at the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import random
 import secrets
@@ -38,14 +37,13 @@ from typing import Any
 
 from bench.haproxy_bench import Row, med, p95, rounded, table
 from bench.observe import KeyLog, cpu_seconds, rss_kib
-from bench.report import write_section
+from bench.report import part_main
 from tests.helpers import scrape
 from tests.support.docker_env import docker, ensure_busybox_image, remove_prefixed
 from tests.support.etcd import EtcdServer
 from tests.support.proc import RegistrarProcess, free_port
 
 SERVICE = "rgbench-chk"
-RESULTS = Path(__file__).with_name("results.md")
 HEADING = "## Health checks: `registrar watch` with `registrar.check` (bench/checks_bench.py)"
 PORTS = (8080, 8081, 8082, 8083)
 TARGET_CPU = 3.0  # % of one core, issue 15
@@ -320,20 +318,8 @@ def run(quick: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.checks_bench")
-    parser.add_argument("--quick", action="store_true",
-                        help="5 containers, 10 s windows, one round (writes nothing)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"where the section goes (default: replaced in {RESULTS}; "
-                        "--quick: nowhere)")
-    args = parser.parse_args(argv)
-    block = run(args.quick)
-    print(block)
-    out = args.out or (None if args.quick else RESULTS)
-    if out is not None:
-        write_section(out, HEADING, block)
-        say(f"wrote {out}")
-    return 0 if "**missed**" not in block else 1
+    return part_main(argv, "python -m bench.checks_bench",
+                     "5 containers, 10 s windows, one round (writes nothing)", HEADING, run)
 
 
 if __name__ == "__main__":

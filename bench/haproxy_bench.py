@@ -45,7 +45,6 @@ Every container is named `rgbench-hx-<run>-...` and removed by that name at the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import json
@@ -66,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.observe import DockerEvents
-from bench.report import ratio, write_section
+from bench.report import part_main, ratio
 from registrar.core.control import Canary
 from registrar.haproxy.config import Server, builtin_template_text, server_weights
 from registrar.haproxy.process import cli, socket_paths
@@ -80,7 +79,6 @@ SERVICE = "rgbench-hx"
 PREFIX = "/services"
 CONTROL = "/rgbench-ctl"
 TARGET_P50 = 0.025  # issue 14: Docker start -> first request served, p50 <= 25 ms
-RESULTS = Path(__file__).with_name("results.md")
 HEADING = "## Routing: `registrar haproxy` (bench/haproxy_bench.py)"
 # bench/results.md at commit 10fb7a8, before the router changes of issue 14
 BEFORE = "commit 10fb7a8"
@@ -343,14 +341,20 @@ class Bench:
         """Waits until exactly these containers answer through HAProxy."""
         want = {c[:12] for c in cids}
 
+        got: set[str] = set()
+
         def seen() -> bool:
-            got = set()
+            got.clear()
             for _ in range(4 * len(want) + 4):
                 with contextlib.suppress(OSError):
-                    got.add(request(stack.port)[1])
+                    got.add(request(stack.port)[1][:40])
             return got == want
 
-        wait_until(seen, timeout=timeout, message=f"never served by exactly {sorted(want)}")
+        try:
+            wait_until(seen, timeout=timeout)
+        except AssertionError:
+            raise AssertionError(f"never served by exactly {sorted(want)} in {timeout} s "
+                                 f"(last seen: {sorted(got)})") from None
 
     # --- 1. start to traffic --------------------------------------------------------------
 
@@ -833,20 +837,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.haproxy_bench")
-    parser.add_argument("--quick", action="store_true", help="fewer samples, for a smoke run")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"where the section goes (default: replaced in {RESULTS}; "
-                        "--quick: nowhere)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick)
-    block = section(rows)
-    print(block)
-    out = args.out or (None if args.quick else RESULTS)
-    if out is not None:
-        write_section(out, HEADING, block)
-        say(f"wrote {out}")
-    return 0 if all(row["met"] is not False for row in rows) else 1
+    return part_main(argv, "python -m bench.haproxy_bench",
+                     "fewer samples, for a smoke run (writes nothing)", HEADING,
+                     lambda quick: section(run(quick)))
 
 
 if __name__ == "__main__":

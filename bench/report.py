@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,3 +193,26 @@ def section_of(text: str, heading: str) -> str:
         return ""
     end = text.find("\n## ", start + len(heading))
     return text[start:] if end < 0 else text[start:end + 1]
+
+
+RESULTS = Path(__file__).with_name("results.md")
+
+
+def part_main(argv: Sequence[str] | None, prog: str, quick_help: str, heading: str,
+              run: Callable[[bool], str]) -> int:
+    """`python -m bench.<part> [--quick] [--out PATH]`: runs one part, prints its section and
+    (without --quick) puts it in bench/results.md in place of the old one; exit 1 when a
+    target was missed."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where the section goes (default: replaced in {RESULTS}; "
+                        "--quick: nowhere)")
+    args = parser.parse_args(argv)
+    block = run(args.quick)
+    print(block)
+    out = args.out or (None if args.quick else RESULTS)
+    if out is not None:
+        write_section(out, heading, block)
+        print(f"bench: wrote {out}", file=sys.stderr, flush=True)
+    return 0 if "**missed**" not in block else 1

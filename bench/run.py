@@ -750,7 +750,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for part in PARTS:
             if args.only in (None, part.name):
                 say(f"{part.name}: {part.says}")
-                parts[part.heading] = part.run(args.quick)
+                try:
+                    parts[part.heading] = part.run(args.quick)
+                except Exception as exc:  # one part failing must not lose the others' results
+                    say(f"{part.name} FAILED: {type(exc).__name__}: {exc}")
+                    parts[part.heading] = (f"{part.heading}\n\n**This part failed** in the run "
+                                           f"of {report.revision()}: `{type(exc).__name__}: "
+                                           f"{str(exc)[:300]}`\n")
     finally:
         bench.cleanup()
         if not args.keep_logs:

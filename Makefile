@@ -13,15 +13,19 @@ setup:
 run: setup
 	exec $(BIN)/registrar watch $(ARGS)
 
+# Serial, and with every property test's full count of examples (the Hypothesis profile
+# "thorough", tests/hypothesis_profiles.py) unless HYPOTHESIS_PROFILE says otherwise.
 test: setup lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-thorough} $(BIN)/pytest $(PYTEST_ARGS)
 
 # The pure and in-memory tests only: they need the virtualenv, no daemon (setup runs only when
-# the virtualenv is missing or older than pyproject.toml). On 2 xdist workers: much of the tier
-# waits on real sockets and threads (tests/test_checker.py). Only this tier runs in parallel.
+# the virtualenv is missing or older than pyproject.toml). On 2 xdist workers, as much of the
+# tier waits on real sockets and threads (tests/test_checker.py, ~9 s in a row): worksteal lets
+# the other worker take what is queued behind those. Only this tier runs in parallel
+# (PYTEST_ARGS=-n0 runs it serially).
 test-fast:
 	@[ -x $(BIN)/pytest ] && [ $(VENV)/.installed -nt pyproject.toml ] || bash scripts/setup.sh
-	$(BIN)/pytest -m "not real" -n 2 $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not real" -n 2 --dist worksteal $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check registrar tests bench demo

@@ -4,6 +4,10 @@ private etcd started here; when either cannot be reached those tests FAIL, never
 Tests that use any fixture of REAL_FIXTURES are marked ``real`` automatically, so
 ``pytest -m "not real"`` (``make test-fast``) runs the pure tests only; a test that runs an
 outside tool without such a fixture (systemd-analyze, promtool) carries the marker itself.
+
+Property tests run the Hypothesis profile of HYPOTHESIS_PROFILE: "fast" by default, "thorough"
+(`make test`) for every test's full count of examples (tests/hypothesis_profiles.py, imported
+first here).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests import hypothesis_profiles  # noqa: F401  (loads the profile before any test module)
 from tests.support.docker_env import (
     BUSYBOX_IMAGE,
     ContainerFactory,

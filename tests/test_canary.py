@@ -38,6 +38,7 @@ from registrar.core.canary import (
 )
 from registrar.core.layout import Layout
 from registrar.core.planner import StoredKey
+from tests.hypothesis_profiles import examples
 
 AT = "2015-07-20T12:00:00Z"
 
@@ -511,7 +512,7 @@ raw_reports = st.one_of(st.text(max_size=50), json_values.map(json.dumps),
                         report_values.map(json.dumps))
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(raw_reports)
 def test_parse_never_raises(raw: str) -> None:
     parsed = parse_report(raw)
@@ -525,7 +526,7 @@ def parsed_all(raw: Mapping[str, str]) -> dict[str, Report]:
     return {k: r for k, v in raw.items() if (r := parse_report(v)) is not None}
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(routers_reads, routers_reads, st.sampled_from([None, "http", "tcp"]),
        st.floats(min_value=0, max_value=1), st.integers(min_value=0, max_value=50))
 def test_judge_never_raises_nor_divides_by_zero(start: dict[str, str], end: dict[str, str],
@@ -538,7 +539,7 @@ def test_judge_never_raises_nor_divides_by_zero(start: dict[str, str], end: dict
         assert 0.0 <= judged.rate <= 1.0 and judged.requests >= max(min_req, 1)
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(st.lists(routers_reads, max_size=12), st.floats(min_value=0.01, max_value=1))
 def test_the_canary_never_raises_on_hostile_reports(looks: list[dict[str, str]],
                                                     max_rate: float) -> None:

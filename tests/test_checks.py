@@ -29,6 +29,7 @@ from registrar.core.checks import (
     in_rotation,
     parse_checks,
 )
+from tests.hypothesis_profiles import examples
 
 TCP = CheckSpec("tcp", None)
 
@@ -227,7 +228,7 @@ values = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(labels=st.dictionaries(st.one_of(st.sampled_from(CHECK_NAMES), st.text(max_size=20)),
                               values, max_size=7))
 def test_property_a_valid_spec_or_invalid_check(labels: dict[str, str]) -> None:
@@ -300,7 +301,7 @@ def test_the_state_is_plain_data() -> None:
     assert after(CheckState(Phase.OUT, 1), False, check) == CheckState(Phase.OUT, 0)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(rise=st.integers(1, 6), fall=st.integers(1, 6), results=st.lists(st.booleans(),
                                                                         max_size=60))
 def test_property_rotation_follows_the_last_results(
@@ -398,7 +399,7 @@ def test_http_status_and_verdict(first_bytes: bytes, status: int | None,
     assert http_verdict(first_bytes) is verdict
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=700))
 def test_property_any_answer_has_a_verdict_or_needs_more(data: bytes) -> None:
     verdict = http_verdict(data)

@@ -4,11 +4,13 @@ plan, and the debounce of `Registrations` (with a fake clock)."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
 from pathlib import Path
 
+import jinja2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,6 +39,7 @@ from registrar.haproxy.config import (
 )
 from registrar.haproxy.process import runtime_dir, socket_paths
 from registrar.settings import Bind
+from tests.hypothesis_profiles import examples
 
 GOLDEN = Path(__file__).with_name("golden")
 REGENERATE = os.environ.get("REGISTRAR_REGENERATE_GOLDEN") == "1"
@@ -285,14 +288,23 @@ _hostile_values = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@functools.cache
+def builtin_and_empty() -> tuple[jinja2.Template, frozenset[str]]:
+    """The built-in template and the lines of its config without a server, made once: compiling
+    the template is most of an example's time, and neither changes between examples."""
+    template = load_template(None)
+    empty = render(template, build_backends(WEB, []), [], ctx())
+    return template, frozenset(empty.splitlines())
+
+
+@settings(max_examples=examples(300), deadline=None)
 @given(instance=st.text(min_size=1, max_size=60), raw=_hostile_values)
 def test_hostile_keys_and_values_never_add_config_lines(instance: str, raw: str) -> None:
+    template, empty = builtin_and_empty()
     parsed = parse_registration(PREFIX, f"{PREFIX}/web/{instance}", raw)
     regs = [parsed] if isinstance(parsed, Routed) else []
-    text = render(load_template(None), build_backends(WEB, regs), regs, ctx())
-    empty = render(load_template(None), build_backends(WEB, []), [], ctx())
-    extra = [line for line in text.splitlines() if line not in empty.splitlines()]
+    text = render(template, build_backends(WEB, regs), regs, ctx())
+    extra = [line for line in text.splitlines() if line not in empty]
     assert len(extra) == len(regs)
     for line in extra:
         assert re.fullmatch(r"    server [A-Za-z0-9][A-Za-z0-9._:-]* \S+:\d{1,5}", line), line

@@ -28,6 +28,7 @@ from registrar.core.naming import (
     registrations_for,
 )
 from registrar.core.ownership import owned_by
+from tests.hypothesis_profiles import examples
 from tests.inspect_data import CONTAINER_ID, inspect_doc, published
 
 PREFIX = "/services"
@@ -406,7 +407,7 @@ def _doc(name: str, image: str, labels: Mapping[str, str], env: Mapping[str, str
     return doc
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=weighted(good_names.map(lambda n: "/" + n), texts),
     image=images,
@@ -503,7 +504,7 @@ def test_owned_by(instance: str, mine: bool) -> None:
     assert owned_by(NODE, instance) is mine
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(node=st.from_regex(SEGMENT, fullmatch=True), key=st.one_of(
     st.text(max_size=80),
     st.builds(lambda s, i: f"{PREFIX}/{s}/{i}", st.text(max_size=20), st.text(max_size=40)),
@@ -598,7 +599,7 @@ check_labels = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(checks=check_labels, labels=labels_st, ports=some_bindings)
 def test_property_hostile_check_labels_give_a_spec_or_invalid_check(
     checks: dict[str, str], labels: dict[str, str], ports: list[tuple[int, str, int, str]]

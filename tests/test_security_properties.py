@@ -38,6 +38,7 @@ from registrar.core.reconcile import plan
 from registrar.metrics import Metrics
 from registrar.settings import NAME_RE, SettingsError, parse_settings
 from tests.fakes import FakeEtcd
+from tests.hypothesis_profiles import examples
 
 PREFIX = "/services"
 CONTROL = "/registrar"
@@ -189,7 +190,7 @@ def desired_of(containers: list[ContainerInfo]) -> dict[str, str]:
 
 
 # --- the keeper's decision, driven directly -------------------------------------------------
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(contents=etcd_contents, containers=st.lists(container_infos, max_size=4),
        control=controls, data=st.data(), lease=st.integers(1, 4))
 def test_the_decision_touches_only_this_keepers_keys(
@@ -214,7 +215,7 @@ def test_the_decision_touches_only_this_keepers_keys(
             assert key in decided.held or LAYOUT.twin(key) in decided.held
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contents=etcd_contents, containers=st.lists(container_infos, max_size=3))
 def test_the_keeper_thread_writes_what_the_decision_says_and_revokes_only_its_lease(
     contents: dict[str, StoredKey], containers: list[ContainerInfo]
@@ -262,7 +263,7 @@ def test_the_decision_does_delete_this_nodes_stale_keys() -> None:
 
 
 # --- the pure pieces ----------------------------------------------------------------------
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(
     desired=st.dictionaries(st.builds(lambda s, i: f"{PREFIX}/{s}/{i}", names, instances),
                             stored_values, max_size=8),
@@ -277,7 +278,7 @@ def test_plan_changes_deletes_only_what_it_was_given(
     assert set(changes.puts) <= set(desired)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(
     desired=st.dictionaries(
         st.builds(lambda s, n, c, p: f"{PREFIX}/{s}/{n}:{c}:{p}", names, nodes, names,
@@ -298,7 +299,7 @@ def test_place_keeps_every_instance_in_rotation_or_standby(
         assert parsed is not None and f"{PREFIX}/{parsed[0]}/{parsed[1]}" in desired
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(stored=etcd_contents)
 def test_parse_promotions_takes_only_direct_children(stored: dict[str, StoredKey]) -> None:
     promotions = parse_promotions(stored, LAYOUT)
@@ -309,7 +310,7 @@ def test_parse_promotions_takes_only_direct_children(stored: dict[str, StoredKey
         assert "/" not in service and service and isinstance(version, str) and version
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(stored=etcd_contents, service=st.one_of(st.none(), names, texts),
        promotions=st.dictionaries(names, names, max_size=3))
 def test_ls_never_crashes_and_no_value_poses_as_another_key(
@@ -354,7 +355,7 @@ def test_a_deeply_nested_value_is_just_not_json(where: str) -> None:
 control_text = st.text(alphabet=st.characters(categories=["Cc"]), min_size=1, max_size=3)
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(field=st.sampled_from(["service", "host", "version", "node"]), evil=control_text)
 def test_ls_table_prints_no_control_characters_from_values(field: str, evil: str) -> None:
     """A newline or an escape sequence in a value (anyone who can write under the prefix)
@@ -392,7 +393,7 @@ path_like = st.one_of(
 )
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(prefix=path_like, control=path_like, service=names, instance=instances)
 def test_no_accepted_prefix_lets_a_key_escape(
     prefix: str, control: str, service: str, instance: str
@@ -414,7 +415,7 @@ def test_no_accepted_prefix_lets_a_key_escape(
     assert parse_key(s.prefix, key) is None or parse_key(s.prefix, key) == (service, instance)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(node=st.one_of(any_text, nodes, st.builds(lambda n, t: n + t, nodes, any_text)))
 def test_no_accepted_node_can_claim_another_nodes_keys(node: str) -> None:
     s = _settings(["watch"], {"REGISTRAR_NODE": node})
@@ -433,7 +434,7 @@ FLAGS = ["ETCD", "ETCD_USER", "PREFIX", "CONTROL_PREFIX", "TTL", "HOST_IP", "NOD
 SECRET = "Zq9-s3cret-Xw"
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(values=st.dictionaries(st.sampled_from(FLAGS), any_text, min_size=1, max_size=4),
        command=st.sampled_from([["watch"], ["register", "c1"], ["ls"], ["ls", "web"]]),
        user=st.sampled_from([None, "registrar"]))

@@ -19,6 +19,7 @@ themselves (/run/registrar/%n.env, with DOCKER_GID) is real, named after the tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -303,10 +304,11 @@ def test_units_pass_systemd_analyze_verify(variant: str, tmp_path: Path) -> None
 
 
 # --- 2. structure, flags and variables ------------------------------------------------------
-def help_flags(*command: str) -> set[str]:
+@functools.cache  # one `--help` run per command, not one per unit file
+def help_flags(*command: str) -> frozenset[str]:
     out = subprocess.run([sys.executable, "-m", "registrar", *command, "--help"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
-    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out))
+    return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out))
 
 
 def docker_run_flags() -> set[str]:

@@ -70,9 +70,9 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def make_keeper(etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> LeaseKeeper:
-    etcd.metrics = metrics
-    keeper = LeaseKeeper(etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
+def make_keeper(fake_etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> LeaseKeeper:
+    fake_etcd.metrics = metrics
+    keeper = LeaseKeeper(fake_etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
                          ownership=Ownership(NODE), metrics=metrics,
                          heartbeat_interval=heartbeat)
     # The first full picture of what runs (the watcher's first reconcile) allows writing.
@@ -81,7 +81,7 @@ def make_keeper(etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> Le
 
 
 @pytest.fixture
-def etcd() -> FakeEtcd:
+def fake_etcd() -> FakeEtcd:
     return FakeEtcd()
 
 
@@ -91,10 +91,10 @@ def metrics() -> Metrics:
 
 
 @pytest.fixture
-def keeper(etcd: FakeEtcd, metrics: Metrics) -> Iterator[LeaseKeeper]:
-    keeper = make_keeper(etcd, metrics)
+def keeper(fake_etcd: FakeEtcd, metrics: Metrics) -> Iterator[LeaseKeeper]:
+    keeper = make_keeper(fake_etcd, metrics)
     yield keeper
-    etcd.down = False
+    fake_etcd.down = False
     keeper.shutdown(time.monotonic() + 1.0)
 
 
@@ -106,104 +106,104 @@ def synced(keeper: LeaseKeeper) -> None:
 # --- LeaseKeeper --------------------------------------------------------------------------
 
 
-def test_keys_are_written_once(keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics) -> None:
+def test_keys_are_written_once(keeper: LeaseKeeper, fake_etcd: FakeEtcd, metrics: Metrics) -> None:
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.set_container("c2", {key("b"): encoded("b"), key("b", port=9090): encoded("b", 9)})
     keeper.start()
-    wait_until(lambda: len(etcd.stored()) == 3, what="three keys")
+    wait_until(lambda: len(fake_etcd.stored()) == 3, what="three keys")
     synced(keeper)
     lease = keeper.lease
     assert lease is not None
-    assert all(stored.lease == lease for stored in etcd.kv.values())
-    assert etcd.writes() == 3
+    assert all(stored.lease == lease for stored in fake_etcd.kv.values())
+    assert fake_etcd.writes() == 3
     assert sample(metrics, "registrar_registrations_total") == 3
     assert sample(metrics, "registrar_registered_services") == 3
     assert sample(metrics, "registrar_etcd_up") == 1
 
 
 def test_replace_all_with_the_same_state_writes_nothing(
-    keeper: LeaseKeeper, etcd: FakeEtcd
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd
 ) -> None:
     state = {"c1": {key("a"): encoded("a")}, "c2": {key("b"): encoded("b")}}
     keeper.replace_all(state)
     keeper.start()
-    wait_until(lambda: len(etcd.stored()) == 2)
+    wait_until(lambda: len(fake_etcd.stored()) == 2)
     synced(keeper)
-    writes, reads = etcd.writes(), etcd.reads
+    writes, reads = fake_etcd.writes(), fake_etcd.reads
     for _ in range(3):
         keeper.replace_all(copy.deepcopy(state))
         synced(keeper)
     keeper.set_container("c1", {key("a"): encoded("a")})  # unchanged: not even a wake-up
-    wait_until(lambda: etcd.reads > reads, what="a re-read of etcd")  # it did look
+    wait_until(lambda: fake_etcd.reads > reads, what="a re-read of etcd")  # it did look
     synced(keeper)
-    assert etcd.writes() == writes
-    assert etcd.stored() == {key("a"): encoded("a"), key("b"): encoded("b")}
+    assert fake_etcd.writes() == writes
+    assert fake_etcd.stored() == {key("a"): encoded("a"), key("b"): encoded("b")}
 
 
 def test_set_change_and_drop_a_container(
-    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd, metrics: Metrics
 ) -> None:
     keeper.start()
     keeper.set_container("c1", {key("a"): encoded("a")})
-    wait_until(lambda: etcd.stored() == {key("a"): encoded("a")})
+    wait_until(lambda: fake_etcd.stored() == {key("a"): encoded("a")})
     keeper.set_container("c1", {key("a"): encoded("a", version="v2")})
-    wait_until(lambda: etcd.stored() == {key("a"): encoded("a", version="v2")})
+    wait_until(lambda: fake_etcd.stored() == {key("a"): encoded("a", version="v2")})
     keeper.drop_container("c1")
-    wait_until(lambda: etcd.stored() == {})
+    wait_until(lambda: fake_etcd.stored() == {})
     synced(keeper)
-    assert etcd.ops == [("put", key("a")), ("put", key("a")), ("delete", key("a"))]
+    assert fake_etcd.ops == [("put", key("a")), ("put", key("a")), ("delete", key("a"))]
     assert sample(metrics, "registrar_registrations_total") == 1  # a changed value is not new
     assert sample(metrics, "registrar_deregistrations_total") == 1
     assert sample(metrics, "registrar_registered_services") == 0
 
 
 def test_etcd_down_then_up_keeps_the_desired_state(
-    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd, metrics: Metrics
 ) -> None:
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.start()
-    wait_until(lambda: key("a") in etcd.stored())
-    etcd.down = True
+    wait_until(lambda: key("a") in fake_etcd.stored())
+    fake_etcd.down = True
     keeper.set_container("c2", {key("b"): encoded("b")})
     keeper.drop_container("c1")
-    wait_until(lambda: etcd.refused >= 2, what="the keeper to try while etcd is down")
+    wait_until(lambda: fake_etcd.refused >= 2, what="the keeper to try while etcd is down")
     wait_until(lambda: sample(metrics, "registrar_etcd_up") == 0, what="etcd_up 0")
     assert not keeper.synced.is_set()
     assert keeper.desired_keys() == {key("b"): encoded("b")}
-    assert key("b") not in etcd.kv
-    etcd.down = False
-    wait_until(lambda: etcd.stored() == {key("b"): encoded("b")}, what="the catch-up")
+    assert key("b") not in fake_etcd.kv
+    fake_etcd.down = False
+    wait_until(lambda: fake_etcd.stored() == {key("b"): encoded("b")}, what="the catch-up")
     wait_until(lambda: sample(metrics, "registrar_etcd_up") == 1, what="etcd_up 1")
     synced(keeper)
     assert sample(metrics, "registrar_lease_regrants_total") == 0  # the lease outlived it
 
 
-def test_etcd_down_at_start(keeper: LeaseKeeper, etcd: FakeEtcd) -> None:
-    etcd.down = True
+def test_etcd_down_at_start(keeper: LeaseKeeper, fake_etcd: FakeEtcd) -> None:
+    fake_etcd.down = True
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.start()
-    wait_until(lambda: etcd.refused >= 2)
-    etcd.down = False
-    wait_until(lambda: etcd.stored() == {key("a"): encoded("a")})
+    wait_until(lambda: fake_etcd.refused >= 2)
+    fake_etcd.down = False
+    wait_until(lambda: fake_etcd.stored() == {key("a"): encoded("a")})
 
 
 @pytest.mark.parametrize("how", ["ttl0", "raise"])
 def test_expired_lease_is_granted_anew_and_every_key_put_again(
-    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics, how: str
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd, metrics: Metrics, how: str
 ) -> None:
-    etcd.keepalive_expired = how
+    fake_etcd.keepalive_expired = how
     state = {key("a"): encoded("a"), key("b"): encoded("b"), key("c"): encoded("c")}
     keeper.set_container("c1", state)
     keeper.start()
-    wait_until(lambda: etcd.stored() == state)
+    wait_until(lambda: fake_etcd.stored() == state)
     old = keeper.lease
     assert old is not None
-    etcd.expire(old)  # found by the next heartbeat
-    wait_until(lambda: etcd.stored() == state, what="every key back")
+    fake_etcd.expire(old)  # found by the next heartbeat
+    wait_until(lambda: fake_etcd.stored() == state, what="every key back")
     new = keeper.lease
     assert new is not None and new != old
-    assert all(stored.lease == new for stored in etcd.kv.values())
-    assert all(etcd.puts_of(k) == 2 for k in state)
+    assert all(stored.lease == new for stored in fake_etcd.kv.values())
+    assert all(fake_etcd.puts_of(k) == 2 for k in state)
     assert sample(metrics, "registrar_lease_regrants_total") == 1
     assert sample(metrics, "registrar_lease_keepalive_failures_total") >= (1 if how == "ttl0"
                                                                          else 0)
@@ -212,18 +212,18 @@ def test_expired_lease_is_granted_anew_and_every_key_put_again(
     assert sample(metrics, "registrar_registrations_total") == 3
 
 
-def test_expired_lease_found_by_a_write(etcd: FakeEtcd, metrics: Metrics) -> None:
-    keeper = make_keeper(etcd, metrics, heartbeat=60)  # no heartbeat will notice
+def test_expired_lease_found_by_a_write(fake_etcd: FakeEtcd, metrics: Metrics) -> None:
+    keeper = make_keeper(fake_etcd, metrics, heartbeat=60)  # no heartbeat will notice
     try:
         keeper.set_container("c1", {key("a"): encoded("a")})
         keeper.start()
-        wait_until(lambda: key("a") in etcd.stored())
+        wait_until(lambda: key("a") in fake_etcd.stored())
         synced(keeper)
         old = keeper.lease
         assert old is not None
-        etcd.expire(old)
+        fake_etcd.expire(old)
         keeper.set_container("c2", {key("b"): encoded("b")})
-        wait_until(lambda: etcd.stored() == {key("a"): encoded("a"), key("b"): encoded("b")})
+        wait_until(lambda: fake_etcd.stored() == {key("a"): encoded("a"), key("b"): encoded("b")})
         assert keeper.lease != old
         assert sample(metrics, "registrar_lease_regrants_total") == 1
     finally:
@@ -231,7 +231,7 @@ def test_expired_lease_found_by_a_write(etcd: FakeEtcd, metrics: Metrics) -> Non
 
 
 def test_start_deletes_this_nodes_stale_keys_only(
-    keeper: LeaseKeeper, etcd: FakeEtcd
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd
 ) -> None:
     stale = {
         key("old"): StoredKey(encoded("old"), 999),  # ours, from a previous run
@@ -250,50 +250,69 @@ def test_start_deletes_this_nodes_stale_keys_only(
         f"{PREFIX}/web/{NODE}:a:8080/deeper": StoredKey("?", 5),
         f"{CONTROL}/promoted/api": StoredKey(json.dumps({"version": "v1", "at": "x"}), 0),
     }
-    etcd.kv.update(stale)
-    etcd.kv.update(foreign)
+    fake_etcd.kv.update(stale)
+    fake_etcd.kv.update(foreign)
     keeper.replace_all({"c-keep": {key("keep"): encoded("keep")}})
     keeper.start()
-    wait_until(lambda: key("old") not in etcd.kv, what="the stale key deleted")
+    wait_until(lambda: key("old") not in fake_etcd.kv, what="the stale key deleted")
     synced(keeper)
-    assert {k: v for k, v in etcd.kv.items() if k not in foreign} == {
+    assert {k: v for k, v in fake_etcd.kv.items() if k not in foreign} == {
         key("keep"): StoredKey(encoded("keep"), keeper.lease or -1),
     }
     for k, v in foreign.items():
-        assert etcd.kv[k] == v, k
-    deleted = {k for op, k in etcd.ops if op == "delete"}
+        assert fake_etcd.kv[k] == v, k
+    deleted = {k for op, k in fake_etcd.ops if op == "delete"}
     assert deleted == set(stale) - {key("keep")}
 
 
-def test_shutdown_revokes_the_lease(
-    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+def test_a_first_instance_of_a_service_reads_its_promotion_first(
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd
 ) -> None:
-    etcd.kv[key("x", node="core-02")] = StoredKey(encoded("x"), 5)
+    """The control follower ignores promotions of services the keeper has no instance of;
+    so the first instance of one makes the keeper read the control state before writing."""
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.start()
+    wait_until(lambda: key("a") in fake_etcd.kv, what="web registered")
+    synced(keeper)
+    fake_etcd.kv[f"{CONTROL}/promoted/api"] = StoredKey(json.dumps({"version": "v1", "at": "x"}), 0)
+    value = json.dumps({"service": "api", "container_name": "b", "port": 1, "version": "v2"})
+    keeper.set_container("c2", {key("b", service="api"): value})
+    standby = f"{CONTROL}/standby/api/{NODE}:b:8080"
+    wait_until(lambda: standby in fake_etcd.kv, what="api's v2 instance on standby")
+    synced(keeper)
+    assert key("b", service="api") not in fake_etcd.kv
+    assert ("put", key("b", service="api")) not in fake_etcd.ops
+
+
+def test_shutdown_revokes_the_lease(
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd, metrics: Metrics
+) -> None:
+    fake_etcd.kv[key("x", node="core-02")] = StoredKey(encoded("x"), 5)
     keeper.set_container("c1", {key("a"): encoded("a"), key("b"): encoded("b")})
     keeper.start()
-    wait_until(lambda: len(etcd.stored()) == 3)
+    wait_until(lambda: len(fake_etcd.stored()) == 3)
     lease = keeper.lease
     assert keeper.shutdown(time.monotonic() + 1.0) is True
-    assert etcd.revoked == [lease]
-    assert etcd.stored() == {key("x", node="core-02"): encoded("x")}
+    assert fake_etcd.revoked == [lease]
+    assert fake_etcd.stored() == {key("x", node="core-02"): encoded("x")}
     assert not keeper.alive()
     assert sample(metrics, "registrar_registered_services") == 0
     assert sample(metrics, "registrar_deregistrations_total") == 2
 
 
-def test_shutdown_with_etcd_down_gives_up(keeper: LeaseKeeper, etcd: FakeEtcd) -> None:
+def test_shutdown_with_etcd_down_gives_up(keeper: LeaseKeeper, fake_etcd: FakeEtcd) -> None:
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.start()
-    wait_until(lambda: key("a") in etcd.stored())
-    etcd.down = True
+    wait_until(lambda: key("a") in fake_etcd.stored())
+    fake_etcd.down = True
     assert keeper.shutdown(time.monotonic() + 0.5) is False  # the keys expire with the lease
-    assert etcd.revoked == []
+    assert fake_etcd.revoked == []
 
 
-def test_shutdown_before_any_lease(etcd: FakeEtcd, metrics: Metrics) -> None:
-    keeper = make_keeper(etcd, metrics)
+def test_shutdown_before_any_lease(fake_etcd: FakeEtcd, metrics: Metrics) -> None:
+    keeper = make_keeper(fake_etcd, metrics)
     assert keeper.shutdown(time.monotonic() + 0.5) is True
-    assert etcd.revoked == []
+    assert fake_etcd.revoked == []
 
 
 # --- ContainerWatcher ---------------------------------------------------------------------
@@ -301,7 +320,7 @@ def test_shutdown_before_any_lease(etcd: FakeEtcd, metrics: Metrics) -> None:
 
 @dataclass
 class Rig:
-    etcd: FakeEtcd
+    fake_etcd: FakeEtcd
     docker: FakeDocker
     metrics: Metrics
     keeper: LeaseKeeper
@@ -321,7 +340,7 @@ class Rig:
         """Starts a container and waits for its key: everything before it was handled."""
         cid = self.docker.add(container(name))
         self.docker.emit("start", cid)
-        wait_until(lambda: key(name) in self.etcd.stored(), what=f"sentinel {name}")
+        wait_until(lambda: key(name) in self.fake_etcd.stored(), what=f"sentinel {name}")
 
 
 @pytest.fixture
@@ -329,19 +348,19 @@ def rig_factory() -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
     def make(resync: float = 0.0, host_ip: str | None = None) -> Rig:
-        etcd, docker, metrics = FakeEtcd(), FakeDocker(), Metrics()
-        keeper = make_keeper(etcd, metrics)
+        fake_etcd, docker, metrics = FakeEtcd(), FakeDocker(), Metrics()
+        keeper = make_keeper(fake_etcd, metrics)
         naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=host_ip, default_ip=DEFAULT_IP)
         watcher = ContainerWatcher(docker, keeper, naming, metrics,  # type: ignore[arg-type]
                                    resync=resync)
-        rig = Rig(etcd, docker, metrics, keeper, watcher)
+        rig = Rig(fake_etcd, docker, metrics, keeper, watcher)
         made.append(rig)
         return rig
 
     yield make
     for rig in made:
         rig.docker.down = False
-        rig.etcd.down = False
+        rig.fake_etcd.down = False
         rig.watcher.request_stop()
         rig.watcher.join(time.monotonic() + 2.0)
         rig.keeper.shutdown(time.monotonic() + 1.0)
@@ -352,12 +371,12 @@ def test_running_containers_are_registered_at_start(rig_factory: Callable[..., R
     rig.docker.add(container("web-1"))
     rig.docker.add(container("web-2", running=False))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
-    value = json.loads(rig.etcd.stored()[key("web-1")])
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+    value = json.loads(rig.fake_etcd.stored()[key("web-1")])
     assert value["host"] == DEFAULT_IP and value["node"] == NODE
     assert value["container_id"] == cid_of("web-1")
     rig.sentinel("z")
-    assert key("web-2") not in rig.etcd.stored()
+    assert key("web-2") not in rig.fake_etcd.stored()
     assert sample(rig.metrics, "registrar_docker_up") == 1
 
 
@@ -367,7 +386,7 @@ def test_start_event_registers(rig_factory: Callable[..., Rig]) -> None:
     cid = rig.docker.add(container("web-1"))
     rig.docker.emit("create", cid)
     rig.docker.emit("start", cid)
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     assert sample(rig.metrics, "registrar_docker_events_total", action="start") == 1
     assert sample(rig.metrics, "registrar_docker_events_total", action="create") == 1
     assert rig.docker.running_calls == 1
@@ -379,22 +398,22 @@ def test_kill_withdraws_and_resync_does_not_bring_it_back(
     rig = rig_factory(resync=0.05)
     cid = rig.docker.add(container("web-1"))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.emit("kill", cid, signal="15")
-    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="withdrawn on kill 15")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="withdrawn on kill 15")
     rig.resyncs()  # the container still runs (it is stopping): it stays out
     rig.sentinel("z1")
-    assert key("web-1") not in rig.etcd.stored()
+    assert key("web-1") not in rig.fake_etcd.stored()
     rig.docker.state(cid, Running=False, Status="exited", ExitCode=143)
     rig.docker.emit("die", cid, exitCode="143")
     rig.docker.emit("stop", cid)
     rig.resyncs()
     rig.sentinel("z2")
-    assert key("web-1") not in rig.etcd.stored()
-    assert rig.etcd.puts_of(key("web-1")) == 1
+    assert key("web-1") not in rig.fake_etcd.stored()
+    assert rig.fake_etcd.puts_of(key("web-1")) == 1
     rig.docker.state(cid, Running=True, Status="running")
     rig.docker.emit("start", cid)
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="back after a new start")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="back after a new start")
 
 
 @pytest.mark.parametrize(("stop_signal", "signal"), [(None, "9"), (None, "2"), (None, "3"),
@@ -405,9 +424,9 @@ def test_kill_with_an_ending_signal(
     rig = rig_factory()
     cid = rig.docker.add(container("web-1", stop_signal=stop_signal))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.emit("kill", cid, signal=signal)
-    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored())
 
 
 @pytest.mark.parametrize("signal", ["1", "10", "12"])
@@ -417,28 +436,28 @@ def test_kill_with_another_signal_changes_nothing(
     rig = rig_factory()
     cid = rig.docker.add(container("web-1"))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.emit("kill", cid, signal=signal)
     rig.sentinel("z")
-    assert key("web-1") in rig.etcd.stored()
-    assert rig.etcd.ops.count(("delete", key("web-1"))) == 0
-    assert rig.etcd.puts_of(key("web-1")) == 1
+    assert key("web-1") in rig.fake_etcd.stored()
+    assert rig.fake_etcd.ops.count(("delete", key("web-1"))) == 0
+    assert rig.fake_etcd.puts_of(key("web-1")) == 1
 
 
 def test_pause_and_unpause(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(resync=0.05)
     cid = rig.docker.add(container("web-1"))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.state(cid, Paused=True, Status="paused")
     rig.docker.emit("pause", cid)
-    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out while paused")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="out while paused")
     rig.resyncs()
     rig.sentinel("z")
-    assert key("web-1") not in rig.etcd.stored()
+    assert key("web-1") not in rig.fake_etcd.stored()
     rig.docker.state(cid, Paused=False, Status="running")
     rig.docker.emit("unpause", cid)
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="back on unpause")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="back on unpause")
 
 
 def test_health_events(rig_factory: Callable[..., Rig]) -> None:
@@ -448,16 +467,16 @@ def test_health_events(rig_factory: Callable[..., Rig]) -> None:
     rig.docker.emit("start", cid)
     rig.docker.emit("health_status: starting", cid)
     rig.sentinel("z")
-    assert key("web-1") not in rig.etcd.stored()  # not before it is healthy
+    assert key("web-1") not in rig.fake_etcd.stored()  # not before it is healthy
     rig.docker.health(cid, "healthy")
     rig.docker.emit("health_status: healthy", cid)
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in when healthy")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="in when healthy")
     rig.docker.health(cid, "unhealthy")
     rig.docker.emit("health_status: unhealthy", cid)
-    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out when unhealthy")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="out when unhealthy")
     rig.docker.health(cid, "healthy")
     rig.docker.emit("health_status: healthy", cid)
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in again")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="in again")
     assert sample(rig.metrics, "registrar_docker_events_total",
                   action="health_status:healthy") == 2
 
@@ -467,13 +486,13 @@ def test_die_and_destroy(rig_factory: Callable[..., Rig]) -> None:
     one = rig.docker.add(container("web-1"))
     two = rig.docker.add(container("web-2"))
     rig.start()
-    wait_until(lambda: {key("web-1"), key("web-2")} <= set(rig.etcd.stored()))
+    wait_until(lambda: {key("web-1"), key("web-2")} <= set(rig.fake_etcd.stored()))
     rig.docker.state(one, Running=False)
     rig.docker.emit("die", one, exitCode="1")
-    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored())
     rig.docker.remove(two)
     rig.docker.emit("destroy", two)
-    wait_until(lambda: key("web-2") not in rig.etcd.stored())
+    wait_until(lambda: key("web-2") not in rig.fake_etcd.stored())
 
 
 def test_rejected_container_is_counted_once(rig_factory: Callable[..., Rig]) -> None:
@@ -485,8 +504,8 @@ def test_rejected_container_is_counted_once(rig_factory: Callable[..., Rig]) -> 
     rig.sentinel("z")
     assert sample(rig.metrics, "registrar_rejected_containers_total",
                   reason="invalid_service_name") == 1
-    assert set(rig.etcd.stored()) == {key("z")}
-    assert all(k.startswith(f"{PREFIX}/web/") for k in rig.etcd.kv)
+    assert set(rig.fake_etcd.stored()) == {key("z")}
+    assert all(k.startswith(f"{PREFIX}/web/") for k in rig.fake_etcd.kv)
 
 
 def test_resync_writes_nothing_when_nothing_changed(rig_factory: Callable[..., Rig]) -> None:
@@ -494,12 +513,12 @@ def test_resync_writes_nothing_when_nothing_changed(rig_factory: Callable[..., R
     rig.docker.add(container("web-1"))
     rig.docker.add(container("web-2"))
     rig.start()
-    wait_until(lambda: len(rig.etcd.stored()) == 2)
+    wait_until(lambda: len(rig.fake_etcd.stored()) == 2)
     synced(rig.keeper)
-    writes = rig.etcd.writes()
+    writes = rig.fake_etcd.writes()
     rig.resyncs(3)
     rig.sentinel("z")
-    assert rig.etcd.writes() == writes + 1  # the sentinel only
+    assert rig.fake_etcd.writes() == writes + 1  # the sentinel only
 
 
 def test_resync_removes_what_stopped_unseen(rig_factory: Callable[..., Rig]) -> None:
@@ -507,23 +526,23 @@ def test_resync_removes_what_stopped_unseen(rig_factory: Callable[..., Rig]) -> 
     rig = rig_factory(resync=0.05)
     cid = rig.docker.add(container("web-1"))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.state(cid, Running=False)  # and no event
-    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored())
 
 
 def test_docker_down_then_up_catches_up(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()  # no periodic resync: the reconnect itself must reconcile
     gone = rig.docker.add(container("web-1"))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.emit("exec_create: sh", gone)  # some event, so the resumed stream has a `since`
     rig.docker.cut()
     wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 0, what="docker_up 0")
     rig.docker.state(gone, Running=False)  # meanwhile one stopped, another started
     rig.docker.add(container("web-2"))
     rig.docker.down = False
-    wait_until(lambda: set(rig.etcd.stored()) == {key("web-2")}, what="the catch-up")
+    wait_until(lambda: set(rig.fake_etcd.stored()) == {key("web-2")}, what="the catch-up")
     wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 1, what="docker_up 1")
     assert len(rig.docker.opened) >= 2
     assert rig.docker.opened[0] is None and rig.docker.opened[-1] is not None
@@ -533,27 +552,27 @@ def test_host_ip_is_written(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(host_ip="192.168.1.9")
     rig.docker.add(container("web-1"))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
-    assert json.loads(rig.etcd.stored()[key("web-1")])["host"] == "192.168.1.9"
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+    assert json.loads(rig.fake_etcd.stored()[key("web-1")])["host"] == "192.168.1.9"
 
 
 def test_nothing_is_written_before_the_first_full_reconcile(metrics: Metrics) -> None:
     """A restarted agent must not delete its node's keys before it knows what runs."""
-    etcd = FakeEtcd()
+    fake_etcd = FakeEtcd()
     stale = key("a")
-    etcd.kv[stale] = StoredKey(encoded("a"), 99)
-    keeper = LeaseKeeper(etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
+    fake_etcd.kv[stale] = StoredKey(encoded("a"), 99)
+    keeper = LeaseKeeper(fake_etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
                          ownership=Ownership(NODE), metrics=metrics)
     keeper.start()
     try:
         steps = keeper.steps
         keeper.set_container("c1", {key("b"): encoded("b")})
         wait_until(lambda: keeper.steps > steps, what="the keeper to look at it")
-        assert etcd.stored() == {stale: encoded("a")}
-        assert etcd.granted == []  # not even a lease before it knows what runs
+        assert fake_etcd.stored() == {stale: encoded("a")}
+        assert fake_etcd.granted == []  # not even a lease before it knows what runs
         keeper.replace_all({"c1": {stale: encoded("a")}})
-        wait_until(lambda: etcd.kv[stale].lease == keeper.lease, what="taken over")
-        assert key("b") not in etcd.stored()
+        wait_until(lambda: fake_etcd.kv[stale].lease == keeper.lease, what="taken over")
+        assert key("b") not in fake_etcd.stored()
     finally:
         keeper.shutdown(time.monotonic() + 1.0)
 
@@ -562,38 +581,38 @@ def test_nothing_is_written_before_the_first_full_reconcile(metrics: Metrics) ->
 
 
 def test_refused_writes_never_stop_the_heartbeats(
-    keeper: LeaseKeeper, etcd: FakeEtcd, metrics: Metrics
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd, metrics: Metrics
 ) -> None:
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.set_container("c2", {key("b"): encoded("b")})
     keeper.start()
-    wait_until(lambda: len(etcd.stored()) == 2)
+    wait_until(lambda: len(fake_etcd.stored()) == 2)
     lease = keeper.lease
-    etcd.refuse_puts = NOSPACE
+    fake_etcd.refuse_puts = NOSPACE
     keeper.set_container("c3", {key("c"): encoded("c")})  # refused, retried
     keeper.drop_container("c2")  # a delete can go alone, and does
-    wait_until(lambda: key("b") not in etcd.stored(), what="the delete, alone")
+    wait_until(lambda: key("b") not in fake_etcd.stored(), what="the delete, alone")
     wait_until(lambda: sample(metrics, "registrar_etcd_write_refusals_total",
                               code="RESOURCE_EXHAUSTED") >= 2, what="retries")
-    beats = etcd.keepalives
-    wait_until(lambda: etcd.keepalives >= beats + 5, what="heartbeats going on")
-    assert keeper.lease == lease and lease in etcd.leases
+    beats = fake_etcd.keepalives
+    wait_until(lambda: fake_etcd.keepalives >= beats + 5, what="heartbeats going on")
+    assert keeper.lease == lease and lease in fake_etcd.leases
     assert sample(metrics, "registrar_etcd_up") == 1  # etcd answers: it is up
     assert sample(metrics, "registrar_etcd_writes_refused") == 1
     assert sample(metrics, "registrar_lease_regrants_total") == 0
-    assert key("c") not in etcd.stored() and not keeper.synced.is_set()
-    etcd.refuse_puts = None
-    wait_until(lambda: key("c") in etcd.stored(), timeout=5, what="the pending put")
+    assert key("c") not in fake_etcd.stored() and not keeper.synced.is_set()
+    fake_etcd.refuse_puts = None
+    wait_until(lambda: key("c") in fake_etcd.stored(), timeout=5, what="the pending put")
     synced(keeper)
     assert sample(metrics, "registrar_etcd_writes_refused") == 0
-    assert etcd.stored() == {key("a"): encoded("a"), key("c"): encoded("c")}
+    assert fake_etcd.stored() == {key("a"): encoded("a"), key("c"): encoded("c")}
 
 
-def test_the_heartbeat_keeps_its_clock_while_a_write_hangs(etcd: FakeEtcd, metrics: Metrics
+def test_the_heartbeat_keeps_its_clock_while_a_write_hangs(fake_etcd: FakeEtcd, metrics: Metrics
                                                           ) -> None:
-    keeper = make_keeper(etcd, metrics, heartbeat=0.05)
+    keeper = make_keeper(fake_etcd, metrics, heartbeat=0.05)
     release = threading.Event()
-    real_apply = etcd.apply
+    real_apply = fake_etcd.apply
 
     def slow_apply(puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
         release.wait(5)
@@ -602,13 +621,13 @@ def test_the_heartbeat_keeps_its_clock_while_a_write_hangs(etcd: FakeEtcd, metri
     try:
         keeper.set_container("c1", {key("a"): encoded("a")})
         keeper.start()
-        wait_until(lambda: key("a") in etcd.stored())
-        etcd.apply = slow_apply  # type: ignore[method-assign]
+        wait_until(lambda: key("a") in fake_etcd.stored())
+        fake_etcd.apply = slow_apply  # type: ignore[method-assign]
         keeper.set_container("c2", {key("b"): encoded("b")})
-        beats = etcd.keepalives
-        wait_until(lambda: etcd.keepalives >= beats + 5, what="heartbeats during the write")
+        beats = fake_etcd.keepalives
+        wait_until(lambda: fake_etcd.keepalives >= beats + 5, what="heartbeats during the write")
         release.set()
-        wait_until(lambda: key("b") in etcd.stored())
+        wait_until(lambda: key("b") in fake_etcd.stored())
     finally:
         release.set()
         keeper.shutdown(time.monotonic() + 1.0)
@@ -622,12 +641,12 @@ def test_a_replayed_event_is_not_applied_again(rig_factory: Callable[..., Rig]) 
     cid = rig.docker.add(container("web-1"))
     rig.start()
     started = rig.docker.emit("start", cid)
-    wait_until(lambda: key("web-1") in rig.etcd.stored())
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
     rig.docker.emit("kill", cid, signal="15")
-    wait_until(lambda: key("web-1") not in rig.etcd.stored())
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored())
     rig.docker.replay(started)  # a resumed stream delivers the old start again
     rig.sentinel("z")
-    assert key("web-1") not in rig.etcd.stored()
+    assert key("web-1") not in rig.fake_etcd.stored()
     assert sample(rig.metrics, "registrar_docker_events_total", action="start") == 2  # + z
 
 
@@ -638,12 +657,12 @@ def test_an_event_stamped_earlier_than_the_last_one_is_applied(
     one = rig.docker.add(container("web-1"))
     two = rig.docker.add(container("web-2"))
     rig.start()
-    wait_until(lambda: {key("web-1"), key("web-2")} <= set(rig.etcd.stored()))
+    wait_until(lambda: {key("web-1"), key("web-2")} <= set(rig.fake_etcd.stored()))
     rig.docker.clock += 50_000_000
     rig.docker.emit("kill", one, signal="15")
     rig.docker.clock -= 20_000_000  # Docker's stream across containers: not in time order
     rig.docker.emit("kill", two, signal="15")
-    wait_until(lambda: not {key("web-1"), key("web-2")} & set(rig.etcd.stored()),
+    wait_until(lambda: not {key("web-1"), key("web-2")} & set(rig.fake_etcd.stored()),
                what="both withdrawn")
 
 
@@ -657,17 +676,17 @@ def test_podman_health_events(rig_factory: Callable[..., Rig]) -> None:
     rig.docker.emit("health_status", cid)  # HealthStatus "starting": stale
     rig.docker.health(cid, "healthy")  # saved after the check
     rig.docker.emit("exec_died", cid, containerExitCode="0")
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in when healthy")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="in when healthy")
     rig.docker.emit("health_status", cid)
     rig.docker.health(cid, "unhealthy")
     rig.docker.emit("exec_died", cid, containerExitCode="1")
-    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out when unhealthy")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="out when unhealthy")
     rig.docker.health(cid, "healthy")
     rig.docker.emit("exec_died", cid, containerExitCode="0")
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in again")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="in again")
     rig.docker.state(cid, Running=False)
     rig.docker.emit("die", cid, containerExitCode="0")
-    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out at die")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="out at die")
     rig.docker.remove(cid)
     rig.docker.emit("remove", cid)
     rig.sentinel("z")
@@ -689,18 +708,18 @@ def test_a_checked_port_follows_its_check(rig_factory: Callable[..., Rig]) -> No
     cid = rig.docker.add(container("web-1", labels=labels,
                                    ports={"8080/tcp": published(port)}))
     rig.start()
-    wait_until(lambda: key("web-1") in rig.etcd.stored(), what="in once the check passes")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="in once the check passes")
     listener.close()  # refused from now on
-    wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out when it fails")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="out when it fails")
     assert sample(rig.metrics, "registrar_failing_checks") == 1
     back = socket.socket()
     back.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     back.bind(("127.0.0.1", port))
     back.listen(16)
     try:
-        wait_until(lambda: key("web-1") in rig.etcd.stored(), what="back when it passes")
+        wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="back when it passes")
         rig.docker.emit("kill", cid, signal="15")
-        wait_until(lambda: key("web-1") not in rig.etcd.stored(), what="out at kill")
+        wait_until(lambda: key("web-1") not in rig.fake_etcd.stored(), what="out at kill")
         assert sample(rig.metrics, "registrar_check_results_total", result="fail") >= 1
     finally:
         back.close()
@@ -712,6 +731,6 @@ def test_a_bad_check_label_rejects_the_container(rig_factory: Callable[..., Rig]
                                               "registrar.check": "ping"}))
     rig.start()
     rig.sentinel("z")
-    assert key("web-1") not in rig.etcd.stored()
+    assert key("web-1") not in rig.fake_etcd.stored()
     assert sample(rig.metrics, "registrar_rejected_containers_total",
                   reason="invalid_check") == 1

@@ -65,7 +65,7 @@ def wait_for_container(
 
 def run(settings: Settings) -> int:
     stop = threading.Event()
-    install_stop_signals(stop)
+    say_signal = install_stop_signals(stop)
     metrics = Metrics()
     metrics.etcd_up.set(0)
     metrics.docker_up.set(0)
@@ -79,6 +79,7 @@ def run(settings: Settings) -> int:
         assert settings.container is not None
         found = wait_for_container(docker, settings.container, settings.wait, stop)
         if found is None:
+            say_signal()
             return 0  # SIGTERM while waiting: nothing was registered
         container_id = found.id
         ownership = Ownership(settings.node, container=found.name)
@@ -110,6 +111,7 @@ def run(settings: Settings) -> int:
     watcher.start()
 
     stop.wait()
+    say_signal()
     _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
               watcher=watcher, followers=(follower, keys), keeper=keeper)
     if server is not None:

@@ -39,6 +39,12 @@ from registrar.retry import Backoff
 
 log = logging.getLogger(__name__)
 
+
+def _service_of(key: str) -> str:
+    """The service of a key `{prefix}/{service}/{instance}`."""
+    return key.rsplit("/", 2)[-2]
+
+
 REFUSED_MAX_BACKOFF = 2.0  # a refused write is tried again at least this often
 REVOKE_RESERVE = 2.0  # of the shutdown's deadline, kept for revoking the lease
 _MESSAGES = {
@@ -117,6 +123,8 @@ class LeaseKeeper:
                 for key, value in keys.items():
                     if old.get(key) != value:
                         self._inputs.since[key] = event_time
+            if keys and self._new_service(keys):
+                self._inputs.reread = True
             if keys:
                 self._inputs.desired[container_id] = dict(keys)
             else:
@@ -137,6 +145,7 @@ class LeaseKeeper:
             if (not reread and self._inputs.ready and desired_now == self._inputs.desired
                     and sidecars in (None, self._ownership.sidecars)):
                 return  # nothing changed: not even a wake-up
+            reread = reread or self._new_service(k for keys in desired_now.values() for k in keys)
             self._inputs.desired = desired_now
             if sidecars is not None:
                 self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
@@ -150,11 +159,19 @@ class LeaseKeeper:
         if node is not None:
             return node == self._ownership.node
         with self._cond:
-            services = {key.split("/")[-2] for keys in self._inputs.desired.values()
-                        for key in keys}
+            return service in self._services()
+
+    def _services(self) -> set[str]:
+        """(under the lock) the services this keeper has instances of, wanted or held: the
+        control entries of any other service were not followed (see `concerns`)."""
+        services = {_service_of(key) for keys in self._inputs.desired.values() for key in keys}
         held = self._held  # the keeper thread's; replaced whole, read as a snapshot
-        services |= {parsed[0] for key in held if (parsed := self._layout.parse(key))}
-        return service in services
+        return services | {parsed[0] for key in held if (parsed := self._layout.parse(key))}
+
+    def _new_service(self, keys: Iterable[str]) -> bool:
+        """(under the lock) whether `keys` bring a service this keeper had no instance of: the
+        control state it holds may be stale for it, so it is read again before the write."""
+        return not {_service_of(key) for key in keys} <= self._services()
 
     def notice(self, events: Iterable[KeyEvent]) -> None:
         """Events under the prefix or standby: re-read before the next write when one touches

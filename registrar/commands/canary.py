@@ -74,28 +74,32 @@ def run_canary(store: EtcdStore, settings: Settings, before: Rotation, out: Text
     baseline = _reports(etcd, layout)
     step = run.start(time.monotonic())
     value = json.dumps({"version": p.version, "percent": step.percent, "at": _now()})
-    if not etcd(lambda s: s.put_if_absent(weights, value)):
-        raise FatalError(f"refusing a canary of {p.service} {p.version}: another canary of "
-                         f"{p.service} is in progress ({weights} exists); nothing changed")
-    out.write(f"{step.message} ({len(before.active)} in rotation)\n")
-    out.flush()
-    run.decide(time.monotonic(), baseline)  # where the step's counting starts
+    # A signal from here on rolls back, however early it comes (once the weights key stands).
     stop = Interrupted()
     final: Promote | RollBack | None = None
+    wrote = False
     try:
+        if not etcd(lambda s: s.put_if_absent(weights, value)):
+            raise FatalError(f"refusing a canary of {p.service} {p.version}: another canary "
+                             f"of {p.service} is in progress ({weights} exists); nothing changed")
+        wrote = True
+        out.write(f"{step.message} ({len(before.active)} in rotation)\n")
+        out.flush()
+        run.decide(time.monotonic(), baseline)  # where the step's counting starts
         final = _steps(run, etcd, layout, weights, stop, out)
     finally:
         stop.restore()
-        if not isinstance(final, Promote):
+        if wrote and not isinstance(final, Promote):
             _lift(store, weights)  # traffic goes back to how it was split before
     if isinstance(final, RollBack):
         raise FatalError(final.message)
     for line in final.lines:
         out.write(f"  {line}\n")
     out.flush()  # every step passed: said before the promotion is waited for
-    code = promote_and_wait(OneShot(store, p.timeout), settings, before, out)
-    _lift(store, weights)
-    return code
+    try:
+        return promote_and_wait(OneShot(store, p.timeout), settings, before, out)
+    finally:
+        _lift(store, weights)  # even when the wait is cut short: the promotion stands
 
 
 def _steps(run: CanaryRun, etcd: OneShot, layout: Layout, weights: str, stop: Interrupted,

@@ -148,7 +148,7 @@ def run(settings: Settings) -> int:
         return _usage_error(refused)
 
     stop = threading.Event()
-    install_stop_signals(stop)
+    say_signal = install_stop_signals(stop)
     metrics = Metrics()
     metrics.etcd_up.set(0)
     routing = RoutingMetrics(metrics.registry)
@@ -189,6 +189,7 @@ def run(settings: Settings) -> int:
     try:
         _loop(router, registrations, stop, main_loop)
     finally:
+        say_signal()
         _shutdown(watchers, reporter, haproxy)
         if server is not None:
             server.stop()

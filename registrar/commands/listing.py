@@ -122,14 +122,13 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
 
 def run(settings: Any, out: TextIO = sys.stdout) -> int:
     from registrar.adapters.etcd_store import EtcdStore
-    from registrar.commands.oneshot import OneShot
+    from registrar.commands.oneshot import OneShot, read_two
 
     layout = Layout(settings.prefix, settings.control_prefix)
     store = EtcdStore(settings.etcd)
     etcd = OneShot(store, settings.timeout, f"cannot read {settings.prefix}/ from etcd")
     try:
-        stored, _revision = etcd(lambda s: s.list_prefix(settings.prefix))
-        control, _revision = etcd(lambda s: s.list_prefix(settings.control_prefix))
+        stored, control = read_two(etcd, settings.prefix, settings.control_prefix)
     finally:
         store.close()
     promoted = {k: v for k, v in control.items() if k.startswith(layout.promoted + "/")}

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot
+from registrar.commands.oneshot import OneShot, read_two
 from registrar.core.control import Control, parse_control
 from registrar.core.layout import Layout, child_name
 from registrar.core.planner import StoredKey, json_object, version_of
@@ -96,8 +96,7 @@ class View:
 
 
 def read_view(etcd: OneShot, layout: Layout) -> View:
-    stored, _revision = etcd(lambda store: store.list_prefix(layout.prefix))
-    control, _revision = etcd(lambda store: store.list_prefix(layout.control))
+    stored, control = read_two(etcd, layout.prefix, layout.control)
     active: dict[tuple[str, str], str] = {}
     standby: dict[tuple[str, str], str] = {}
     for key, item in [*stored.items(), *control.items()]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from registrar.adapters.etcd_store import EtcdRefused, EtcdStore, EtcdUnavailable
+from registrar.core.planner import StoredKey
 from registrar.errors import FatalError
 from registrar.retry import GaveUp, retry_within
 
@@ -48,3 +49,19 @@ class OneShot:
                                 timeout=self.left(), log=log)
         except GaveUp as exc:
             raise FatalError(str(exc)) from None
+
+
+CONSISTENT_READS = 20  # tries at two reads with no write between them
+
+
+def read_two(etcd: OneShot, first: str, second: str
+             ) -> tuple[dict[str, StoredKey], dict[str, StoredKey]]:
+    """Two prefixes as of one revision (read again, a few times, while a write came between
+    the two reads): an agent's move between rotation and standby is one transaction, which
+    two reads on either side of it would show as an instance in neither place, or in both."""
+    for _ in range(CONSISTENT_READS):
+        a, revision = etcd(lambda store: store.list_prefix(first))
+        b, same = etcd(lambda store: store.list_prefix(second))
+        if same == revision:
+            break
+    return a, b

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot
+from registrar.commands.oneshot import OneShot, read_two
 from registrar.core.layout import Layout
 from registrar.core.planner import json_object
 from registrar.errors import FatalError
@@ -71,8 +71,7 @@ def _instances(stored: dict[str, Any], base: str) -> dict[str, Instance]:
 def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
     active_base = f"{settings.prefix}/{service}"
     standby_base = f"{Layout(settings.prefix, settings.control_prefix).standby}/{service}"
-    active, _revision = etcd(lambda store: store.list_prefix(active_base))
-    standby, _revision = etcd(lambda store: store.list_prefix(standby_base))
+    active, standby = read_two(etcd, active_base, standby_base)
     return Rotation(_instances(active, active_base), _instances(standby, standby_base))
 
 

@@ -13,6 +13,7 @@ from registrar.core.control import (
     parse_control,
     parse_promotions,
     place,
+    subject,
 )
 from registrar.core.layout import Layout
 from registrar.core.planner import StoredKey, plan_changes
@@ -128,3 +129,22 @@ def test_describe_changes_says_what_changed_only() -> None:
     assert describe_changes(after, before) == [
         "s3 promoted v1", "s4 canary ended", "maintenance on node core-02 lifted"]
     assert describe_changes(before, before) == []
+
+
+@pytest.mark.parametrize(("key", "about"), [
+    ("/ctl/promoted/web", ("web", None)),
+    ("/ctl/weights/web", ("web", None)),
+    ("/ctl/maintenance/service/web", ("web", None)),
+    ("/ctl/maintenance/instance/web/n1:a:8080", ("web", None)),
+    ("/ctl/maintenance/node/n1", (None, "n1")),
+    ("/ctl/standby/web/n1:a:8080", None),  # the keeper's own, not a control entry
+    ("/ctl/routers/r1", None),
+    ("/ctl/promoted/web/deeper", None),  # what parse_control ignores, this ignores too
+    ("/ctl/maintenance/node/", None),
+    ("/s/web/n1:a:8080", None),
+])
+def test_subject_names_what_a_control_entry_is_about(
+    key: str, about: tuple[str | None, str | None] | None
+) -> None:
+    assert subject(key, LAYOUT) == about
+

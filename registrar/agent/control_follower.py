@@ -13,28 +13,16 @@ from collections.abc import Iterable
 
 from registrar.adapters.etcd_store import EtcdStore, KeyEvent
 from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.core.control import subject
 from registrar.core.layout import Layout
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 
 
-def concerned(layout: Layout, key: str) -> tuple[str | None, str | None] | None:
-    """(service, node) a promotion, weights key or maintenance entry is about; None for any
-    other key (standby keys, routers' reports)."""
-    for base in (layout.promoted, layout.weights, f"{layout.maintenance}/service"):
-        if key.startswith(base + "/"):
-            return key[len(base) + 1:].split("/")[0], None
-    if key.startswith(f"{layout.maintenance}/instance/"):
-        return key[len(layout.maintenance) + len("/instance/"):].split("/")[0], None
-    if key.startswith(f"{layout.maintenance}/node/"):
-        return None, key[len(layout.maintenance) + len("/node/"):]
-    return None
-
-
 def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
     """Whether any of `keys` is a control entry that can move one of the keeper's instances."""
     for key in keys:
-        about = concerned(layout, key)
+        about = subject(key, layout)
         if about is not None and keeper.concerns(*about):
             return True
     return False

@@ -40,11 +40,6 @@ from registrar.retry import Backoff
 log = logging.getLogger(__name__)
 
 
-def _service_of(key: str) -> str:
-    """The service of a key `{prefix}/{service}/{instance}`."""
-    return key.rsplit("/", 2)[-2]
-
-
 REFUSED_MAX_BACKOFF = 2.0  # a refused write is tried again at least this often
 REVOKE_RESERVE = 2.0  # of the shutdown's deadline, kept for revoking the lease
 _MESSAGES = {
@@ -164,14 +159,17 @@ class LeaseKeeper:
     def _services(self) -> set[str]:
         """(under the lock) the services this keeper has instances of, wanted or held: the
         control entries of any other service were not followed (see `concerns`)."""
-        services = {_service_of(key) for keys in self._inputs.desired.values() for key in keys}
+        wanted = (key for keys in self._inputs.desired.values() for key in keys)
         held = self._held  # the keeper thread's; replaced whole, read as a snapshot
-        return services | {parsed[0] for key in held if (parsed := self._layout.parse(key))}
+        return self._services_of(wanted) | self._services_of(held)
+
+    def _services_of(self, keys: Iterable[str]) -> set[str]:
+        return {parsed[0] for key in keys if (parsed := self._layout.parse(key))}
 
     def _new_service(self, keys: Iterable[str]) -> bool:
         """(under the lock) whether `keys` bring a service this keeper had no instance of: the
         control state it holds may be stale for it, so it is read again before the write."""
-        return not {_service_of(key) for key in keys} <= self._services()
+        return not self._services_of(keys) <= self._services()
 
     def notice(self, events: Iterable[KeyEvent]) -> None:
         """Events under the prefix or standby: re-read before the next write when one touches

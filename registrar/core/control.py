@@ -127,3 +127,19 @@ def describe_changes(before: Control, after: Control) -> list[str]:
         out += [f"{label} {name}" for name in sorted(set(new_set) - set(old_set))]
         out += [f"{label} {name} lifted" for name in sorted(set(old_set) - set(new_set))]
     return out
+
+
+def subject(key: str, layout: Layout) -> tuple[str | None, str | None] | None:
+    """(service, node) a promotion, weights key or maintenance entry is about, read by the
+    same rules as `parse_control`; None for any key it would ignore (standby keys, routers'
+    reports, names that break the rules)."""
+    base = layout.maintenance
+    for parent in (layout.promoted, layout.weights, f"{base}/service"):
+        if (service := child_name(parent, key)) is not None:
+            return service, None
+    if (instance := parse_key(f"{base}/instance", key)) is not None:
+        return instance[0], None
+    if (node := child_name(f"{base}/node", key)) is not None:
+        return None, node
+    return None
+

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint typecheck golden clean
+.PHONY: setup run test test-fast lint typecheck golden clean stress-stops
 
 setup:
 	bash scripts/setup.sh
@@ -38,6 +38,11 @@ typecheck: setup
 golden: setup
 	REGISTRAR_REGENERATE_GOLDEN=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_haproxy_config.py
 	git --no-pager diff --stat -- tests/golden
+
+# SIGTERM at random moments while etcd refuses TLS, while it is cut, and to a sidecar waiting
+# for its container: 50 rounds each (the suite runs 10). Every exit must come within 5 s.
+stress-stops: setup
+	REGISTRAR_STOP_ROUNDS=50 $(BIN)/pytest -q -p no:cacheprovider tests/test_real_stops.py
 
 clean:
 	rm -f $(VENV)/.installed

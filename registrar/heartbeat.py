@@ -15,6 +15,7 @@ from collections.abc import Callable
 from registrar.adapters.etcd_store import EtcdError, EtcdStore, LeaseNotFound
 from registrar.health import LoopHealth
 from registrar.metrics import Metrics
+from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Heartbeat:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
 
     def request_stop(self) -> None:
         with self._cond:

@@ -23,6 +23,7 @@ from registrar.adapters.etcd_store import (
 from registrar.core.planner import StoredKey
 from registrar.health import LoopHealth
 from registrar.retry import retry_forever
+from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class PrefixFollower:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -66,6 +66,7 @@ from registrar.core.checks import (
 from registrar.core.naming import Registration
 from registrar.health import LoopHealth
 from registrar.metrics import Metrics
+from registrar.shutdown import start_thread
 
 __all__ = ["CheckStatus", "Checker", "Target", "targets_of"]
 
@@ -216,7 +217,7 @@ class Checker:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="checker", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
 
     def request_stop(self) -> None:
         with self._lock:

@@ -29,7 +29,7 @@ from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL
 from registrar.settings import Settings
-from registrar.shutdown import install_stop_signals
+from registrar.shutdown import install_stop_signals, wait_for_stop
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run(settings: Settings) -> int:
     keys.start()
     watcher.start()
 
-    stop.wait()
+    wait_for_stop(stop)
     say_signal()
     _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
               watcher=watcher, followers=(follower, keys), keeper=keeper)

@@ -36,6 +36,7 @@ from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
 from registrar.retry import Backoff
+from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class LeaseKeeper:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
         self.heartbeat.start()
 
     def alive(self) -> bool:

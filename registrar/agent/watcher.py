@@ -28,6 +28,7 @@ from registrar.core.replay import ReplayFilter, event_time_nano
 from registrar.health import LoopHealth
 from registrar.metrics import Metrics
 from registrar.retry import INITIAL_BACKOFF, retry_forever
+from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class ContainerWatcher:
         self.checker.start()
         for target, name in ((self._read, "docker-events"), (self._consume, "event-consumer")):
             thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
+            start_thread(thread)
             self._threads.append(thread)
 
     def recheck(self, container_id: str) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from registrar.haproxy.runtime import ProcInfo, parse_show_proc
 from registrar.retry import Backoff
+from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,9 @@ class HAProxyMaster:
         except OSError as exc:
             self._state, self._why = ProcState.FAILED, f"failed to start: {exc}"
             raise HAProxyError(f"cannot run {self.haproxy_bin}: {exc}") from None
-        threading.Thread(
+        start_thread(threading.Thread(
             target=_pump_output, args=(self._proc,), name="haproxy-output", daemon=True
-        ).start()
+        ))
         self._started_at = time.monotonic()
         deadline = self._started_at + START_TIMEOUT
         while True:

@@ -17,6 +17,7 @@ from registrar.adapters.etcd_store import EtcdError, EtcdStore, LeaseNotFound
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
+from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Reporter:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
         self.heartbeat.start()
 
     def alive(self) -> bool:

@@ -18,6 +18,7 @@ close-delimited body. That is all this module does, with:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -308,10 +309,8 @@ class Stream:
             if self._closed:
                 return
             self._closed = True
-        try:
+        with contextlib.suppress(OSError):  # not connected any more: nothing to shut down
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected any more: nothing to shut down
         self._sock.close()
 
 

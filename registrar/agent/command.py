@@ -24,7 +24,6 @@ from registrar.core.ownership import Ownership
 from registrar.errors import FatalError
 from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
-from registrar.http_server import serve_metrics
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL
@@ -66,7 +65,7 @@ def wait_for_container(
 def run(settings: Settings) -> int:
     stop = threading.Event()
     say_signal = install_stop_signals(stop)
-    metrics = Metrics()
+    metrics = Metrics(served=settings.metrics_addr is not None)
     metrics.etcd_up.set(0)
     metrics.docker_up.set(0)
     store = EtcdStore(settings.etcd, metrics, log_health=True)
@@ -101,8 +100,12 @@ def run(settings: Settings) -> int:
                                only=container_id, finished=stop)
     loops = (keeper.health, keeper.heartbeat.health, watcher.health, watcher.checker.health,
              follower.health, keys.health)
-    server = serve_metrics(settings.metrics_addr, metrics.registry,
-                           lambda: health_problem(loops, time.monotonic()))
+    server = None
+    if settings.metrics_addr is not None:
+        from registrar.http_server import serve_metrics
+
+        server = serve_metrics(settings.metrics_addr, metrics.registry,
+                               lambda: health_problem(loops, time.monotonic()))
 
     _announce(settings, sidecar)
     keeper.start()

@@ -156,3 +156,33 @@ def rss_kib(pid: int) -> int:
 
 def tree_rss_kib(pids: Iterable[int]) -> int:
     return sum(rss_kib(pid) for pid in process_tree(pids))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one registering process (with its children) holds: resident memory, the private
+    part of it (RssAnon: what each copy costs beyond the shared interpreter and libraries'
+    file pages), and threads."""
+
+    rss_kib: int
+    anon_kib: int
+    threads: int
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def footprint(pid: int) -> Footprint:
+    """The process `pid` and its descendants, summed."""
+    rss = anon = threads = 0
+    for each in process_tree([pid]):
+        status = _status(each)
+        rss += int(status.get("VmRSS", "0 kB").split()[0])
+        anon += int(status.get("RssAnon", "0 kB").split()[0])
+        threads += int(status.get("Threads", "0"))
+    return Footprint(rss, anon, threads)

@@ -45,9 +45,11 @@ from bench import report
 from bench.observe import (
     DockerEvents,
     EtcdCounters,
+    Footprint,
     KeyLog,
     cpu_seconds,
     etcd_counters,
+    footprint,
     mean_of,
     registrar_etcd_requests,
     rss_kib,
@@ -121,6 +123,7 @@ class LatencyResult:
     agent_latency: float | None = None  # the agent's own mean: event time to etcd ack
     rss0_kib: int | None = None  # the host agent with no container of the bench
     exit_codes: list[int | None] = field(default_factory=list)
+    footprints: list[Footprint] = field(default_factory=list)  # one per registering process
 
     @property
     def writes_per_min(self) -> float | None:
@@ -329,6 +332,7 @@ class Bench:
             result.steady = etcd_counters(etcd.url).minus(before)
             result.window = time.time() - started_window
             result.rss_kib = tree_rss_kib(subject.pids())
+            result.footprints = [footprint(pid) for pid in subject.pids()]
             foreign = {e.revision for e in keys.since(started_window) if self.run_id not in e.key}
             result.foreign_revisions = len(foreign)
 
@@ -546,6 +550,7 @@ class Bench:
             rss_cells, rss_raw, "watch ≤ 60 MiB",
             _verdict("watch", watch_rss / 1024 <= 60 if watch_rss else None),
         ))  # fmt: skip
+        rows.append(self._footprint_row())
         cpu = per(lambda x: x.cpu_per_hour)
         rows.append(Row(
             f"CPU seconds per hour, idle with {self.plan.latency_n} containers registered",
@@ -553,6 +558,40 @@ class Bench:
             cpu,
         ))
         return rows
+
+    def _footprint_row(self) -> Row:
+        """One registering process (an agent, a sidecar, a sidekick with its children) once
+        its containers are registered: medians over the processes."""
+        def mib(values: Sequence[int]) -> float | None:
+            return median([v / 1024 for v in values]) if values else None
+
+        cells: dict[str, str] = {}
+        raw: dict[str, float | None] = {}
+        for label, res in self.latency.items():
+            rss = mib([f.rss_kib for f in res.footprints])
+            anon = mib([f.anon_kib for f in res.footprints])
+            threads = median([float(f.threads) for f in res.footprints]) if res.footprints \
+                else None
+            cells[label] = f"**{num(rss)}** / {num(anon)} / {num(threads)}"
+            raw[label] = rss
+        sidecar = self.latency.get(RegisterSidecars.label)
+        agent = self.latency.get(WatchAgent.label)
+        met_sidecar = None
+        if sidecar is not None and sidecar.footprints:
+            met_sidecar = (
+                (mib([f.rss_kib for f in sidecar.footprints]) or 0) <= 20
+                and (mib([f.anon_kib for f in sidecar.footprints]) or 0) <= 10
+                and (median([float(f.threads) for f in sidecar.footprints]) or 0) <= 6
+            )
+        met_agent = None
+        if agent is not None and agent.footprints:
+            met_agent = (mib([f.rss_kib for f in agent.footprints]) or 0) <= 25
+        return Row(
+            f"one registering process, {self.plan.latency_n} containers registered, median: "
+            "RSS / private (RssAnon) MiB / threads",
+            cells, raw, "register RSS ≤ 20, private ≤ 10, threads ≤ 6; watch RSS ≤ 25",
+            _both(met_agent, met_sidecar),
+        )
 
     def settings_text(self) -> dict[str, str]:
         p = self.plan

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -510,6 +511,31 @@ def judge_latency(mine: Histogram, others: Histogram, *, requests: int, others_r
         return LatencyVerdict(True, p99, notes=tuple(notes))
     clear = [phrase for phrase, beyond_doubt in failures if beyond_doubt]
     return LatencyVerdict(True, p99, (clear or [failures[0][0]])[0], bool(clear), tuple(notes))
+
+
+STEERING_ACTIONS = ("pause", "resume", "abort")
+
+
+@dataclass(frozen=True)
+class SteeringRequest:
+    """`{control}/canary/{service}/request`: what `promote SERVICE --pause|--resume|--abort`
+    asks the running canary; `id` tells one request from the next."""
+
+    action: str
+    id: str
+
+    def value(self, at: str) -> str:
+        return json.dumps({"action": self.action, "id": self.id, "at": at})
+
+    @classmethod
+    def parse(cls, raw: str) -> SteeringRequest | None:
+        value = json_object(raw)
+        if value is None:
+            return None
+        action, ident = value.get("action"), value.get("id")
+        if action not in STEERING_ACTIONS or not isinstance(ident, str) or not ident:
+            return None
+        return cls(str(action), ident[:64])
 
 
 def gate_payload(service: str, version: str, step: int, result: StepResult | None

@@ -75,22 +75,24 @@ class Steering:
             return self.say(f"{head} is not paused (at {canary.percent}%); nothing to do")
         request = SteeringRequest(self.action, uuid.uuid4().hex)
         self.etcd(lambda s: s.put(self.request, request.value(_now())))
-        if self._acknowledged(request, ACK_WITHIN):
-            return self._done(head)
+        took = self._acknowledged(request, ACK_WITHIN)
+        if took is not None:
+            return self._done(head, took)
         if self.action == "abort" and self._owner_gone(OWNER_GRACE):
             return self._unfollowed(head)  # it died while we asked
         self._withdraw(request)
         raise FatalError(f"{head} did not acknowledge --{self.action} within"
                          f" {ACK_WITHIN:g}s; is its command stuck?")
 
-    def _acknowledged(self, request: SteeringRequest, within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
+    def _acknowledged(self, request: SteeringRequest, within: float) -> float | None:
+        """Seconds until the canary acknowledged `request` (None: not within `within`)."""
+        asked = time.monotonic()
+        while time.monotonic() < asked + within:
             time.sleep(POLL)
             _followed, waiting = self.steering_keys()
             if waiting is None or waiting.id != request.id:
-                return True  # the canary acted on it and deleted it
-        return False
+                return time.monotonic() - asked  # the canary acted on it and deleted it
+        return None
 
     def _owner_gone(self, within: float) -> bool:
         deadline = time.monotonic() + within
@@ -106,14 +108,15 @@ class Steering:
         if waiting is not None and waiting.id == request.id:
             self.etcd(lambda s: s.delete(self.request))
 
-    def _done(self, head: str) -> int:
+    def _done(self, head: str, took: float) -> int:
         canary = self.canary()
+        acknowledged = f"(acknowledged in {took:.2f}s)"
         if self.action == "abort":
-            return self.say(f"{head} aborted: rolled back")
+            return self.say(f"{head} aborted: rolled back {acknowledged}")
         if canary is None:  # it ended meanwhile (promoted, or rolled back)
             return self.say(f"{head} acknowledged --{self.action} and has ended since")
         state = "paused" if canary.paused else "running"
-        return self.say(f"{head} {self.action}d: {state} at {canary.percent}%")
+        return self.say(f"{head} {self.action}d: {state} at {canary.percent}% {acknowledged}")
 
     def _unfollowed(self, head: str) -> int:
         if self.action != "abort":

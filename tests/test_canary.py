@@ -35,6 +35,7 @@ from registrar.core.canary import (
     Wait,
     format_rate,
     gate_payload,
+    http_router_for,
     increase,
     judge,
     judge_latency,
@@ -644,6 +645,17 @@ def test_a_report_without_latency_or_mode_still_parses() -> None:
 def test_p99_is_read_as_prometheus_histogram_quantile_reads_it(counts: list[int],
                                                                expected: float) -> None:
     assert Histogram(tuple(counts)).quantile(0.99) == pytest.approx(expected)
+
+
+def test_an_http_router_for_a_service() -> None:
+    tcp = parse_report(json.dumps({"mode": "tcp", "services": {"web": {"v1": {"tcp": 5}}}}))
+    http_other = parse_report(json.dumps({"mode": "http", "services": {"api": {"v1": ok(1)}}}))
+    idle_http = parse_report(json.dumps({"mode": "http", "services": {}}))
+    assert tcp is not None and http_other is not None and idle_http is not None
+    assert not http_router_for({"a": tcp, "b": http_other}, "web")  # web's router is tcp
+    assert http_router_for({"a": tcp, "b": timed(ok(3))}, "web")
+    assert http_router_for({"b": idle_http}, "web")  # nothing served yet: its mode tells
+    assert not http_router_for({"a": tcp}, "api") and not http_router_for({}, "web")
 
 
 def test_no_response_has_no_p99() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -537,3 +538,82 @@ def test_a_gate_refusing_rolls_back_and_one_answering_2xx_lets_it_finish(rig: Ri
     assert later["error_rate"] == 0.0
     assert later["p99_ms"] is None or isinstance(later["p99_ms"], float)  # routers' latency
     assert "promoted v2" in out
+
+
+def ask(port: int, headers: dict[str, str] | None = None,
+        opener: urllib.request.OpenerDirector | None = None) -> tuple[str, str]:
+    """(the version that answered, its Set-Cookie header or "")."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", headers=headers or {})
+    with (opener or urllib.request.build_opener()).open(request, timeout=3) as response:
+        return response.read().decode().strip(), response.headers.get("Set-Cookie") or ""
+
+
+def started(rig: Rig, proc: subprocess.Popen[str]) -> None:
+    """The canary's weights key stands (or the command ended: its output says why)."""
+    wait_until(lambda: rig.weights() or proc.poll() is not None, timeout=15)
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        raise AssertionError(f"the canary ended early: {out}{err}")
+
+
+def answered(port: int, version: str, headers: dict[str, str] | None = None) -> bool:
+    return ask(port, headers)[0] == version
+
+
+def test_header_routing_sends_every_always_request_to_the_new_version(rig: Rig) -> None:
+    rig.run("v2")
+    proc = rig.promote("v2", "--canary", "10", "--interval", "60", "--header", "X-Canary")
+    try:
+        started(rig, proc)
+        assert json.loads(rig.weights() or "{}").get("header") == "X-Canary"
+        for port in rig.router_ports:  # each router reloads once for the header's backends
+            wait_until(functools.partial(answered, port, "v2", {"X-Canary": "always"}),
+                       timeout=15)
+        seen: dict[str, list[str]] = {"always": [], "never": [], "": []}
+        for _ in range(50):
+            for port in rig.router_ports:
+                for word in seen:
+                    seen[word].append(ask(port, {"X-Canary": word} if word else None)[0])
+        assert set(seen["always"]) == {"v2"}, seen["always"]
+        assert set(seen["never"]) == {"v1"}, seen["never"]
+        plain = seen[""].count("v2") / len(seen[""])
+        assert plain < 0.3, plain  # the weights' 10 %, give or take
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    for port in rig.router_ports:  # the canary's end: the header means nothing any more
+        wait_until(functools.partial(answered, port, "v1", {"X-Canary": "always"}),
+                   timeout=15)
+    print(f"--header: {len(seen['always'])} always -> v2 (100 %), {len(seen['never'])} never ->"
+          f" v1, without the header {plain:.0%} v2 at a 10 % step")
+
+
+def test_sticky_clients_keep_their_version_until_the_canary_ends(rig: Rig) -> None:
+    import http.cookiejar
+
+    rig.run("v2")
+    proc = rig.promote("v2", "--canary", "30", "--interval", "60", "--sticky")
+    try:
+        started(rig, proc)
+        cookie = f"registrar-{rig.service}="
+        for port in rig.router_ports:
+            wait_until(functools.partial(lambda p: cookie in ask(p)[1], port), timeout=15)
+        time.sleep(2)  # v2 in rotation on both routers, its weight set
+        clients = []
+        for _ in range(30):
+            jar = http.cookiejar.CookieJar()
+            clients.append(urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar)))
+        answers: list[list[str]] = [[] for _ in clients]
+        for round_ in range(8):
+            for i, opener in enumerate(clients):  # both routers in turn: one cookie for both
+                answers[i].append(ask(rig.router_ports[(i + round_) % 2], opener=opener)[0])
+        firsts = [a[0] for a in answers]
+        assert all(set(a) == {a[0]} for a in answers), answers
+        assert "v2" in firsts and "v1" in firsts, firsts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    print(f"--sticky: {len(clients)} clients x 8 requests over both routers, each kept its "
+          f"version; {firsts.count('v2')} of them on v2 at a 30 % step")

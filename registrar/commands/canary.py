@@ -48,6 +48,7 @@ from registrar.core.canary import (
     SteeringRequest,
     StepResult,
     gate_payload,
+    http_router_for,
 )
 from registrar.core.canary import parse_reports as parse_router_reports
 from registrar.core.layout import Layout
@@ -207,7 +208,7 @@ class CanaryCommand:
     def _refuse_unless_ready(self) -> None:
         needs = self.c.needs_http
         head = f"refusing a canary of {self.service} {self.version}"
-        if needs is not None and not any(r.http(self.service) for r in self._reports().values()):
+        if needs is not None and not http_router_for(self._reports(), self.service):
             raise FatalError(f"{head}: {needs} needs routers in http mode, and no router "
                              f"reporting on {self.service} runs in http mode; nothing changed")
         if self._weights_stand():

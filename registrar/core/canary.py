@@ -258,6 +258,18 @@ def _parse_latency(latency: object) -> dict[str, dict[str, Histogram]]:
     return parsed
 
 
+def http_router_for(reports: Mapping[str, Report], service: str) -> bool:
+    """Whether a router serves SERVICE in http mode (what the latency rules, --header and
+    --sticky need). The routers whose report mentions SERVICE tell; when none does yet (no
+    request served since they started: a report lists only what was counted), any router
+    that says it runs in http mode does."""
+    mentioning = [r for r in reports.values()
+                  if service in r.services or service in r.latency]
+    if mentioning:
+        return any(r.http(service) for r in mentioning)
+    return any(r.mode == "http" for r in reports.values())
+
+
 def parse_reports(stored: Mapping[str, StoredKey], layout: Layout) -> dict[str, Report]:
     """A read of `{control}/routers/` -> {router: Report}; other keys and bad values are skipped.
     The lease is not used: it changes when a living router re-grants one after a partition."""

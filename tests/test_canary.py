@@ -517,7 +517,13 @@ counts_objects = st.dictionaries(count_fields, st.integers(min_value=0, max_valu
 report_values = st.fixed_dictionaries(
     {"services": st.dictionaries(st.sampled_from(["web", "api"]), st.dictionaries(
         st.sampled_from(["v1", "v2"]), counts_objects, max_size=2) | json_values, max_size=2)},
-    optional={"at": st.text(max_size=30) | json_values},
+    optional={"at": st.text(max_size=30) | json_values,
+              "mode": st.sampled_from(["http", "tcp", "udp"]) | json_values,
+              "latency": st.dictionaries(st.sampled_from(["web", "api"]), st.dictionaries(
+                  st.sampled_from(["v1", "v2"]),
+                  st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=12,
+                           max_size=12).map(sorted) | json_values, max_size=2),
+                  max_size=2) | json_values},
 )
 raw_reports = st.one_of(st.text(max_size=50), json_values.map(json.dumps),
                         report_values.map(json.dumps))
@@ -554,7 +560,8 @@ def test_judge_never_raises_nor_divides_by_zero(start: dict[str, str], end: dict
 @given(st.lists(routers_reads, max_size=12), st.floats(min_value=0.01, max_value=1))
 def test_the_canary_never_raises_on_hostile_reports(looks: list[dict[str, str]],
                                                     max_rate: float) -> None:
-    canary = CanaryRun(plan(max_error_rate=max_rate, interval=2.0, timeout=3.0))
+    canary = CanaryRun(plan(max_error_rate=max_rate, interval=2.0, timeout=3.0,
+                            latency=LatencyRules(max_p99_ms=100, max_ratio=2)))
     canary.start(0.0)
     for second, raw in enumerate(looks):
         decision = canary.decide(float(second), parsed_all(raw))

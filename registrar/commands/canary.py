@@ -190,6 +190,7 @@ class CanaryCommand:
             if final is None:
                 final = self._steps()
             if isinstance(final, Promote):
+                self.stop.restore()  # the promotion is written: a signal ends its wait as before
                 for line in final.lines:
                     self.say(f"  {line}")  # every step passed: said before the promotion's wait
                 return promote_and_wait(OneShot(self.store, p.timeout), self.settings, before,

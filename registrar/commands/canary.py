@@ -171,6 +171,8 @@ class CanaryCommand:
         self.in_force = 0  # the percent the weights key holds (0: not written)
         self.handled: str | None = None  # the last steering request acted on
         self.unacknowledged: str | None = None  # an --abort, acknowledged once rolled back
+        self.owner = OwnerLease(store, f"{self.steering}/owner", json.dumps(
+            {"version": p.version, "at": _now()}))
         self.stop = Interrupted()
 
     def say(self, line: str) -> None:
@@ -180,12 +182,9 @@ class CanaryCommand:
     def run(self, before: Rotation) -> int:
         p = self.settings.promote
         assert p is not None
-        owner = OwnerLease(self.store, f"{self.steering}/owner", json.dumps(
-            {"version": self.version, "at": _now()}))
         final: Promote | RollBack | None = None
         try:
             self._refuse_unless_ready()
-            owner.start(self.etcd)
             final = self._first_step(before)
             if final is None:
                 final = self._steps()
@@ -200,7 +199,7 @@ class CanaryCommand:
             if self.in_force:
                 self._lift()  # traffic goes back to how it was split (or the promotion stands)
             self._acknowledge()
-            owner.stop()
+            self.owner.stop()
         assert final is not None
         raise FatalError(final.message)
 
@@ -230,6 +229,9 @@ class CanaryCommand:
         if not self.etcd(lambda s: s.put_if_absent(self.weights, value)):
             raise FatalError(self._another())
         self.in_force = step.percent
+        # the owner key only once the weights key is ours: a canary refused here must not
+        # take (and, ending, delete) the owner key of the one in progress
+        self.owner.start(self.etcd)
         self.say(f"{step.message} ({len(before.active)} in rotation)")
         self.canary.decide(time.monotonic(), baseline)
         return None

@@ -36,6 +36,17 @@ errors). The rules this module decides, one place each:
   `timeout` after its interval (the timeout bounds each step's prolongation, so a step lasts at
   most interval + timeout and a canary of k steps at most k x (interval + timeout), before the
   promotion's own wait).
+- Response times (`Histogram`, `judge_latency`): a report's `latency` holds cumulative `le`
+  bucket counts by service and version; a step's histogram is their increase, summed over
+  routers by the same rules as the counts (a bucket going down is a restart too). Its p99 is
+  read as Prometheus' `histogram_quantile` reads buckets. `--max-p99` and `--max-latency-ratio`
+  are judged once `min_requests` are in; before the interval's end they fail only beyond
+  doubt: when even the lower bound of the bucket holding the p99 is above the limit (for the
+  ratio, above R times the upper bound of the bucket holding the others' p99). The ratio is
+  judged only when the other versions answered `min_requests` too; else it passes, and says so.
+- Steering (`pause`, `resume`, `abort`) and rollbacks found outside the reports (`stopped`: a
+  gate, the weights key deleted): a paused step is not judged and has no deadline; a resumed
+  one starts again, counted from the reports read at the resume.
 Times are seconds on the caller's clock (a monotonic one); nothing here reads a clock.
 """
 

@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 from registrar import __version__
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# `--header NAME`: an HTTP header name that goes into HAProxy's config as it is (no quoting)
+HEADER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+STEERING = ("pause", "resume", "abort")  # promote SERVICE --pause | --resume | --abort
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/services"
@@ -123,16 +126,32 @@ class CanarySettings:
     interval: float = 30.0
     max_error_rate: float = 0.01
     min_requests: int = 20
+    max_p99_ms: float | None = None
+    max_latency_ratio: float | None = None
+    gate: str | None = None  # a URL POSTed before each step and before the promotion
+    header: str | None = None  # requests with NAME: always / never go to VERSION / the others
+    sticky: bool = False  # a cookie keeps each client on the version that first answered it
+
+    @property
+    def needs_http(self) -> str | None:
+        """The first flag given that needs routers in http mode (None: none)."""
+        for flag, given in (("--max-p99", self.max_p99_ms is not None),
+                            ("--max-latency-ratio", self.max_latency_ratio is not None),
+                            ("--header", self.header is not None), ("--sticky", self.sticky)):
+            if given:
+                return flag
+        return None
 
 
 @dataclass(frozen=True)
 class PromoteSettings:
     service: str
-    version: str | None  # None with --clear
+    version: str | None  # None with --clear and with --pause/--resume/--abort
     clear: bool = False
     min_instances: int = 1
     timeout: float = 30.0
     canary: CanarySettings | None = None
+    steer: str | None = None  # "pause", "resume" or "abort": the canary of SERVICE in progress
 
 
 @dataclass(frozen=True)
@@ -313,6 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--min-requests", metavar="N", default=argparse.SUPPRESS,
                          help="a step is judged once VERSION answered at least N requests in it "
                          "(default 20)")
+    promote.add_argument("--max-p99", metavar="MS", default=argparse.SUPPRESS,
+                         help="a step also fails when VERSION's 99th percentile response time "
+                         "over it is above MS milliseconds (http-mode routers)")
+    promote.add_argument("--max-latency-ratio", metavar="R", default=argparse.SUPPRESS,
+                         help="a step also fails when VERSION's p99 is above R (> 1) times the "
+                         "other versions' over the same step (http-mode routers)")
+    promote.add_argument("--gate", metavar="URL", default=argparse.SUPPRESS,
+                         help="POST the last step's figures as JSON to URL before each step and "
+                         "before the promotion; anything but a 2xx within 10 s rolls back")
+    promote.add_argument("--header", metavar="NAME", default=argparse.SUPPRESS,
+                         help="while the canary runs, requests with header NAME: always go to "
+                         "VERSION, NAME: never to the other versions (http-mode routers)")
+    promote.add_argument("--sticky", action="store_const", const="true",
+                         default=argparse.SUPPRESS,
+                         help="while the canary runs, a client keeps the version that first "
+                         "answered it (an HAProxy cookie; http-mode routers)")
+    for word, what in (("pause", "hold the canary of SERVICE in progress at its weights"),
+                       ("resume", "start its current step again, a whole new interval"),
+                       ("abort", "roll it back at once")):
+        promote.add_argument(f"--{word}", dest=f"steer_{word}", action="store_true",
+                             help=f"{what} (no VERSION)")
     _add_common(promote)
 
     maint = sub.add_parser(
@@ -663,13 +703,16 @@ def _promote(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
     version = args.get("version")
     if clear and version is not None:
         raise SettingsError("--clear: takes no VERSION")
-    if not clear and version is None:
+    steer = _steer(args, clear, version)
+    if not clear and version is None and steer is None:
         raise SettingsError("VERSION: required (or --clear)")
     if version is not None and not NAME_RE.fullmatch(version):
         raise SettingsError(f"VERSION: must match {NAME_RE.pattern}, got {version!r}")
     canary = _canary(value)
     if canary is not None and clear:
         raise SettingsError("--canary: not with --clear")
+    if canary is not None and steer is not None:
+        raise SettingsError(f"--{steer}: not with --canary")
     return PromoteSettings(
         service=service,
         version=version,
@@ -677,13 +720,33 @@ def _promote(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         min_instances=_int("--min-instances", value("--min-instances", "1") or "", 1),
         timeout=_seconds("--timeout", value("--timeout", "30") or ""),
         canary=canary,
+        steer=steer,
     )
+
+
+def _steer(args: Mapping[str, Any], clear: bool, version: str | None) -> str | None:
+    """`--pause`, `--resume` or `--abort` (flags only: one action of one command, never from
+    the environment), alone: no VERSION, no --clear, no --canary."""
+    given = [word for word in STEERING if args.get(f"steer_{word}")]
+    if not given:
+        return None
+    flag = f"--{given[0]}"
+    if len(given) > 1:
+        raise SettingsError(f"{flag}: one of --pause, --resume and --abort at a time")
+    if version is not None or clear:
+        raise SettingsError(f"{flag}: takes SERVICE alone (no VERSION, no --clear)")
+    for other in ("canary", "interval", "max_error_rate", "min_requests", "max_p99",
+                  "max_latency_ratio", "gate", "header", "sticky"):
+        if other in args:
+            raise SettingsError(f"{flag}: not with --{other.replace('_', '-')}")
+    return given[0]
 
 
 def _canary(value: Callable[[str, str | None], str | None]) -> CanarySettings | None:
     raw = value("--canary", None)
     if raw is None:
-        for flag in ("--interval", "--max-error-rate", "--min-requests"):
+        for flag in ("--interval", "--max-error-rate", "--min-requests", "--max-p99",
+                     "--max-latency-ratio", "--gate", "--header", "--sticky"):
             if value(flag, None) is not None:
                 raise SettingsError(f"{flag}: only with --canary")
         return None
@@ -708,7 +771,50 @@ def _canary(value: Callable[[str, str | None], str | None]) -> CanarySettings | 
     return CanarySettings(
         steps=tuple(steps), interval=interval, max_error_rate=rate,
         min_requests=_int("--min-requests", value("--min-requests", "20") or "", 1),
+        max_p99_ms=_above("--max-p99", value("--max-p99", None), 0, "milliseconds"),
+        max_latency_ratio=_above("--max-latency-ratio", value("--max-latency-ratio", None), 1,
+                                 "ratio"),
+        gate=_gate(value("--gate", None)),
+        header=_header(value("--header", None)),
+        sticky=_bool("--sticky", value("--sticky", "false") or ""),
     )
+
+
+def _above(flag: str, raw: str | None, minimum: float, what: str) -> float | None:
+    """A finite number above `minimum`, or None when not given."""
+    if raw is None:
+        return None
+    try:
+        number = float(raw.strip())
+    except ValueError:
+        number = float("nan")
+    if not minimum < number < float("inf"):
+        raise SettingsError(f"{flag}: must be a {what} > {minimum:g}, got {raw!r}")
+    return number
+
+
+def _gate(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    url = raw.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise SettingsError(f"--gate: malformed URL {raw!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(
+            ch.isspace() or not ch.isprintable() for ch in url):
+        raise SettingsError(f"--gate: must be an http:// or https:// URL, got {raw!r}")
+    return url
+
+
+def _header(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not HEADER_RE.fullmatch(raw):
+        raise SettingsError(f"--header: must be a header name matching {HEADER_RE.pattern}, "
+                            f"got {raw!r}")
+    return raw
 
 
 def _maint(args: Mapping[str, Any], value: Callable[[str, str | None], str | None]) -> (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +18,9 @@ from registrar.core.canary import (
     CanaryRun,
     Counts,
     Failed,
+    Histogram,
+    LatencyRules,
+    LatencyVerdict,
     NotEnough,
     Passed,
     Phase,
@@ -24,12 +29,18 @@ from registrar.core.canary import (
     Report,
     RollBack,
     SetPercent,
+    StepResult,
     Traffic,
     Verdict,
     Wait,
     format_rate,
+    gate_payload,
+    http_router_for,
     increase,
     judge,
+    judge_latency,
+    latency,
+    latency_increase,
     parse_report,
     parse_reports,
     restarted,
@@ -506,7 +517,13 @@ counts_objects = st.dictionaries(count_fields, st.integers(min_value=0, max_valu
 report_values = st.fixed_dictionaries(
     {"services": st.dictionaries(st.sampled_from(["web", "api"]), st.dictionaries(
         st.sampled_from(["v1", "v2"]), counts_objects, max_size=2) | json_values, max_size=2)},
-    optional={"at": st.text(max_size=30) | json_values},
+    optional={"at": st.text(max_size=30) | json_values,
+              "mode": st.sampled_from(["http", "tcp", "udp"]) | json_values,
+              "latency": st.dictionaries(st.sampled_from(["web", "api"]), st.dictionaries(
+                  st.sampled_from(["v1", "v2"]),
+                  st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=12,
+                           max_size=12).map(sorted) | json_values, max_size=2),
+                  max_size=2) | json_values},
 )
 raw_reports = st.one_of(st.text(max_size=50), json_values.map(json.dumps),
                         report_values.map(json.dumps))
@@ -543,7 +560,8 @@ def test_judge_never_raises_nor_divides_by_zero(start: dict[str, str], end: dict
 @given(st.lists(routers_reads, max_size=12), st.floats(min_value=0.01, max_value=1))
 def test_the_canary_never_raises_on_hostile_reports(looks: list[dict[str, str]],
                                                     max_rate: float) -> None:
-    canary = CanaryRun(plan(max_error_rate=max_rate, interval=2.0, timeout=3.0))
+    canary = CanaryRun(plan(max_error_rate=max_rate, interval=2.0, timeout=3.0,
+                            latency=LatencyRules(max_p99_ms=100, max_ratio=2)))
     canary.start(0.0)
     for second, raw in enumerate(looks):
         decision = canary.decide(float(second), parsed_all(raw))
@@ -559,3 +577,362 @@ def test_the_canary_never_raises_on_hostile_reports(looks: list[dict[str, str]],
 def test_verdict_handles_any_size_of_counts(answered: int, bad: int, refused: int) -> None:
     result = verdict_of(Traffic(answered, min(bad, answered), refused))
     assert isinstance(result, Passed | Failed | NotEnough)
+
+
+# --- response times -----------------------------------------------------------------------
+
+
+def hist(**in_buckets: int) -> list[int]:
+    """Cumulative `le` counts from responses per bucket, named by their bound in ms
+    (`b5=10` is 10 responses in (0, 5 ms], `inf=1` one above 10 s)."""
+    names = ["b5", "b10", "b25", "b50", "b100", "b250", "b500", "b1000", "b2500", "b5000",
+             "b10000", "inf"]
+    assert set(in_buckets) <= set(names)
+    return list(itertools.accumulate(in_buckets.get(name, 0) for name in names))
+
+
+def timed(counts: Mapping[str, int], *, v2: list[int] | None = None,
+          v1: list[int] | None = None, v1_counts: Mapping[str, int] | None = None,
+          mode: str | None = "http") -> Report:
+    """A router's report with response times (latency) for web v2 and v1."""
+    services: dict[str, dict[str, Mapping[str, int]]] = {"web": {"v2": counts}}
+    latency: dict[str, dict[str, list[int]]] = {"web": {}}
+    if v2 is not None:
+        latency["web"]["v2"] = v2
+    if v1 is not None:
+        latency["web"]["v1"] = v1
+        services["web"]["v1"] = v1_counts or ok(v1[-1])
+    body: dict[str, Any] = {"at": AT, "services": services, "latency": latency}
+    if mode is not None:
+        body["mode"] = mode
+    parsed = parse_report(json.dumps(body))
+    assert parsed is not None
+    return parsed
+
+
+def test_a_report_s_latency_and_mode_are_read() -> None:
+    parsed = timed(ok(3), v2=hist(b5=1, b100=2))
+    assert parsed.histogram("web", "v2") == Histogram((1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3))
+    assert parsed.mode == "http" and parsed.http("web") and not parsed.http("api")
+
+
+@pytest.mark.parametrize("bad", [[1] * 11, [1] * 13, [2, 1, *[1] * 10], [-1, *[0] * 11],
+                                 [0.5] * 12, "many", {"a": 1}, [True] * 12, [2**64] * 12])
+def test_a_bad_histogram_is_skipped_and_the_counts_kept(bad: object) -> None:
+    raw = json.dumps({"services": {"web": {"v2": ok(4)}},
+                      "latency": {"web": {"v2": bad, "v1": [0] * 11 + [5]}}})
+    parsed = parse_report(raw)
+    assert parsed is not None and parsed.counts("web", "v2") == Counts(http_2xx=4)
+    assert parsed.histogram("web", "v2") is None
+    assert parsed.histogram("web", "v1") == Histogram((0,) * 11 + (5,))
+
+
+def test_a_report_without_latency_or_mode_still_parses() -> None:
+    parsed = parse_report(value({"web": {"v2": ok(3)}}))
+    assert parsed is not None and parsed.latency == {} and parsed.mode is None
+    assert parsed.http("web")  # answered HTTP: an http router of an older release
+    tcp = parse_report(value({"web": {"v2": {"tcp": 3}}}))
+    assert tcp is not None and not tcp.http("web")
+    said = parse_report(json.dumps({"services": {"web": {"v2": ok(3)}}, "mode": "tcp"}))
+    assert said is not None and not said.http("web")
+
+
+@pytest.mark.parametrize(("counts", "expected"), [
+    # all in (50, 100] ms: rank 99 of 100 -> 50 + 50 * 99/100
+    (hist(b100=100), 0.0995),
+    # 98 fast, 2 in (250, 500]: rank 99 -> the second half of the bucket's two
+    (hist(b5=98, b500=2), 0.375),
+    # rank exactly at a bucket's top stays in it
+    (hist(b5=99, b500=1), 0.005),
+    # the first bucket reads from 0
+    (hist(b5=10), 0.00495),
+    # in +Inf: the highest finite bound
+    (hist(b5=1, inf=99), 10.0),
+])
+def test_p99_is_read_as_prometheus_histogram_quantile_reads_it(counts: list[int],
+                                                               expected: float) -> None:
+    assert Histogram(tuple(counts)).quantile(0.99) == pytest.approx(expected)
+
+
+def test_an_http_router_for_a_service() -> None:
+    tcp = parse_report(json.dumps({"mode": "tcp", "services": {"web": {"v1": {"tcp": 5}}}}))
+    http_other = parse_report(json.dumps({"mode": "http", "services": {"api": {"v1": ok(1)}}}))
+    idle_http = parse_report(json.dumps({"mode": "http", "services": {}}))
+    assert tcp is not None and http_other is not None and idle_http is not None
+    assert not http_router_for({"a": tcp, "b": http_other}, "web")  # web's router is tcp
+    assert http_router_for({"a": tcp, "b": timed(ok(3))}, "web")
+    assert http_router_for({"b": idle_http}, "web")  # nothing served yet: its mode tells
+    assert not http_router_for({"a": tcp}, "api") and not http_router_for({}, "web")
+
+
+def test_no_response_has_no_p99() -> None:
+    assert Histogram().quantile(0.99) is None and Histogram().bounds(0.99) is None
+
+
+def prometheus_quantile(q: float, counts: Sequence[int]) -> float:
+    """Prometheus' bucketQuantile (promql/quantile.go), written out for comparison."""
+    bounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, math.inf]
+    observations = counts[-1]
+    rank = q * observations
+    b = next((i for i in range(len(counts) - 1) if counts[i] >= rank), len(counts) - 1)
+    if b == len(bounds) - 1:
+        return bounds[-2]
+    start, end = (0.0, bounds[0]) if b == 0 else (bounds[b - 1], bounds[b])
+    count = counts[b] - (counts[b - 1] if b else 0)
+    rank -= counts[b - 1] if b else 0
+    return start + (end - start) * (rank / count)
+
+
+in_buckets = st.lists(st.integers(min_value=0, max_value=10**6), min_size=12, max_size=12)
+
+
+@settings(max_examples=examples(300))
+@given(in_buckets)
+def test_p99_matches_prometheus_and_lies_within_its_bucket(spread: list[int]) -> None:
+    counts = list(itertools.accumulate(spread))
+    h = Histogram(tuple(counts))
+    if counts[-1] == 0:
+        assert h.quantile(0.99) is None
+        return
+    p99, bounds = h.quantile(0.99), h.bounds(0.99)
+    assert p99 is not None and bounds is not None
+    assert p99 == pytest.approx(prometheus_quantile(0.99, counts))
+    assert bounds[0] <= p99 <= bounds[1]
+
+
+def test_latency_is_summed_over_routers_with_their_restarts_and_arrivals() -> None:
+    start = {"r1": timed(ok(10), v2=hist(b5=10)), "r2": timed(ok(900), v2=hist(b100=900))}
+    end = {
+        "r1": timed(ok(30), v2=hist(b5=10, b250=20)),  # +20 in (100, 250]
+        "r2": timed(ok(5), v2=hist(b500=5)),  # restarted: all 5 new
+        "r3": timed(ok(70), v2=hist(inf=70)),  # appeared: nothing yet
+    }
+    assert latency(start, end, "web", "v2") == Histogram(tuple(hist(b250=20, b500=5)))
+    assert latency(start, {"r1": end["r1"]}, "web", "v2").total == 20  # r2 vanished
+
+
+def test_a_restart_is_seen_in_the_histogram_alone() -> None:
+    before = timed(ok(10), v2=hist(b5=10, b100=5))
+    after = timed(ok(12), v2=hist(b5=3))
+    assert restarted(before, after)
+    assert latency_increase(before, after, "web", "v2") == Histogram(tuple(hist(b5=3)))
+
+
+P99 = LatencyRules(max_p99_ms=300)
+RATIO = LatencyRules(max_ratio=2)
+
+
+def latency_of(mine: list[int], others: list[int] | None = None, *, rules: LatencyRules = P99,
+               requests: int | None = None, others_requests: int | None = None,
+               min_requests: int = 20) -> LatencyVerdict:
+    theirs = Histogram(tuple(others)) if others is not None else Histogram()
+    return judge_latency(
+        Histogram(tuple(mine)), theirs,
+        requests=mine[-1] if requests is None else requests,
+        others_requests=theirs.total if others_requests is None else others_requests,
+        rules=rules, min_requests=min_requests)
+
+
+def test_max_p99_passes_below_and_fails_above() -> None:
+    good = latency_of(hist(b100=100))
+    assert good.judged and good.failed is None
+    assert good.notes == ("p99 100 ms over 100 responses (max 300 ms)",)
+    slow = latency_of(hist(b100=90, b500=10))  # p99 in (250, 500]: 475 ms
+    assert slow.failed == "p99 475 ms over 100 responses (max 300 ms)"
+
+
+def test_a_p99_fails_clearly_only_when_its_bucket_s_lower_bound_is_above_the_limit() -> None:
+    # p99 475 ms in (250, 500]: above 300, but the bucket starts below it -> not beyond doubt
+    assert not latency_of(hist(b100=90, b500=10)).clear
+    # p99 in (500, 1000]: even 500 ms is above 300
+    assert latency_of(hist(b100=90, b1000=10)).clear
+
+
+def test_latency_is_not_judged_before_min_requests() -> None:
+    assert not latency_of(hist(inf=19)).judged
+    assert latency_of(hist(inf=20)).clear
+
+
+def test_requests_without_response_times_cannot_pass_a_latency_rule() -> None:
+    verdict_ = latency_of([0] * 12, requests=50)
+    assert not verdict_.judged and verdict_.failed is None
+
+
+def test_the_ratio_rule_compares_with_the_other_versions() -> None:
+    fast = hist(b50=95, b100=5)  # p99 90 ms
+    same = latency_of(hist(b50=95, b100=5), fast, rules=RATIO)
+    assert same.failed is None and same.notes == (
+        "p99 90 ms is 1.00 times the other versions' 90 ms (max 2)",)
+    slower = latency_of(hist(b100=5, b250=95), fast, rules=RATIO)  # 100 + 150 x 94/95 ms
+    assert slower.failed == "p99 248 ms is 2.76 times the other versions' 90 ms (max 2)"
+    # 242 ms in (100, 250]: 100 ms is not above 2 x the others' upper bound (100 ms)
+    assert not slower.clear
+    three_x = latency_of(hist(b500=100), fast, rules=RATIO)  # in (250, 500]: 250 > 2 x 100
+    assert three_x.clear
+
+
+def test_the_ratio_rule_passes_when_the_others_answered_too_little_and_says_so() -> None:
+    result = latency_of(hist(b500=100), hist(b50=5), rules=RATIO)
+    assert result.judged and result.failed is None
+    assert result.notes == (
+        "p99 ratio not judged: the other versions answered 5 of the 20 requests needed",)
+
+
+def test_others_in_the_inf_bucket_never_make_a_ratio_clear() -> None:
+    result = latency_of(hist(inf=100), hist(b5=1, inf=99), rules=RATIO)
+    assert result.failed is None  # 10 s against 10 s
+
+
+@pytest.mark.parametrize("rules", [{"max_p99_ms": 0}, {"max_p99_ms": -1},
+                                   {"max_p99_ms": math.inf}, {"max_ratio": 1},
+                                   {"max_ratio": 0.5}, {"max_ratio": math.nan}])
+def test_bad_latency_rules_are_refused(rules: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        LatencyRules(**rules)
+
+
+@settings(max_examples=examples(300))
+@given(in_buckets, in_buckets, st.floats(min_value=1, max_value=20_000),
+       st.floats(min_value=1.01, max_value=20))
+def test_a_clear_latency_failure_is_beyond_the_doubt_of_the_buckets(
+        mine: list[int], theirs: list[int], max_p99: float, ratio: float) -> None:
+    """Clear means: wherever in their buckets the responses really lie, the rule fails (the
+    bucket holding VERSION's p99 starts above the limit at its most generous)."""
+    h, others = Histogram(tuple(itertools.accumulate(mine))), Histogram(
+        tuple(itertools.accumulate(theirs)))
+    for rules in (LatencyRules(max_p99_ms=max_p99), LatencyRules(max_ratio=ratio)):
+        result = latency_of(list(h.counts), list(others.counts), rules=rules)
+        assert not result.clear or result.failed is not None
+        if not result.clear:
+            continue
+        lower = h.bounds(0.99)
+        assert lower is not None
+        if rules.max_p99_ms is not None:
+            assert lower[0] * 1000 > rules.max_p99_ms
+        else:
+            upper = others.bounds(0.99)
+            assert upper is not None and lower[0] > ratio * upper[1]
+
+
+def slow_routers(v2_each: int, v2_hist: list[int], v1_each: int = 0,
+                 v1_hist: list[int] | None = None) -> dict[str, Report]:
+    return {"r1": timed(ok(v2_each), v2=v2_hist, v1=v1_hist, v1_counts=ok(v1_each))}
+
+
+def test_a_slow_version_is_rolled_back_by_max_p99_once_beyond_doubt() -> None:
+    canary = CanaryRun(plan(latency=P99))
+    decisions = run(canary, [
+        (0.0, slow_routers(0, hist())),
+        (2.0, slow_routers(10, hist(b1000=10))),  # 10: not judged yet
+        (4.0, slow_routers(30, hist(b1000=30))),  # in (500, 1000]: beyond doubt
+    ])
+    assert type(decisions[2]) is Wait
+    final = decisions[3]
+    assert isinstance(final, RollBack) and final.reason is Reason.FAILED
+    assert final.message == ("canary of web v2 rolled back at 10%: p99 995 ms over 30 responses"
+                             " (max 300 ms)")
+
+
+def test_a_p99_just_above_the_limit_fails_at_the_interval_s_end_only() -> None:
+    canary = CanaryRun(plan(latency=P99))
+    decisions = run(canary, [
+        (0.0, slow_routers(0, hist())),
+        (10.0, slow_routers(100, hist(b250=90, b500=10))),
+        (30.0, slow_routers(100, hist(b250=90, b500=10))),
+    ])
+    assert type(decisions[2]) is Wait
+    final = decisions[3]
+    assert isinstance(final, RollBack)
+    assert final.message == ("canary of web v2 rolled back at 10%: p99 475 ms over 100"
+                             " responses (max 300 ms)")
+
+
+def test_a_fast_version_passes_and_its_line_says_the_p99_and_the_ratio() -> None:
+    canary = CanaryRun(plan(steps=(10,), latency=LatencyRules(max_p99_ms=300, max_ratio=2)))
+    decisions = run(canary, [
+        (0.0, slow_routers(0, hist(), 0, hist())),
+        (30.0, slow_routers(40, hist(b50=40), 400, hist(b50=400))),
+    ])
+    promote = decisions[2]
+    assert isinstance(promote, Promote)
+    assert promote.lines == (
+        "canary of web v2 passed 10%: error rate 0.00 over 40 requests (max 0.01); p99 50 ms"
+        " over 40 responses (max 300 ms); p99 50 ms is 1.00 times the other versions'"
+        " 50 ms (max 2)",)
+    assert promote.steps[0].p99 == pytest.approx(0.04975)
+
+
+def test_a_ratio_against_too_few_others_passes_the_step_saying_so() -> None:
+    canary = CanaryRun(plan(steps=(10,), latency=RATIO))
+    promote = run(canary, [(0.0, slow_routers(0, hist(), 0, hist())),
+                           (30.0, slow_routers(40, hist(b500=40), 3, hist(b50=3)))])[2]
+    assert isinstance(promote, Promote)
+    assert promote.lines[0].endswith(
+        "; p99 ratio not judged: the other versions answered 3 of the 20 requests needed")
+
+
+def test_enough_requests_without_response_times_time_out_saying_so() -> None:
+    canary = CanaryRun(plan(steps=(10,), timeout=5.0, latency=P99))
+    decisions = run(canary, [(0.0, {"r1": report(ok(0))}), (30.0, {"r1": report(ok(50))}),
+                             (35.0, {"r1": report(ok(60))})])
+    assert type(decisions[2]) is Wait
+    final = decisions[3]
+    assert isinstance(final, RollBack) and final.reason is Reason.TIMEOUT
+    assert final.message == ("canary of web v2 rolled back at 10%: no response times of v2 in"
+                             " the routers' reports over 60 requests in 35s")
+
+
+# --- pause, resume, abort -----------------------------------------------------------------
+
+
+def test_a_paused_step_is_not_judged_and_has_no_deadline() -> None:
+    canary = CanaryRun(plan(steps=(10,)))
+    run(canary, [(0.0, {"r1": report(ok(0))}), (5.0, {"r1": report(ok(5))})])
+    assert canary.pause() and not canary.pause()
+    waiting = canary.decide(500.0, {"r1": report(http(5, 500))})  # 500s of 500s, unjudged
+    assert isinstance(waiting, Wait) and waiting.until == math.inf
+    assert waiting.message == "canary of web v2 paused at 10%"
+    assert canary.resume(600.0, {"r1": report(http(5, 500))}) and not canary.resume(601.0, {})
+    # a whole new interval from the resume, counted from the reports read then
+    assert isinstance(canary.decide(620.0, {"r1": report(http(15, 500))}), Wait)
+    promote = canary.decide(630.0, {"r1": report(http(25, 500))})
+    assert isinstance(promote, Promote) and promote.steps[0].requests == 20
+    assert promote.steps[0].seconds == 30.0
+
+
+def test_abort_rolls_back_at_once_saying_so() -> None:
+    canary = CanaryRun(plan())
+    run(canary, [(0.0, two_routers(0)), (5.0, two_routers(10))])
+    final = canary.abort(7.2, two_routers(12))
+    assert isinstance(final, RollBack) and final.reason is Reason.ABORTED
+    assert final.message == ("canary of web v2 aborted at 10% after 7s: rolled back (error rate"
+                             " 0.00 over 24 requests (max 0.01))")
+    assert canary.decide(8.0, two_routers(20)) is final
+
+
+def test_abort_of_a_paused_canary() -> None:
+    canary = CanaryRun(plan())
+    canary.start(0.0)
+    canary.pause()
+    assert canary.abort(3.0).message == (
+        "canary of web v2 aborted at 10% after 3s (paused): rolled back (0 requests)")
+
+
+def test_a_gate_refusal_rolls_back_even_after_every_step_passed() -> None:
+    canary = CanaryRun(plan(steps=(10,)))
+    promote = run(canary, [(0.0, two_routers(0)), (30.0, two_routers(20))])[2]
+    assert isinstance(promote, Promote)
+    final = canary.stopped(Reason.GATE, 10, "gate http://g/ answered HTTP 500")
+    assert final.message == "canary of web v2 rolled back at 10%: gate http://g/ answered HTTP 500"
+    assert canary.decide(40.0, {}) is final
+
+
+def test_the_gate_payloads() -> None:
+    assert gate_payload("web", "v2", 0, None) == {
+        "service": "web", "version": "v2", "step": 0, "percent": 0, "requests": 0,
+        "error_rate": None, "p99_ms": None}
+    result = StepResult(10, 0.01, 200, 2, 30.0, 0.2425)
+    assert gate_payload("web", "v2", 1, result) == {
+        "service": "web", "version": "v2", "step": 1, "percent": 10, "requests": 200,
+        "error_rate": 0.01, "p99_ms": 242.5}
+    assert gate_payload("web", "v2", 2, StepResult(50, 0.0, 9, 0, 1.0))["p99_ms"] is None

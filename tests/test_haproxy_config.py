@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -38,6 +39,7 @@ from registrar.haproxy.config import (
     server_weights,
 )
 from registrar.haproxy.process import runtime_dir, socket_paths
+from registrar.haproxy.runtime import fresh_layout, plan_runtime
 from registrar.settings import Bind
 from tests.hypothesis_profiles import examples
 
@@ -183,6 +185,44 @@ def test_builtin_template_http_golden_without_a_stats_socket() -> None:
                   RenderContext(mode="http", prefix=PREFIX))
     golden("haproxy-http-canary.cfg", text)
     assert "stats socket" not in text
+
+
+def test_builtin_template_header_and_sticky_canary_golden() -> None:
+    """--header: two backends chosen by the header; --sticky: a dynamic cookie. Both only
+    while the weights key asks for them, and both outside what the runtime API changes."""
+    regs = [reg("web", "n1:a:8080", "10.0.0.5", 8080, "v1"),
+            reg("web", "n2:a:8080", "10.0.0.7", 8080, "v1"),
+            reg("web", "n1:b:8080", "10.0.0.6", 8081, "v2")]
+    canary = Canary("v2", 10, header="X-Canary", sticky=True)
+    backends = build_backends(WEB, regs, {"web": canary})
+    text = render(load_template(None), backends, regs, ctx("http"))
+    golden("haproxy-http-canary-header-sticky.cfg", text)
+    assert "use_backend be_web_always if { req.hdr(X-Canary) -m str always }" in text
+    assert "cookie registrar-web insert indirect nocache dynamic" in text
+    [web] = backends
+    assert [s.name for s in web.canary_servers] == ["n1:b:8080"]
+    assert [s.name for s in web.other_servers] == ["n1:a:8080", "n2:a:8080"]
+    tcp = render(load_template(None), backends, regs, ctx("tcp"))
+    assert "cookie" not in tcp and "use_backend" not in tcp and "be_web_always" not in tcp
+
+
+def test_a_canary_s_header_or_cookie_needs_a_reload_its_weights_do_not() -> None:
+    regs = [reg("web", "n1:a:8080", "10.0.0.5", 8080, "v1"),
+            reg("web", "n1:b:8080", "10.0.0.6", 8081, "v2")]
+    plain = build_backends(WEB, regs)
+    live = fresh_layout(plain)
+    assert plan_runtime(live, build_backends(WEB, regs, {"web": Canary("v2", 10)})) is not None
+    for canary in (Canary("v2", 10, header="X-C"), Canary("v2", 10, sticky=True)):
+        wanted = build_backends(WEB, regs, {"web": canary})
+        assert plan_runtime(live, wanted) is None  # a reload at the canary's start ...
+        assert plan_runtime(fresh_layout(wanted), plain) is None  # ... and at its end
+        steps = build_backends(WEB, regs, {"web": replace(canary, percent=50)})
+        assert plan_runtime(fresh_layout(wanted), steps) is not None  # steps: runtime API
+    # with a header, a server joining a side changes the rendered backends: a reload
+    header = {"web": Canary("v2", 10, header="X-C")}
+    more = [*regs, reg("web", "n2:b:8080", "10.0.0.8", 8081, "v2")]
+    assert plan_runtime(fresh_layout(build_backends(WEB, regs, header)),
+                        build_backends(WEB, more, header)) is None
 
 
 def test_builtin_template_spare_slots_and_hostile_names_golden() -> None:

@@ -117,3 +117,22 @@ def test_age_column() -> None:
     lines = render_text(rows(PREFIX, stored, None), False).splitlines()
     assert lines[1].split()[-1] in ("5m", "4m")
     assert lines[2].split()[-1] == "?"
+
+
+def test_a_canary_in_progress_shows_its_state_paused_or_running() -> None:
+    from registrar.commands.listing import render_canaries
+    from registrar.core.layout import Layout
+
+    layout = Layout(PREFIX, "/registrar")
+    control = {
+        "/registrar/weights/web": StoredKey(json.dumps(
+            {"version": "v2", "percent": 10, "at": "2015-07-20T12:00:00Z", "paused": True}), 0),
+        "/registrar/weights/api": StoredKey(json.dumps(
+            {"version": "v7", "percent": 50, "at": "2015-07-20T12:01:00Z"}), 0),
+    }
+    out = io.StringIO()
+    render_canaries(control, layout, None, out)
+    lines = out.getvalue().splitlines()
+    assert lines[1].split() == ["CANARY", "VERSION", "PERCENT", "SINCE", "STATE"]
+    assert lines[2].split() == ["api", "v7", "50%", "2015-07-20T12:01:00Z", "running"]
+    assert lines[3].split() == ["web", "v2", "10%", "2015-07-20T12:00:00Z", "paused"]

@@ -722,7 +722,8 @@ def test_traffic_by_version_is_counted_reported_and_survives_a_reload_from_outsi
     sent = client_counts(300)
     wait_until(lambda: matches(sent), timeout=8, message=lambda: f"{reported()} vs {sent}")
     report = json.loads(etcd_reader.get(key) or "{}")
-    assert set(report) == {"at", "services"}
+    assert set(report) == {"at", "services", "mode"}
+    assert report["mode"] == "http"  # the router's --mode: what a canary's latency rules need
     assert set(report["services"][service]["v1"]) == {
         "2xx", "3xx", "4xx", "5xx", "other", "tcp", "connection_errors"}
     assert etcd_reader.lease_id(key), "the report is bound to the router's lease"

@@ -420,3 +420,67 @@ def test_environment_of_another_command_is_not_validated() -> None:
     assert parse_settings(["ls"], {**env, "REGISTRAR_JSON": "yes"}).json
     with pytest.raises(SettingsError, match="--wait"):
         parse_settings(["register", "c1"], env)
+
+
+# --- promote: the canary's second step ------------------------------------------------------
+
+
+def test_the_latency_gate_header_and_sticky_flags() -> None:
+    s = parse("promote", "web", "v2", "--canary", "10,50", "--max-p99", "250",
+              "--max-latency-ratio", "1.5", "--gate", "http://127.0.0.1:9/gate",
+              "--header", "X-Canary", "--sticky")
+    assert s.promote is not None and s.promote.canary is not None
+    c = s.promote.canary
+    assert (c.max_p99_ms, c.max_latency_ratio, c.gate, c.header, c.sticky) == (
+        250.0, 1.5, "http://127.0.0.1:9/gate", "X-Canary", True)
+    assert c.needs_http == "--max-p99"
+    plain = parse("promote", "web", "v2", "--canary", "10").promote
+    assert plain is not None and plain.canary is not None
+    assert plain.canary.needs_http is None and plain.canary.gate is None
+    from_env = parse("promote", "web", "v2", "--canary", "10", REGISTRAR_MAX_P99="80")
+    assert from_env.promote is not None and from_env.promote.canary is not None
+    assert from_env.promote.canary.max_p99_ms == 80.0
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--max-p99", "0"], "--max-p99"), (["--max-p99", "-5"], "--max-p99"),
+    (["--max-p99", "fast"], "--max-p99"), (["--max-p99", "inf"], "--max-p99"),
+    (["--max-p99", "nan"], "--max-p99"),
+    (["--max-latency-ratio", "1"], "--max-latency-ratio"),
+    (["--max-latency-ratio", "0.5"], "--max-latency-ratio"),
+    (["--max-latency-ratio", "x"], "--max-latency-ratio"),
+    (["--gate", "ftp://h/x"], "--gate"), (["--gate", "gate"], "--gate"),
+    (["--gate", "http://"], "--gate"), (["--gate", "http://h:99999/"], "--gate"),
+    (["--gate", "http://h/a b"], "--gate"),
+    (["--header", "X Canary"], "--header"), (["--header", "X-Canary\n"], "--header"),
+    (["--header", "_x"], "--header"), (["--header", "a" * 65], "--header"),
+    (["--header", "x'y"], "--header"),
+])
+def test_bad_canary_flags_are_named(flags: list[str], named: str) -> None:
+    message = error("promote", "web", "v2", "--canary", "10", *flags)
+    assert message.startswith(f"{named}:"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("flag", [["--max-p99", "5"], ["--max-latency-ratio", "2"],
+                                  ["--gate", "http://h/"], ["--header", "X-C"], ["--sticky"]])
+def test_canary_flags_need_canary(flag: list[str]) -> None:
+    assert error("promote", "web", "v2", *flag).startswith(f"{flag[0]}: only with --canary")
+
+
+@pytest.mark.parametrize("word", ["pause", "resume", "abort"])
+def test_steering_takes_the_service_alone(word: str) -> None:
+    s = parse("promote", "web", f"--{word}")
+    assert s.promote is not None
+    assert (s.promote.steer, s.promote.version, s.promote.canary) == (word, None, None)
+    for extra in (["v2"], ["--clear"], ["--canary", "10"], ["--sticky"],
+                  ["--pause" if word != "pause" else "--abort"]):
+        message = error("promote", "web", *extra, f"--{word}")
+        assert message.startswith("--"), message
+
+
+def test_steering_is_a_flag_only() -> None:
+    """No REGISTRAR_PAUSE: an action of one command is never taken from the environment."""
+    s = parse("promote", "web", "v2", REGISTRAR_PAUSE="true", REGISTRAR_ABORT="1")
+    assert s.promote is not None and s.promote.steer is None and s.promote.version == "v2"
+    assert error("promote", "web", REGISTRAR_ABORT="1").startswith("VERSION: required")

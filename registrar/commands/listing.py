@@ -177,15 +177,17 @@ def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]]
 
 def render_canaries(control: dict[str, StoredKey], layout: Layout, service: str | None,
                     out: TextIO) -> None:
-    """After the table: a canary in progress (its weights key) per service."""
-    table = [("CANARY", "VERSION", "PERCENT", "SINCE")]
+    """After the table: a canary in progress (its weights key) per service, `paused` in STATE
+    while `promote SERVICE --pause` holds it."""
+    table = [("CANARY", "VERSION", "PERCENT", "SINCE", "STATE")]
     for key in sorted(control):
         name = key[len(layout.weights) + 1:] if key.startswith(layout.weights + "/") else ""
         value = json_object(control[key].value)
         if not name or "/" in name or value is None or service not in (None, name):
             continue
         table.append((name, str(value.get("version", "?")), f"{value.get('percent', '?')}%",
-                      str(value.get("at", "?"))))
+                      str(value.get("at", "?")),
+                      "paused" if value.get("paused") is True else "running"))
     if len(table) > 1:
         out.write("\n")
         write_table(table, out)

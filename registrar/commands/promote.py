@@ -94,6 +94,10 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     store = EtcdStore(settings.etcd)
     etcd = OneShot(store, p.timeout)
     try:
+        if p.steer is not None:
+            from registrar.commands.steer import run_steering
+
+            return run_steering(store, settings, out)
         before = read_rotation(etcd, settings, p.service)
         if p.version is not None:
             refuse_unless_registered(before, p.service, p.version, p.min_instances)

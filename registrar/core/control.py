@@ -16,12 +16,20 @@ from dataclasses import dataclass, field
 
 from registrar.core.layout import Layout, child_name, parse_key
 from registrar.core.planner import StoredKey, json_object, version_of
+from registrar.settings import HEADER_RE
 
 
 @dataclass(frozen=True)
 class Canary:
+    """A weights key: VERSION gets `percent` % of new requests; `header` (requests whose
+    header NAME is `always` go to VERSION, `never` to the others) and `sticky` (a cookie keeps
+    each client on its version) for the routers; `paused` for people (ls, the catalog)."""
+
     version: str
     percent: int
+    header: str | None = None
+    sticky: bool = False
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,11 @@ def parse_canaries(stored: Mapping[str, StoredKey], layout: Layout) -> dict[str,
         version, percent = value.get("version"), value.get("percent")
         if (isinstance(version, str) and version and isinstance(percent, int)
                 and not isinstance(percent, bool) and 0 <= percent <= 100):
-            canaries[service] = Canary(version, percent)
+            header = value.get("header")
+            canaries[service] = Canary(
+                version, percent,
+                header if isinstance(header, str) and HEADER_RE.fullmatch(header) else None,
+                value.get("sticky") is True, value.get("paused") is True)
     return canaries
 
 
@@ -116,7 +128,8 @@ def describe_changes(before: Control, after: Control) -> list[str]:
     for service in sorted(set(before.canaries) | set(after.canaries)):
         was, now = before.canaries.get(service), after.canaries.get(service)
         if was != now:
-            out.append(f"{service} canary {now.version} at {now.percent}%" if now
+            out.append(f"{service} canary {now.version} at {now.percent}%"
+                       f"{' (paused)' if now.paused else ''}" if now
                        else f"{service} canary ended")
     for label, old_set, new_set in (
         ("maintenance on service", before.held_services, after.held_services),

@@ -6,6 +6,10 @@
 - `{control}/maintenance/service/{service}`, `.../instance/{service}/{instance}`,
   `.../node/{node}`: maintenance entries (no lease).
 - `{control}/routers/{node}`: a router's traffic report (bound to the router's lease).
+- `{control}/canary/{service}/owner`: the running canary command's claim on the service's
+  weights key (bound to that command's lease: it goes when the command dies);
+  `{control}/canary/{service}/request`: a `promote SERVICE --pause|--resume|--abort` waiting
+  for the canary to act on it (the canary deletes it once it did: the acknowledgement).
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class Layout:
     @property
     def routers(self) -> str:
         return f"{self.control}/routers"
+
+    @property
+    def canary(self) -> str:
+        return f"{self.control}/canary"
 
     def key(self, service: str, instance: str, in_rotation: bool = True) -> str:
         return f"{self.prefix if in_rotation else self.standby}/{service}/{instance}"

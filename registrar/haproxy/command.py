@@ -172,7 +172,7 @@ def run(settings: Settings) -> int:
             return router.traffic.report()
 
     reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
-                        totals)
+                        totals, mode=hp.mode)
     loops = (*(w.health for w in watchers), main_loop, reporter.health)
 
     def health() -> str | None:

@@ -80,11 +80,56 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Backend:
-    """A service named in --bind: its frontend's addresses and its servers (sorted by name)."""
+    """A service named in --bind: its frontend's addresses and its servers (sorted by name),
+    and the canary in progress on it, if any (its weights key)."""
 
     service: str
     binds: tuple[str, ...]  # "127.0.0.1:8080", "[::1]:8080"
     servers: tuple[Server, ...]
+    canary: Canary | None = None
+
+    # --- a canary's --header and --sticky (http mode; see the built-in template) ----------
+
+    @property
+    def header(self) -> str | None:
+        """`--header NAME`: NAME: always goes to `{backend}_always` (the canary's version),
+        NAME: never to `{backend}_never` (the others), whatever the weights."""
+        return self.canary.header if self.canary is not None else None
+
+    @property
+    def sticky(self) -> bool:
+        """`--sticky`: a cookie keeps each client on the server (so the version) that first
+        answered it; dynamic (from the server's address and a key), so slots the runtime API
+        fills get one too."""
+        return self.canary is not None and self.canary.sticky
+
+    @property
+    def canary_servers(self) -> tuple[Server, ...]:
+        version = self.canary.version if self.canary is not None else None
+        return tuple(s for s in self.servers if version is not None and s.version == version)
+
+    @property
+    def other_servers(self) -> tuple[Server, ...]:
+        return tuple(s for s in self.servers if s not in self.canary_servers)
+
+    @property
+    def cookie(self) -> str:
+        return f"registrar-{self.service}"
+
+    @property
+    def cookie_key(self) -> str:
+        """The same on every router: a client keeps its server whichever router it reaches."""
+        return hashlib.sha256(f"registrar sticky {self.service}".encode()).hexdigest()[:16]
+
+    @property
+    def routing(self) -> tuple[object, ...]:
+        """What the runtime API cannot change: the header's two backends (with their
+        servers, rendered in the file) and the cookie. A change of it needs a reload."""
+        if self.header is None:
+            return ("sticky",) if self.sticky else ()
+        return (self.header, self.sticky,
+                tuple((s.name, s.address) for s in self.canary_servers),
+                tuple((s.name, s.address) for s in self.other_servers))
 
     @property
     def frontend(self) -> str:
@@ -218,9 +263,10 @@ def build_backends(
     backends = []
     for service in order:
         chosen = sorted(servers[service].values())
-        weights = server_weights(chosen, (canaries or {}).get(service))
+        canary = (canaries or {}).get(service)
+        weights = server_weights(chosen, canary)
         weighted = tuple(replace(s, weight=weights[s.name]) for s in chosen)
-        backends.append(Backend(service, tuple(addresses[service]), weighted))
+        backends.append(Backend(service, tuple(addresses[service]), weighted, canary))
     return tuple(backends)
 
 

@@ -26,15 +26,20 @@ REPORT_EVERY = 2.0
 Totals = dict[str, dict[str, dict[str, int]]]
 
 
-def report_value(services: Totals, at: datetime) -> str:
-    return json.dumps({"at": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "services": services},
-                      sort_keys=True, separators=(",", ":"))
+def report_value(services: Totals, at: datetime, mode: str | None = None) -> str:
+    """`mode` ("http" or "tcp"): a canary with latency rules, --header or --sticky needs a
+    router in http mode, and a router that has served nothing yet shows it nowhere else."""
+    value: dict[str, object] = {"at": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "services": services}
+    if mode is not None:
+        value["mode"] = mode
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 class Reporter:
     def __init__(self, store: EtcdStore, key: str, ttl: int, metrics: Metrics,
-                 totals: Callable[[], Totals]) -> None:
+                 totals: Callable[[], Totals], mode: str | None = None) -> None:
         self._store = store
+        self._mode = mode
         self.key = key
         self._ttl = ttl
         self._totals = totals
@@ -75,7 +80,7 @@ class Reporter:
         if self._lease is None:
             self._lease = self._store.grant(self._ttl)
             self.heartbeat.follow(self._lease)
-        value = report_value(self._totals(), datetime.now(UTC))
+        value = report_value(self._totals(), datetime.now(UTC), self._mode)
         try:
             self._store.put(self.key, value, self._lease)
         except LeaseNotFound:

@@ -474,6 +474,12 @@ class Router:
     def _owners_of(self, live: Live | None) -> dict[Slot, Owner]:
         """Which service and version each slot serves (for counting its traffic)."""
         owners: dict[Slot, Owner] = {}
+        for b in self.backends:  # a canary's --header backends: what testers get is counted
+            if b.header is not None:
+                for side, servers in (("always", b.canary_servers), ("never", b.other_servers)):
+                    for member in servers:
+                        owners[(f"{b.backend}_{side}", member.name)] = (
+                            b.service, member.version or UNVERSIONED)
         if live is not None:
             for service, lb in live.items():
                 for slot, server in lb.slots.items():

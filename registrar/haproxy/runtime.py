@@ -34,6 +34,7 @@ class LiveBackend:
     backend: str
     slots: Mapping[str, Server | None]
     free: tuple[str, ...]
+    routing: tuple[object, ...] = ()  # Backend.routing as loaded: a change needs a reload
 
     def model(self) -> frozenset[tuple[str, str, int, int]]:
         return frozenset(
@@ -51,7 +52,7 @@ def fresh_layout(backends: Sequence[Backend]) -> dict[str, LiveBackend]:
         slots: dict[str, Server | None] = {s.name: s for s in b.servers}
         spares = [f"{SPARE_PREFIX}{i}" for i in range(1, b.spares + 1)]
         slots.update(dict.fromkeys(spares))
-        layout[b.service] = LiveBackend(b.backend, slots, tuple(spares))
+        layout[b.service] = LiveBackend(b.backend, slots, tuple(spares), b.routing)
     return layout
 
 
@@ -90,6 +91,8 @@ class RuntimePlan:
 
 def _plan_backend(current: LiveBackend, wanted: Backend
                   ) -> tuple[list[str], list[str], list[SlotState], LiveBackend] | None:
+    if current.routing != wanted.routing:
+        return None  # a canary's --header or --sticky came or went: a reload
     slots = dict(current.slots)
     free = list(current.free)
     where = {s.instance: name for name, s in slots.items() if s is not None}
@@ -126,7 +129,7 @@ def _plan_backend(current: LiveBackend, wanted: Backend
                 continue
         expect.append(SlotState(be, held, server))
         slots[held] = server
-    return adds, removals, expect, LiveBackend(be, slots, tuple(free + freed))
+    return adds, removals, expect, LiveBackend(be, slots, tuple(free + freed), current.routing)
 
 
 def plan_runtime(live: Live, backends: Sequence[Backend]) -> RuntimePlan | None:
@@ -266,7 +269,7 @@ def live_from_state(state: Iterable[SlotInfo], backends: Sequence[Backend]
                                       known.version if known else None, info.weight)
         # never-used spares first, then the rest (those freed longest ago are unknown here)
         free.sort(key=lambda name: (not name.startswith(SPARE_PREFIX), name))
-        live[b.service] = LiveBackend(b.backend, slots, tuple(free))
+        live[b.service] = LiveBackend(b.backend, slots, tuple(free), b.routing)
     return live
 
 

@@ -176,19 +176,28 @@ class DockerSource:
                 f"{what}: {connection.address}: {_one_line(exc)}"
             ) from None
 
+    def _version_doc(self) -> dict[str, Any]:
+        response = self._get("version", "/version")  # the same path at every API version
+        if response.status != 200:
+            raise _http_error("version", response)
+        try:
+            data = http1.json_body(response)
+        except ValueError as exc:
+            raise DockerUnavailable(f"version: not JSON ({_one_line(exc)})") from None
+        if not isinstance(data, dict):
+            raise DockerUnavailable("version: not an Engine API answer")
+        return data
+
     def _api_prefix(self) -> str:
         """`/v{X}`, negotiated at the first call (and again only until one succeeds)."""
         with self._lock:
             if self._prefix is not None:
                 return self._prefix
-        response = self._get("version", "/version")
-        if response.status != 200:
-            raise _http_error("version", response)
+        data = self._version_doc()
         try:
-            data = http1.json_body(response) or {}
             server = parse_version(str(data.get("ApiVersion") or ""))
             lowest = parse_version(str(data.get("MinAPIVersion") or "1.0"))
-        except (ValueError, AttributeError) as exc:
+        except ValueError as exc:
             raise DockerUnavailable(f"version: not an Engine API answer ({exc})") from None
         major, minor = max(lowest, min(server, API_VERSION))
         prefix = f"/v{major}.{minor}"
@@ -218,8 +227,7 @@ class DockerSource:
 
     def version(self) -> dict[str, Any]:
         """The daemon's `GET /version` document (Version, ApiVersion, Os, ...)."""
-        data = self._get_json("version", "/version")
-        return data if isinstance(data, dict) else {}
+        return self._version_doc()
 
     def inspect(self, container: str) -> ContainerInfo | None:
         what = f"inspect {container[:64]}"

@@ -13,13 +13,17 @@ first here).
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from registrar.adapters.docker_source import DockerSource, DockerUnavailable
+from registrar.settings import DEFAULT_DOCKER
 from tests import hypothesis_profiles  # noqa: F401  (loads the profile before any test module)
 from tests.support.docker_env import (
     BUSYBOX_IMAGE,
@@ -67,26 +71,25 @@ def unique() -> str:
 
 # --- Docker -------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def docker_client(session_prefix: str) -> Iterator[Any]:
-    """A docker SDK client for the engine of ``DOCKER_HOST`` / /var/run/docker.sock."""
-    import docker
-
+def docker_client(session_prefix: str) -> Iterator[DockerSource]:
+    """registrar's own Docker client for the engine of ``DOCKER_HOST`` /
+    /var/run/docker.sock (``.ping()``, ``.version()``, ``.inspect(name)``, ...)."""
+    client = DockerSource(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER, timeout=30)
     error = None
     try:
-        client = docker.from_env(timeout=30)
         client.ping()
-    except Exception as exc:
-        error = f"Docker engine unreachable ({exc!r}); run `make setup` (scripts/setup.sh) first"
+    except DockerUnavailable as exc:
+        error = f"Docker engine unreachable ({exc}); run `make setup` (scripts/setup.sh) first"
     if error:
         pytest.fail(error, pytrace=False)
     yield client
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(DockerError, OSError, subprocess.TimeoutExpired):
         remove_prefixed(session_prefix)
     client.close()
 
 
 @pytest.fixture(scope="session")
-def busybox_image(docker_client: Any) -> str:
+def busybox_image(docker_client: DockerSource) -> str:
     """Tag of the ~1 MB busybox image built FROM scratch (built once, then cached)."""
     try:
         return ensure_busybox_image(BUSYBOX_IMAGE)

@@ -1,8 +1,9 @@
 """In-memory fakes of the two adapters, typed against their interfaces, for the fast tier.
 
 `FakeEtcd` is `EtcdStore`'s interface over a dict (with what the real store does besides:
-`registrar_etcd_up` and listeners told when etcd goes and comes back); `FakeDocker` is
-`DockerSource`'s, with containers as inspect documents and events from a queue.
+`registrar_etcd_up` and listeners told when etcd goes and comes back); `FakeDocker` is a
+`ContainerSource` (registrar.core.source), with containers as inspect documents and events
+from a queue.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from registrar.adapters.docker_source import DockerUnavailable
 from registrar.adapters.etcd_store import EtcdRefused, EtcdUnavailable, LeaseNotFound
 from registrar.core.containers import ContainerInfo, parse_inspect
 from registrar.core.planner import StoredKey
+from registrar.core.source import ContainerSource, DockerUnavailable
 from registrar.metrics import Metrics
 
 NOSPACE = "etcdserver: mvcc: database space exceeded"
@@ -161,8 +162,8 @@ class FakeEtcd:
 _END = object()
 
 
-class FakeDocker:
-    """DockerSource's interface: containers are inspect documents, events come from a queue."""
+class FakeDocker(ContainerSource):
+    """A ContainerSource: containers are inspect documents, events come from a queue."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -220,7 +221,7 @@ class FakeDocker:
         self.down = True
         self.events.put(DockerUnavailable("events stream: connection reset"))
 
-    # --- DockerSource's interface ---------------------------------------------------------
+    # --- ContainerSource ------------------------------------------------------------------
     def inspect(self, container: str) -> ContainerInfo | None:
         with self.lock:
             self._check()
@@ -237,7 +238,7 @@ class FakeDocker:
             return [parse_inspect(copy.deepcopy(doc)) for doc in self.docs.values()
                     if doc["State"]["Running"]]
 
-    def open_events(self, since: str | None, filters: Mapping[str, Any] | None = None
+    def open_events(self, since: str | None, filters: Mapping[str, str] | None = None
                     ) -> Iterator[dict[str, Any]]:
         with self.lock:
             self._check()
@@ -259,3 +260,4 @@ class FakeDocker:
 
     def close(self) -> None:
         pass
+

@@ -351,7 +351,7 @@ def rig_factory() -> Iterator[Callable[..., Rig]]:
         fake_etcd, docker, metrics = FakeEtcd(), FakeDocker(), Metrics()
         keeper = make_keeper(fake_etcd, metrics)
         naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=host_ip, default_ip=DEFAULT_IP)
-        watcher = ContainerWatcher(docker, keeper, naming, metrics,  # type: ignore[arg-type]
+        watcher = ContainerWatcher(docker, keeper, naming, metrics,
                                    resync=resync)
         rig = Rig(fake_etcd, docker, metrics, keeper, watcher)
         made.append(rig)

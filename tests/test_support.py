@@ -6,9 +6,9 @@ import threading
 import time
 from typing import Any
 
-import docker
 import pytest
 
+from registrar.adapters.docker_source import DockerSource, DockerUnavailable
 from tests.support.docker_env import ContainerFactory, wait_for_http
 from tests.support.docker_env import docker as docker_cli
 from tests.support.etcd import EtcdCluster, EtcdServer
@@ -97,22 +97,22 @@ def test_tcp_forwarder_cut_and_restore(
 
 
 def test_unix_forwarder_passes_docker_api_and_events(
-    docker_client: Any, containers: ContainerFactory
+    docker_client: DockerSource, containers: ContainerFactory
 ) -> None:
     with UnixForwarder("/var/run/docker.sock") as fwd:
         # the CLI through the forwarder
         assert docker_cli("-H", fwd.url, "version", "--format", "{{.Server.Version}}")
-        client = docker.DockerClient(base_url=fwd.url, timeout=10)
+        client = DockerSource(fwd.url, timeout=10)
         try:
-            assert client.ping()
+            client.ping()
             seen: list[dict[str, Any]] = []
             ended = threading.Event()
-            stream = client.events(decode=True, filters={"type": "container"})
+            stream = client.open_events(None)
 
             def consume() -> None:
                 for ev in stream:
                     seen.append(ev)
-                ended.set()  # the generator ends silently when the connection drops
+                ended.set()  # the iterator ends when the connection drops
 
             t = threading.Thread(target=consume, daemon=True)
             t.start()
@@ -127,10 +127,10 @@ def test_unix_forwarder_passes_docker_api_and_events(
             )
             fwd.cut()
             assert ended.wait(5), "events stream did not end after cut()"
-            with pytest.raises(Exception):  # noqa: B017 - requests ConnectionError
+            with pytest.raises(DockerUnavailable):
                 client.ping()
             fwd.restore()
-            assert client.ping()
+            client.ping()
         finally:
             client.close()
 

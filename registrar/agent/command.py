@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from registrar.adapters.docker_source import DockerSource, DockerUnavailable
+from registrar.adapters.docker_source import DockerSource
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.agent.control_follower import control_follower, keys_follower
 from registrar.agent.lease_keeper import LeaseKeeper
@@ -21,6 +21,7 @@ from registrar.core.containers import ContainerInfo
 from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
+from registrar.core.source import ContainerSource, DockerUnavailable
 from registrar.errors import FatalError
 from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
@@ -36,7 +37,7 @@ SHUTDOWN_BUDGET = 5.0  # from the signal to the lease revoked (or given up on)
 
 
 def wait_for_container(
-    docker: DockerSource, name: str, wait: float, stop: threading.Event
+    docker: ContainerSource, name: str, wait: float, stop: threading.Event
 ) -> ContainerInfo | None:
     """Container `name` once it runs (None: stopped while waiting); FatalError when it did not
     run within `wait`."""

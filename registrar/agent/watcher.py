@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from registrar.adapters.docker_source import DockerSource, DockerUnavailable
 from registrar.agent.checker import Checker, targets_of
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core.containers import ContainerInfo
@@ -25,6 +24,7 @@ from registrar.core.lifecycle import Effect, effect_of
 from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrations_for
 from registrar.core.planner import json_object
 from registrar.core.replay import ReplayFilter, event_time_nano
+from registrar.core.source import ContainerSource, DockerUnavailable
 from registrar.health import LoopHealth
 from registrar.metrics import Metrics
 from registrar.retry import INITIAL_BACKOFF, retry_forever
@@ -79,7 +79,7 @@ def event_label(action: str, attributes: dict[str, Any] | None = None) -> str:
 class ContainerWatcher:
     def __init__(
         self,
-        docker: DockerSource,
+        docker: ContainerSource,
         keeper: LeaseKeeper,
         naming: NamingContext,
         metrics: Metrics,

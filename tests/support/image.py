@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from registrar.adapters.docker_source import DockerSource
 from tests.support.docker_env import DockerError, docker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +113,7 @@ def image_tag(session_prefix: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def registrar_image(session_prefix: str, docker_client: Any) -> Iterator[BuiltImage]:
+def registrar_image(session_prefix: str, docker_client: DockerSource) -> Iterator[BuiltImage]:
     """The Dockerfile built on the local debootstrap base, tagged ``{prefix}-registrar:test``
     (``.tag``, ``.size``, ``.build_seconds``, ``.base_seconds``); removed at the end."""
     tag = image_tag(session_prefix)

@@ -99,10 +99,11 @@ class DockerEvents:
     ENDING = frozenset({"2", "3", "9", "15"})
 
     def __init__(self, base_url: str | None = None) -> None:
-        import docker
+        from registrar.adapters.docker_source import DockerSource
 
-        self._api = docker.APIClient(base_url=base_url, version="auto", timeout=30)
-        self._stream = self._api.events(decode=True, filters={"type": "container"})
+        # registrar's own client (no SDK in the project); "" is the default socket
+        self._api = DockerSource(base_url or "", timeout=30)
+        self._stream = self._api.open_events(None)
         self._cond = threading.Condition()
         self.times: dict[str, dict[str, float]] = {}
         self.total = 0  # every container event delivered
@@ -112,7 +113,9 @@ class DockerEvents:
         self._thread.start()
 
     def _read(self) -> None:
-        with contextlib.suppress(Exception):
+        from registrar.core.source import DockerUnavailable
+
+        with contextlib.suppress(DockerUnavailable):  # a bad line: the end, as a dropped stream
             for event in self._stream:
                 action = str(event.get("Action") or "")
                 attributes = (event.get("Actor") or {}).get("Attributes") or {}
@@ -141,9 +144,6 @@ class DockerEvents:
             return self.times[name][action]
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stream.close()
-        with contextlib.suppress(Exception):
-            self._api.close()
+        self._api.close()  # ends the stream too
 
 

@@ -4,8 +4,8 @@
 unique prefix (``rgtpm1a2b3c``): storage (``--root``), run state (``--runroot``), the tmpdir
 (events file, file locks, exit files), its own containers.conf / storage.conf /
 registries.conf (passed through ``CONTAINERS_*``), its own bridge network (network, bridge
-interface and container names all carry the prefix) and the API socket. Point the docker SDK,
-or registrar's ``--docker``, at ``service.url``.
+interface and container names all carry the prefix) and the API socket. Point registrar's
+``--docker`` (or its ``DockerSource``, or ``docker -H``) at ``service.url``.
 
 Facts behind the flags (Podman 4.3.1 from Debian 12, as root, measured here):
 - root here lacks CAP_SYS_RESOURCE: podman's default rlimits (nofile 1048576, nproc max) make
@@ -466,8 +466,7 @@ class PodmanService:
 
     @property
     def url(self) -> str:
-        """``unix:///.../podman.sock``: for ``docker.DockerClient(base_url=...)`` and
-        ``registrar --docker``."""
+        """``unix:///.../podman.sock``: for ``DockerSource(url)`` and ``registrar --docker``."""
         return f"unix://{self.socket_path}"
 
     @property

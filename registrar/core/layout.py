@@ -6,6 +6,8 @@
 - `{control}/maintenance/service/{service}`, `.../instance/{service}/{instance}`,
   `.../node/{node}`: maintenance entries (no lease).
 - `{control}/routers/{node}`: a router's traffic report (bound to the router's lease).
+- `{control}/draining/{node}/{container}`: a drain of one container's instances (bound to the
+  `drain` command's lease, then to its owner's: see core.drain).
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ class Layout:
     @property
     def routers(self) -> str:
         return f"{self.control}/routers"
+
+    @property
+    def draining(self) -> str:
+        return f"{self.control}/draining"
+
+    def drain_key(self, node: str, container: str) -> str:
+        return f"{self.draining}/{node}/{container}"
+
+    def parse_drain(self, key: str) -> tuple[str, str] | None:
+        """(node, container) of a drain entry, or None (names that break the rule too)."""
+        parsed = parse_key(self.draining, key)
+        if parsed is None or not NAME_RE.fullmatch(parsed[1]):
+            return None
+        return parsed
 
     def key(self, service: str, instance: str, in_rotation: bool = True) -> str:
         return f"{self.prefix if in_rotation else self.standby}/{service}/{instance}"

@@ -187,7 +187,10 @@ _COMMON_HELP = {
         f"HOST:PORT for /metrics and /healthz; port 0 disables (default {DEFAULT_METRICS_ADDR} "
         f"for watch, {DEFAULT_ROUTER_METRICS_ADDR} for haproxy, off for register)"
     ),
-    "--drain": "seconds to wait after deregistering on SIGTERM before exiting (default 0)",
+    "--drain": (
+        "on SIGTERM, after deregistering, wait at most this long until every live router has "
+        "applied it with nothing in flight (the whole time when no router reports; default 0)"
+    ),
     "--resync": (
         f"seconds between full reconciles against Docker, 0 turns it off (default {DEFAULT_RESYNC})"
     ),

@@ -290,3 +290,28 @@ def test_drain_time_with_two_idle_routers(
     p50 = statistics.median(times)
     print(f"drain time, two idle routers: p50 {p50:.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
     assert p50 <= 1.0
+
+
+def test_maint_enable_waits_on_the_routers_too(
+    ctx: Ctx, containers: ContainerFactory, etcd_reader: EtcdReader,
+    routers: list[FakeRouter],
+) -> None:
+    ctx.agent()
+    c = containers(labels={"registrar.service": "dmaint"})
+    key = ctx.scope.key("dmaint", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    busy = FakeRouter(etcd_reader.url, ctx.ctl, "r1")
+    busy.in_flight = {"dmaint": {ctx.instance(c.name): 1}}
+    routers.append(busy)
+    enabling = subprocess.Popen(ctx.args("maint", "enable", "dmaint", "--timeout", "20"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: etcd_reader.get(ctx.standby("dmaint", c.name)), timeout=5)
+    time.sleep(1.0)
+    assert enabling.poll() is None, "maint enable returned with a request in flight"
+    busy.in_flight = {}
+    out, err = enabling.communicate(timeout=10)
+    assert enabling.returncode == 0, err
+    assert "left rotation: dmaint" in out and "routers: 1 idle" in out, out
+    disabled = subprocess.run(ctx.args("maint", "disable", "dmaint"), capture_output=True,
+                              text=True, timeout=60)
+    assert disabled.returncode == 0, disabled.stderr

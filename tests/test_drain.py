@@ -219,3 +219,14 @@ def test_drain_settings() -> None:
 def test_bad_drain_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SettingsError):
         parse_settings(argv, {}, "host-1")
+
+
+def test_a_promotion_does_not_wait_for_instances_a_drain_or_maintenance_holds_out() -> None:
+    from registrar.commands.promote import Instance, Rotation
+
+    v2 = {"n1:a:1": Instance("n1:a:1", "v2", "h:1")}
+    drained = {"n1:b:1": Instance("n1:b:1", "v2", "h:2")}
+    assert not Rotation(v2, drained).settled("v2")
+    assert Rotation(v2, drained, held=frozenset(drained)).settled("v2")
+    assert Rotation(v2, drained, held=frozenset(drained)).settled(None)  # --clear
+    assert Rotation(v2, drained, held=frozenset(drained)).count("v2") == 2  # still registered

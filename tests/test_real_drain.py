@@ -256,6 +256,31 @@ def test_a_sidecar_stopped_while_the_routers_are_idle_exits_at_once(
     assert took[0] <= 1.0, sidecar.logs()
 
 
+def test_a_sidecar_owns_the_drain_of_its_container_and_stops_at_once_after_it(
+    ctx: Ctx, containers: ContainerFactory, etcd_reader: EtcdReader,
+    registrar: RegistrarFactory, routers: list[FakeRouter],
+) -> None:
+    """The app unit's stop sequence: `registrar drain`, then the sidecar's SIGTERM, then the
+    app's; an agent on the same node leaves the sidecar's container alone."""
+    ctx.agent()
+    c = containers(labels={"registrar.service": "dunit", "registrar.sidecar": "true"})
+    sidecar = registrar([*ctx.scope.args("register", c.name, ttl=5), "--control-prefix",
+                         ctx.ctl, "--drain", "30"])
+    key = ctx.scope.key("dunit", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=15)
+    routers.append(FakeRouter(etcd_reader.url, ctx.ctl, "r1"))
+    done = ctx.drain(c.name)
+    assert done.returncode == 0 and "drained in" in done.stdout, done.stdout + done.stderr
+    assert etcd_reader.lease_id(ctx.entry(c.name)) == etcd_reader.lease_id(
+        ctx.standby("dunit", c.name))  # the sidecar's lease
+    signalled = time.monotonic()
+    sidecar.terminate()
+    assert sidecar.wait(10) == 0
+    assert time.monotonic() - signalled <= 1.0, sidecar.logs()
+    assert etcd_reader.get(ctx.standby("dunit", c.name)) is None
+    assert c.state()["Running"]  # the app is stopped only now, by the unit's next line
+
+
 def test_a_sidecar_waits_the_whole_drain_with_no_router_reporting(
     ctx: Ctx, containers: ContainerFactory, etcd_reader: EtcdReader,
     registrar: RegistrarFactory,

@@ -144,7 +144,10 @@ def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
     watcher.request_stop()
     for follower in followers:
         follower.request_stop()
-    seen = followers[1].revision  # before the revoke: a watch from here replays its deletes
+    # A revision before the revoke, for a watch that replays its deletes: the latest either
+    # follower saw (the control one moves with the routers' reports every 2 s, so it is not
+    # compacted away on a cluster that compacts while the prefix itself is quiet).
+    seen = max(follower.revision for follower in followers)
     revoked = keeper.shutdown(deadline)
     watcher.join(deadline)
     for follower in followers:

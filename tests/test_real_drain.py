@@ -340,3 +340,29 @@ def test_maint_enable_waits_on_the_routers_too(
     disabled = subprocess.run(ctx.args("maint", "disable", "dmaint"), capture_output=True,
                               text=True, timeout=60)
     assert disabled.returncode == 0, disabled.stderr
+
+
+def test_an_agent_stopped_waits_while_a_router_has_requests_in_flight(
+    ctx: Ctx, containers: ContainerFactory, etcd_reader: EtcdReader,
+    registrar: RegistrarFactory, routers: list[FakeRouter],
+) -> None:
+    agent = registrar([*ctx.scope.args("watch", ttl=5), "--control-prefix", ctx.ctl,
+                       "--explicit", "--metrics-addr", "127.0.0.1:0", "--drain", "20"])
+    agent.wait_for_log("docker connected", timeout=15)
+    c = containers(labels={"registrar.service": "dsig"})
+    key = ctx.scope.key("dsig", c.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10)
+    busy = FakeRouter(etcd_reader.url, ctx.ctl, "r1")
+    busy.in_flight = {"dsig": {ctx.instance(c.name): 4}}
+    routers.append(busy)
+    routers.append(FakeRouter(etcd_reader.url, ctx.ctl, "old", with_applied=False))
+    agent.terminate()
+    wait_until(lambda: etcd_reader.get(key) is None, timeout=5)
+    time.sleep(1.5)
+    assert agent.alive, "the agent exited with requests in flight"
+    busy.in_flight = {}
+    freed = time.monotonic()
+    assert agent.wait(10) == 0
+    assert time.monotonic() - freed < 1.0
+    logs = agent.logs()
+    assert "drained in" in logs and "not waited for): old" in logs, logs

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from registrar.commands.promote import Instance, Rotation
 from registrar.core.control import Control, describe_changes, parse_control, place, subject
 from registrar.core.drain import (
     Report,
@@ -21,6 +23,7 @@ from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
 from registrar.core.planner import StoredKey
 from registrar.core.reconcile import Happened, instance_keys, mine, plan
+from registrar.router_wait import wait_for_routers
 from registrar.settings import SettingsError, parse_settings
 
 LAYOUT = Layout("/s", "/ctl")
@@ -222,11 +225,36 @@ def test_bad_drain_arguments_are_refused(argv: list[str]) -> None:
 
 
 def test_a_promotion_does_not_wait_for_instances_a_drain_or_maintenance_holds_out() -> None:
-    from registrar.commands.promote import Instance, Rotation
-
     v2 = {"n1:a:1": Instance("n1:a:1", "v2", "h:1")}
     drained = {"n1:b:1": Instance("n1:b:1", "v2", "h:2")}
     assert not Rotation(v2, drained).settled("v2")
     assert Rotation(v2, drained, held=frozenset(drained)).settled("v2")
     assert Rotation(v2, drained, held=frozenset(drained)).settled(None)  # --clear
     assert Rotation(v2, drained, held=frozenset(drained)).count("v2") == 2  # still registered
+
+
+# --- the loop around it (router_wait), with reports given in turn -------------------------
+
+
+def test_wait_for_routers_ends_as_soon_as_they_are_done() -> None:
+    turns = iter([[Report("r1", 9)], [Report("r1", 10, {"web": {"n1:web-1:8080": 1}})],
+                  [Report("r1", 11)]])
+    waited = wait_for_routers(lambda: next(turns), 10, INSTANCES, time.monotonic() + 5)
+    assert waited.done and waited.routers == ["r1"] and waited.seconds < 1
+
+
+def test_wait_for_routers_gives_up_at_the_deadline_naming_who_it_waited_for() -> None:
+    waited = wait_for_routers(lambda: [Report("r1", 9), Report("old", None)], 10, INSTANCES,
+                              time.monotonic() + 0.2)
+    assert not waited.done and waited.waiting == {"r1": "applied 9 < 10"}
+    assert waited.unversioned == ["old"]
+
+
+def test_with_no_router_saying_what_it_applied_only_a_command_is_done() -> None:
+    quick = wait_for_routers(lambda: [Report("old", None)], 10, INSTANCES,
+                             time.monotonic() + 5, vacuous=True)
+    assert quick.done and quick.seconds < 1
+    # an agent's SIGTERM drain: nothing confirms it, so it waits the whole --drain
+    started = time.monotonic()
+    blind = wait_for_routers(lambda: [], 10, INSTANCES, started + 0.3)
+    assert not blind.done and time.monotonic() - started >= 0.3

@@ -12,10 +12,9 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
@@ -24,6 +23,7 @@ from tests.support.docker_env import ContainerFactory
 from tests.support.etcd import EtcdServer
 from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import RegistrarProcess, wait_until
+from tests.support.routers import FakeRouter
 
 if TYPE_CHECKING:
     from tests.conftest import RegistrarFactory
@@ -75,41 +75,6 @@ def ctx(registrar: RegistrarFactory, etcd: EtcdServer, unique: str) -> Ctx:
         return proc
 
     return Ctx(scope, ctl, agent)
-
-
-class FakeRouter:
-    """A router's report, kept by a thread: `applied` the store's revision at each write
-    (`frozen`: left where it is), `in_flight` as the test sets it; every 50 ms."""
-
-    def __init__(self, url: str, ctl: str, node: str, with_applied: bool = True) -> None:
-        self.reader = EtcdReader(url)
-        self.key = f"{ctl}/routers/{node}"
-        self.lease = self.reader.grant_lease(30)
-        self.in_flight: dict[str, dict[str, int]] = {}
-        self.frozen: int | None = None
-        self.with_applied = with_applied
-        self._stop = threading.Event()
-        self.write()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def write(self) -> None:
-        report: dict[str, Any] = {"at": "2026-12-04T20:00:00Z", "services": {},
-                                  "in_flight": self.in_flight}
-        if self.with_applied:
-            report["applied"] = self.frozen if self.frozen is not None else (
-                self.reader.revision())
-        self.reader.put(self.key, report, lease=self.lease)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.write()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.reader.revoke_lease(self.lease)
-        self.reader.close()
 
 
 @pytest.fixture
@@ -363,6 +328,6 @@ def test_an_agent_stopped_waits_while_a_router_has_requests_in_flight(
     busy.in_flight = {}
     freed = time.monotonic()
     assert agent.wait(10) == 0
-    assert time.monotonic() - freed < 1.0
+    assert time.monotonic() - freed < 2.0  # of --drain 20: ended by the report, not the time
     logs = agent.logs()
     assert "drained in" in logs and "not waited for): old" in logs, logs

@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registrar.commands import maint
 
             return maint.run(settings)
+        if settings.command == "drain":
+            from registrar.commands import drain
+
+            return drain.run(settings)
         if settings.command == "promote":
             from registrar.commands.promote import run as promote
 

@@ -80,6 +80,12 @@ class PrefixFollower:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def revision(self) -> int:
+        """The last revision read or seen (0 before the first read): a watch from the next
+        one misses nothing that happened under the prefix since."""
+        return self._revision
+
     def _failed(self, error: BaseException) -> None:
         self.health.progressed()  # retrying is progress
         if self._on_failure is not None:

@@ -101,6 +101,7 @@ class Settings:
     haproxy: HAProxySettings | None = None
     promote: PromoteSettings | None = None
     maint: MaintSettings | None = None
+    drain_cmd: DrainSettings | None = None  # `drain` (`drain` itself is --drain's seconds)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,14 @@ class MaintSettings:
     timeout: float = 30.0
 
 
+@dataclass(frozen=True)
+class DrainSettings:
+    container: str  # as in its instances' keys: the container's name
+    node: str
+    timeout: float = 30.0
+    undo: bool = False
+
+
 # --- the parser ---------------------------------------------------------------------------
 
 
@@ -197,7 +206,10 @@ _COMMON_HELP = {
         f"HOST:PORT for /metrics and /healthz; port 0 disables (default {DEFAULT_METRICS_ADDR} "
         f"for watch, {DEFAULT_ROUTER_METRICS_ADDR} for haproxy, off for register)"
     ),
-    "--drain": "seconds to wait after deregistering on SIGTERM before exiting (default 0)",
+    "--drain": (
+        "on SIGTERM, after deregistering, wait at most this long until every live router has "
+        "applied it with nothing in flight (the whole time when no router reports; default 0)"
+    ),
     "--resync": (
         f"seconds between full reconciles against Docker, 0 turns it off (default {DEFAULT_RESYNC})"
     ),
@@ -375,6 +387,25 @@ def build_parser() -> argparse.ArgumentParser:
     maint.add_argument("--timeout", metavar="SECONDS", default=argparse.SUPPRESS,
                        help="how long to wait until the rotation matches (default 30)")
     _add_common(maint, skip=("--node",))  # here --node names the node held out
+
+    drain = sub.add_parser(
+        "drain",
+        help="take one container's instances out of rotation and wait until the routers are "
+        "idle on them (a unit's first ExecStop=)",
+        description="Writes a drain entry for CONTAINER; whoever owns its keys (the host agent "
+        "or its sidecar) holds its instances out of rotation while this run of the container "
+        "lasts. Returns once every live router has applied that and has nothing in flight on "
+        "them. --undo brings a drained container that still runs back.",
+    )
+    drain.add_argument("container", metavar="CONTAINER", help="the container's name")
+    drain.add_argument("--timeout", metavar="SECONDS", default=argparse.SUPPRESS,
+                       help="how long to wait for the owner and the routers (default 30)")
+    drain.add_argument("--node", dest="drain_node", metavar="NAME", default=argparse.SUPPRESS,
+                       help="the node the container runs on, as its agent's --node (default: "
+                       "the host name)")
+    drain.add_argument("--undo", action="store_const", const="true", default=argparse.SUPPRESS,
+                       help="bring a drained container that still runs back into rotation")
+    _add_common(drain, skip=("--node",))  # here --node names the container's node, flag only
     return parser
 
 
@@ -558,6 +589,7 @@ def parse_settings(
     haproxy = _haproxy(args, value) if command == "haproxy" else None
     promote = _promote(args, value) if command == "promote" else None
     maint = _maint(args, value) if command == "maint" else None
+    drain_cmd = _drain(args, value, hostname) if command == "drain" else None
 
     container = args.get("container")
     if container is not None and not container.strip():
@@ -588,6 +620,7 @@ def parse_settings(
         haproxy=haproxy,
         promote=promote,
         maint=maint,
+        drain_cmd=drain_cmd,
     )
 
 
@@ -847,6 +880,19 @@ def _maint(args: Mapping[str, Any], value: Callable[[str, str | None], str | Non
         raise SettingsError("--reason: at most 500 printable characters")
     return MaintSettings(action, service=service, instance=instance, node=node,
                          reason=reason, timeout=timeout)
+
+
+def _drain(args: Mapping[str, Any], value: Resolve, hostname: str) -> DrainSettings:
+    """`--node` and `--undo` are flags only: REGISTRAR_NODE is an agent's own identity."""
+    container = str(args.get("container") or "")
+    if not NAME_RE.fullmatch(container):
+        raise SettingsError(f"CONTAINER: must match {NAME_RE.pattern}, got {container!r}")
+    node = args.get("drain_node") or hostname
+    if not NAME_RE.fullmatch(node):
+        raise SettingsError(f"--node: must match {NAME_RE.pattern}, got {node!r}")
+    undo = args.get("undo") is not None
+    return DrainSettings(container, node, _seconds("--timeout", value("--timeout", "30") or ""),
+                         undo)
 
 
 def _valid_instance(instance: str) -> bool:

@@ -24,6 +24,7 @@ FORBIDDEN = (
     "registrar.adapters", "registrar.agent", "registrar.commands", "registrar.haproxy.process",
     "registrar.haproxy.router", "registrar.haproxy.command", "registrar.http_server",
     "registrar.metrics", "registrar.retry", "registrar.prefix_follower", "registrar.shutdown",
+    "registrar.router_wait",
 )
 
 

@@ -6,6 +6,8 @@ what the SPEC says all the same."""
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,9 +17,11 @@ import pytest
 
 from tests.helpers import Scope, metrics_flag, scrape
 from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader
 from tests.support.observe import KeyLog
 from tests.support.podman import PodmanService, require_podman
 from tests.support.proc import wait_until
+from tests.support.routers import FakeRouter
 
 if TYPE_CHECKING:
     from tests.conftest import RegistrarFactory
@@ -103,3 +107,37 @@ def test_podman_register_stop_start_health_and_sigterm(
         assert "Traceback" not in agent.logs()
     finally:
         keys.close()
+
+
+def test_podman_drain_takes_the_instance_out_before_the_stop(
+    podman: PodmanService, etcd: EtcdServer, unique: str, registrar: RegistrarFactory,
+) -> None:
+    """What a Quadlet unit's `ExecStop=registrar drain` gives on Podman, which sends no `kill`
+    when a stop begins: the instance is out of rotation, confirmed by the routers, before the
+    app's stop; the stop then ends the hold (the agent deletes the entry)."""
+    scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+    ctl = f"/rgtc-{unique}"
+    agent = registrar([*scope.args("watch", ttl=TTL), "--control-prefix", ctl,
+                       "--metrics-addr", "127.0.0.1:0", "--docker", podman.url])
+    agent.wait_for_log("docker connected", timeout=20)
+    web = podman.run(labels={"registrar.service": "pmd"})
+    key = scope.key("pmd", web.name)
+    entry = f"{ctl}/draining/{scope.node}/{web.name}"
+    with EtcdReader(etcd.url) as reader:
+        wait_until(lambda: reader.get(key), timeout=10, message=agent.logs)
+        router = FakeRouter(etcd.url, ctl, "r1")
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "registrar", "drain", web.name, "--node", scope.node,
+                 "--etcd", etcd.url, "--prefix", scope.prefix, "--control-prefix", ctl],
+                capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and "drained in" in done.stdout, done.stderr
+            assert reader.get(key) is None and reader.get(entry) is not None
+            podman.stop(web.name, timeout=1)
+            wait_until(lambda: reader.get(entry) is None, timeout=10, message=agent.logs)
+            assert reader.get(key) is None
+            podman.start_container(web.name)  # a new run: back in rotation
+            wait_until(lambda: reader.get(key), timeout=10, message=agent.logs)
+        finally:
+            router.close()
+    assert agent.stop(15) == 0

@@ -499,6 +499,40 @@ def test_a_role_without_the_control_prefix_is_refused_clearly(
     assert agent.stop(15) == 0
 
 
+def test_drain_needs_write_on_draining_alone(
+    auth_etcd: AuthEtcd, containers: Any, registrar: Any, unique: str
+) -> None:
+    """The SPEC's Privileges: `drain` reads the prefixes and writes only
+    `{control_prefix}/draining/`; the owner (here a sidecar) does the rest with its own role."""
+    drainer = f"drainer{unique}"
+    auth_etcd.ctl("user", "add", drainer, "--new-user-password", PASSWORD, user=auth_etcd.root)
+    auth_etcd.ctl("role", "add", f"{drainer}-role", user=auth_etcd.root)
+    for perm, path in (("read", auth_etcd.prefix), ("read", auth_etcd.control),
+                       ("readwrite", f"{auth_etcd.control}/draining")):
+        auth_etcd.ctl("role", "grant-permission", "--prefix=true", f"{drainer}-role", perm,
+                      f"{path}/", user=auth_etcd.root)
+    auth_etcd.ctl("user", "grant-role", drainer, f"{drainer}-role", user=auth_etcd.root)
+    node = f"node-{unique}"
+    c = containers(labels={"registrar.service": "dr"})
+    sidecar = registrar(*auth_etcd.scope_args("register", c.name, node=node),
+                        "--etcd-user", "registrar", env=user_env())
+    key = f"{auth_etcd.prefix}/dr/{node}:{c.name}:8080"
+    admin = auth_etcd.admin()
+    try:
+        wait_until(lambda: admin.get(key), timeout=15, message=sidecar.logs)
+        base = [*auth_etcd.scope_args("drain", c.name, node=node), "--etcd-user", drainer,
+                "--timeout", "10"]
+        drained = run_cli(base, env=user_env())
+        assert drained.returncode == 0, drained.stderr
+        assert admin.get(key) is None
+        undone = run_cli([*base, "--undo"], env=user_env())
+        assert undone.returncode == 0, undone.stderr
+        assert admin.get(key) is not None
+        assert sidecar.stop(15) == 0
+    finally:
+        admin.close()
+
+
 def test_ls_needs_read_only(auth_etcd: AuthEtcd, unique: str) -> None:
     admin = auth_etcd.admin()
     key = f"{auth_etcd.prefix}/ro{unique}/other-node:web-1:8080"

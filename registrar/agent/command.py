@@ -1,9 +1,11 @@
 """Runs `watch` (every container of the host) and `register` (one container): one code path.
 
 The shutdown path, top to bottom, under one deadline (SHUTDOWN_BUDGET after the signal, so
-that it ends well within the units' `docker stop -t 20` even when etcd and Docker are both
-unreachable): stop taking events, revoke the lease (every key goes in one request), wait
---drain, stop the metrics server, exit 0.
+that it ends well within the units' `docker stop -t` even when etcd and Docker are both
+unreachable): stop taking events, revoke the lease (every key goes in one request), drain,
+stop the metrics server, exit 0. The drain waits at most --drain, and ends as soon as every
+live router has applied the revoke and has nothing in flight on the instances it removed
+(router_wait); with no router saying what it applied, it waits the whole --drain.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 import time
 
 from registrar.adapters.docker_source import DockerSource
-from registrar.adapters.etcd_store import EtcdStore
+from registrar.adapters.etcd_store import EtcdError, EtcdStore, WatchCompacted
 from registrar.agent.control_follower import control_follower, keys_follower
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.agent.watcher import ContainerWatcher
@@ -28,6 +30,7 @@ from registrar.hostip import primary_ipv4
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL
+from registrar.router_wait import read_reports, removal_revision, wait_for_routers
 from registrar.settings import Settings
 from registrar.shutdown import install_stop_signals, wait_for_stop
 
@@ -117,7 +120,7 @@ def run(settings: Settings) -> int:
     wait_for_stop(stop)
     say_signal()
     _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
-              watcher=watcher, followers=(follower, keys), keeper=keeper)
+              watcher=watcher, followers=(follower, keys), keeper=keeper, store=store)
     if server is not None:
         server.stop()
     store.close()
@@ -137,16 +140,66 @@ def _announce(settings: Settings, sidecar: bool) -> None:
 
 
 def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
-              followers: tuple[PrefixFollower, ...], keeper: LeaseKeeper) -> None:
-    """Stop intake, deregister (revoke the lease), drain: all within one deadline."""
+              followers: tuple[PrefixFollower, PrefixFollower], keeper: LeaseKeeper,
+              store: EtcdStore) -> None:
+    """Stop intake, deregister (revoke the lease), drain: all but the drain within one
+    deadline. `followers`: the control and the keys follower."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
     watcher.request_stop()
     for follower in followers:
         follower.request_stop()
-    keeper.shutdown(deadline)
+    # A revision before the revoke, for a watch that replays its deletes: the latest either
+    # follower saw (the control one moves with the routers' reports every 2 s, so it is not
+    # compacted away on a cluster that compacts while the prefix itself is quiet).
+    seen = max(follower.revision for follower in followers)
+    revoked = keeper.shutdown(deadline)
     watcher.join(deadline)
     for follower in followers:
         follower.join(deadline)
     if settings.drain and signalled:
-        log.info("draining for %gs", settings.drain, extra={"event": "drain"})
-        time.sleep(settings.drain)
+        _drain(settings, store, keeper, seen if revoked else None)
+
+
+def _drain(settings: Settings, store: EtcdStore, keeper: LeaseKeeper, seen: int | None) -> None:
+    """Waits at most --drain until every live router has applied the revoke and has nothing in
+    flight on the instances it removed. `seen`: a revision before the revoke (None: the revoke
+    was not confirmed, so nothing can be: the whole --drain)."""
+    started = time.monotonic()
+    until = started + settings.drain
+    layout = Layout(settings.prefix, settings.control_prefix)
+    removed = [k for k in keeper.revoked if layout.in_rotation(k)]
+    instances = [(p[0], p[1]) for k in keeper.revoked if (p := layout.parse(k)) is not None]
+    log.info("draining: up to %gs, until the routers have applied the deregistration of %d "
+             "instances", settings.drain, len(instances), extra={"event": "drain"})
+    try:
+        if seen is None:
+            raise EtcdError("the revoke was not confirmed")
+        revision = None
+        if removed:
+            revision = removal_revision(store, layout.prefix, removed, seen,
+                                        min(until, started + 2.0))
+            if revision is None:
+                raise EtcdError("the deregistration was not seen in the watch")
+        waited = wait_for_routers(lambda: read_reports(store, layout), revision, instances,
+                                  until)
+    except (EtcdError, WatchCompacted) as exc:
+        log.info("drain: cannot ask the routers (%s): waiting the whole --drain", exc,
+                 extra={"event": "drain_blind"})
+        _sleep_until(until)
+        return
+    if waited.unversioned:
+        log.info("routers that do not report what they applied (not waited for): %s",
+                 ", ".join(waited.unversioned), extra={"event": "drain_unversioned"})
+    if waited.done:
+        log.info("drained in %.2fs: %d routers applied the deregistration, nothing in flight",
+                 time.monotonic() - started, len(waited.routers), extra={"event": "drained"})
+    elif waited.waiting:
+        log.warning("drain: --drain %gs over, still waiting for %s", settings.drain,
+                    "; ".join(f"{n} ({why})" for n, why in sorted(waited.waiting.items())),
+                    extra={"event": "drain_timeout"})
+    _sleep_until(until if not waited.done else started)
+
+
+def _sleep_until(until: float) -> None:
+    while (left := until - time.monotonic()) > 0:
+        time.sleep(min(0.2, left))

@@ -10,6 +10,12 @@ While etcd is unreachable, writes are retried with backoff and the desired state
 nothing is dropped. A write etcd refuses (its quota full, a permission missing) is retried
 with a shorter backoff, logged once with its cause and counted; meanwhile deletes that can go
 alone still go, and the heartbeats never stop.
+
+Drain entries of its containers (core.drain) are keys it holds like the others: taken over
+under its lease while the run they hold lasts. They outlive the lease on purpose in two
+cases: a lease lost during a partition (the keeper remembers them and puts them again with
+its keys), and a shutdown (handed over to a lease of DRAIN_TTL, so a restarted agent finds
+them and keeps holding the same run; nobody taking them over, they are gone within a minute).
 """
 
 from __future__ import annotations
@@ -28,10 +34,18 @@ from registrar.adapters.etcd_store import (
     LeaseNotFound,
 )
 from registrar.core.control import Control, describe_changes, parse_control
+from registrar.core.drain import DRAIN_TTL, Run
 from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
 from registrar.core.planner import Changes, StoredKey
-from registrar.core.reconcile import Happened, Plan, mine, plan, split_deletes
+from registrar.core.reconcile import (
+    Happened,
+    Plan,
+    instance_keys,
+    mine,
+    plan,
+    split_deletes,
+)
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
@@ -50,6 +64,8 @@ _MESSAGES = {
     Happened.ROTATION_IN: "back in rotation: %s %s",
     Happened.REPUT: "put %s %s again under the new lease",
     Happened.DEREGISTER: "deregistered %s %s",
+    Happened.DRAIN_HOLD: "drain of %s/%s held: its instances stay out while this run lasts",
+    Happened.DRAIN_END: "drain of %s/%s ended: the container stopped or started again",
 }
 
 
@@ -58,6 +74,7 @@ class _Inputs:
     """What callers told the keeper (guarded by the keeper's condition)."""
 
     desired: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # cid -> keys
+    runs: dict[str, Run] = dataclasses.field(default_factory=dict)  # cid -> running, not stopping
     since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> event time
     ready: bool = False  # the first full picture of what runs arrived: writing may begin
     dirty: bool = True  # something changed since the last write
@@ -65,6 +82,9 @@ class _Inputs:
 
     def flat(self) -> dict[str, str]:
         return {key: value for keys in self.desired.values() for key, value in keys.items()}
+
+    def runs_by_name(self) -> dict[str, Run]:
+        return {run.name: run for run in self.runs.values()}
 
 
 class LeaseKeeper:
@@ -97,6 +117,7 @@ class LeaseKeeper:
         self._lost_lease: int | None = None  # set by the heartbeat's thread (under _cond)
         self._held: dict[str, StoredKey] = {}
         self._known: frozenset[str] = frozenset()
+        self._kept_drains: dict[str, str] = {}  # drain entries held when the lease was lost
         self._control = Control()
         self._applying: Mapping[str, StoredKey] = {}  # what etcd holds once a write is in
         self._refused: str | None = None  # why etcd refuses our writes, while it does
@@ -104,17 +125,25 @@ class LeaseKeeper:
         self._etcd_back = False  # etcd answered again: retry at once, not after the backoff
         store.add_listener(self._etcd_answers)
         self.synced = threading.Event()  # everything told so far is written
+        self.revoked: dict[str, StoredKey] = {}  # the instances the shutdown's revoke removed
         self.steps = 0  # steps taken (written or not): what tests wait for, not sleep
 
     # --- what callers use ---------------------------------------------------------------
 
     def set_container(
-        self, container_id: str, keys: Mapping[str, str], event_time: float | None = None
+        self, container_id: str, keys: Mapping[str, str], event_time: float | None = None,
+        run: Run | None = None,
     ) -> None:
+        """`keys`: what the container should have registered now; `run`: the container's run
+        while it runs and is not stopping (None: it does not), which drains hold."""
         with self._cond:
             old = self._inputs.desired.get(container_id, {})
-            if old == keys:
+            if old == keys and self._inputs.runs.get(container_id) == run:
                 return
+            if run is None:
+                self._inputs.runs.pop(container_id, None)
+            else:
+                self._inputs.runs[container_id] = run
             if event_time is not None:
                 for key, value in keys.items():
                     if old.get(key) != value:
@@ -131,18 +160,23 @@ class LeaseKeeper:
         self.set_container(container_id, {})
 
     def replace_all(self, desired: Mapping[str, Mapping[str, str]],
-                    sidecars: frozenset[str] | None = None, reread: bool = True) -> None:
+                    sidecars: frozenset[str] | None = None, reread: bool = True,
+                    runs: Mapping[str, Run] | None = None) -> None:
         """A full reconcile: this is everything that should exist; diff it with what etcd
         holds (read again when `reread`: at start and after Docker came back; a periodic
         resync trusts what the keeper holds, which the prefix watches keep honest).
-        `sidecars`: the containers whose own sidecar owns their keys (watch)."""
+        `sidecars`: the containers whose own sidecar owns their keys (watch); `runs`: cid ->
+        run of every container running and not stopping (None: as before)."""
         with self._cond:
             desired_now = {cid: dict(keys) for cid, keys in desired.items() if keys}
+            runs_now = dict(self._inputs.runs if runs is None else runs)
             if (not reread and self._inputs.ready and desired_now == self._inputs.desired
+                    and runs_now == self._inputs.runs
                     and sidecars in (None, self._ownership.sidecars)):
                 return  # nothing changed: not even a wake-up
             reread = reread or self._new_service(k for keys in desired_now.values() for k in keys)
             self._inputs.desired = desired_now
+            self._inputs.runs = runs_now
             if sidecars is not None:
                 self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
             self._inputs.ready = True
@@ -235,9 +269,10 @@ class LeaseKeeper:
         self.heartbeat.join(joined_by - time.monotonic())
         if self._thread is not None:
             self._thread.join(max(0.0, joined_by - time.monotonic()))
-        lease, count = self._lease, len(self._held)
+        lease, count = self._lease, len(instance_keys(self._held, self._layout))
         if lease is None:
             return True
+        self._hand_over_drains(deadline)
         backoff = Backoff(maximum=0.5)
         while True:
             try:
@@ -251,6 +286,7 @@ class LeaseKeeper:
                                 extra={"event": "revoke_failed"})
                     return False
                 time.sleep(wait)
+        self.revoked = instance_keys(self._held, self._layout)
         self._metrics.deregistrations.inc(count)
         self._metrics.registered.set(0)
         self._metrics.standby.set(0)
@@ -258,6 +294,25 @@ class LeaseKeeper:
         log.info("revoked lease %x: %d keys removed", lease, count,
                  extra={"event": "deregister_all", "keys": count})
         return True
+
+    def _hand_over_drains(self, deadline: float) -> None:
+        """Puts the drain entries this keeper holds on a lease of their own (DRAIN_TTL) before
+        the revoke would delete them: the hold survives a restart of the agent (the next one
+        finds the entry and the same run), and an entry nobody takes over goes within a
+        minute. Best effort within the deadline: without it the instances come back at the
+        next start instead of staying out."""
+        entries = {k: v.value for k, v in self._held.items() if self._layout.parse_drain(k)}
+        if not entries or deadline - time.monotonic() < REVOKE_RESERVE:
+            return
+        try:
+            lease = self._store.grant(DRAIN_TTL)
+            self._store.apply(entries, (), lease)
+        except EtcdError as exc:
+            log.warning("could not keep %d drain entries beyond this process: %s",
+                        len(entries), exc, extra={"event": "drain_handover_failed"})
+            return
+        log.info("%d drain entries kept for %ds on lease %x for the next owner", len(entries),
+                 DRAIN_TTL, lease, extra={"event": "drain_handover"})
 
     # --- the thread ---------------------------------------------------------------------
 
@@ -320,7 +375,8 @@ class LeaseKeeper:
             finally:
                 self.steps += 1
 
-    def _take(self) -> tuple[dict[str, str], dict[str, float], bool, Ownership] | None:
+    def _take(self) -> tuple[dict[str, str], dict[str, float], bool, Ownership,
+                             dict[str, Run]] | None:
         """The inputs of one write (None before the first full picture of what runs)."""
         with self._cond:
             if self._lost_lease is not None:
@@ -331,7 +387,7 @@ class LeaseKeeper:
                 self._inputs.dirty = False
                 return None
             taken = (self._inputs.flat(), self._inputs.since, self._inputs.reread,
-                     self._ownership)
+                     self._ownership, self._inputs.runs_by_name())
             self._inputs.since, self._inputs.dirty, self._inputs.reread = {}, False, False
             return taken
 
@@ -345,7 +401,7 @@ class LeaseKeeper:
         taken = self._take()
         if taken is None:
             return
-        desired, since, reread, ownership = taken
+        desired, since, reread, ownership, runs = taken
         try:
             if self._lease is None:
                 self._grant()
@@ -354,7 +410,7 @@ class LeaseKeeper:
                 self._read(ownership)
             assert self._lease is not None
             decided = plan(desired, self._held, self._control, self._layout, ownership,
-                           self._lease, self._known)
+                           self._lease, self._known, runs)
             if decided.changes:
                 self._apply(decided)
         except LeaseNotFound as exc:
@@ -392,6 +448,9 @@ class LeaseKeeper:
                      extra={"event": "lease_grant"})
 
     def _drop_lease(self) -> None:
+        # the drain entries went with the lease, but their holds did not end: put them again
+        self._kept_drains.update(
+            (k, v.value) for k, v in self._held.items() if self._layout.parse_drain(k))
         self._lease = None
         self.heartbeat.follow(None)
         self._held = {}
@@ -403,8 +462,11 @@ class LeaseKeeper:
         two reads, whatever the number of services."""
         stored, _revision = self._store.list_prefix(self._layout.prefix)
         control_keys, _revision = self._store.list_prefix(self._layout.control)
+        for key, value in self._kept_drains.items():
+            control_keys.setdefault(key, StoredKey(value, 0))  # bound to no lease: put again
         held = {**stored, **{k: v for k, v in control_keys.items()
-                             if k.startswith(self._layout.standby + "/")}}
+                             if k.startswith(self._layout.standby + "/")
+                             or k.startswith(self._layout.draining + "/")}}
         control = parse_control(control_keys, self._layout)
         changes = describe_changes(self._control, control)
         if changes:
@@ -451,6 +513,11 @@ class LeaseKeeper:
         acked = time.time()
         self._held = dict(decided.held)
         self._known = decided.known
+        self._kept_drains = {}  # put again (or ended): held like the others from now on
+        ended = {d for key in decided.changes.deletes if (d := self._layout.parse_drain(key))}
+        if ended:  # not read again before the next write: a stale entry must not hold
+            self._control = dataclasses.replace(self._control, draining={
+                d: v for d, v in self._control.draining.items() if d not in ended})
         registered, deregistered = decided.counts()
         self._metrics.registrations.inc(registered)
         self._metrics.deregistrations.inc(deregistered)
@@ -461,6 +528,7 @@ class LeaseKeeper:
             event_time = since.get(note.key)
             if event_time is not None and self._layout.in_rotation(note.key):
                 self._metrics.registration_latency.observe(max(0.0, acked - event_time))
-        standby = sum(1 for key in self._held if not self._layout.in_rotation(key))
-        self._metrics.registered.set(len(self._held) - standby)
+        instances = instance_keys(self._held, self._layout)
+        standby = sum(1 for key in instances if not self._layout.in_rotation(key))
+        self._metrics.registered.set(len(instances) - standby)
         self._metrics.standby.set(standby)

@@ -20,6 +20,7 @@ from typing import Any
 from registrar.agent.checker import Checker, targets_of
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core.containers import ContainerInfo
+from registrar.core.drain import Run
 from registrar.core.lifecycle import Effect, effect_of
 from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrations_for
 from registrar.core.planner import json_object
@@ -60,6 +61,13 @@ class _Tracked:
     stopping: bool = False  # a kill/stop was seen: out of rotation until it starts again
     rejected: str | None = None
     values: dict[str, str] = field(default_factory=dict)  # key -> encoded value
+
+    def run(self) -> Run | None:
+        """This run of the container while it runs and is not stopping: what a drain holds
+        (a pause or a failing check does not end it; a stop, a death or a new start does)."""
+        if not self.info.running or self.stopping:
+            return None
+        return Run(self.info.name, self.info.id, self.info.started_at)
 
 
 def now_rfc3339() -> str:
@@ -250,6 +258,8 @@ class ContainerWatcher:
         self._keeper.replace_all(
             {cid: tracked.values for cid, tracked in self._tracked.items()},
             sidecars=None if self._only else self._sidecars, reread=reread,
+            runs={cid: run for cid, tracked in self._tracked.items()
+                  if (run := tracked.run()) is not None},
         )
 
     def _apply_event(self, event: dict[str, Any]) -> None:
@@ -285,9 +295,9 @@ class ContainerWatcher:
             tracked.stopping = True
             self._withdraw(cid)
         elif effect in (Effect.OUT, Effect.DIED):
-            self._withdraw(cid)
             if effect is Effect.DIED and tracked is not None:
                 tracked.info = replace(tracked.info, running=False)
+            self._withdraw(cid)
             if effect is Effect.DIED and self._only:
                 self._container_gone(cid, action)
         elif effect is Effect.GONE:
@@ -336,7 +346,7 @@ class ContainerWatcher:
             self._unchecked(info.id)
         tracked.values = values
         if push:
-            self._keeper.set_container(info.id, values, event_time)
+            self._keeper.set_container(info.id, values, event_time, tracked.run())
 
     def _note_outcome(self, tracked: _Tracked, outcome: Outcome) -> None:
         if outcome.rejected is None:
@@ -357,7 +367,7 @@ class ContainerWatcher:
         if tracked is not None:
             tracked.values = {}
         self._unchecked(cid)  # its checks stop the moment it starts stopping
-        self._keeper.drop_container(cid)
+        self._keeper.set_container(cid, {}, None, tracked.run() if tracked else None)
 
     def _forget(self, cid: str) -> None:
         self._tracked.pop(cid, None)

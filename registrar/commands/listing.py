@@ -136,21 +136,48 @@ def run(settings: Any, out: TextIO = sys.stdout) -> int:
     state = parse_control(control, layout)
     held = {k: v for k, v in standby.items()
             if (p := parse_key(layout.standby, k)) is not None and state.in_maintenance(*p)}
+    drained = {k: v for k, v in standby.items()
+               if (p := parse_key(layout.standby, k)) is not None and state.drained(p[1])}
     promotions = parse_promotions(promoted, layout)
     entries = rows(settings.prefix, stored, settings.service, promotions)
     if settings.json:
-        held_rows = [{**row, "maintenance": True}
-                     for row in rows(layout.standby, held, settings.service, promotions)]
-        render([*entries, *held_rows], settings.prefix, True, out)
+        out_rows = [{**row, **({"maintenance": True} if row["key"] in held else {}),
+                     **({"draining": True} if row["key"] in drained else {})}
+                    for row in rows(layout.standby, {**held, **drained}, settings.service,
+                                    promotions)]
+        render([*entries, *out_rows], settings.prefix, True, out)
         return 0
     render(entries, settings.prefix, False, out)
-    standby_rows = rows(layout.standby, {k: v for k, v in standby.items() if k not in held},
+    standby_rows = rows(layout.standby, {k: v for k, v in standby.items()
+                                         if k not in held and k not in drained},
                         settings.service)
     render_promotions(promoted, standby_rows, settings.control_prefix, settings.service, out)
     render_maintenance(control, rows(layout.standby, held, settings.service), layout,
                        settings.service, out)
+    render_drains(control, rows(layout.standby, drained, settings.service), layout, out)
     render_canaries(control, layout, settings.service, out)
     return 0
+
+
+def render_drains(control: dict[str, StoredKey], drained: list[dict[str, Any]], layout: Layout,
+                  out: TextIO) -> None:
+    """After the table: the drains in force (`registrar drain`), and the instances they hold."""
+    table = [("DRAINING", "NODE", "SINCE")]
+    for key in sorted(control):
+        parsed = layout.parse_drain(key)
+        if parsed is not None:
+            value = json_object(control[key].value) or {}
+            table.append((parsed[1], parsed[0], str(value.get("at", "?"))))
+    if len(table) == 1 and not drained:
+        return
+    out.write("\n")
+    write_table(table, out)
+    for entry in drained:
+        if "invalid" not in entry:
+            out.write(_printable(
+                f"  held out (draining): {entry.get('service', '?')} "
+                f"{entry['key'].rsplit('/', 1)[-1]} {entry.get('host', '?')}:"
+                f"{entry.get('port', '?')} {entry.get('version', '-')}") + "\n")
 
 
 def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]],

@@ -4,7 +4,9 @@ An entry is one key without a lease under `{control_prefix}/maintenance/` (it ou
 and reboots until disabled). This command only writes or deletes it; every agent and sidecar
 follows the control prefix and moves its own matching instances to standby (or back), in one
 transaction each. Then it waits, up to --timeout, until the rotation matches, and prints the
-instances that left or came back.
+instances that left or came back. `enable` waits on the routers too, as `registrar drain` does
+(router_wait): every live router has applied the removal and has nothing in flight on the
+instances the entry holds out, so a host drained before a reboot is really idle.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from registrar.core.layout import Layout, child_name
 from registrar.core.planner import StoredKey, json_object, version_of
 from registrar.errors import FatalError
 from registrar.retry import POLL_INTERVAL
+from registrar.router_wait import Waited, read_reports, removal_revision, wait_for_routers
 from registrar.settings import MaintSettings, Settings
 
 
@@ -136,6 +139,8 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
 def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int:
     target = Target(m.service, m.instance, m.node)
     key = target.key(layout)
+    # a revision before `before`: a watch from it sees every key of `before` that leaves
+    _reports, since = etcd(lambda store: store.list_prefix(layout.routers))
     before = read_view(etcd, layout)
     if m.action == "enable":
         at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -157,7 +162,7 @@ def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int
             raise FatalError(f"timed out after {m.timeout:g}s (--timeout): "
                              f"{len(after.rotating(target))} instance(s) still in rotation; "
                              "agents that are down or cut off apply it when they are back")
-        return 0
+        return _wait_for_routers(etcd, layout, m, before, target, since, out)
     etcd(lambda store: store.delete(key))
     control = parse_control({k: v for k, v in before.stored_control.items() if k != key},
                             layout)
@@ -178,6 +183,35 @@ def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int
         raise FatalError(f"timed out after {m.timeout:g}s (--timeout): {len(back(after))} "
                          "instance(s) still on standby")
     return 0
+
+
+def _wait_for_routers(etcd: OneShot, layout: Layout, m: MaintSettings, before: View,
+                      target: Target, since: int, out: TextIO) -> int:
+    """After `enable`: until every live router has applied the removal of what left rotation
+    and has nothing in flight on what the entry holds out."""
+    started = time.monotonic()
+    keys = [layout.key(*i) for i in before.rotating(target)]
+    revision = etcd(lambda store: removal_revision(store, layout.prefix, keys, since,
+                                                   time.monotonic() + etcd.left()))
+    instances = before.rotating(target) + before.held_by(target)
+    waited = wait_for_routers(lambda: etcd(lambda store: read_reports(store, layout)),
+                              revision, instances, etcd.deadline, vacuous=True)
+    _say_routers(waited, time.monotonic() - started, out)
+    if waited.waiting or (keys and revision is None):
+        why = "; ".join(f"{n} ({w})" for n, w in sorted(waited.waiting.items()))
+        raise FatalError(f"timed out after {m.timeout:g}s (--timeout) waiting for routers: "
+                         f"{why or 'the removal was not seen'}; the instances stay out")
+    return 0
+
+
+def _say_routers(waited: Waited, took: float, out: TextIO) -> None:
+    if not waited.routers:
+        return
+    idle = len(waited.routers) - len(waited.waiting) - len(waited.unversioned)
+    out.write(f"  routers: {idle} idle on them after {took:.2f}s\n")
+    if waited.unversioned:
+        out.write("  not waited for (their reports do not say what they applied): "
+                  f"{', '.join(waited.unversioned)}\n")
 
 
 def _list(etcd: OneShot, layout: Layout, out: TextIO) -> int:

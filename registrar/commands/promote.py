@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
+from registrar.core.control import parse_control
 from registrar.core.layout import Layout
 from registrar.core.planner import json_object
 from registrar.errors import FatalError
@@ -32,10 +33,12 @@ class Instance:
 
 @dataclass(frozen=True)
 class Rotation:
-    """One service's instances: in rotation and on standby, by instance id."""
+    """One service's instances: in rotation and on standby, by instance id; `held`: those on
+    standby that maintenance or a drain holds out (a promotion does not wait for them)."""
 
     active: dict[str, Instance]
     standby: dict[str, Instance]
+    held: frozenset[str] = frozenset()
 
     def count(self, version: str) -> int:
         return sum(1 for i in [*self.active.values(), *self.standby.values()]
@@ -43,12 +46,13 @@ class Rotation:
 
     def settled(self, version: str | None) -> bool:
         """Promoted `version`: all of it in rotation, nothing else. None (cleared): no standby."""
+        waiting = [i for name, i in self.standby.items() if name not in self.held]
         if version is None:
-            return not self.standby
+            return not waiting
         return (
             bool(self.active)
             and all(i.version == version for i in self.active.values())
-            and not any(i.version == version for i in self.standby.values())
+            and not any(i.version == version for i in waiting)
         )
 
 
@@ -72,7 +76,14 @@ def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
     active_base = f"{settings.prefix}/{service}"
     standby_base = f"{Layout(settings.prefix, settings.control_prefix).standby}/{service}"
     active, standby = read_two(etcd, active_base, standby_base)
-    return Rotation(_instances(active, active_base), _instances(standby, standby_base))
+    layout = Layout(settings.prefix, settings.control_prefix)
+    holding, _rev = etcd(lambda store: store.list_prefix(layout.maintenance))
+    drains, _rev = etcd(lambda store: store.list_prefix(layout.draining))
+    control = parse_control({**holding, **drains}, layout)
+    on_standby = _instances(standby, standby_base)
+    held = frozenset(name for name in on_standby
+                     if control.in_maintenance(service, name) or control.drained(name))
+    return Rotation(_instances(active, active_base), on_standby, held)
 
 
 def _now() -> str:

@@ -35,6 +35,7 @@ class ContainerInfo:
     has_healthcheck: bool = False
     health: str | None = None  # "starting", "healthy", "unhealthy" or None
     stop_signal: str = "SIGTERM"
+    started_at: str = ""  # State.StartedAt: tells one run of the container from the next
 
     @property
     def serving(self) -> bool:
@@ -139,4 +140,5 @@ def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         has_healthcheck=bool(test) and test[0] != "NONE",
         health=health.get("Status") or None,
         stop_signal=str(config.get("StopSignal") or "SIGTERM"),
+        started_at=str(state.get("StartedAt") or ""),
     )

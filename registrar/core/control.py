@@ -5,7 +5,9 @@ Three things can hold an instance out of rotation or keep it in:
 - a canary step (`weights/{service}` = {"version": V, "percent": P}): V's instances stay in
   rotation beside the promoted version's, whatever the promotion says;
 - maintenance (`maintenance/service/{s}`, `maintenance/instance/{s}/{i}`,
-  `maintenance/node/{n}`): the instance goes to standby, whatever else holds.
+  `maintenance/node/{n}`): the instance goes to standby, whatever else holds;
+- a drain (`draining/{node}/{container}`): every instance of that container goes to standby
+  like maintenance (the owner keeps it only while that run of the container lasts: core.drain).
 An instance comes back only when nothing holds it out.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from registrar.core.drain import Drain, parse_drain
 from registrar.core.layout import Layout, child_name, parse_key
 from registrar.core.planner import StoredKey, json_object, version_of
 from registrar.settings import HEADER_RE
@@ -39,6 +42,12 @@ class Control:
     held_services: frozenset[str] = frozenset()
     held_instances: frozenset[tuple[str, str]] = frozenset()  # (service, instance)
     held_nodes: frozenset[str] = frozenset()
+    draining: Mapping[tuple[str, str], Drain] = field(default_factory=dict)  # (node, container)
+
+    def drained(self, instance: str) -> bool:
+        """Whether a drain entry holds the container of `instance` (`node:container:port`)."""
+        parts = instance.split(":")
+        return len(parts) >= 2 and (parts[0], parts[1]) in self.draining
 
     def in_maintenance(self, service: str, instance: str) -> bool:
         return (
@@ -49,7 +58,7 @@ class Control:
 
     def in_rotation(self, service: str, instance: str, version: str | None) -> bool:
         """Whether an instance of `service` at `version` belongs in rotation."""
-        if self.in_maintenance(service, instance):
+        if self.in_maintenance(service, instance) or self.drained(instance):
             return False
         canary = self.canaries.get(service)
         if canary is not None and version == canary.version:
@@ -96,12 +105,17 @@ def parse_control(stored: Mapping[str, StoredKey], layout: Layout) -> Control:
     instances = {
         parsed for key in stored if (parsed := parse_key(f"{base}/instance", key)) is not None
     }
+    drains = {
+        parsed: parse_drain(parsed[1], item) for key, item in stored.items()
+        if (parsed := layout.parse_drain(key)) is not None
+    }
     return Control(
         promotions=parse_promotions(stored, layout),
         canaries=parse_canaries(stored, layout),
         held_services=frozenset(services),
         held_instances=frozenset(instances),
         held_nodes=frozenset(nodes),
+        draining=drains,
     )
 
 
@@ -136,6 +150,8 @@ def describe_changes(before: Control, after: Control) -> list[str]:
         ("maintenance on node", before.held_nodes, after.held_nodes),
         ("maintenance on instance", {"/".join(i) for i in before.held_instances},
          {"/".join(i) for i in after.held_instances}),
+        ("drain of", {"/".join(d) for d in before.draining},
+         {"/".join(d) for d in after.draining}),
     ):
         out += [f"{label} {name}" for name in sorted(set(new_set) - set(old_set))]
         out += [f"{label} {name} lifted" for name in sorted(set(old_set) - set(new_set))]
@@ -143,8 +159,8 @@ def describe_changes(before: Control, after: Control) -> list[str]:
 
 
 def subject(key: str, layout: Layout) -> tuple[str | None, str | None] | None:
-    """(service, node) a promotion, weights key or maintenance entry is about, read by the
-    same rules as `parse_control`; None for any key it would ignore (standby keys, routers'
+    """(service, node) a promotion, weights key, maintenance entry or drain is about, read by
+    the same rules as `parse_control`; None for any key it would ignore (standby keys, routers'
     reports, names that break the rules)."""
     base = layout.maintenance
     for parent in (layout.promoted, layout.weights, f"{base}/service"):
@@ -154,5 +170,7 @@ def subject(key: str, layout: Layout) -> tuple[str | None, str | None] | None:
         return instance[0], None
     if (node := child_name(f"{base}/node", key)) is not None:
         return None, node
+    if (drained := layout.parse_drain(key)) is not None:
+        return None, drained[0]
     return None
 

@@ -10,6 +10,8 @@
   weights key (bound to that command's lease: it goes when the command dies);
   `{control}/canary/{service}/request`: a `promote SERVICE --pause|--resume|--abort` waiting
   for the canary to act on it (the canary deletes it once it did: the acknowledgement).
+- `{control}/draining/{node}/{container}`: a drain of one container's instances (bound to the
+  `drain` command's lease, then to its owner's: see core.drain).
 """
 
 from __future__ import annotations
@@ -64,6 +66,20 @@ class Layout:
     @property
     def canary(self) -> str:
         return f"{self.control}/canary"
+
+    @property
+    def draining(self) -> str:
+        return f"{self.control}/draining"
+
+    def drain_key(self, node: str, container: str) -> str:
+        return f"{self.draining}/{node}/{container}"
+
+    def parse_drain(self, key: str) -> tuple[str, str] | None:
+        """(node, container) of a drain entry, or None (names that break the rule too)."""
+        parsed = parse_key(self.draining, key)
+        if parsed is None or not NAME_RE.fullmatch(parsed[1]):
+            return None
+        return parsed
 
     def key(self, service: str, instance: str, in_rotation: bool = True) -> str:
         return f"{self.prefix if in_rotation else self.standby}/{service}/{instance}"

@@ -25,6 +25,10 @@ class Ownership:
     container: str | None = None  # a sidecar's container name: only its keys
     sidecars: frozenset[str] = frozenset()  # watch: containers whose own sidecar owns their keys
 
+    def owns_container(self, node: str, container: str) -> bool:
+        """Whether a drain entry of `container` on `node` is this keeper's to hold and delete."""
+        return self.owns(f"{node}:{container}:0")
+
     def owns(self, instance: str) -> bool:
         if not owned_by(self.node, instance):
             return False

@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registrar.commands import maint
 
             return maint.run(settings)
+        if settings.command == "catalog":
+            from registrar.catalog import command as catalog
+
+            return catalog.run(settings)
         if settings.command == "promote":
             from registrar.commands.promote import run as promote
 

@@ -79,6 +79,11 @@ class PrefixFollower:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def revision(self) -> int:
+        """The last revision read or watched (0: none yet); set before `on_snapshot` runs."""
+        return self._revision
+
     def _failed(self, error: BaseException) -> None:
         self.health.progressed()  # retrying is progress
         if self._on_failure is not None:

@@ -6,6 +6,7 @@
 - `{control}/maintenance/service/{service}`, `.../instance/{service}/{instance}`,
   `.../node/{node}`: maintenance entries (no lease).
 - `{control}/routers/{node}`: a router's traffic report (bound to the router's lease).
+- `{control}/draining/{node}/{container}`: a container drained by `registrar drain`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class Layout:
     @property
     def routers(self) -> str:
         return f"{self.control}/routers"
+
+    @property
+    def draining(self) -> str:
+        return f"{self.control}/draining"
 
     def key(self, service: str, instance: str, in_rotation: bool = True) -> str:
         return f"{self.prefix if in_rotation else self.standby}/{service}/{instance}"

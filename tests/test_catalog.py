@@ -14,9 +14,9 @@ from registrar.core.catalog import (
     prometheus_targets,
     remember,
     reports_of,
-    valid_metrics_path,
 )
 from registrar.core.layout import Layout
+from registrar.core.naming import valid_metrics_path
 
 LAYOUT = Layout("/services", "/registrar")
 AT = "2015-07-20T12:00:00Z"

@@ -33,13 +33,13 @@ from registrar.core.canary import (
 )
 from registrar.core.control import Control, parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
+from registrar.core.naming import valid_metrics_path
 from registrar.core.planner import StoredKey, json_object
 from registrar.settings import NAME_RE
 
 SHARE_WINDOW = 30.0
 STATES = ("draining", "maintenance", "standby", "rotation")
 TRAFFIC_FIELDS = ("2xx", "3xx", "4xx", "5xx", "other", "tcp", "connection_errors")
-MAX_METRICS_PATH = 1024
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,6 @@ def _str(value: object, limit: int = 1024) -> str | None:
 
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def valid_metrics_path(path: object) -> bool:
-    """A path to scrape: starts with `/`, the characters of a URL path, at most 1024."""
-    return (isinstance(path, str) and 0 < len(path) <= MAX_METRICS_PATH and path[0] == "/"
-            and all(ch.isascii() and (ch.isalnum() or ch in "/-._~%!$&'()*+,;=:@")
-                    for ch in path))
 
 
 def entry(layout: Layout, key: str, raw: str) -> Entry | None:

@@ -3,13 +3,15 @@
 Labels and environment are somebody else's input: every name that ends up in a key is checked
 against NAME_RE, so no label can make a key leave `{prefix}/`. A container with any bad name
 is refused whole, with a reason that is logged and counted; so is one with a bad check label
-(`invalid_check`, see `core.checks`). Each registration carries its port's `CheckSpec` (None:
-unchecked), which is not part of the stored value.
+(`invalid_check`, see `core.checks`) or a bad metrics path (`invalid_metrics`). Each
+registration carries its port's `CheckSpec` (None: unchecked), which is not part of the stored
+value; `metrics_path` is, for a port with a `registrar.metrics` label.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,11 @@ from registrar.settings import NAME_RE, TRUE_WORDS
 MAX_TAGS = 32
 MAX_VALUE_BYTES = 4096
 VERSION_MAX = 128
+MAX_METRICS_PATH = 1024
+_METRICS_LABEL = re.compile(r"registrar\.(?:([0-9]{1,5})\.)?metrics")
+# The characters of a URL path (RFC 3986's pchar and "/"): no query, no fragment, no space.
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                        "/-._~%!$&'()*+,;=:@")
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,27 @@ def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str,
     return result
 
 
+def valid_metrics_path(path: object) -> bool:
+    """A path to scrape: starts with `/`, the characters of a URL path, at most 1024."""
+    return (isinstance(path, str) and 0 < len(path) <= MAX_METRICS_PATH and path[0] == "/"
+            and all(ch in _PATH_CHARS for ch in path))
+
+
+def _metrics_paths(container: ContainerInfo) -> tuple[dict[int | None, str], str | None]:
+    """`registrar.metrics` (key None) and `registrar.<port>.metrics` (key the port), or why
+    one is bad."""
+    paths: dict[int | None, str] = {}
+    for label, path in container.labels.items():
+        match = _METRICS_LABEL.fullmatch(label)
+        if match is None:
+            continue
+        if not valid_metrics_path(path):
+            return {}, f"{label} {path[:64]!r} is not a path of at most {MAX_METRICS_PATH} URL " \
+                "characters starting with /"
+        paths[int(match.group(1)) if match.group(1) else None] = path
+    return paths, None
+
+
 def has_sidecar(container: ContainerInfo) -> bool:
     """`registrar.sidecar=true`: a `register` sidecar owns this container's keys, not `watch`."""
     return _truthy(container.labels.get("registrar.sidecar"))
@@ -191,6 +219,9 @@ def registrations_for(
         checks = parse_checks(container.labels)
     except InvalidCheck as exc:
         return Outcome(rejected="invalid_check", detail=str(exc))
+    metrics_paths, metrics_error = _metrics_paths(container)
+    if metrics_error:
+        return Outcome(rejected="invalid_metrics", detail=metrics_error)
 
     several = len(ports) > 1
     registrations = []
@@ -209,6 +240,9 @@ def registrations_for(
             "private_port": private_port, "protocol": proto, "image": container.image[:512],
             "version": version, "tags": tags, "registered_at": registered_at,
         }
+        metrics_path = metrics_paths.get(private_port, metrics_paths.get(None))
+        if metrics_path is not None:
+            value["metrics_path"] = metrics_path
         registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance,
                                     value, checks.for_port(private_port, proto))
         if len(registration.encoded()) > MAX_VALUE_BYTES:

@@ -29,6 +29,7 @@ from registrar.core.catalog import prometheus_targets
 
 log = logging.getLogger(__name__)
 
+IDLE_TIMEOUT = 30.0
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 600.0
 PATHS = ("/", "/v1/catalog", "/v1/sd/prometheus", "/metrics", "/healthz")
@@ -71,6 +72,14 @@ class CatalogServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = IDLE_TIMEOUT  # a silent client gives its thread back
+
+            def setup(self) -> None:
+                super().setup()
+                if tls is not None:
+                    # Here, in the connection's own thread, not in the accepting one: a client
+                    # that connects and says nothing must not hold up everyone else.
+                    self.request.do_handshake()
 
             def do_GET(self) -> None:
                 started = time.perf_counter()
@@ -140,22 +149,22 @@ class CatalogServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # every poll and scrape would drown the log
 
-        server_class = ThreadingHTTPServer
+        server_class = _Server
         if ":" in addr[0]:
             import socket
 
-            class V6Server(ThreadingHTTPServer):
+            class V6Server(_Server):
                 address_family = socket.AF_INET6
 
             server_class = V6Server
         self._server = server_class(addr, Handler)
-        self._server.daemon_threads = True
         if tls is not None:
             import ssl
 
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever, name="catalog-http",
                                         daemon=True)
 
@@ -169,6 +178,15 @@ class CatalogServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up, timed out or failed the TLS handshake: its own problem, one
+        debug line (socketserver would print a traceback on stderr)."""
+        log.debug("connection from %s failed", client_address, exc_info=True)
 
 
 # The page loads nothing from elsewhere and runs only its own script: what etcd holds can never

@@ -46,7 +46,7 @@ class Browser:
         os.close(from_browser_w)
         self._buffer = b""
         self._next_id = 0
-        self._session = self._attach(url)
+        self.session = self._attach(url)
 
     def _attach(self, url: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
@@ -93,7 +93,7 @@ class Browser:
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (JSON-able)."""
         result = self.command("Runtime.evaluate", {"expression": expression,
-                                                    "returnByValue": True}, self._session)
+                                                    "returnByValue": True}, self.session)
         if "exceptionDetails" in result:
             raise BrowserError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -113,7 +113,7 @@ class Browser:
         return str(self.evaluate("document.documentElement.outerHTML"))
 
     def screenshot(self, path: str | Path) -> None:
-        shot = self.command("Page.captureScreenshot", {"format": "png"}, self._session)
+        shot = self.command("Page.captureScreenshot", {"format": "png"}, self.session)
         Path(path).write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from registrar.core.catalog import (
     Catalog,
     Look,
     build,
+    encode_targets,
     entries,
     prometheus_targets,
     remember,
@@ -258,3 +259,25 @@ def test_metrics_paths() -> None:
     assert valid_metrics_path("/prometheus/metrics;x=1")
     for bad in ("", "metrics", "/a?b", "/a#b", "/a b", "/a\nb", "/" + "a" * 1024, "/é", 5, None):
         assert not valid_metrics_path(bad)
+
+
+def test_the_encoded_json_is_the_models_json() -> None:
+    keys = {"/services/web/core-01:web-1:8080": value("web", tags=["a", "b\"<"]),
+            "/services/web/core-02:web-2:8080": value("web", version="v2", node="core-02"),
+            "/services/api/core-01:api-1:80": json.dumps({"host": "::1", "port": 80}),
+            "/services/dns/core-01:dns-1:53:udp": value("dns", host="é\u2028", version="\0\"",
+                                                         metrics_path="/m")}
+    control = {
+        "/registrar/weights/web": json.dumps({"version": "v2", "percent": 10, "at": AT}),
+        "/registrar/maintenance/node/core-02": json.dumps({"reason": "r", "at": AT}),
+        "/registrar/routers/lb-1": router({"web": {"v1": {"2xx": 3}}}, applied=4,
+                                          in_flight={"web": {"core-01:web-1:8080": 2}}),
+    }
+    for cat in (catalog({}), catalog(keys), catalog(keys, control)):
+        for stale in (None, 3.21):
+            assert json.loads(cat.encode(stale)) == cat.as_json(stale)
+            assert cat.encode(stale) == json.dumps(cat.as_json(stale),
+                                                   separators=(",", ":")).encode()
+        for service, metrics_only in ((None, False), ("web", False), (None, True)):
+            assert encode_targets(cat, service, metrics_only) == json.dumps(
+                prometheus_targets(cat, service, metrics_only), separators=(",", ":")).encode()

@@ -116,6 +116,9 @@ def test_stale_while_etcd_is_away_and_a_waiting_query_hears_of_it(served: Served
     answer = served.json("/v1/catalog?index=10&wait=5")
     assert answer["stale"] is True and answer["stale_seconds"] >= 0
     assert answer["services"]["web"]["instances"]  # the last catalog, still served
+    started = time.monotonic()  # already stale when it begins: it waits a second at most
+    assert served.json("/v1/catalog?index=10&wait=5")["stale"] is True
+    assert 0.9 < time.monotonic() - started < 2.0
     served.state.etcd_up(True)
     assert served.json("/v1/catalog")["stale"] is False
 

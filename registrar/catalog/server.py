@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import logging
 import threading
 import time
@@ -25,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from registrar.catalog.metrics import CatalogMetrics
 from registrar.catalog.state import CatalogState
-from registrar.core.catalog import prometheus_targets
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +118,7 @@ class CatalogServer:
                                       {"X-Registrar-Index": str(view.catalog.revision)})
                 if path == "/v1/sd/prometheus":
                     metrics_only = one.get("metrics", "").lower() in ("true", "1", "yes")
-                    groups = prometheus_targets(state.view().catalog, one.get("service"),
-                                                metrics_only)
-                    body = json.dumps(groups, separators=(",", ":")).encode()
+                    body = state.targets(one.get("service"), metrics_only)
                     return self._send(200, body, "application/json")
                 if path == "/":
                     return self._send(200, html, "text/html; charset=utf-8",

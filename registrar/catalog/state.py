@@ -9,16 +9,26 @@ lazy: a burst of changes costs one build, at the next request. Router reports ar
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from registrar.adapters.etcd_store import KeyEvent
-from registrar.core.catalog import Catalog, Entry, Look, build, entry, remember, reports_of
+from registrar.core.catalog import (
+    Catalog,
+    Entry,
+    Look,
+    build,
+    encode_targets,
+    entry,
+    remember,
+    reports_of,
+)
 from registrar.core.layout import Layout
 from registrar.core.planner import StoredKey
+
+STALE_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class CatalogState:
         self._encoded: tuple[int, bytes] | None = None  # the last JSON while etcd answered
         self._closed = False
         self._flips = 0  # how often the catalog turned stale or fresh
+        self._targets: dict[tuple[int, str | None, bool], bytes] = {}
         self.builds = 0
 
     # --- fed by the followers ----------------------------------------------------------
@@ -127,9 +138,12 @@ class CatalogState:
 
     def wait_past(self, revision: int, timeout: float) -> None:
         """Blocks until the revision is past `revision`, the catalog turns stale or fresh, or
-        `timeout` seconds."""
-        deadline = self._clock() + timeout
+        `timeout` seconds; while it is stale, at most STALE_WAIT (its age goes up, and a
+        client that began waiting after etcd went away must hear so without spinning)."""
         with self._cond:
+            if self._down_since is not None:
+                timeout = min(timeout, STALE_WAIT)
+            deadline = self._clock() + timeout
             flips = self._flips
             while self._revision <= revision and not self._closed and self._flips == flips:
                 left = deadline - self._clock()
@@ -143,6 +157,22 @@ class CatalogState:
             self._closed = True
             self._cond.notify_all()
 
+    def targets(self, service: str | None, metrics_only: bool) -> bytes:
+        """`/v1/sd/prometheus`'s body, kept per revision (Prometheus asks every few seconds;
+        at 10,000 instances one answer takes tens of milliseconds to make)."""
+        view = self.view()
+        ask = (view.catalog.revision, service, metrics_only)
+        with self._cond:
+            cached = self._targets.get(ask)
+        if cached is not None:
+            return cached
+        body = encode_targets(view.catalog, service, metrics_only)
+        with self._cond:
+            if any(key[0] != ask[0] for key in self._targets) or len(self._targets) > 64:
+                self._targets.clear()
+            self._targets[ask] = body
+        return body
+
     def view(self) -> View:
         with self._cond:
             built = self._built
@@ -155,7 +185,7 @@ class CatalogState:
             encoded = self._encoded
             if stale is None and encoded is not None and encoded[0] == built[0]:
                 return View(built[1], None, encoded[1])
-        body = json.dumps(built[1].as_json(stale), separators=(",", ":")).encode()
+        body = built[1].encode(stale)
         if stale is None:
             with self._cond:
                 self._encoded = (built[0], body)

@@ -21,8 +21,9 @@ discovery, the page), so every rule is here, once, over plain data:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from registrar.core.canary import (
@@ -42,9 +43,13 @@ STATES = ("draining", "maintenance", "standby", "rotation")
 TRAFFIC_FIELDS = ("2xx", "3xx", "4xx", "5xx", "other", "tcp", "connection_errors")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One instance's stored value, read once (the server keeps these by key)."""
+    """One instance's stored value, read once (the server keeps these by key).
+
+    `head` and `tail` are its JSON in `/v1/catalog` around `state` and `in_flight`, encoded
+    once here: at 10,000 instances, encoding every value again at each new revision took
+    longer than the rest of the answer."""
 
     service: str
     instance: str
@@ -56,9 +61,18 @@ class Entry:
     tags: tuple[str, ...]
     registered_at: str | None
     metrics_path: str | None
+    held: tuple[str, str]  # (node, container) of the instance id, as drains name them
+    head: str = ""
+    tail: str = ""
+    sd_head: str = ""  # its target group, around the state
+    sd_tail: str = ""
 
 
-@dataclass(frozen=True)
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is slow x 10,000 instances
 class Instance:
     entry: Entry
     state: str
@@ -69,6 +83,10 @@ class Instance:
         return {"instance": e.instance, "host": e.host, "port": e.port, "version": e.version,
                 "node": e.node, "state": self.state, "tags": list(e.tags),
                 "registered_at": e.registered_at, "in_flight": self.in_flight}
+
+    def encode(self) -> str:
+        """`json.dumps(self.as_json())`, compact, from the entry's pieces."""
+        return f'{self.entry.head}"{self.state}",{self.entry.tail}{self.in_flight}}}'
 
 
 @dataclass(frozen=True)
@@ -96,10 +114,21 @@ class Service:
             "promoted": self.promoted,
             "canary": self.canary.as_json() if self.canary else None,
             "instances": [i.as_json() for i in self.instances],
-            "traffic": {v: dict(zip(TRAFFIC_FIELDS, c.as_tuple(), strict=True))
-                        for v, c in sorted(self.traffic.items())},
+            "traffic": self._traffic_json(),
             "share": dict(sorted(self.share.items())),
         }
+
+    def encode(self) -> str:
+        """`json.dumps(self.as_json())`, compact."""
+        head = _dumps({"promoted": self.promoted,
+                       "canary": self.canary.as_json() if self.canary else None})
+        rest = _dumps({"traffic": self._traffic_json(), "share": dict(sorted(self.share.items()))})
+        return (f'{head[:-1]},"instances":[{",".join(i.encode() for i in self.instances)}],'
+                f'{rest[1:]}')
+
+    def _traffic_json(self) -> dict[str, dict[str, int]]:
+        return {v: dict(zip(TRAFFIC_FIELDS, c.as_tuple(), strict=True))
+                for v, c in sorted(self.traffic.items())}
 
 
 @dataclass(frozen=True)
@@ -118,6 +147,18 @@ class Catalog:
         out["routers"] = {node: dict(r) for node, r in self.routers.items()}
         out["maintenance"] = [dict(m) for m in self.maintenance]
         return out
+
+    def encode(self, stale_seconds: float | None = None) -> bytes:
+        """`json.dumps(self.as_json(stale_seconds))`, compact, in a fraction of its time."""
+        out: dict[str, Any] = {"revision": self.revision, "stale": stale_seconds is not None}
+        if stale_seconds is not None:
+            out["stale_seconds"] = round(stale_seconds, 1)
+        out["routers"] = {node: dict(r) for node, r in self.routers.items()}
+        out["maintenance"] = [dict(m) for m in self.maintenance]
+        head = _dumps({k: out.pop(k) for k in ("revision", "stale", "stale_seconds")
+                       if k in out})
+        services = ",".join(f"{_dumps(name)}:{s.encode()}" for name, s in self.services.items())
+        return f'{head[:-1]},"services":{{{services}}},{_dumps(out)[1:]}'.encode()
 
 
 # --- reading values ------------------------------------------------------------------------
@@ -141,7 +182,8 @@ def entry(layout: Layout, key: str, raw: str) -> Entry | None:
     port = _count(value.get("port"))
     tags = value.get("tags")
     metrics_path = value.get("metrics_path")
-    return Entry(
+    node, _, rest = instance.partition(":")
+    e = Entry(
         service=service, instance=instance, in_rotation=in_rotation,
         host=_str(value.get("host"), 256),
         port=port if port is not None and 0 < port < 65536 else None,
@@ -151,7 +193,22 @@ def entry(layout: Layout, key: str, raw: str) -> Entry | None:
         if isinstance(tags, list) else (),
         registered_at=_str(value.get("registered_at"), 64),
         metrics_path=metrics_path if valid_metrics_path(metrics_path) else None,
+        held=(node, rest.partition(":")[0]),
     )
+    pieces = Instance(e, "", 0).as_json()
+    head = _dumps({k: pieces[k] for k in ("instance", "host", "port", "version", "node")})
+    tail = _dumps({"tags": pieces["tags"], "registered_at": pieces["registered_at"]})
+    e = replace(e, head=f'{head[:-1]},"state":', tail=f'{tail[1:-1]},"in_flight":')
+    group = target_group(e, "")
+    if group is not None:
+        labels = group["labels"]
+        names = list(labels)
+        cut = names.index("__meta_registrar_state")
+        before = _dumps({n: labels[n] for n in names[:cut]})
+        after = _dumps({n: labels[n] for n in names[cut + 1:]})
+        e = replace(e, sd_head=f'{{"targets":{_dumps(group["targets"])},"labels":{before[:-1]},'
+                    '"__meta_registrar_state":', sd_tail=f",{after[1:]}}}")
+    return e
 
 
 def entries(layout: Layout, stored: Mapping[str, str]) -> dict[str, Entry]:
@@ -226,12 +283,11 @@ def _routers(control: Mapping[str, str], layout: Layout) -> tuple[
     return reports, views, in_flight
 
 
-def _state(e: Entry, control: Control, draining: set[tuple[str, str]]) -> str:
-    node, _, rest = e.instance.partition(":")
-    container = rest.partition(":")[0]
-    if (node, container) in draining:
+def _state(e: Entry, control: Control | None, draining: set[tuple[str, str]]) -> str:
+    """`control`: None when no maintenance entry stands (the common case, and 10,000 calls)."""
+    if draining and e.held in draining:
         return "draining"
-    if control.in_maintenance(e.service, e.instance):
+    if control is not None and control.in_maintenance(e.service, e.instance):
         return "maintenance"
     return "rotation" if e.in_rotation else "standby"
 
@@ -274,10 +330,11 @@ def _by_service(instances: Mapping[str, Entry], rules: Control,
         seen = chosen.get((e.service, e.instance))
         if seen is None or (e.in_rotation and not seen.in_rotation):
             chosen[(e.service, e.instance)] = e
+    held = rules if (rules.held_services or rules.held_instances or rules.held_nodes) else None
     by_service: dict[str, list[Instance]] = {}
     for (service, instance), e in sorted(chosen.items()):
         by_service.setdefault(service, []).append(
-            Instance(e, _state(e, rules, draining), in_flight.get((service, instance), 0)))
+            Instance(e, _state(e, held, draining), in_flight.get((service, instance), 0)))
     return by_service
 
 
@@ -337,27 +394,44 @@ def target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def prometheus_targets(catalog: Catalog, service: str | None = None,
-                       metrics_only: bool = False) -> list[dict[str, Any]]:
-    """`http_sd_configs` target groups: one per instance (every state) that has an address."""
-    groups = []
+def target_group(e: Entry, state: str) -> dict[str, Any] | None:
+    """An instance's `http_sd_configs` target group, or None when it has no address."""
+    if e.host is None or e.port is None:
+        return None
+    labels = {
+        "__meta_registrar_service": e.service,
+        "__meta_registrar_version": e.version or "",
+        "__meta_registrar_node": e.node or e.held[0],
+        "__meta_registrar_instance": e.instance,
+        "__meta_registrar_state": state,
+        "__meta_registrar_tags": "," + "".join(f"{t}," for t in e.tags) if e.tags else ",,",
+    }
+    if e.metrics_path is not None:
+        labels["__metrics_path__"] = e.metrics_path
+    return {"targets": [target(e.host, e.port)], "labels": labels}
+
+
+def _selected(catalog: Catalog, service: str | None, metrics_only: bool) -> Iterable[Instance]:
     for name, view in catalog.services.items():
         if service is not None and name != service:
             continue
         for inst in view.instances:
             e = inst.entry
-            if e.host is None or e.port is None or (metrics_only and e.metrics_path is None):
-                continue
-            labels = {
-                "__meta_registrar_service": name,
-                "__meta_registrar_version": e.version or "",
-                "__meta_registrar_node": e.node or e.instance.partition(":")[0],
-                "__meta_registrar_instance": e.instance,
-                "__meta_registrar_state": inst.state,
-                "__meta_registrar_tags": "," + "".join(f"{t}," for t in e.tags)
-                if e.tags else ",,",
-            }
-            if e.metrics_path is not None:
-                labels["__metrics_path__"] = e.metrics_path
-            groups.append({"targets": [target(e.host, e.port)], "labels": labels})
-    return groups
+            if e.host is not None and e.port is not None and not (
+                    metrics_only and e.metrics_path is None):
+                yield inst
+
+
+def prometheus_targets(catalog: Catalog, service: str | None = None,
+                       metrics_only: bool = False) -> list[dict[str, Any]]:
+    """`http_sd_configs` target groups: one per instance (every state) that has an address."""
+    return [group for inst in _selected(catalog, service, metrics_only)
+            if (group := target_group(inst.entry, inst.state)) is not None]
+
+
+def encode_targets(catalog: Catalog, service: str | None = None,
+                   metrics_only: bool = False) -> bytes:
+    """`json.dumps(prometheus_targets(...))`, compact, from each entry's encoded pieces."""
+    groups = ",".join(f'{i.entry.sd_head}"{i.state}"{i.entry.sd_tail}'
+                      for i in _selected(catalog, service, metrics_only))
+    return f"[{groups}]".encode()

@@ -45,7 +45,7 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 OPTIONAL_FLAGS = frozenset({
     "--host-ip", "--node", "--docker", "--etcd-ca", "--etcd-cert", "--etcd-key", "--etcd-user",
     "--etcd-password", "--template", "--reload-cmd", "--catalog-user", "--catalog-password",
-    "--catalog-cert", "--catalog-key",
+    "--catalog-cert", "--catalog-key", "--network",
 })
 
 
@@ -101,6 +101,7 @@ class Settings:
     promote: PromoteSettings | None = None
     maint: MaintSettings | None = None
     catalog: CatalogSettings | None = None
+    network: str | None = None  # watch, register: as if every container had registrar.network
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="only register containers that carry a service label",
     )
+    _add_network(watch)
 
     register = sub.add_parser(
         "register",
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ExecStartPost. Registers its published ports, deregisters and exits 0 when it stops.",
     )
     register.add_argument("container", metavar="CONTAINER", help="container name or id")
+    _add_network(register)
     register.add_argument(
         "--wait",
         metavar="SECONDS",
@@ -349,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(maint, skip=("--node",))  # here --node names the node held out
     _add_catalog(sub)
     return parser
+
+
+def _add_network(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--network", metavar="NAME", default=argparse.SUPPRESS,
+                        help="register each container attached to Docker network NAME at its "
+                        "address there and its private ports (its registrar.network label wins)")
 
 
 def _add_catalog(sub: Any) -> None:
@@ -553,6 +562,9 @@ def parse_settings(
     promote = _promote(args, value) if command == "promote" else None
     maint = _maint(args, value) if command == "maint" else None
     catalog = _catalog(value) if command == "catalog" else None
+    network = value("--network", None) if command in ("watch", "register") else None
+    if network is not None and not NAME_RE.fullmatch(network):
+        raise SettingsError(f"--network: must match {NAME_RE.pattern}, got {network!r}")
 
     container = args.get("container")
     if container is not None and not container.strip():
@@ -584,6 +596,7 @@ def parse_settings(
         promote=promote,
         maint=maint,
         catalog=catalog,
+        network=network,
     )
 
 

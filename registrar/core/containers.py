@@ -35,6 +35,8 @@ class ContainerInfo:
     has_healthcheck: bool = False
     health: str | None = None  # "starting", "healthy", "unhealthy" or None
     stop_signal: str = "SIGTERM"
+    # name -> (IPv4 address, global IPv6 address) on each network it is attached to ("" if none)
+    networks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def serving(self) -> bool:
@@ -116,6 +118,16 @@ def exposed_ports(spec: Mapping[str, Any] | None) -> tuple[tuple[int, str], ...]
     return tuple(exposed)
 
 
+def _networks(networks: object) -> dict[str, tuple[str, str]]:
+    """`NetworkSettings.Networks`: each network's IPv4 `IPAddress` and `GlobalIPv6Address`."""
+    found = {}
+    for name, attached in (networks.items() if isinstance(networks, dict) else ()):
+        if isinstance(name, str) and isinstance(attached, dict):
+            found[name] = (str(attached.get("IPAddress") or ""),
+                           str(attached.get("GlobalIPv6Address") or ""))
+    return found
+
+
 def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
     """Builds a ContainerInfo from the JSON of `docker inspect` (one container)."""
     config = data.get("Config") or {}
@@ -139,4 +151,5 @@ def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         has_healthcheck=bool(test) and test[0] != "NONE",
         health=health.get("Status") or None,
         stop_signal=str(config.get("StopSignal") or "SIGTERM"),
+        networks=_networks(network.get("Networks")),
     )

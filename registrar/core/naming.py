@@ -60,6 +60,7 @@ class NamingContext:
     default_ip: str  # the host's primary IPv4
     explicit: bool = False
     sidecar: bool = False  # `register`: the named container is registered even under --explicit
+    network: str | None = None  # --network: as if every container attached to it had the label
 
 
 def valid_name(name: str) -> bool:
@@ -125,14 +126,58 @@ def _version(container: ContainerInfo) -> tuple[str, str | None]:
     return version, None
 
 
-def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str, str, int]]:
+@dataclass(frozen=True)
+class Address:
+    """Where a container's ports are dialled, from its labels: `registrar.network` (its own
+    address on that network, the private ports) or `registrar.ip` (this host for every port)."""
+
+    host: str
+    on_network: bool
+
+
+def _address(container: ContainerInfo, ctx: NamingContext) -> Address | Outcome | None:
+    """The container's Address (None: the usual host IP and published ports), or the Outcome
+    rejecting it (`invalid_address`)."""
+    import ipaddress
+
+    network = container.labels.get("registrar.network")
+    if network is not None and network not in container.networks:
+        return Outcome(rejected="invalid_address",
+                       detail=f"registrar.network {network[:64]!r}: not attached to it")
+    if network is None and ctx.network in container.networks:
+        network = ctx.network  # --network: only for containers attached to it
+    if network is not None:
+        attached = container.networks[network]
+        host = attached[0] or attached[1]
+        if not host:
+            return Outcome(rejected="invalid_address",
+                           detail=f"no address on network {network[:64]!r}")
+        return Address(host, on_network=True)
+    ip = container.labels.get("registrar.ip")
+    if ip is None:
+        return None
+    try:
+        return Address(str(ipaddress.ip_address(ip.strip())), on_network=False)
+    except ValueError:
+        return Outcome(rejected="invalid_address",
+                       detail=f"registrar.ip {ip[:64]!r} is not an IP address")
+
+
+def _ports(container: ContainerInfo, ctx: NamingContext,
+           address: Address | None = None) -> list[tuple[int, str, str, int]]:
     """(private port, protocol, host, host port) of each port to register."""
+    if address is not None and address.on_network:
+        private = {(b.private_port, b.protocol) for b in container.ports} | {
+            (port, proto) for port, proto in container.exposed if proto in ("tcp", "udp")}
+        return [(port, proto, address.host, port) for port, proto in sorted(private)]
     if container.host_network:
-        address = ctx.host_ip or ctx.default_ip
-        return [(port, proto, address, port) for port, proto in container.exposed]
+        host_address = address.host if address else ctx.host_ip or ctx.default_ip
+        return [(port, proto, host_address, port) for port, proto in container.exposed]
     result = []
     for binding in container.ports:
-        if ctx.host_ip is not None:
+        if address is not None:
+            host = address.host
+        elif ctx.host_ip is not None:
             host = ctx.host_ip
         elif binding.host_ip in UNSPECIFIED_IPS:
             host = ctx.default_ip
@@ -203,7 +248,10 @@ def registrations_for(
     ignore = container.labels.get("registrar.ignore")
     if _truthy(ignore) or (ignore is None and _registrator(container, "SERVICE_IGNORE")):
         return Outcome(skipped="ignored by label")
-    ports = _ports(container, ctx)
+    address = _address(container, ctx)
+    if isinstance(address, Outcome):
+        return address
+    ports = _ports(container, ctx, address)
     if not ports:
         return Outcome(skipped="no published port")
     if not valid_name(container.name):

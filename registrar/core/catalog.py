@@ -29,8 +29,9 @@ from typing import Any
 from registrar.core.canary import (
     Counts,
     Report,
+    Traffic,
     parse_report,
-    traffic,
+    restarted,
 )
 from registrar.core.control import Control, parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
@@ -306,17 +307,33 @@ def remember(history: tuple[Look, ...], now: float, reports: Mapping[str, Report
     return looks[old[-1]:] if old else looks
 
 
-def _shares(history: tuple[Look, ...], now: float, service: str,
-            versions: Iterable[str], window: float) -> dict[str, float]:
+def _answered(history: tuple[Look, ...], now: float,
+              window: float) -> dict[str, dict[str, int]]:
+    """Responses (or sessions) by service and version over the window, summed over routers:
+    `core.canary.traffic`'s reading (a router with no earlier look counts nothing, a restarted
+    one counts from zero), with each router's restart judged once, not once per version."""
     if not history:
         return {}
     start = next((r for t, r in reversed(history) if t <= now - window), history[0][1])
     end = history[-1][1]
-    answered = {v: traffic(start, end, service, v).answered for v in versions}
+    out: dict[str, dict[str, int]] = {}
+    for router in sorted(set(start) & set(end)):
+        before, after = start[router], end[router]
+        fresh = restarted(before, after)
+        for service, versions in after.services.items():
+            for version, counts in versions.items():
+                grown = counts if fresh else counts.minus(before.counts(service, version)
+                                                          or Counts())
+                n = Traffic.of(grown).answered
+                if n:
+                    by_version = out.setdefault(service, {})
+                    by_version[version] = by_version.get(version, 0) + n
+    return out
+
+
+def _shares(answered: Mapping[str, int]) -> dict[str, float]:
     total = sum(answered.values())
-    if not total:
-        return {}
-    return {v: round(100.0 * n / total, 1) for v, n in answered.items() if n}
+    return {v: round(100.0 * n / total, 1) for v, n in answered.items() if n} if total else {}
 
 
 # --- the whole ------------------------------------------------------------------------------
@@ -366,17 +383,14 @@ def build(layout: Layout, instances: Mapping[str, Entry], control: Mapping[str, 
     by_service = _by_service(instances, rules, draining, in_flight)
     totals = _totals(reports)
     names = sorted(set(by_service) | set(promotions) | set(canaries) | set(totals))
-    services = {}
-    for name in names:
-        versions: set[str] = set(totals.get(name, {}))
-        for _, looked in history:
-            for report in looked.values():
-                versions |= set(report.services.get(name, {}))
-        services[name] = Service(
+    answered = _answered(history, now, window)
+    services = {
+        name: Service(
             promoted=promotions.get(name), canary=canaries.get(name),
             instances=tuple(by_service.get(name, ())), traffic=totals.get(name, {}),
-            share=_shares(history, now, name, sorted(versions), window),
-        )
+            share=_shares(answered.get(name, {})))
+        for name in names
+    }
     return Catalog(revision, services, dict(sorted(routers.items())),
                    _maintenance(control, layout))
 

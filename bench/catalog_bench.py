@@ -107,7 +107,12 @@ def measure(size: int, changes: int, browser: bool) -> dict[str, Any]:
                 elapsed, body = get(f"{url}/v1/catalog?index={revision - 1}")
                 fresh.append(elapsed)
                 assert json.loads(body)["revision"] >= revision
+            metrics = get(url + "/metrics")[1].decode().splitlines()
+            builds = {line.split()[0]: float(line.split()[1]) for line in metrics
+                      if line.startswith("registrar_catalog_build_seconds_")}
             result: dict[str, Any] = {
+                "build_ms": 1000 * builds["registrar_catalog_build_seconds_sum"]
+                / max(1.0, builds["registrar_catalog_build_seconds_count"]),
                 "size": size, "filled_s": filled, "catalog": ms(standing), "sd": ms(sd),
                 "catalog_after_put": ms(fresh), "sd_bytes": len(get(url + "/v1/sd/prometheus")[1]),
                 "rss_mib": rss_mib(catalog.pid),
@@ -146,12 +151,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(int(s), args.changes, browser=True)
             for s in args.sizes.split(",")]
-    print("| instances | /v1/catalog ms (median / p95) | after a put | /v1/sd/prometheus ms "
-          "| sd bytes | RSS MiB | page follows etcd |")
-    print("|---|---|---|---|---|---|---|")
+    print("| instances | /v1/catalog ms (median / p95) | after a put | build ms (mean) "
+          "| /v1/sd/prometheus ms | sd bytes | RSS MiB | page follows etcd |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['catalog']} | {r['catalog_after_put']} | {r['sd']} "
-              f"| {r['sd_bytes']} | {r['rss_mib']:.1f} | {r.get('page', '-')} |")
+        print(f"| {r['size']} | {r['catalog']} | {r['catalog_after_put']} | {r['build_ms']:.1f} "
+              f"| {r['sd']} | {r['sd_bytes']} | {r['rss_mib']:.1f} | {r.get('page', '-')} |")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def run(settings: Settings) -> int:
     metrics = CatalogMetrics()
     metrics.etcd_up.set(0)
     layout = Layout(settings.prefix, settings.control_prefix)
-    state = CatalogState(layout)
+    state = CatalogState(layout, on_build=metrics.build_seconds.observe)
     store = EtcdStore(settings.etcd, log_health=True)
 
     def etcd_up(up: bool) -> None:

@@ -33,6 +33,10 @@ class CatalogMetrics:
                            registry=r)
         self.builds = Gauge("registrar_catalog_builds",
                             "Catalogs built so far (at most one per revision).", registry=r)
+        self.build_seconds = Histogram(
+            "registrar_catalog_build_seconds",
+            "Time to build the catalog from the keys held (once per revision, at a request).",
+            buckets=_BUCKETS, registry=r)
         self.internal_errors = Counter(
             "registrar_internal_errors_total",
             "Unexpected errors (bugs) caught in a loop, which goes on.", ["loop"], registry=r)

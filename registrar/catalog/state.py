@@ -41,8 +41,11 @@ class View:
 
 
 class CatalogState:
-    def __init__(self, layout: Layout, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, layout: Layout, clock: Callable[[], float] = time.monotonic,
+                 on_build: Callable[[float], None] = lambda seconds: None) -> None:
+        """`on_build(seconds)`: told how long each build took (for a histogram)."""
         self._layout = layout
+        self._on_build = on_build
         self._clock = clock
         self._cond = threading.Condition()
         self._instances: dict[str, Entry] = {}
@@ -177,8 +180,10 @@ class CatalogState:
         with self._cond:
             built = self._built
             if built is None or built[0] != self._revision:
+                started = time.perf_counter()
                 catalog = build(self._layout, self._instances, self._control, self._revision,
                                 self._history, self._clock())
+                self._on_build(time.perf_counter() - started)
                 self.builds += 1
                 self._built = built = (self._revision, catalog)
             stale = self.stale_seconds()

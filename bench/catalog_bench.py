@@ -95,8 +95,15 @@ def measure(size: int, changes: int, browser: bool) -> dict[str, Any]:
                 body = json.loads(get(url + "/v1/catalog")[1])
                 return sum(len(s["instances"]) for s in body["services"].values())
 
-            wait_until(lambda: count() == size, timeout=120, interval=0.2, ignore=(OSError,),
-                       message=lambda: f"{size} instances never all in the catalog; its log:\n"
+            seen: list[int] = []
+
+            def complete() -> bool:
+                seen.append(count())
+                return seen[-1] == size
+
+            wait_until(complete, timeout=120, interval=0.2, ignore=(OSError,),
+                       message=lambda: f"{size} instances never all in the catalog "
+                       f"(counts seen {seen[-5:]}); its log:\n"
                        + (catalog.logs()[-2000:] if catalog else ""))
             standing = [get(url + "/v1/catalog")[0] for _ in range(20)]
             sd = [get(url + "/v1/sd/prometheus")[0] for _ in range(20)]

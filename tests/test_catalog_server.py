@@ -135,3 +135,14 @@ def test_the_page_and_metrics(served: Served) -> None:
     assert "registrar_etcd_up" in text
     assert 'registrar_catalog_instances{state="rotation"} 1.0' in text
     assert 'registrar_catalog_requests_total{code="200",path="/v1/catalog"}' in text
+
+
+def test_both_prefixes_read_at_one_revision_are_both_served() -> None:
+    """The control prefix read first, the prefix at the same revision: the second read shows
+    (a catalog cached by revision alone kept the first one, empty, for good)."""
+    state = CatalogState(LAYOUT)
+    state.replace("control", {}, 10)
+    assert state.view().catalog.services == {}
+    state.replace("prefix", {"/services/web/core-01:web-1:8080": StoredKey(WEB, 1)}, 10)
+    assert list(state.view().catalog.services) == ["web"]
+    assert b"10.0.0.5" in state.targets(None, False)

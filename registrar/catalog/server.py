@@ -71,6 +71,9 @@ class CatalogServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = IDLE_TIMEOUT  # a silent client gives its thread back
+            label = "other"  # the path as counted in the metrics
+            timed = True
+            started = 0.0
 
             def setup(self) -> None:
                 super().setup()
@@ -80,13 +83,11 @@ class CatalogServer:
                     self.request.do_handshake()
 
             def do_GET(self) -> None:
-                started = time.perf_counter()
                 split = urlsplit(self.path)
-                path = split.path if split.path in PATHS else "other"
-                status = self._route(split.path, parse_qs(split.query))
-                metrics.requests.labels(path=path, code=str(status)).inc()
-                if path != "/v1/catalog" or "index" not in split.query:
-                    metrics.duration.labels(path=path).observe(time.perf_counter() - started)
+                self.label = split.path if split.path in PATHS else "other"
+                self.timed = self.label != "/v1/catalog" or "index" not in split.query
+                self.started = time.perf_counter()
+                self._route(split.path, parse_qs(split.query))
 
             def _route(self, path: str, query: dict[str, list[str]]) -> int:
                 if path == "/healthz":
@@ -132,6 +133,12 @@ class CatalogServer:
 
             def _send(self, status: int, body: bytes, content_type: str,
                       headers: dict[str, str] | None = None) -> int:
+                # counted before the answer leaves: a client reading /metrics right after its
+                # answer finds it counted
+                metrics.requests.labels(path=self.label, code=str(status)).inc()
+                if self.timed:
+                    metrics.duration.labels(path=self.label).observe(
+                        time.perf_counter() - self.started)
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))

@@ -51,6 +51,9 @@ class CatalogState:
         self._instances: dict[str, Entry] = {}
         self._control: dict[str, str] = {}
         self._revision = 0
+        # Bumped at every change: the cache's key. Not the revision: the two prefixes are read
+        # apart, and both reads can answer at one revision with different keys.
+        self._generation = 0
         self._loaded: set[str] = set()  # which of the two prefixes were read once
         self._history: tuple[Look, ...] = ()
         self._down_since: float | None = clock()  # stale until both are read
@@ -117,6 +120,7 @@ class CatalogState:
 
     def _advance(self, revision: int, reports: bool) -> None:
         self._revision = max(self._revision, revision)
+        self._generation += 1
         if reports:
             self._history = remember(self._history, self._clock(),
                                      reports_of(self._layout, self._control))
@@ -163,8 +167,8 @@ class CatalogState:
     def targets(self, service: str | None, metrics_only: bool) -> bytes:
         """`/v1/sd/prometheus`'s body, kept per revision (Prometheus asks every few seconds;
         at 10,000 instances one answer takes tens of milliseconds to make)."""
-        view = self.view()
-        ask = (view.catalog.revision, service, metrics_only)
+        view, generation = self._view()
+        ask = (generation, service, metrics_only)
         with self._cond:
             cached = self._targets.get(ask)
         if cached is not None:
@@ -177,21 +181,25 @@ class CatalogState:
         return body
 
     def view(self) -> View:
+        return self._view()[0]
+
+    def _view(self) -> tuple[View, int]:
+        """The view, and the generation it was built at."""
         with self._cond:
             built = self._built
-            if built is None or built[0] != self._revision:
+            if built is None or built[0] != self._generation:
                 started = time.perf_counter()
                 catalog = build(self._layout, self._instances, self._control, self._revision,
                                 self._history, self._clock())
                 self._on_build(time.perf_counter() - started)
                 self.builds += 1
-                self._built = built = (self._revision, catalog)
+                self._built = built = (self._generation, catalog)
             stale = self.stale_seconds()
             encoded = self._encoded
             if stale is None and encoded is not None and encoded[0] == built[0]:
-                return View(built[1], None, encoded[1])
+                return View(built[1], None, encoded[1]), built[0]
         body = built[1].encode(stale)
         if stale is None:
             with self._cond:
                 self._encoded = (built[0], body)
-        return View(built[1], stale, body)
+        return View(built[1], stale, body), built[0]

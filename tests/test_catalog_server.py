@@ -146,3 +146,25 @@ def test_both_prefixes_read_at_one_revision_are_both_served() -> None:
     state.replace("prefix", {"/services/web/core-01:web-1:8080": StoredKey(WEB, 1)}, 10)
     assert list(state.view().catalog.services) == ["web"]
     assert b"10.0.0.5" in state.targets(None, False)
+
+
+def test_the_share_follows_router_reports_as_they_arrive() -> None:
+    now = [100.0]
+    state = CatalogState(LAYOUT, clock=lambda: now[0])
+    state.replace("prefix", {}, 1)
+
+    def report(revision: int, v1: int, v2: int) -> KeyEvent:
+        value = json.dumps({"at": "2015-07-20T12:00:00Z",
+                            "services": {"web": {"v1": {"2xx": v1}, "v2": {"2xx": v2}}}})
+        return KeyEvent("/registrar/routers/lb-1", value, revision)
+
+    state.replace("control", {"/registrar/routers/lb-1": StoredKey(report(1, 500, 0).value or "",
+                                                                    7)}, 1)
+    assert state.view().catalog.services["web"].share == {}  # one look: no window yet
+    now[0] += 10
+    state.apply([report(2, 590, 10)])
+    assert state.view().catalog.services["web"].share == {"v1": 90.0, "v2": 10.0}
+    now[0] += 40  # the first look is out of the window; the second is its start
+    state.apply([report(3, 610, 30)])
+    assert state.view().catalog.services["web"].share == {"v1": 50.0, "v2": 50.0}
+    assert state.stale_seconds() is None and state.loaded

@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registrar.commands import drain
 
             return drain.run(settings)
+        if settings.command == "catalog":
+            from registrar.catalog import command as catalog
+
+            return catalog.run(settings)
         if settings.command == "promote":
             from registrar.commands.promote import run as promote
 

@@ -36,6 +36,7 @@ DEFAULT_RESYNC = 30
 DEFAULT_WAIT = 60.0
 DEFAULT_LS_TIMEOUT = 10.0
 DEFAULT_HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
+DEFAULT_CATALOG_LISTEN = "127.0.0.1:9479"
 HAPROXY_MODES = ("tcp", "http")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -46,7 +47,8 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 # Flags whose default is "none" or worked out: an empty value means "not given".
 OPTIONAL_FLAGS = frozenset({
     "--host-ip", "--node", "--docker", "--etcd-ca", "--etcd-cert", "--etcd-key", "--etcd-user",
-    "--etcd-password", "--template", "--reload-cmd",
+    "--etcd-password", "--template", "--reload-cmd", "--catalog-user", "--catalog-password",
+    "--catalog-cert", "--catalog-key", "--network",
 })
 
 
@@ -102,6 +104,8 @@ class Settings:
     promote: PromoteSettings | None = None
     maint: MaintSettings | None = None
     drain_cmd: DrainSettings | None = None  # `drain` (`drain` itself is --drain's seconds)
+    catalog: CatalogSettings | None = None
+    network: str | None = None  # watch, register: as if every container had registrar.network
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,15 @@ class DrainSettings:
     node: str
     timeout: float = 30.0
     undo: bool = False
+
+
+@dataclass(frozen=True)
+class CatalogSettings:
+    listen: tuple[str, int] = ("127.0.0.1", 9479)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    cert: str | None = None
+    key: str | None = None
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -255,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="only register containers that carry a service label",
     )
+    _add_network(watch)
 
     register = sub.add_parser(
         "register",
@@ -263,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ExecStartPost. Registers its published ports, deregisters and exits 0 when it stops.",
     )
     register.add_argument("container", metavar="CONTAINER", help="container name or id")
+    _add_network(register)
     register.add_argument(
         "--wait",
         metavar="SECONDS",
@@ -406,7 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--undo", action="store_const", const="true", default=argparse.SUPPRESS,
                        help="bring a drained container that still runs back into rotation")
     _add_common(drain, skip=("--node",))  # here --node names the container's node, flag only
+    _add_catalog(sub)
     return parser
+
+
+def _add_network(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--network", metavar="NAME", default=argparse.SUPPRESS,
+                        help="register each container attached to Docker network NAME at its "
+                        "address there and its private ports (its registrar.network label wins)")
+
+
+def _add_catalog(sub: Any) -> None:
+    catalog = sub.add_parser(
+        "catalog",
+        help="serve the whole prefix read-only: JSON, Prometheus discovery, a live page",
+        description="Follows --prefix and --control-prefix and serves, from memory, "
+        "/v1/catalog (JSON, with ?index= blocking queries), /v1/sd/prometheus (Prometheus "
+        "http_sd_configs), a live page at /, /metrics and /healthz.",
+    )
+    catalog.add_argument("--listen", metavar="ADDR:PORT", default=argparse.SUPPRESS,
+                         help=f"where it serves HTTP (default {DEFAULT_CATALOG_LISTEN})")
+    catalog.add_argument("--catalog-user", metavar="USER", default=argparse.SUPPRESS,
+                         help="HTTP basic auth user on every path but /healthz")
+    catalog.add_argument("--catalog-password", metavar="PASSWORD", default=argparse.SUPPRESS,
+                         help="its password; prefer REGISTRAR_CATALOG_PASSWORD")
+    catalog.add_argument("--catalog-cert", metavar="FILE", default=argparse.SUPPRESS,
+                         help="serve HTTPS with this certificate (with --catalog-key)")
+    catalog.add_argument("--catalog-key", metavar="FILE", default=argparse.SUPPRESS,
+                         help="the certificate's private key (with --catalog-cert)")
+    _add_common(catalog)
 
 
 # --- resolving and validating -------------------------------------------------------------
@@ -546,18 +589,18 @@ def _check_tls(ca: str | None, cert: str | None, key: str | None) -> None:
             raise SettingsError(f"--etcd-cert/--etcd-key: {why}") from None
 
 
-def _metrics_addr(raw: str) -> tuple[str, int] | None:
+def _metrics_addr(raw: str, flag: str = "--metrics-addr") -> tuple[str, int] | None:
     host, sep, port_text = raw.strip().rpartition(":")
     # isascii(): "²" passes isdigit() but not int()
     if not sep or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-        raise SettingsError(f"--metrics-addr: must be HOST:PORT (port 0-65535), got {raw!r}")
+        raise SettingsError(f"{flag}: must be HOST:PORT (port 0-65535), got {raw!r}")
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise SettingsError(
-            f"--metrics-addr: an IPv6 host goes in brackets ([::1]:PORT), got {raw!r}"
+            f"{flag}: an IPv6 host goes in brackets ([::1]:PORT), got {raw!r}"
         )
     host = host.strip("[]") or "0.0.0.0"
     if any(ch.isspace() or ch in "/@" for ch in host):
-        raise SettingsError(f"--metrics-addr: bad host in {raw!r}")
+        raise SettingsError(f"{flag}: bad host in {raw!r}")
     port = int(port_text)
     return None if port == 0 else (host, port)
 
@@ -590,6 +633,10 @@ def parse_settings(
     promote = _promote(args, value) if command == "promote" else None
     maint = _maint(args, value) if command == "maint" else None
     drain_cmd = _drain(args, value, hostname) if command == "drain" else None
+    catalog = _catalog(value) if command == "catalog" else None
+    network = value("--network", None) if command in ("watch", "register") else None
+    if network is not None and not NAME_RE.fullmatch(network):
+        raise SettingsError(f"--network: must match {NAME_RE.pattern}, got {network!r}")
 
     container = args.get("container")
     if container is not None and not container.strip():
@@ -621,6 +668,8 @@ def parse_settings(
         promote=promote,
         maint=maint,
         drain_cmd=drain_cmd,
+        catalog=catalog,
+        network=network,
     )
 
 
@@ -893,6 +942,32 @@ def _drain(args: Mapping[str, Any], value: Resolve, hostname: str) -> DrainSetti
     undo = args.get("undo") is not None
     return DrainSettings(container, node, _seconds("--timeout", value("--timeout", "30") or ""),
                          undo)
+
+
+def _catalog(value: Resolve) -> CatalogSettings:
+    raw = value("--listen", DEFAULT_CATALOG_LISTEN) or ""
+    listen = _metrics_addr(raw, "--listen")
+    if listen is None:
+        raise SettingsError(f"--listen: must be ADDR:PORT with a port 1-65535, got {raw!r}")
+    user = value("--catalog-user", None)
+    password = value("--catalog-password", None)
+    if user is not None and (not user.isprintable() or ":" in user):
+        raise SettingsError("--catalog-user: printable, without ':'")
+    if (user is None) != (password is None):
+        raise SettingsError("--catalog-user: needs a password (REGISTRAR_CATALOG_PASSWORD) "
+                            "and the other way round")
+    cert = _pem("--catalog-cert", value("--catalog-cert", None), "cert")
+    key = _pem("--catalog-key", value("--catalog-key", None), "key")
+    if (cert is None) != (key is None):
+        raise SettingsError("--catalog-cert and --catalog-key: give both or neither")
+    if cert is not None and key is not None:
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise SettingsError(f"--catalog-cert/--catalog-key: {exc}") from None
+    return CatalogSettings(listen=listen, user=user, password=password, cert=cert, key=key)
 
 
 def _valid_instance(instance: str) -> bool:

@@ -12,8 +12,8 @@ VENV=$ROOT/.venv
 
 # Debian packages the project needs, and what must exist once they are installed.
 # Later additions (haproxy, prometheus) go in both lists.
-APT_PACKAGES=(docker.io etcd-server etcd-client busybox-static debootstrap systemd prometheus haproxy iproute2 nftables podman)
-REQUIRED=(dockerd etcd etcdctl /bin/busybox debootstrap systemd-analyze prometheus promtool haproxy ip nft podman)
+APT_PACKAGES=(docker.io etcd-server etcd-client busybox-static debootstrap systemd prometheus haproxy iproute2 nftables podman chromium)
+REQUIRED=(dockerd etcd etcdctl /bin/busybox debootstrap systemd-analyze prometheus promtool haproxy ip nft podman chromium)
 
 ETCD_URL=${REGISTRAR_ETCD:-http://127.0.0.1:2379}
 ETCD_URL=${ETCD_URL%%,*}   # first endpoint only

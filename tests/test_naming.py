@@ -621,3 +621,29 @@ def test_property_hostile_check_labels_give_a_spec_or_invalid_check(
         if check.path is not None:
             line = http_request("10.0.0.5", 80, check.path).split(b"\r\n")[0]
             assert re.fullmatch(rb"GET /[!-~]* HTTP/1\.0", line), line
+
+
+# --- registrar.metrics ----------------------------------------------------------------------
+
+
+def test_metrics_path_only_with_the_label_and_the_port_label_wins() -> None:
+    assert "metrics_path" not in next(iter(by_key(outcome()).values()))
+    ports = {"8080/tcp": published(32768), "9090/tcp": published(32769)}
+    values = by_key(outcome(labels={"registrar.metrics": "/metrics",
+                                    "registrar.9090.metrics": "/admin/prometheus"},
+                            ports=ports))
+    assert {v["private_port"]: v["metrics_path"] for v in values.values()} == {
+        8080: "/metrics", 9090: "/admin/prometheus"}
+    only_one = by_key(outcome(labels={"registrar.9090.metrics": "/m"}, ports=ports))
+    assert {v["private_port"]: v.get("metrics_path") for v in only_one.values()} == {
+        8080: None, 9090: "/m"}
+
+
+@pytest.mark.parametrize("bad", [
+    "", "metrics", "/a b", "/a?b=1", "/a#x", "/é", "/a\nb", "/" + "x" * 1024,
+])
+@pytest.mark.parametrize("label", ["registrar.metrics", "registrar.8080.metrics"])
+def test_a_bad_metrics_path_rejects_the_container(label: str, bad: str) -> None:
+    result = outcome(labels={label: bad})
+    assert result.registrations == () and result.rejected == "invalid_metrics"
+    assert result.detail

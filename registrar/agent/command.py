@@ -99,6 +99,7 @@ def run(settings: Settings) -> int:
         default_ip=primary_ipv4(),
         explicit=settings.explicit,
         sidecar=sidecar,
+        network=settings.network,
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)

@@ -36,6 +36,8 @@ class ContainerInfo:
     health: str | None = None  # "starting", "healthy", "unhealthy" or None
     stop_signal: str = "SIGTERM"
     started_at: str = ""  # State.StartedAt: tells one run of the container from the next
+    # name -> (IPv4 address, global IPv6 address) on each network it is attached to ("" if none)
+    networks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def serving(self) -> bool:
@@ -117,6 +119,16 @@ def exposed_ports(spec: Mapping[str, Any] | None) -> tuple[tuple[int, str], ...]
     return tuple(exposed)
 
 
+def _networks(networks: object) -> dict[str, tuple[str, str]]:
+    """`NetworkSettings.Networks`: each network's IPv4 `IPAddress` and `GlobalIPv6Address`."""
+    found = {}
+    for name, attached in (networks.items() if isinstance(networks, dict) else ()):
+        if isinstance(name, str) and isinstance(attached, dict):
+            found[name] = (str(attached.get("IPAddress") or ""),
+                           str(attached.get("GlobalIPv6Address") or ""))
+    return found
+
+
 def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
     """Builds a ContainerInfo from the JSON of `docker inspect` (one container)."""
     config = data.get("Config") or {}
@@ -141,4 +153,5 @@ def parse_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         health=health.get("Status") or None,
         stop_signal=str(config.get("StopSignal") or "SIGTERM"),
         started_at=str(state.get("StartedAt") or ""),
+        networks=_networks(network.get("Networks")),
     )

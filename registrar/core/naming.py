@@ -3,13 +3,15 @@
 Labels and environment are somebody else's input: every name that ends up in a key is checked
 against NAME_RE, so no label can make a key leave `{prefix}/`. A container with any bad name
 is refused whole, with a reason that is logged and counted; so is one with a bad check label
-(`invalid_check`, see `core.checks`). Each registration carries its port's `CheckSpec` (None:
-unchecked), which is not part of the stored value.
+(`invalid_check`, see `core.checks`) or a bad metrics path (`invalid_metrics`). Each
+registration carries its port's `CheckSpec` (None: unchecked), which is not part of the stored
+value; `metrics_path` is, for a port with a `registrar.metrics` label.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,11 @@ from registrar.settings import NAME_RE, TRUE_WORDS
 MAX_TAGS = 32
 MAX_VALUE_BYTES = 4096
 VERSION_MAX = 128
+MAX_METRICS_PATH = 1024
+_METRICS_LABEL = re.compile(r"registrar\.(?:([0-9]{1,5})\.)?metrics")
+# The characters of a URL path (RFC 3986's pchar and "/"): no query, no fragment, no space.
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                        "/-._~%!$&'()*+,;=:@")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class NamingContext:
     default_ip: str  # the host's primary IPv4
     explicit: bool = False
     sidecar: bool = False  # `register`: the named container is registered even under --explicit
+    network: str | None = None  # --network: as if every container attached to it had the label
 
 
 def valid_name(name: str) -> bool:
@@ -118,14 +126,58 @@ def _version(container: ContainerInfo) -> tuple[str, str | None]:
     return version, None
 
 
-def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str, str, int]]:
+@dataclass(frozen=True)
+class Address:
+    """Where a container's ports are dialled, from its labels: `registrar.network` (its own
+    address on that network, the private ports) or `registrar.ip` (this host for every port)."""
+
+    host: str
+    on_network: bool
+
+
+def _address(container: ContainerInfo, ctx: NamingContext) -> Address | Outcome | None:
+    """The container's Address (None: the usual host IP and published ports), or the Outcome
+    rejecting it (`invalid_address`)."""
+    import ipaddress
+
+    network = container.labels.get("registrar.network")
+    if network is not None and network not in container.networks:
+        return Outcome(rejected="invalid_address",
+                       detail=f"registrar.network {network[:64]!r}: not attached to it")
+    if network is None and ctx.network in container.networks:
+        network = ctx.network  # --network: only for containers attached to it
+    if network is not None:
+        attached = container.networks[network]
+        host = attached[0] or attached[1]
+        if not host:
+            return Outcome(rejected="invalid_address",
+                           detail=f"no address on network {network[:64]!r}")
+        return Address(host, on_network=True)
+    ip = container.labels.get("registrar.ip")
+    if ip is None:
+        return None
+    try:
+        return Address(str(ipaddress.ip_address(ip.strip())), on_network=False)
+    except ValueError:
+        return Outcome(rejected="invalid_address",
+                       detail=f"registrar.ip {ip[:64]!r} is not an IP address")
+
+
+def _ports(container: ContainerInfo, ctx: NamingContext,
+           address: Address | None = None) -> list[tuple[int, str, str, int]]:
     """(private port, protocol, host, host port) of each port to register."""
+    if address is not None and address.on_network:
+        private = {(b.private_port, b.protocol) for b in container.ports} | {
+            (port, proto) for port, proto in container.exposed if proto in ("tcp", "udp")}
+        return [(port, proto, address.host, port) for port, proto in sorted(private)]
     if container.host_network:
-        address = ctx.host_ip or ctx.default_ip
-        return [(port, proto, address, port) for port, proto in container.exposed]
+        host_address = address.host if address else ctx.host_ip or ctx.default_ip
+        return [(port, proto, host_address, port) for port, proto in container.exposed]
     result = []
     for binding in container.ports:
-        if ctx.host_ip is not None:
+        if address is not None:
+            host = address.host
+        elif ctx.host_ip is not None:
             host = ctx.host_ip
         elif binding.host_ip in UNSPECIFIED_IPS:
             host = ctx.default_ip
@@ -133,6 +185,27 @@ def _ports(container: ContainerInfo, ctx: NamingContext) -> list[tuple[int, str,
             host = binding.host_ip
         result.append((binding.private_port, binding.protocol, host, binding.host_port))
     return result
+
+
+def valid_metrics_path(path: object) -> bool:
+    """A path to scrape: starts with `/`, the characters of a URL path, at most 1024."""
+    return (isinstance(path, str) and 0 < len(path) <= MAX_METRICS_PATH and path[0] == "/"
+            and all(ch in _PATH_CHARS for ch in path))
+
+
+def _metrics_paths(container: ContainerInfo) -> tuple[dict[int | None, str], str | None]:
+    """`registrar.metrics` (key None) and `registrar.<port>.metrics` (key the port), or why
+    one is bad."""
+    paths: dict[int | None, str] = {}
+    for label, path in container.labels.items():
+        match = _METRICS_LABEL.fullmatch(label)
+        if match is None:
+            continue
+        if not valid_metrics_path(path):
+            return {}, f"{label} {path[:64]!r} is not a path of at most {MAX_METRICS_PATH} URL " \
+                "characters starting with /"
+        paths[int(match.group(1)) if match.group(1) else None] = path
+    return paths, None
 
 
 def has_sidecar(container: ContainerInfo) -> bool:
@@ -175,7 +248,10 @@ def registrations_for(
     ignore = container.labels.get("registrar.ignore")
     if _truthy(ignore) or (ignore is None and _registrator(container, "SERVICE_IGNORE")):
         return Outcome(skipped="ignored by label")
-    ports = _ports(container, ctx)
+    address = _address(container, ctx)
+    if isinstance(address, Outcome):
+        return address
+    ports = _ports(container, ctx, address)
     if not ports:
         return Outcome(skipped="no published port")
     if not valid_name(container.name):
@@ -191,6 +267,9 @@ def registrations_for(
         checks = parse_checks(container.labels)
     except InvalidCheck as exc:
         return Outcome(rejected="invalid_check", detail=str(exc))
+    metrics_paths, metrics_error = _metrics_paths(container)
+    if metrics_error:
+        return Outcome(rejected="invalid_metrics", detail=metrics_error)
 
     several = len(ports) > 1
     registrations = []
@@ -209,6 +288,9 @@ def registrations_for(
             "private_port": private_port, "protocol": proto, "image": container.image[:512],
             "version": version, "tags": tags, "registered_at": registered_at,
         }
+        metrics_path = metrics_paths.get(private_port, metrics_paths.get(None))
+        if metrics_path is not None:
+            value["metrics_path"] = metrics_path
         registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance,
                                     value, checks.for_port(private_port, proto))
         if len(registration.encoded()) > MAX_VALUE_BYTES:

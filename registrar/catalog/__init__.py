@@ -1,0 +1,1 @@
+"""`registrar catalog`: the cluster at a glance, served from memory."""

@@ -845,3 +845,70 @@ def test_maintenance_under_load_fails_no_request_and_lifts_within_1_s(
     assert clients.failures == []
     assert back_after < 1.0 + 1.0  # the command's own start (~0.5 s) plus the SPEC's second
     assert enabled < disabled
+
+
+@pytest.mark.parametrize("started", ["before", "after"])
+def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_before_it(
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory, etcd_reader: EtcdReader, started: str,
+) -> None:
+    """A promoted v2 (v1 on standby, through the agent and `registrar promote`), then SIGUSR2
+    to the master: the v2 requests that follow are counted, in the metric and in the report
+    (a canary judged after `systemctl reload haproxy` must see them). The router starts before
+    the containers (their servers in spare slots) or after the promotion (v1 never routed)."""
+    ctl = scope.prefix + "-ctl"
+    node = f"router-{scope.node}"
+    agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
+                       "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    r = router("--control-prefix", ctl, "--node", node, "--ttl", "3") if started == "before" \
+        else None
+    v1 = containers(labels={**labels(service), "registrar.version": "v1"})
+    v2 = containers(labels={**labels(service), "registrar.version": "v2"})
+    if r is not None:
+        r.serves(v1, v2)
+    wait_until(lambda: len(etcd_reader.keys(f"{scope.prefix}/{service}/")) == 2, timeout=10)
+    promoted = subprocess.run(
+        [sys.executable, "-m", "registrar", "promote", service, "v2", "--etcd", scope.etcd_url,
+         "--prefix", scope.prefix, "--control-prefix", ctl],
+        capture_output=True, text=True, timeout=60)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    if r is None:
+        r = router("--control-prefix", ctl, "--node", node, "--ttl", "3")
+    r.serves(v2)
+    key = f"{ctl}/routers/{node}"
+    metric = (f'registrar_haproxy_responses_total{{code="2xx",service="{service}",'
+              'version="v2"}')
+
+    def reported() -> int:
+        services = json.loads(etcd_reader.get(key) or "{}").get("services", {})
+        return int(services.get(service, {}).get("v2", {}).get("2xx", 0))
+
+    wait_until(lambda: reported() == r.metrics().get(metric, 0) > 0, timeout=8)
+    before_report, before_metric = reported(), r.metrics()[metric]
+    from registrar.haproxy.process import cli, socket_paths
+    from registrar.haproxy.runtime import parse_show_proc
+
+    master = socket_paths(str(r.config.parent), str(r.config))[0]
+
+    def workers() -> tuple[int, ...]:
+        try:
+            info = parse_show_proc(cli(master, "show proc"))
+        except OSError:  # the master re-executes itself during a reload
+            return ()
+        return info.workers if info is not None else ()
+
+    old = workers()
+    os.kill(r.master_pid(), signal.SIGUSR2)
+    wait_until(lambda: workers() not in ((), old), timeout=10)
+    sent = 180
+    for _ in range(sent):  # at once: most before the router notices the reload
+        assert get(r.port) == host_of(v2)
+    r.proc.wait_for_log("reloaded from outside", timeout=10)
+    wait_until(lambda: reported() - before_report >= sent
+               and r.metrics()[metric] - before_metric >= sent, timeout=8,
+               message=lambda: f"report +{reported() - before_report}, metric "
+                               f"+{r.metrics()[metric] - before_metric} of {sent}; "
+                               f"log:\n{r.proc.logs()[-3000:]}")
+    assert reported() - before_report <= sent + 2
+    assert r.proc.stop(15) == 0

@@ -346,9 +346,12 @@ class HAProxyMaster:
         """`show servers state` of the current worker."""
         return self._ask("@1 show servers state")
 
-    def stat(self) -> str:
-        """`show stat` of the current worker, its servers only (type 4)."""
-        return self._ask("@1 show stat -1 4 -1")
+    def stat(self, worker: int | None = None) -> str:
+        """`show stat` of one worker (by pid; None: the current one), its servers only (type
+        4). Asking a worker by pid ties the counters to the worker `show proc` named, so a
+        reload between the two questions cannot mix two workers' counters."""
+        target = f"@!{worker}" if worker is not None else "@1"
+        return self._ask(f"{target} show stat -1 4 -1")
 
     def _ask(self, command: str) -> str:
         try:

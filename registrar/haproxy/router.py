@@ -488,14 +488,19 @@ class Router:
     def _owner_in(self, live: Live, slot: Slot) -> Owner | None:
         return self._owners_of(live).get(slot)
 
-    def poll_traffic(self) -> None:
-        """Reads `show stat` and adds what each slot served since the last reading."""
+    def poll_traffic(self, worker: int | None = None) -> None:
+        """Reads `show stat` (of `worker`; None: the one we know runs, else the current one)
+        and adds what each slot served since the last reading."""
         if self.haproxy is None or not self.haproxy.running():
             return
+        if worker is None and self._workers:
+            worker = self._workers[0]
         try:
-            counters = parse_stat(self.haproxy.stat())
+            counters = parse_stat(self.haproxy.stat(worker))
         except HAProxyError as exc:
             log.debug("show stat failed: %s", exc)
+            return
+        if not counters:  # a worker that has gone meanwhile answers nothing
             return
         with self.traffic_lock:
             added = self.traffic.observe(counters, self._owners())
@@ -521,6 +526,8 @@ class Router:
         self._next_poll = now + POLL_EVERY
         info = self.haproxy.show_proc()
         if info is not None and self._workers is not None and info.workers != self._workers:
+            # what the old worker served since the last reading, while it still answers
+            self.poll_traffic(self._workers[0] if self._workers else None)
             return self._reloaded_by_someone_else(info.workers)
         if info is not None and self._workers is None:
             self._workers = info.workers

@@ -79,6 +79,11 @@ class PrefixFollower:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def revision(self) -> int:
+        """The revision read up to; inside `on_snapshot`, the one the full read was made at."""
+        return self._revision
+
     def _failed(self, error: BaseException) -> None:
         self.health.progressed()  # retrying is progress
         if self._on_failure is not None:

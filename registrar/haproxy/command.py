@@ -20,6 +20,7 @@ import time
 
 from registrar.adapters.etcd_store import EtcdError, EtcdStore
 from registrar.core.layout import Layout
+from registrar.core.planner import StoredKey
 from registrar.haproxy.config import Rejected, TemplateError, load_template
 from registrar.haproxy.process import HAProxyMaster, runtime_dir, socket_paths
 from registrar.haproxy.report import Reporter
@@ -61,7 +62,7 @@ def _first_read(store: EtcdStore, prefix: str, registrations: Registrations,
         log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
         router.adopt_existing_config()
         return 0
-    registrations.replace_all({key: s.value for key, s in stored.items()})
+    registrations.replace_all({key: s.value for key, s in stored.items()}, revision)
     log.info("read %d keys under %s/ (revision %d)", len(stored), prefix, revision,
              extra={"event": "read", "revision": revision})
     return revision
@@ -93,13 +94,17 @@ def _followers(store: EtcdStore, layout: Layout, registrations: Registrations,
     def counted(loop: str) -> None:
         metrics.internal_errors.labels(loop=loop).inc()
 
+    def snapshot(stored: dict[str, StoredKey]) -> None:
+        # a full read (after a compaction): everything as of the revision it was read at
+        registrations.replace_all({key: s.value for key, s in stored.items()},
+                                  watcher.revision)
+
+    watcher = PrefixFollower(
+        store, layout.prefix, name="etcd watcher", revision=revision,
+        on_snapshot=snapshot, on_events=registrations.apply, on_internal_error=counted,
+    )
     return (
-        PrefixFollower(
-            store, layout.prefix, name="etcd watcher", revision=revision,
-            on_snapshot=lambda stored: registrations.replace_all(
-                {key: s.value for key, s in stored.items()}),
-            on_events=registrations.apply, on_internal_error=counted,
-        ),
+        watcher,
         PrefixFollower(
             store, layout.weights, name="weights watcher",
             on_snapshot=registrations.replace_weights, on_events=registrations.apply_weights,
@@ -122,21 +127,23 @@ def _loop(router: Router, registrations: Registrations, stop: threading.Event,
         now = time.monotonic()
         if version != seen and registrations.loaded:
             seen = version
-            routed, canaries = registrations.snapshot()
-            if router.apply(routed, canaries) is Action.RELOAD:
+            if router.apply(*registrations.state()) is Action.RELOAD:
                 gather.note(now)
             else:
                 gather.clear()
         due = gather.due_at()
         if due is not None and now >= due:
             gather.clear()
-            router.reload(*registrations.snapshot())
+            router.reload(*registrations.state())
         elif (registrations.loaded and router.retry_due(now)
-              and router.apply(*registrations.snapshot()) is Action.RELOAD):
+              and router.apply(*registrations.state()) is Action.RELOAD):
             gather.note(now)
         if router.poll(now) and registrations.loaded:
-            router.apply(*registrations.snapshot())  # put right what the reload undid
+            router.apply(*registrations.state())  # put right what the reload undid
         router.supervise(time.monotonic())
+        settled = registrations.settled(seen)
+        if settled is not None and gather.due_at() is None:
+            router.settled(settled)  # events that changed nothing HAProxy serves
         main_loop.progressed()
 
 
@@ -171,15 +178,22 @@ def run(settings: Settings) -> int:
         with router.traffic_lock:
             return router.traffic.report()
 
+    def more() -> dict[str, object]:
+        with router.traffic_lock:
+            return {"applied": router.applied,
+                    "in_flight": {service: dict(by_instance)
+                                  for service, by_instance in router.in_flight.items()}}
+
     reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
-                        totals)
+                        totals, more)
+    router.report_now = reporter.wake
     loops = (*(w.health for w in watchers), main_loop, reporter.health)
 
     def health() -> str | None:
         problem = health_problem(loops, time.monotonic())
         if problem is None and haproxy is not None:
             problem = haproxy.problem()
-        return problem
+        return problem or reporter.problem()
 
     server = serve_metrics(settings.metrics_addr, metrics.registry, health)
     _announce(settings, hp)

@@ -10,7 +10,7 @@ means a new worker: all of it is new.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 # `show stat` counter -> the report's name (SPEC: 2xx 3xx 4xx 5xx other tcp connection_errors)
@@ -86,3 +86,44 @@ class Traffic:
 
 
 UNVERSIONED = "-"  # the version of a registration whose value says none
+
+
+# --- what is still open on instances that left rotation ------------------------------------
+
+Holder = tuple[str, str]  # (service, instance) a server slot routes (or last routed) to
+InFlight = dict[str, dict[str, int]]  # service -> instance -> requests/sessions still open
+
+
+def in_flight(current: Mapping[Slot, int], holders: Mapping[Slot, Holder],
+              in_rotation: Collection[Holder]) -> InFlight:
+    """The report's `in_flight` for one worker: its open sessions (`show stat` `scur`, by
+    slot) on slots whose instance is no longer in rotation. `holders`: which instance each
+    slot served in that worker (a slot set to maint keeps its last instance: HAProxy finishes
+    what was open on it). Only entries with N > 0."""
+    out: InFlight = {}
+    for slot, n in current.items():
+        holder = holders.get(slot)
+        if n <= 0 or holder is None or holder in in_rotation:
+            continue
+        service, instance = holder
+        by_instance = out.setdefault(service, {})
+        by_instance[instance] = by_instance.get(instance, 0) + n
+    return out
+
+
+def merge_in_flight(parts: Iterable[InFlight]) -> InFlight:
+    """Several workers' `in_flight` (the current one and a reload's old ones) summed."""
+    out: InFlight = {}
+    for part in parts:
+        for service, by_instance in part.items():
+            into = out.setdefault(service, {})
+            for instance, n in by_instance.items():
+                into[instance] = into.get(instance, 0) + n
+    return out
+
+
+def fell(before: InFlight, after: InFlight) -> bool:
+    """True when an entry of `before` is gone from `after` (its requests were all answered):
+    the moment a drain waits for, so the report is written at once."""
+    return any(instance not in after.get(service, {})
+               for service, by_instance in before.items() for instance in by_instance)

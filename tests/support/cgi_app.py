@@ -7,10 +7,13 @@ from __future__ import annotations
 PATH = "/cgi-bin/app"
 
 
-def app(version: str, fail_one_in: int = 0) -> list[str]:
-    """`sh -c ...`: httpd on 8080 with a CGI script at PATH answering `version`."""
+def app(version: str, fail_one_in: int = 0, delay: float = 0) -> list[str]:
+    """`sh -c ...`: httpd on 8080 with a CGI script at PATH answering `version` (after `delay`
+    seconds: a slow handler)."""
     fail = (f'if [ $((RANDOM % {fail_one_in})) -eq 0 ]; then echo "Status: 500 Oops"; fi\n'
             if fail_one_in else "")
+    if delay:
+        fail = f"sleep {delay:g}\n" + fail
     script = f"#!/bin/sh\n{fail}echo Content-Type: text/plain\necho\necho {version}\n"
     return ["sh", "-c", "hostname > /www/index.html && mkdir -p /www/cgi-bin && "
             f"printf '%s' '{script}' > /www/cgi-bin/app && chmod +x /www/cgi-bin/app && "

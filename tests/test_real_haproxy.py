@@ -964,3 +964,72 @@ def test_the_report_says_what_is_applied_and_what_is_still_open_on_a_server_that
     assert reported_after < 0.5 + 0.1  # the SPEC's 0.5 s, plus this test's own reads
     assert dropped_after < 0.5 + 0.1
     assert r.proc.stop(15) == 0
+
+
+def test_a_frozen_server_costs_no_get_and_no_post_is_sent_twice(
+    scope: Scope, service: str, router: StartRouter, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
+    """Layer-7 retries: with --response-timeout (0.5 s) below the clients' timeout (2 s), a
+    server frozen with requests in flight (`docker pause`) costs no GET: each is retried on the
+    other server; a POST is never retried, so each reaches the servers at most once (those
+    answered exactly once)."""
+    from tests.support.cgi_app import PATH, POSTS, counting_app
+
+    r = router("--response-timeout", "0.5")
+    servers = [containers(labels={"role": "app"}, command=counting_app("v1")) for _ in range(2)]
+    for c in servers:
+        etcd_reader.put(f"{scope.prefix}/{service}/{scope.node}:{c.name}:8080",
+                        {"host": "127.0.0.1", "port": c.port(8080), "version": "v1"})
+    r.serves(*servers)
+    frozen = servers[1]
+    posts: list[tuple[int, int | str]] = []  # (id, status)
+    stop = threading.Event()
+
+    def post_loop() -> None:
+        for n in range(100_000):
+            if stop.is_set():
+                return
+            request = urllib.request.Request(f"http://127.0.0.1:{r.port}{PATH}?p{n}",
+                                             data=b"x", method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=2) as got:
+                    posts.append((n, got.status))
+            except urllib.error.HTTPError as exc:
+                posts.append((n, exc.code))
+            except OSError as exc:
+                posts.append((n, type(exc).__name__))
+            time.sleep(0.01)
+
+    poster = threading.Thread(target=post_loop)
+    with Clients(r.port, clients=6) as clients:
+        poster.start()
+        time.sleep(1)
+        froze = time.monotonic()
+        subprocess.run(["docker", "pause", frozen.id], check=True, capture_output=True)
+        try:
+            time.sleep(3)
+        finally:
+            subprocess.run(["docker", "unpause", frozen.id], check=True, capture_output=True)
+        time.sleep(1.5)
+        stop.set()
+        poster.join(10)
+    time.sleep(1)  # a POST the frozen server held is answered (once) after the thaw
+
+    def received(c: Container) -> list[str]:
+        out = subprocess.run(["docker", "exec", c.id, "cat", POSTS], capture_output=True,
+                             text=True)
+        return out.stdout.split()
+
+    seen = Counter(received(servers[0]) + received(servers[1]))
+    answered = [n for n, code in posts if code == 200]
+    failed_gets = [f for f in clients.failures if f[0] > froze - 0.1]
+    print(f"frozen server with layer-7 retries: {len(failed_gets)} failed GETs of "
+          f"{len(clients.answers)}; POSTs: {len(posts)} sent, {len(answered)} answered 200, "
+          f"{sum(seen.values())} received by the servers, "
+          f"{Counter(str(code) for _, code in posts)}")
+    assert failed_gets == []
+    assert len(answered) > 50
+    assert max(seen.values()) == 1, [p for p, k in seen.items() if k > 1]  # never twice
+    assert all(seen[f"p{n}"] == 1 for n in answered)  # answered: received exactly once
+    assert r.proc.stop(15) == 0

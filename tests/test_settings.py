@@ -420,3 +420,15 @@ def test_environment_of_another_command_is_not_validated() -> None:
     assert parse_settings(["ls"], {**env, "REGISTRAR_JSON": "yes"}).json
     with pytest.raises(SettingsError, match="--wait"):
         parse_settings(["register", "c1"], env)
+
+
+def test_response_timeout_of_the_router() -> None:
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80").haproxy
+    assert hp is not None and hp.response_timeout == 30.0
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", "--response-timeout", "0.5").haproxy
+    assert hp is not None and hp.response_timeout == 0.5
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", REGISTRAR_RESPONSE_TIMEOUT="2").haproxy
+    assert hp is not None and hp.response_timeout == 2.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SettingsError, match="--response-timeout"):
+            parse("haproxy", "--bind", "web=127.0.0.1:80", "--response-timeout", bad)

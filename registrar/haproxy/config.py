@@ -278,6 +278,7 @@ class RenderContext:
     mode: str  # "tcp" or "http"
     prefix: str
     stats_socket: str | None = None  # where the built-in template puts HAProxy's stats socket
+    response_timeout: float = 30.0  # http mode: HAProxy's `timeout server` (--response-timeout)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -297,6 +298,7 @@ def render(
             stats_socket=context.stats_socket,
             hard_stop_after=HARD_STOP_AFTER,
             check_timeout=CHECK_TIMEOUT,
+            response_timeout=f"{round(context.response_timeout * 1000)}ms",
             default_weight=DEFAULT_WEIGHT,
             version=__version__,
             **context.extra,

@@ -282,7 +282,8 @@ class Router:
         self.haproxy = haproxy
         self.builtin = hp.template is None
         self.template = load_template(hp.template)
-        self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket)
+        self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket,
+                                     response_timeout=hp.response_timeout)
         self.installed_text: str | None = None  # what we last wrote to --config
         self.installed_backends: tuple[Backend, ...] | None = None
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)

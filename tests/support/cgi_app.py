@@ -18,3 +18,16 @@ def app(version: str, fail_one_in: int = 0, delay: float = 0) -> list[str]:
     return ["sh", "-c", "hostname > /www/index.html && mkdir -p /www/cgi-bin && "
             f"printf '%s' '{script}' > /www/cgi-bin/app && chmod +x /www/cgi-bin/app && "
             "exec httpd -f -p 8080 -h /www"]
+
+
+POSTS = "/tmp/posts"  # where `counting_app` writes the query string of every POST it answers
+
+
+def counting_app(version: str) -> list[str]:
+    """Like `app`, and every POST's query string appended to POSTS in the container (to count
+    the POSTs a server really received)."""
+    script = (f'#!/bin/sh\nif [ "$REQUEST_METHOD" = POST ]; then echo "$QUERY_STRING" '
+              f">> {POSTS}; fi\necho Content-Type: text/plain\necho\necho {version}\n")
+    return ["sh", "-c", "hostname > /www/index.html && mkdir -p /www/cgi-bin && "
+            f"printf '%s' '{script}' > /www/cgi-bin/app && chmod +x /www/cgi-bin/app && "
+            "exec httpd -f -p 8080 -h /www"]

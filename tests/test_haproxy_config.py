@@ -150,7 +150,8 @@ def test_only_bound_services_get_backends_with_all_their_instances_sorted() -> N
 
 
 def ctx(mode: str = "tcp") -> RenderContext:
-    return RenderContext(mode=mode, prefix=PREFIX, stats_socket="/run/haproxy-stats.sock")
+    return RenderContext(mode=mode, prefix=PREFIX, stats_socket="/run/haproxy-stats.sock",
+                         log_socket="/run/haproxy-log.sock")
 
 
 def golden(name: str, text: str) -> None:
@@ -183,6 +184,16 @@ def test_builtin_template_http_golden_without_a_stats_socket() -> None:
                   RenderContext(mode="http", prefix=PREFIX))
     golden("haproxy-http-canary.cfg", text)
     assert "stats socket" not in text
+
+
+def test_builtin_template_http_golden_logs_each_request_to_the_router() -> None:
+    regs = [reg("web", "n1:a:8080", "10.0.0.5", 8080, "v1")]
+    text = render(load_template(None), build_backends(WEB, regs), regs, ctx("http"))
+    golden("haproxy-http-logged.cfg", text)
+    assert "log /run/haproxy-log.sock format raw local0" in text
+    assert 'log-format "%pid %b %s %Tr %ST"' in text
+    tcp = render(load_template(None), build_backends(WEB, regs), regs, ctx("tcp"))
+    assert "log" not in tcp.replace("log_", "")  # latency is http mode's only
 
 
 def test_builtin_template_spare_slots_and_hostile_names_golden() -> None:

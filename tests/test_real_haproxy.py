@@ -722,7 +722,7 @@ def test_traffic_by_version_is_counted_reported_and_survives_a_reload_from_outsi
     sent = client_counts(300)
     wait_until(lambda: matches(sent), timeout=8, message=lambda: f"{reported()} vs {sent}")
     report = json.loads(etcd_reader.get(key) or "{}")
-    assert set(report) == {"at", "services", "applied", "in_flight"}  # the SPEC's report
+    assert set(report) == {"at", "services", "applied", "in_flight", "latency"}  # the SPEC's
     assert set(report["services"][service]["v1"]) == {
         "2xx", "3xx", "4xx", "5xx", "other", "tcp", "connection_errors"}
     assert etcd_reader.lease_id(key), "the report is bound to the router's lease"
@@ -884,8 +884,16 @@ def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_befor
         services = json.loads(etcd_reader.get(key) or "{}").get("services", {})
         return int(services.get(service, {}).get("v2", {}).get("2xx", 0))
 
+    def timed() -> int:  # responses in the report's latency histogram (+Inf: every one)
+        latency = json.loads(etcd_reader.get(key) or "{}").get("latency", {})
+        return int(latency.get(service, {}).get("v2", [0] * 12)[11])
+
+    histogram = (f'registrar_haproxy_response_seconds_count{{service="{service}",'
+                 'version="v2"}')
     wait_until(lambda: reported() == r.metrics().get(metric, 0) > 0, timeout=8)
+    wait_until(lambda: timed() == r.metrics().get(histogram, 0) > 0, timeout=8)
     before_report, before_metric = reported(), r.metrics()[metric]
+    before_timed, before_histogram = timed(), r.metrics()[histogram]
     from registrar.haproxy.process import cli, socket_paths
     from registrar.haproxy.runtime import parse_show_proc
 
@@ -911,6 +919,13 @@ def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_befor
                                f"+{r.metrics()[metric] - before_metric} of {sent}; "
                                f"log:\n{r.proc.logs()[-3000:]}")
     assert reported() - before_report <= sent + 2
+    # response times too, counted across the outside reload: every request, once
+    wait_until(lambda: timed() - before_timed == sent
+               and r.metrics()[histogram] - before_histogram == sent, timeout=8,
+               message=lambda: f"latency +{timed() - before_timed}, histogram "
+                               f"+{r.metrics()[histogram] - before_histogram} of {sent}")
+    latency = json.loads(etcd_reader.get(key) or "{}")["latency"][service]["v2"]
+    assert len(latency) == 12 and latency == sorted(latency)  # cumulative, `le` style
     assert r.proc.stop(15) == 0
 
 

@@ -21,8 +21,10 @@ import time
 from registrar.adapters.etcd_store import EtcdError, EtcdStore
 from registrar.core.layout import Layout
 from registrar.core.planner import StoredKey
+from registrar.haproxy.access_log import AccessLogReader, LatencyMetrics
 from registrar.haproxy.config import Rejected, TemplateError, load_template
-from registrar.haproxy.process import HAProxyMaster, runtime_dir, socket_paths
+from registrar.haproxy.latency import Latency
+from registrar.haproxy.process import HAProxyMaster, log_socket_path, runtime_dir, socket_paths
 from registrar.haproxy.report import Reporter
 from registrar.haproxy.router import Gather, Registrations, Router, RoutingMetrics
 from registrar.haproxy.runtime import Action
@@ -165,8 +167,16 @@ def run(settings: Settings) -> int:
     sock_dir, temporary_dir = runtime_dir(hp.config)
     master_socket, stats_socket = socket_paths(sock_dir, hp.config)
     haproxy = None if hp.reload_cmd else HAProxyMaster(hp.haproxy_bin, hp.config, master_socket)
+    latency_metrics = LatencyMetrics(metrics.registry)
+    # response times: HAProxy's per-request log, http mode, an HAProxy of our own
+    latency, reader = Latency(latency_metrics.observe), None
+    if haproxy is not None and hp.mode == "http":
+        reader = AccessLogReader(log_socket_path(sock_dir, hp.config), latency,
+                                 latency_metrics)
     router = Router(hp, settings.prefix, routing, haproxy,
-                    stats_socket if haproxy is not None else None)
+                    stats_socket if haproxy is not None else None,
+                    log_socket=reader.path if reader is not None else None,
+                    latency=latency, dropped_logs=latency_metrics.log_dropped.inc)
 
     registrations = Registrations(layout, lambda key, why: _rejected(routing, key, why))
     main_loop = LoopHealth("router", lambda: True,
@@ -180,9 +190,12 @@ def run(settings: Settings) -> int:
 
     def more() -> dict[str, object]:
         with router.traffic_lock:
-            return {"applied": router.applied,
-                    "in_flight": {service: dict(by_instance)
-                                  for service, by_instance in router.in_flight.items()}}
+            done: dict[str, object] = {
+                "applied": router.applied,
+                "in_flight": {service: dict(by_instance)
+                              for service, by_instance in router.in_flight.items()}}
+        done["latency"] = router.latency.report()
+        return done
 
     reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
                         totals, more)
@@ -193,6 +206,8 @@ def run(settings: Settings) -> int:
         problem = health_problem(loops, time.monotonic())
         if problem is None and haproxy is not None:
             problem = haproxy.problem()
+        if problem is None and reader is not None and not reader.alive():
+            problem = "the access log reader stopped"
         return problem or reporter.problem()
 
     server = serve_metrics(settings.metrics_addr, metrics.registry, health)
@@ -200,11 +215,15 @@ def run(settings: Settings) -> int:
     for watcher in watchers:
         watcher.start()
     reporter.start()
+    if reader is not None:
+        reader.start()
     try:
         _loop(router, registrations, stop, main_loop)
     finally:
         say_signal()
         _shutdown(watchers, reporter, haproxy)
+        if reader is not None:
+            reader.stop()
         if server is not None:
             server.stop()
         store.close()

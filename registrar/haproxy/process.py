@@ -114,6 +114,12 @@ def runtime_dir(config: str) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="registrar-haproxy-"), True
 
 
+def log_socket_path(directory: str, config: str) -> str:
+    """Where HAProxy sends its per-request log to the router (a unix datagram socket)."""
+    stem = os.path.splitext(os.path.basename(config))[0] or "haproxy"
+    return os.path.join(directory, f"{stem}-log.sock")
+
+
 def socket_paths(directory: str, config: str) -> tuple[str, str]:
     """(master CLI socket, stats socket) in `directory`, named after the config."""
     stem = os.path.splitext(os.path.basename(config))[0] or "haproxy"
@@ -352,6 +358,10 @@ class HAProxyMaster:
         reload between the two questions cannot mix two workers' counters."""
         target = f"@!{worker}" if worker is not None else "@1"
         return self._ask(f"{target} show stat -1 4 -1")
+
+    def info(self, worker: int) -> str:
+        """`show info` of one worker (by pid)."""
+        return self._ask(f"@!{worker} show info")
 
     def _ask(self, command: str) -> str:
         try:

@@ -37,6 +37,7 @@ from registrar.haproxy.config import (
     parse_registration,
     render,
 )
+from registrar.haproxy.latency import Latency
 from registrar.haproxy.process import (
     ConfigRejected,
     HAProxyError,
@@ -56,6 +57,7 @@ from registrar.haproxy.runtime import (
     live_from_state,
     live_model,
     model_of,
+    parse_dropped_logs,
     parse_servers_state,
     parse_stat,
     plan_runtime,
@@ -276,6 +278,9 @@ class Router:
         metrics: RoutingMetrics,
         haproxy: HAProxyMaster | None,
         stats_socket: str | None,
+        log_socket: str | None = None,
+        latency: Latency | None = None,
+        dropped_logs: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.hp = hp
         self.metrics = metrics
@@ -283,7 +288,8 @@ class Router:
         self.builtin = hp.template is None
         self.template = load_template(hp.template)
         self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket,
-                                     response_timeout=hp.response_timeout)
+                                     response_timeout=hp.response_timeout,
+                                     log_socket=log_socket)
         self.installed_text: str | None = None  # what we last wrote to --config
         self.installed_backends: tuple[Backend, ...] | None = None
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)
@@ -308,6 +314,13 @@ class Router:
         self._current_open: dict[Slot, int] = {}  # current worker's scur, as last read
         self.in_flight: InFlight = {}
         self.report_now: Callable[[], None] = lambda: None  # the reporter writes at once
+        # Response times (http mode, from HAProxy's per-request log, counted on the log
+        # reader's thread): which slot is whose, per worker, published to it.
+        self.latency = latency if latency is not None else Latency()
+        self._published: dict[Slot, Owner] = {}
+        self.old_owners: dict[int, dict[Slot, Owner]] = {}
+        self._dropped_logs = dropped_logs
+        self._dropped_seen: dict[int, int] = {}  # worker pid -> its DroppedLogs, last read
 
     # --- applying ------------------------------------------------------------------------
 
@@ -520,6 +533,7 @@ class Router:
         return self.retry_at is not None and now >= self.retry_at
 
     def _routed(self, backends: Sequence[Backend]) -> None:
+        self._publish_owners()
         for b in backends:
             self.metrics.backend_servers.labels(service=b.service).set(len(b.servers))
         serving = frozenset((b.service, s.instance) for b in backends for s in b.servers)
@@ -580,11 +594,20 @@ class Router:
                 holders[(b.backend, server.name)] = (b.service, server.instance)
         return holders
 
+    def _publish_owners(self) -> None:
+        """Tells the log reader whose each slot is now (old workers keep theirs)."""
+        self._published = self._owners()
+        self.old_owners = {pid: owners for pid, owners in self.old_owners.items()
+                           if pid in self.old_holders}
+        self.latency.set_owners(self._workers[0] if self._workers else None, self._published,
+                                dict(self.old_owners))
+
     def _retire_worker(self) -> None:
         """A reload replaces the current worker: it keeps serving what it has open, so its
         slots are remembered under its pid until it has gone."""
         if self._workers:
             self.old_holders[self._workers[0]] = dict(self.holders)
+            self.old_owners[self._workers[0]] = self._published
         self.holders = {}
         self._current_open = {}
 
@@ -641,6 +664,22 @@ class Router:
                 else:
                     self.metrics.responses.labels(service, version, code).inc(value)
 
+    def _poll_dropped_logs(self) -> None:
+        """The log lines the current worker could not send (HAProxy's DroppedLogs)."""
+        if self.haproxy is None or not self._workers or self.context.log_socket is None:
+            return
+        pid = self._workers[0]
+        try:
+            dropped = parse_dropped_logs(self.haproxy.info(pid))
+        except HAProxyError:
+            return
+        if dropped is None:
+            return
+        grown = dropped - self._dropped_seen.get(pid, 0)
+        self._dropped_seen = {pid: dropped}  # only the current worker's is read
+        if grown > 0:
+            self._dropped_logs(grown)
+
     def _new_worker(self) -> None:
         assert self.haproxy is not None
         self._retire_worker()
@@ -664,6 +703,7 @@ class Router:
         if info is not None and self._workers is None:
             self._workers = info.workers
         self.poll_traffic()
+        self._poll_dropped_logs()
         self._refresh_in_flight(info.old_workers if info is not None else None)
         return False
 
@@ -688,6 +728,7 @@ class Router:
             return True
         self.live = live_from_state(state, self.backends)
         self.holders = self._holders_of(self.live)
+        self._publish_owners()
         return True
 
     # --- the HAProxy process -------------------------------------------------------------

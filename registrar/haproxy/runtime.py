@@ -329,3 +329,12 @@ def parse_stat(text: str, names: Sequence[str] = COUNTERS
             counts[name] = int(raw) if raw.isdigit() else 0
         out[(fields[index["pxname"]], fields[index["svname"]])] = counts
     return out
+
+
+def parse_dropped_logs(text: str) -> int | None:
+    """`show info`'s DroppedLogs: log lines the worker could not send (None: not there)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "DroppedLogs" and value.strip().isdigit():
+            return int(value.strip())
+    return None

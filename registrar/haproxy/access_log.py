@@ -45,7 +45,8 @@ class LatencyMetrics:
         self._children: dict[Owner, Histogram] = {}
 
     def observe(self, owner: Owner, seconds: float) -> None:
-        """One response into the histogram (`Latency.on_counted`, from the reader or the router thread)."""
+        """One response into the histogram (`Latency.on_counted`: the reader's thread, or the
+        router's when held lines are counted)."""
         child = self._children.get(owner)
         if child is None:
             child = self._children[owner] = self.response_seconds.labels(*owner)

@@ -2,9 +2,10 @@
 
 Threads: two followers (`{prefix}/` and `{control_prefix}/weights/`, each read once and then
 watched, resumed after outages, read again after a compaction; while etcd is unreachable the
-last known state stays), the reporter (traffic totals every 2 s under its own lease), and the
-main loop here, which applies every change the runtime API can carry at once and gathers those
-that need a reload.
+last known state stays), the reporter (traffic totals, `applied`, `in_flight` and `latency`
+every 2 s, or at once when woken, under its own lease), in http mode the access log reader
+(HAProxy's per-request log: response times by version), and the main loop here, which
+applies every change the runtime API can carry at once and gathers those that need a reload.
 
 The shutdown path: stop watching, stop reporting (the report's lease revoked), soft-stop
 HAProxy, stop metrics, exit 0.

@@ -9,6 +9,10 @@
   --reload-cmd). Every second it also reads the master's `show proc` (a reload someone else
   made: the servers are read again from HAProxy and put right) and `show stat` (the traffic by
   version), and restarts a dead HAProxy with backoff.
+- For the report, what it has done: `applied` (the etcd revision HAProxy serves everything up
+  to) and `in_flight` (what is still open on instances that left rotation, in the current
+  worker and a reload's old ones, each slot mapped to the instance it served in that worker);
+  and, for the access log reader, which service and version each slot serves per worker.
 """
 
 from __future__ import annotations

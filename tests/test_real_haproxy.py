@@ -847,7 +847,7 @@ def test_maintenance_under_load_fails_no_request_and_lifts_within_1_s(
     assert enabled < disabled
 
 
-@pytest.mark.parametrize("started", ["before", "after"])
+@pytest.mark.parametrize("started", ["before", "after", "old worker busy"])
 def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_before_it(
     scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
     containers: ContainerFactory, etcd_reader: EtcdReader, started: str,
@@ -855,16 +855,22 @@ def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_befor
     """A promoted v2 (v1 on standby, through the agent and `registrar promote`), then SIGUSR2
     to the master: the v2 requests that follow are counted, in the metric and in the report
     (a canary judged after `systemctl reload haproxy` must see them). The router starts before
-    the containers (their servers in spare slots) or after the promotion (v1 never routed)."""
+    the containers (their servers in spare slots) or after the promotion (v1 never routed), or
+    before with a slow request open across the reload (the old worker lives on meanwhile)."""
+    from tests.support.cgi_app import PATH, app
+
     ctl = scope.prefix + "-ctl"
     node = f"router-{scope.node}"
     agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
                        "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
     agent.wait_for_log("docker connected", timeout=15)
-    r = router("--control-prefix", ctl, "--node", node, "--ttl", "3") if started == "before" \
+    r = router("--control-prefix", ctl, "--node", node, "--ttl", "3") if started != "after" \
         else None
-    v1 = containers(labels={**labels(service), "registrar.version": "v1"})
-    v2 = containers(labels={**labels(service), "registrar.version": "v2"})
+    # `/` answers at once; the CGI at PATH after 6 s (to hold the old worker)
+    v1 = containers(labels={**labels(service), "registrar.version": "v1"},
+                    command=app("v1", delay=6))
+    v2 = containers(labels={**labels(service), "registrar.version": "v2"},
+                    command=app("v2", delay=6))
     if r is not None:
         r.serves(v1, v2)
     wait_until(lambda: len(etcd_reader.keys(f"{scope.prefix}/{service}/")) == 2, timeout=10)
@@ -907,6 +913,11 @@ def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_befor
         return info.workers if info is not None else ()
 
     old = workers()
+    slow = threading.Thread(target=lambda: urllib.request.urlopen(
+        f"http://127.0.0.1:{r.port}{PATH}", timeout=15).read())
+    if started == "old worker busy":
+        slow.start()
+        time.sleep(0.5)
     os.kill(r.master_pid(), signal.SIGUSR2)
     wait_until(lambda: workers() not in ((), old), timeout=10)
     sent = 180
@@ -918,12 +929,16 @@ def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_befor
                message=lambda: f"report +{reported() - before_report}, metric "
                                f"+{r.metrics()[metric] - before_metric} of {sent}; "
                                f"log:\n{r.proc.logs()[-3000:]}")
+    if slow.is_alive() or started == "old worker busy":
+        slow.join(15)
     assert reported() - before_report <= sent + 2
-    # response times too, counted across the outside reload: every request, once
-    wait_until(lambda: timed() - before_timed == sent
-               and r.metrics()[histogram] - before_histogram == sent, timeout=8,
+    # response times too, counted across the outside reload: every request, once (the slow
+    # one as well, answered by the old worker)
+    timed_sent = sent + (started == "old worker busy")
+    wait_until(lambda: timed() - before_timed == timed_sent
+               and r.metrics()[histogram] - before_histogram == timed_sent, timeout=8,
                message=lambda: f"latency +{timed() - before_timed}, histogram "
-                               f"+{r.metrics()[histogram] - before_histogram} of {sent}")
+                               f"+{r.metrics()[histogram] - before_histogram} of {timed_sent}")
     latency = json.loads(etcd_reader.get(key) or "{}")["latency"][service]["v2"]
     assert len(latency) == 12 and latency == sorted(latency)  # cumulative, `le` style
     assert r.proc.stop(15) == 0

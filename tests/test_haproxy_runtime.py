@@ -308,3 +308,22 @@ def test_show_stat_gives_open_sessions_apart_from_the_counters() -> None:
     line = "be_web,n:a:1,0,0,5,9,,10,0,0,,0,,1,0,0,0,UP,0,8,0,0,2,0\n"
     assert parse_stat(STAT_HEADER + line, OPEN_SESSIONS) == {("be_web", "n:a:1"): {"scur": 5}}
     assert "scur" not in parse_stat(STAT_HEADER + line)[("be_web", "n:a:1")]
+
+
+def test_an_old_worker_keeps_its_own_readings_and_what_it_answers_late_is_counted() -> None:
+    traffic = Traffic("http")
+    slot = ("be_web", "n:a:80")
+    owners = {slot: ("web", "v1")}
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 10, 10, 0)), owners)
+    traffic.retire(4242)  # a reload: worker 4242 goes on with a request open
+    # the new worker starts at 0 ...
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 2, 2, 0)), owners)
+    # ... and the old one answers its last request: only that one is new
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 11, 11, 0)), owners,
+                    worker=4242)
+    assert traffic.report()["web"]["v1"]["2xx"] == 10 + 2 + 1
+    traffic.forget(4242)
+    # a pid seen again after it was forgotten starts from nothing (a new process)
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 1, 1, 0)), owners,
+                    worker=4242)
+    assert traffic.report()["web"]["v1"]["2xx"] == 14

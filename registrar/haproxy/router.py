@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import threading
@@ -612,6 +613,8 @@ class Router:
         if self._workers:
             self.old_holders[self._workers[0]] = dict(self.holders)
             self.old_owners[self._workers[0]] = self._published
+            with self.traffic_lock:
+                self.traffic.retire(self._workers[0])
         self.holders = {}
         self._current_open = {}
 
@@ -623,16 +626,21 @@ class Router:
             return
         parts = [in_flight(self._current_open, self.holders, self.serving)]
         for pid, holders in list(self.old_holders.items()):
-            if old_workers is not None and pid not in old_workers:
-                del self.old_holders[pid]
-                continue
-            try:
-                open_now = parse_stat(self.haproxy.stat(pid), OPEN_SESSIONS)
-            except HAProxyError:
-                open_now = {}
+            text = ""
+            if old_workers is None or pid in old_workers:
+                with contextlib.suppress(HAProxyError):  # gone meanwhile: as if gone
+                    text = self.haproxy.stat(pid)
+            open_now = parse_stat(text, OPEN_SESSIONS)
             if not open_now:  # gone: the master no longer knows the pid
                 del self.old_holders[pid]
+                with self.traffic_lock:
+                    self.traffic.forget(pid)
                 continue
+            # what it answered since (a request open across the reload) is counted too
+            with self.traffic_lock:
+                added = self.traffic.observe(parse_stat(text), self.old_owners.get(pid, {}),
+                                             worker=pid)
+            self._count(added)
             parts.append(in_flight({k: v["scur"] for k, v in open_now.items()}, holders,
                                    self.serving))
         now = merge_in_flight(parts)
@@ -661,6 +669,9 @@ class Router:
                                   for slot, v in parse_stat(text, OPEN_SESSIONS).items()}
         with self.traffic_lock:
             added = self.traffic.observe(counters, self._owners())
+        self._count(added)
+
+    def _count(self, added: Mapping[Owner, Mapping[str, int]]) -> None:
         for (service, version), counts in added.items():
             for code, value in counts.items():
                 if code == "connection_errors":
@@ -763,6 +774,9 @@ class Router:
         if self.haproxy.supervise(now):
             # It loaded the config file: the last one we installed, or the one found at start.
             # A new master: the old one's workers are gone with it.
+            with self.traffic_lock:
+                for pid in self.old_holders:
+                    self.traffic.forget(pid)
             self._workers, self.old_holders = None, {}
             with self.traffic_lock:
                 self.applied = max(self.applied, self._installed_revision)

@@ -31,18 +31,23 @@ class Traffic:
     responses: dict[Owner, dict[str, int]] = field(default_factory=dict)
     connection_errors: dict[Owner, int] = field(default_factory=dict)
     _last: dict[Slot, dict[str, int]] = field(default_factory=dict)
+    _old_last: dict[int, dict[Slot, dict[str, int]]] = field(default_factory=dict)
 
     def observe(self, counters: Mapping[Slot, Mapping[str, int]],
-                owners: Mapping[Slot, Owner]) -> dict[Owner, dict[str, int]]:
+                owners: Mapping[Slot, Owner], worker: int | None = None
+                ) -> dict[Owner, dict[str, int]]:
         """Adds the growth since the last reading to whoever owned each slot meanwhile
-        (`owners`, as it was until now); returns what was added."""
+        (`owners`, as it was until now); returns what was added. `worker`: the pid of a
+        reload's old worker (its own readings; it still answers what it had open), None for
+        the current one."""
+        last = self._last if worker is None else self._old_last.setdefault(worker, {})
         added: dict[Owner, dict[str, int]] = {}
         for slot, now in counters.items():
-            before = self._last.get(slot, {})
+            before = last.get(slot, {})
             grown = {name: value - before.get(name, 0) for name, value in now.items()}
             if any(v < 0 for v in grown.values()):  # a new worker: its counters start at 0
                 grown = dict(now)
-            self._last[slot] = dict(now)
+            last[slot] = dict(now)
             owner = owners.get(slot)
             if owner is None or not any(grown.values()):
                 continue
@@ -56,6 +61,17 @@ class Traffic:
     def new_worker(self) -> None:
         """A new worker runs (a reload, a restart): its counters start at 0."""
         self._last = {}
+
+    def retire(self, worker: int) -> None:
+        """The current worker (`worker`) is replaced by a reload: its readings go on under its
+        pid (what it had open is answered, and counted, after the reload); the new one's start
+        at 0."""
+        self._old_last[worker] = self._last
+        self._last = {}
+
+    def forget(self, worker: int) -> None:
+        """An old worker has gone."""
+        self._old_last.pop(worker, None)
 
     def _add(self, owner: Owner, grown: Mapping[str, int]) -> dict[str, int]:
         delta: dict[str, int] = {}

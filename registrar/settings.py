@@ -115,6 +115,9 @@ class Bind:
     port: int
 
 
+DEFAULT_RESPONSE_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True)
 class HAProxySettings:
     binds: tuple[Bind, ...]
@@ -123,6 +126,7 @@ class HAProxySettings:
     template: str | None = None
     haproxy_bin: str = "haproxy"
     reload_cmd: str | None = None
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT  # http mode: HAProxy's timeout server
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the HAProxy binary (default: haproxy from PATH)")
     haproxy.add_argument("--reload-cmd", metavar="CMD", default=argparse.SUPPRESS,
                          help="do not run HAProxy; run CMD after each new config")
+    haproxy.add_argument("--response-timeout", metavar="SECONDS", default=argparse.SUPPRESS,
+                         help="http mode: how long a server may take to send response headers "
+                         "before an idempotent request is retried on another "
+                         f"(default {DEFAULT_RESPONSE_TIMEOUT:g})")
     _add_common(haproxy)
 
     promote = sub.add_parser(
@@ -765,6 +773,10 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         raise SettingsError(f"--mode: must be tcp or http, got {mode!r}")
     template = value("--template", None) or None
     _readable("--template", template)
+    response_timeout = _seconds(
+        "--response-timeout", value("--response-timeout", f"{DEFAULT_RESPONSE_TIMEOUT:g}") or "")
+    if response_timeout <= 0:
+        raise SettingsError("--response-timeout: must be above 0 seconds")
     return HAProxySettings(
         binds=tuple(binds),
         mode=mode,
@@ -772,6 +784,7 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         template=template,
         haproxy_bin=value("--haproxy-bin", "haproxy") or "haproxy",
         reload_cmd=value("--reload-cmd", None) or None,
+        response_timeout=response_timeout,
     )
 
 

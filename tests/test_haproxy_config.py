@@ -152,7 +152,8 @@ def test_only_bound_services_get_backends_with_all_their_instances_sorted() -> N
 
 
 def ctx(mode: str = "tcp") -> RenderContext:
-    return RenderContext(mode=mode, prefix=PREFIX, stats_socket="/run/haproxy-stats.sock")
+    return RenderContext(mode=mode, prefix=PREFIX, stats_socket="/run/haproxy-stats.sock",
+                         log_socket="/run/haproxy-log.sock")
 
 
 def golden(name: str, text: str) -> None:
@@ -223,6 +224,14 @@ def test_a_canary_s_header_or_cookie_needs_a_reload_its_weights_do_not() -> None
     more = [*regs, reg("web", "n2:b:8080", "10.0.0.8", 8081, "v2")]
     assert plan_runtime(fresh_layout(build_backends(WEB, regs, header)),
                         build_backends(WEB, more, header)) is None
+def test_builtin_template_http_golden_logs_each_request_to_the_router() -> None:
+    regs = [reg("web", "n1:a:8080", "10.0.0.5", 8080, "v1")]
+    text = render(load_template(None), build_backends(WEB, regs), regs, ctx("http"))
+    golden("haproxy-http-logged.cfg", text)
+    assert "log /run/haproxy-log.sock format raw local0" in text
+    assert 'log-format "%pid %b %s %Tr %ST"' in text
+    tcp = render(load_template(None), build_backends(WEB, regs), regs, ctx("tcp"))
+    assert "log" not in tcp.replace("log_", "")  # latency is http mode's only
 
 
 def test_builtin_template_spare_slots_and_hostile_names_golden() -> None:

@@ -15,6 +15,7 @@ from registrar.core.planner import StoredKey
 from registrar.haproxy.config import MIN_SPARES, Routed, Server, build_backends, parse_registration
 from registrar.haproxy.router import Gather, Registrations
 from registrar.haproxy.runtime import (
+    OPEN_SESSIONS,
     Action,
     ProcInfo,
     SlotState,
@@ -29,7 +30,7 @@ from registrar.haproxy.runtime import (
     parse_stat,
     plan_runtime,
 )
-from registrar.haproxy.traffic import Traffic
+from registrar.haproxy.traffic import Traffic, fell, in_flight, merge_in_flight
 from registrar.settings import Bind
 
 PREFIX = "/services"
@@ -177,7 +178,8 @@ def test_show_proc_gives_reloads_failures_and_current_workers() -> None:
         "11100           worker          2               0d00h01m09s     2.6.12-1+deb12u4\n"
         "# programs\n\n"
     )
-    assert parse_show_proc(text) == ProcInfo(reloads=1, failed=1, workers=(11289,))
+    assert parse_show_proc(text) == ProcInfo(reloads=1, failed=1, workers=(11289,),
+                                             old_workers=(11100,))
     assert parse_show_proc("Unknown command\n") is None
 
 
@@ -266,3 +268,62 @@ def test_registrations_count_changes_and_rejections_once() -> None:
     assert regs.snapshot()[1] == {"web": Canary("v2", 10)}
     regs.apply_weights([KeyEvent("/ctl/weights/web", None, 9)])
     assert regs.snapshot()[1] == {} and regs.version == seen + 2
+
+
+# --- what the router has done: applied and in_flight -----------------------------------------
+
+
+def test_registrations_say_the_revision_they_hold_and_when_nothing_changed_since() -> None:
+    regs = Registrations(Layout(PREFIX, "/ctl"))
+    value = json.dumps({"host": "10.0.0.5", "port": 1})
+    regs.replace_all({"/services/web/a": value}, revision=7)
+    assert regs.state()[2] == 7
+    seen = regs.version
+    assert regs.settled(seen) == 7
+    # an event that changes nothing (the same value, a key not routed) still moves the revision
+    regs.apply([KeyEvent("/services/web/a", value, 9)])
+    assert regs.version == seen and regs.settled(seen) == 9
+    regs.apply([KeyEvent("/services/web/a", None, 12)])
+    assert regs.settled(seen) is None  # a change not yet applied: nothing is settled
+    assert regs.settled(regs.version) == 12 and regs.state()[2] == 12
+
+
+def test_in_flight_counts_open_sessions_on_instances_out_of_rotation_only() -> None:
+    holders = {("be_web", "_spare1"): ("web", "n:a:80"), ("be_web", "_spare2"): ("web", "n:b:80"),
+               ("be_api", "x"): ("api", "n:x:80")}
+    open_now = {("be_web", "_spare1"): 2, ("be_web", "_spare2"): 3, ("be_api", "x"): 0,
+                ("be_web", "_spare3"): 4}  # a slot nobody held: not an instance's
+    assert in_flight(open_now, holders, {("web", "n:b:80")}) == {"web": {"n:a:80": 2}}
+    assert in_flight(open_now, holders, {("web", "n:a:80"), ("web", "n:b:80")}) == {}
+    old_worker = in_flight({("be_web", "n:a:80"): 1}, {("be_web", "n:a:80"): ("web", "n:a:80")},
+                           set())
+    both = merge_in_flight([{"web": {"n:a:80": 2}}, old_worker])
+    assert both == {"web": {"n:a:80": 3}}
+    assert not fell({"web": {"n:a:80": 3}}, {"web": {"n:a:80": 1}})  # fewer, not none
+    assert fell(both, {})
+    assert fell({"web": {"n:a:80": 1, "n:b:80": 1}}, {"web": {"n:b:80": 1}})
+
+
+def test_show_stat_gives_open_sessions_apart_from_the_counters() -> None:
+    line = "be_web,n:a:1,0,0,5,9,,10,0,0,,0,,1,0,0,0,UP,0,8,0,0,2,0\n"
+    assert parse_stat(STAT_HEADER + line, OPEN_SESSIONS) == {("be_web", "n:a:1"): {"scur": 5}}
+    assert "scur" not in parse_stat(STAT_HEADER + line)[("be_web", "n:a:1")]
+
+
+def test_an_old_worker_keeps_its_own_readings_and_what_it_answers_late_is_counted() -> None:
+    traffic = Traffic("http")
+    slot = ("be_web", "n:a:80")
+    owners = {slot: ("web", "v1")}
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 10, 10, 0)), owners)
+    traffic.retire(4242)  # a reload: worker 4242 goes on with a request open
+    # the new worker starts at 0 ...
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 2, 2, 0)), owners)
+    # ... and the old one answers its last request: only that one is new
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 11, 11, 0)), owners,
+                    worker=4242)
+    assert traffic.report()["web"]["v1"]["2xx"] == 10 + 2 + 1
+    traffic.forget(4242)
+    # a pid seen again after it was forgotten starts from nothing (a new process)
+    traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 1, 1, 0)), owners,
+                    worker=4242)
+    assert traffic.report()["web"]["v1"]["2xx"] == 14

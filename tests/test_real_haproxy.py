@@ -722,7 +722,7 @@ def test_traffic_by_version_is_counted_reported_and_survives_a_reload_from_outsi
     sent = client_counts(300)
     wait_until(lambda: matches(sent), timeout=8, message=lambda: f"{reported()} vs {sent}")
     report = json.loads(etcd_reader.get(key) or "{}")
-    assert set(report) == {"at", "services", "mode"}
+    assert set(report) == {"at", "services", "mode", "applied", "in_flight", "latency"}
     assert report["mode"] == "http"  # the router's --mode: what a canary's latency rules need
     assert set(report["services"][service]["v1"]) == {
         "2xx", "3xx", "4xx", "5xx", "other", "tcp", "connection_errors"}
@@ -846,3 +846,221 @@ def test_maintenance_under_load_fails_no_request_and_lifts_within_1_s(
     assert clients.failures == []
     assert back_after < 1.0 + 1.0  # the command's own start (~0.5 s) plus the SPEC's second
     assert enabled < disabled
+
+
+@pytest.mark.parametrize("started", ["before", "after", "old worker busy"])
+def test_traffic_after_a_reload_from_outside_is_counted_when_a_server_left_before_it(
+    scope: Scope, service: str, registrar: RegistrarFactory, router: StartRouter,
+    containers: ContainerFactory, etcd_reader: EtcdReader, started: str,
+) -> None:
+    """A promoted v2 (v1 on standby, through the agent and `registrar promote`), then SIGUSR2
+    to the master: the v2 requests that follow are counted, in the metric and in the report
+    (a canary judged after `systemctl reload haproxy` must see them). The router starts before
+    the containers (their servers in spare slots) or after the promotion (v1 never routed), or
+    before with a slow request open across the reload (the old worker lives on meanwhile)."""
+    from tests.support.cgi_app import PATH, app
+
+    ctl = scope.prefix + "-ctl"
+    node = f"router-{scope.node}"
+    agent = registrar([*scope.args("watch"), "--host-ip", "127.0.0.1", "--explicit",
+                       "--control-prefix", ctl, "--metrics-addr", "127.0.0.1:0"])
+    agent.wait_for_log("docker connected", timeout=15)
+    r = router("--control-prefix", ctl, "--node", node, "--ttl", "3") if started != "after" \
+        else None
+    # `/` answers at once; the CGI at PATH after 6 s (to hold the old worker)
+    v1 = containers(labels={**labels(service), "registrar.version": "v1"},
+                    command=app("v1", delay=6))
+    v2 = containers(labels={**labels(service), "registrar.version": "v2"},
+                    command=app("v2", delay=6))
+    if r is not None:
+        r.serves(v1, v2)
+    wait_until(lambda: len(etcd_reader.keys(f"{scope.prefix}/{service}/")) == 2, timeout=10)
+    promoted = subprocess.run(
+        [sys.executable, "-m", "registrar", "promote", service, "v2", "--etcd", scope.etcd_url,
+         "--prefix", scope.prefix, "--control-prefix", ctl],
+        capture_output=True, text=True, timeout=60)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    if r is None:
+        r = router("--control-prefix", ctl, "--node", node, "--ttl", "3")
+    r.serves(v2)
+    key = f"{ctl}/routers/{node}"
+    metric = (f'registrar_haproxy_responses_total{{code="2xx",service="{service}",'
+              'version="v2"}')
+
+    def reported() -> int:
+        services = json.loads(etcd_reader.get(key) or "{}").get("services", {})
+        return int(services.get(service, {}).get("v2", {}).get("2xx", 0))
+
+    def timed() -> int:  # responses in the report's latency histogram (+Inf: every one)
+        latency = json.loads(etcd_reader.get(key) or "{}").get("latency", {})
+        return int(latency.get(service, {}).get("v2", [0] * 12)[11])
+
+    histogram = (f'registrar_haproxy_response_seconds_count{{service="{service}",'
+                 'version="v2"}')
+    wait_until(lambda: reported() == r.metrics().get(metric, 0) > 0, timeout=8)
+    wait_until(lambda: timed() == r.metrics().get(histogram, 0) > 0, timeout=8)
+    before_report, before_metric = reported(), r.metrics()[metric]
+    before_timed, before_histogram = timed(), r.metrics()[histogram]
+    from registrar.haproxy.process import cli, socket_paths
+    from registrar.haproxy.runtime import parse_show_proc
+
+    master = socket_paths(str(r.config.parent), str(r.config))[0]
+
+    def workers() -> tuple[int, ...]:
+        try:
+            info = parse_show_proc(cli(master, "show proc"))
+        except OSError:  # the master re-executes itself during a reload
+            return ()
+        return info.workers if info is not None else ()
+
+    old = workers()
+    slow = threading.Thread(target=lambda: urllib.request.urlopen(
+        f"http://127.0.0.1:{r.port}{PATH}", timeout=15).read())
+    if started == "old worker busy":
+        slow.start()
+        time.sleep(0.5)
+    os.kill(r.master_pid(), signal.SIGUSR2)
+    wait_until(lambda: workers() not in ((), old), timeout=10)
+    sent = 180
+    for _ in range(sent):  # at once: most before the router notices the reload
+        assert get(r.port) == host_of(v2)
+    r.proc.wait_for_log("reloaded from outside", timeout=10)
+    wait_until(lambda: reported() - before_report >= sent
+               and r.metrics()[metric] - before_metric >= sent, timeout=8,
+               message=lambda: f"report +{reported() - before_report}, metric "
+                               f"+{r.metrics()[metric] - before_metric} of {sent}; "
+                               f"log:\n{r.proc.logs()[-3000:]}")
+    if slow.is_alive() or started == "old worker busy":
+        slow.join(15)
+    assert reported() - before_report <= sent + 2
+    # response times too, counted across the outside reload: every request, once (the slow
+    # one as well, answered by the old worker)
+    timed_sent = sent + (started == "old worker busy")
+    wait_until(lambda: timed() - before_timed == timed_sent
+               and r.metrics()[histogram] - before_histogram == timed_sent, timeout=8,
+               message=lambda: f"latency +{timed() - before_timed}, histogram "
+                               f"+{r.metrics()[histogram] - before_histogram} of {timed_sent}")
+    latency = json.loads(etcd_reader.get(key) or "{}")["latency"][service]["v2"]
+    assert len(latency) == 12 and latency == sorted(latency)  # cumulative, `le` style
+    assert r.proc.stop(15) == 0
+
+
+def test_the_report_says_what_is_applied_and_what_is_still_open_on_a_server_that_left(
+    scope: Scope, service: str, router: StartRouter, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
+    """A request in flight on a slow instance (a CGI that sleeps 2 s) whose key is deleted:
+    within 0.5 s the report has `applied` the delete and lists the request `in_flight`; once
+    it is answered, within 0.5 s the entry is gone."""
+    from tests.support.cgi_app import PATH, app
+
+    ctl = scope.prefix + "-ctl"
+    node = f"router-{scope.node}"
+    r = router("--control-prefix", ctl, "--node", node, "--ttl", "3")
+    slow = containers(labels={"role": "slow"}, command=app("v1", delay=2))
+    instance = f"{scope.node}:{slow.name}:8080"
+    key = f"{scope.prefix}/{service}/{instance}"
+    etcd_reader.put(key, {"host": "127.0.0.1", "port": slow.port(8080), "version": "v1"})
+    r.serves(slow)
+    report_key = f"{ctl}/routers/{node}"
+
+    def report() -> dict[str, object]:
+        return dict(json.loads(etcd_reader.get(report_key) or "{}"))
+
+    wait_until(lambda: report().get("in_flight") == {}, timeout=5)
+    answered: list[float] = []
+    body: list[str] = []
+
+    def slow_request() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{r.port}{PATH}", timeout=10) as got:
+            body.append(got.read().decode().strip())
+        answered.append(time.monotonic())
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    time.sleep(0.5)  # the request is with the CGI now
+    etcd_reader.delete(key)
+    deleted_at, revision = time.monotonic(), etcd_reader.revision()
+    wait_until(lambda: int(str(report().get("applied", 0))) >= revision
+               and report().get("in_flight") == {service: {instance: 1}}, timeout=3,
+               interval=0.02, message=lambda: f"{report()} (delete at revision {revision})")
+    reported_after = time.monotonic() - deleted_at
+    client.join(10)
+    assert body == ["v1"]  # a server set to maint finishes what it has open
+    wait_until(lambda: report().get("in_flight") == {}, timeout=3, interval=0.02,
+               message=lambda: str(report()))
+    dropped_after = time.monotonic() - answered[0]
+    print(f"report: applied and in flight {reported_after:.2f} s after the delete, in_flight "
+          f"empty {dropped_after:.2f} s after the answer")
+    assert reported_after < 0.5 + 0.1  # the SPEC's 0.5 s, plus this test's own reads
+    assert dropped_after < 0.5 + 0.1
+    assert r.proc.stop(15) == 0
+
+
+def test_a_frozen_server_costs_no_get_and_no_post_is_sent_twice(
+    scope: Scope, service: str, router: StartRouter, containers: ContainerFactory,
+    etcd_reader: EtcdReader,
+) -> None:
+    """Layer-7 retries: with --response-timeout (0.5 s) below the clients' timeout (2 s), a
+    server frozen with requests in flight (`docker pause`) costs no GET: each is retried on the
+    other server; a POST is never retried, so each reaches the servers at most once (those
+    answered exactly once)."""
+    from tests.support.cgi_app import PATH, POSTS, counting_app
+
+    r = router("--response-timeout", "0.5")
+    servers = [containers(labels={"role": "app"}, command=counting_app("v1")) for _ in range(2)]
+    for c in servers:
+        etcd_reader.put(f"{scope.prefix}/{service}/{scope.node}:{c.name}:8080",
+                        {"host": "127.0.0.1", "port": c.port(8080), "version": "v1"})
+    r.serves(*servers)
+    frozen = servers[1]
+    posts: list[tuple[int, int | str]] = []  # (id, status)
+    stop = threading.Event()
+
+    def post_loop() -> None:
+        for n in range(100_000):
+            if stop.is_set():
+                return
+            request = urllib.request.Request(f"http://127.0.0.1:{r.port}{PATH}?p{n}",
+                                             data=b"x", method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=2) as got:
+                    posts.append((n, got.status))
+            except urllib.error.HTTPError as exc:
+                posts.append((n, exc.code))
+            except OSError as exc:
+                posts.append((n, type(exc).__name__))
+            time.sleep(0.01)
+
+    poster = threading.Thread(target=post_loop)
+    with Clients(r.port, clients=6) as clients:
+        poster.start()
+        time.sleep(1)
+        froze = time.monotonic()
+        subprocess.run(["docker", "pause", frozen.id], check=True, capture_output=True)
+        try:
+            time.sleep(3)
+        finally:
+            subprocess.run(["docker", "unpause", frozen.id], check=True, capture_output=True)
+        time.sleep(1.5)
+        stop.set()
+        poster.join(10)
+    time.sleep(1)  # a POST the frozen server held is answered (once) after the thaw
+
+    def received(c: Container) -> list[str]:
+        out = subprocess.run(["docker", "exec", c.id, "cat", POSTS], capture_output=True,
+                             text=True)
+        return out.stdout.split()
+
+    seen = Counter(received(servers[0]) + received(servers[1]))
+    answered = [n for n, code in posts if code == 200]
+    failed_gets = [f for f in clients.failures if f[0] > froze - 0.1]
+    print(f"frozen server with layer-7 retries: {len(failed_gets)} failed GETs of "
+          f"{len(clients.answers)}; POSTs: {len(posts)} sent, {len(answered)} answered 200, "
+          f"{sum(seen.values())} received by the servers, "
+          f"{Counter(str(code) for _, code in posts)}")
+    assert failed_gets == []
+    assert len(answered) > 50
+    assert max(seen.values()) == 1, [p for p, k in seen.items() if k > 1]  # never twice
+    assert all(seen[f"p{n}"] == 1 for n in answered)  # answered: received exactly once
+    assert r.proc.stop(15) == 0

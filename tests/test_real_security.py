@@ -709,3 +709,27 @@ def test_deeply_nested_json_crashes_neither_ls_nor_the_agent(
     finally:
         etcd_reader.delete_prefix(f"{prefix}/")
         etcd_reader.delete_prefix(f"{control}/")
+
+
+def test_a_router_whose_report_is_refused_says_so_once_and_is_unhealthy(
+    auth_etcd: AuthEtcd, registrar: Any, unique: str, tmp_path: Path
+) -> None:
+    """A router whose role may read both prefixes but not write `{control}/routers/`: it routes,
+    but no canary could see its traffic, so it says why once, counts it and /healthz is 503."""
+    from tests.helpers import healthz
+    from tests.support.proc import free_port
+
+    flag, metrics_port = metrics_flag()
+    router = registrar(*auth_etcd.scope_args("haproxy", node=f"router-{unique}"),
+                       "--bind", f"web{unique}=127.0.0.1:{free_port()}", "--mode", "http",
+                       "--config", str(tmp_path / "haproxy.cfg"), "--etcd-user", "reader",
+                       *flag, env=user_env())
+    router.wait_for_log("etcd refuses the router's report", timeout=15)
+    wait_until(lambda: healthz(metrics_port) == 503, timeout=10)
+    wait_until(lambda: sum(v for k, v in scrape(metrics_port).items()
+                           if k.startswith("registrar_etcd_write_refusals_total")) >= 2,
+               timeout=10)
+    assert scrape(metrics_port)["registrar_etcd_writes_refused"] == 1
+    assert router.logs().count("etcd refuses the router's report") == 1
+    assert "lacks a permission" in router.logs()
+    assert router.stop(15) == 0

@@ -484,3 +484,13 @@ def test_steering_is_a_flag_only() -> None:
     s = parse("promote", "web", "v2", REGISTRAR_PAUSE="true", REGISTRAR_ABORT="1")
     assert s.promote is not None and s.promote.steer is None and s.promote.version == "v2"
     assert error("promote", "web", REGISTRAR_ABORT="1").startswith("VERSION: required")
+def test_response_timeout_of_the_router() -> None:
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80").haproxy
+    assert hp is not None and hp.response_timeout == 30.0
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", "--response-timeout", "0.5").haproxy
+    assert hp is not None and hp.response_timeout == 0.5
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", REGISTRAR_RESPONSE_TIMEOUT="2").haproxy
+    assert hp is not None and hp.response_timeout == 2.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SettingsError, match="--response-timeout"):
+            parse("haproxy", "--bind", "web=127.0.0.1:80", "--response-timeout", bad)

@@ -2,9 +2,10 @@
 
 Threads: two followers (`{prefix}/` and `{control_prefix}/weights/`, each read once and then
 watched, resumed after outages, read again after a compaction; while etcd is unreachable the
-last known state stays), the reporter (traffic totals every 2 s under its own lease), and the
-main loop here, which applies every change the runtime API can carry at once and gathers those
-that need a reload.
+last known state stays), the reporter (traffic totals, `applied`, `in_flight` and `latency`
+every 2 s, or at once when woken, under its own lease), in http mode the access log reader
+(HAProxy's per-request log: response times by version), and the main loop here, which
+applies every change the runtime API can carry at once and gathers those that need a reload.
 
 The shutdown path: stop watching, stop reporting (the report's lease revoked), soft-stop
 HAProxy, stop metrics, exit 0.
@@ -20,8 +21,11 @@ import time
 
 from registrar.adapters.etcd_store import EtcdError, EtcdStore
 from registrar.core.layout import Layout
+from registrar.core.planner import StoredKey
+from registrar.haproxy.access_log import AccessLogReader, LatencyMetrics
 from registrar.haproxy.config import Rejected, TemplateError, load_template
-from registrar.haproxy.process import HAProxyMaster, runtime_dir, socket_paths
+from registrar.haproxy.latency import Latency
+from registrar.haproxy.process import HAProxyMaster, log_socket_path, runtime_dir, socket_paths
 from registrar.haproxy.report import Reporter
 from registrar.haproxy.router import Gather, Registrations, Router, RoutingMetrics
 from registrar.haproxy.runtime import Action
@@ -61,7 +65,7 @@ def _first_read(store: EtcdStore, prefix: str, registrations: Registrations,
         log.warning("etcd unreachable at start: %s", exc, extra={"event": "etcd_down"})
         router.adopt_existing_config()
         return 0
-    registrations.replace_all({key: s.value for key, s in stored.items()})
+    registrations.replace_all({key: s.value for key, s in stored.items()}, revision)
     log.info("read %d keys under %s/ (revision %d)", len(stored), prefix, revision,
              extra={"event": "read", "revision": revision})
     return revision
@@ -93,13 +97,17 @@ def _followers(store: EtcdStore, layout: Layout, registrations: Registrations,
     def counted(loop: str) -> None:
         metrics.internal_errors.labels(loop=loop).inc()
 
+    def snapshot(stored: dict[str, StoredKey]) -> None:
+        # a full read (after a compaction): everything as of the revision it was read at
+        registrations.replace_all({key: s.value for key, s in stored.items()},
+                                  watcher.revision)
+
+    watcher = PrefixFollower(
+        store, layout.prefix, name="etcd watcher", revision=revision,
+        on_snapshot=snapshot, on_events=registrations.apply, on_internal_error=counted,
+    )
     return (
-        PrefixFollower(
-            store, layout.prefix, name="etcd watcher", revision=revision,
-            on_snapshot=lambda stored: registrations.replace_all(
-                {key: s.value for key, s in stored.items()}),
-            on_events=registrations.apply, on_internal_error=counted,
-        ),
+        watcher,
         PrefixFollower(
             store, layout.weights, name="weights watcher",
             on_snapshot=registrations.replace_weights, on_events=registrations.apply_weights,
@@ -122,21 +130,23 @@ def _loop(router: Router, registrations: Registrations, stop: threading.Event,
         now = time.monotonic()
         if version != seen and registrations.loaded:
             seen = version
-            routed, canaries = registrations.snapshot()
-            if router.apply(routed, canaries) is Action.RELOAD:
+            if router.apply(*registrations.state()) is Action.RELOAD:
                 gather.note(now)
             else:
                 gather.clear()
         due = gather.due_at()
         if due is not None and now >= due:
             gather.clear()
-            router.reload(*registrations.snapshot())
+            router.reload(*registrations.state())
         elif (registrations.loaded and router.retry_due(now)
-              and router.apply(*registrations.snapshot()) is Action.RELOAD):
+              and router.apply(*registrations.state()) is Action.RELOAD):
             gather.note(now)
         if router.poll(now) and registrations.loaded:
-            router.apply(*registrations.snapshot())  # put right what the reload undid
+            router.apply(*registrations.state())  # put right what the reload undid
         router.supervise(time.monotonic())
+        settled = registrations.settled(seen)
+        if settled is not None and gather.due_at() is None:
+            router.settled(settled)  # events that changed nothing HAProxy serves
         main_loop.progressed()
 
 
@@ -158,8 +168,16 @@ def run(settings: Settings) -> int:
     sock_dir, temporary_dir = runtime_dir(hp.config)
     master_socket, stats_socket = socket_paths(sock_dir, hp.config)
     haproxy = None if hp.reload_cmd else HAProxyMaster(hp.haproxy_bin, hp.config, master_socket)
+    latency_metrics = LatencyMetrics(metrics.registry)
+    # response times: HAProxy's per-request log, http mode, an HAProxy of our own
+    latency, reader = Latency(latency_metrics.observe), None
+    if haproxy is not None and hp.mode == "http":
+        reader = AccessLogReader(log_socket_path(sock_dir, hp.config), latency,
+                                 latency_metrics)
     router = Router(hp, settings.prefix, routing, haproxy,
-                    stats_socket if haproxy is not None else None)
+                    stats_socket if haproxy is not None else None,
+                    log_socket=reader.path if reader is not None else None,
+                    latency=latency, dropped_logs=latency_metrics.log_dropped.inc)
 
     registrations = Registrations(layout, lambda key, why: _rejected(routing, key, why))
     main_loop = LoopHealth("router", lambda: True,
@@ -171,26 +189,45 @@ def run(settings: Settings) -> int:
         with router.traffic_lock:
             return router.traffic.report()
 
+    def more() -> dict[str, object]:
+        with router.traffic_lock:
+            done: dict[str, object] = {
+                "applied": router.applied,
+                "in_flight": {service: dict(by_instance)
+                              for service, by_instance in router.in_flight.items()}}
+        done["latency"] = router.latency.report()
+        # a canary with latency rules, --header or --sticky needs a router in http mode, and a
+        # router that has served nothing yet shows its mode nowhere else
+        done["mode"] = hp.mode
+        return done
+
     reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
-                        totals, mode=hp.mode)
+                        totals, more)
+    router.report_now = reporter.wake
     loops = (*(w.health for w in watchers), main_loop, reporter.health)
 
     def health() -> str | None:
         problem = health_problem(loops, time.monotonic())
         if problem is None and haproxy is not None:
             problem = haproxy.problem()
-        return problem
+        if problem is None and reader is not None and not reader.alive():
+            problem = "the access log reader stopped"
+        return problem or reporter.problem()
 
     server = serve_metrics(settings.metrics_addr, metrics.registry, health)
     _announce(settings, hp)
     for watcher in watchers:
         watcher.start()
     reporter.start()
+    if reader is not None:
+        reader.start()
     try:
         _loop(router, registrations, stop, main_loop)
     finally:
         say_signal()
         _shutdown(watchers, reporter, haproxy)
+        if reader is not None:
+            reader.stop()
         if server is not None:
             server.stop()
         store.close()

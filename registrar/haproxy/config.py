@@ -25,6 +25,7 @@ import jinja2
 from registrar import __version__
 from registrar.core.control import Canary
 from registrar.core.planner import json_object
+from registrar.haproxy.latency import LOG_FORMAT
 from registrar.settings import NAME_RE, Bind
 
 SPARE_PREFIX = "_spare"  # server-template slots: _spare1, _spare2, ... (no instance starts with _)
@@ -324,6 +325,8 @@ class RenderContext:
     mode: str  # "tcp" or "http"
     prefix: str
     stats_socket: str | None = None  # where the built-in template puts HAProxy's stats socket
+    response_timeout: float = 30.0  # http mode: HAProxy's `timeout server` (--response-timeout)
+    log_socket: str | None = None  # http mode: where HAProxy sends a line per request
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -343,6 +346,9 @@ def render(
             stats_socket=context.stats_socket,
             hard_stop_after=HARD_STOP_AFTER,
             check_timeout=CHECK_TIMEOUT,
+            response_timeout=f"{round(context.response_timeout * 1000)}ms",
+            log_socket=context.log_socket,
+            log_format=LOG_FORMAT,
             default_weight=DEFAULT_WEIGHT,
             version=__version__,
             **context.extra,

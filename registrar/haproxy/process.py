@@ -115,6 +115,12 @@ def runtime_dir(config: str) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="registrar-haproxy-"), True
 
 
+def log_socket_path(directory: str, config: str) -> str:
+    """Where HAProxy sends its per-request log to the router (a unix datagram socket)."""
+    stem = os.path.splitext(os.path.basename(config))[0] or "haproxy"
+    return os.path.join(directory, f"{stem}-log.sock")
+
+
 def socket_paths(directory: str, config: str) -> tuple[str, str]:
     """(master CLI socket, stats socket) in `directory`, named after the config."""
     stem = os.path.splitext(os.path.basename(config))[0] or "haproxy"
@@ -347,9 +353,16 @@ class HAProxyMaster:
         """`show servers state` of the current worker."""
         return self._ask("@1 show servers state")
 
-    def stat(self) -> str:
-        """`show stat` of the current worker, its servers only (type 4)."""
-        return self._ask("@1 show stat -1 4 -1")
+    def stat(self, worker: int | None = None) -> str:
+        """`show stat` of one worker (by pid; None: the current one), its servers only (type
+        4). Asking a worker by pid ties the counters to the worker `show proc` named, so a
+        reload between the two questions cannot mix two workers' counters."""
+        target = f"@!{worker}" if worker is not None else "@1"
+        return self._ask(f"{target} show stat -1 4 -1")
+
+    def info(self, worker: int) -> str:
+        """`show info` of one worker (by pid)."""
+        return self._ask(f"@!{worker} show info")
 
     def _ask(self, command: str) -> str:
         try:

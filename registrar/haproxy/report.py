@@ -1,7 +1,12 @@
-"""The router's report: every REPORT_EVERY its traffic totals by service and version, at
+"""The router's report: every REPORT_EVERY its traffic totals by service and version, what
+it has applied and what is still open on instances that left rotation, at
 `{control_prefix}/routers/{NODE}`, bound to a lease of its own (TTL --ttl) kept alive by a
 `Heartbeat`: a router that dies takes its report with it, so a canary judges by the routers
-that are alive. One thread; etcd failures are retried at the next report.
+that are alive. `wake()` writes it at once (a drain waits on it). One thread; etcd failures
+are retried at the next report. A write etcd refuses (a permission missing on
+`{control_prefix}/routers/`) is not a passing outage: every canary would then roll back for
+"too little traffic", so it is logged once with its cause, counted, and `/healthz` answers
+503 until a report is written again.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore, LeaseNotFound
+from registrar.adapters.etcd_store import EtcdError, EtcdRefused, EtcdStore, LeaseNotFound
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
@@ -26,26 +32,28 @@ REPORT_EVERY = 2.0
 Totals = dict[str, dict[str, dict[str, int]]]
 
 
-def report_value(services: Totals, at: datetime, mode: str | None = None) -> str:
-    """`mode` ("http" or "tcp"): a canary with latency rules, --header or --sticky needs a
-    router in http mode, and a router that has served nothing yet shows it nowhere else."""
-    value: dict[str, object] = {"at": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "services": services}
-    if mode is not None:
-        value["mode"] = mode
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def report_value(services: Totals, at: datetime, more: Mapping[str, Any] | None = None
+                 ) -> str:
+    """The report's JSON: `at`, `services`, and `more` (`applied`, `in_flight`, `latency`)."""
+    return json.dumps({"at": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "services": services,
+                       **(more or {})}, sort_keys=True, separators=(",", ":"))
 
 
 class Reporter:
     def __init__(self, store: EtcdStore, key: str, ttl: int, metrics: Metrics,
-                 totals: Callable[[], Totals], mode: str | None = None) -> None:
+                 totals: Callable[[], Totals],
+                 more: Callable[[], Mapping[str, Any]] = dict) -> None:
         self._store = store
-        self._mode = mode
         self.key = key
         self._ttl = ttl
         self._totals = totals
+        self._more = more
+        self._wake = threading.Event()
         self._lease: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._metrics = metrics
+        self.refused: str | None = None  # why etcd refuses the report, while it does
         self.heartbeat = Heartbeat(store, ttl / 3, metrics, self._lost)
         self.health = LoopHealth("reporter", self.alive,
                                  lambda loop: metrics.internal_errors.labels(loop=loop).inc())
@@ -64,12 +72,23 @@ class Reporter:
         if self._lease == lease:
             self._lease = None
 
+    def wake(self) -> None:
+        """Write the report now, not at the next REPORT_EVERY (from any thread)."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(0 if not self.reports else REPORT_EVERY):
+        while not self._stop.is_set():
+            if self.reports:
+                self._wake.wait(REPORT_EVERY)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             self.health.progressed()
             try:
                 self._write()
                 self.health.succeeded()
+            except EtcdRefused as exc:
+                self._refused(exc)
             except EtcdError as exc:
                 log.debug("report not written: %s", exc)
             except Exception:  # a bug: it must show, and must not stop the reports
@@ -80,17 +99,36 @@ class Reporter:
         if self._lease is None:
             self._lease = self._store.grant(self._ttl)
             self.heartbeat.follow(self._lease)
-        value = report_value(self._totals(), datetime.now(UTC), self._mode)
+        value = report_value(self._totals(), datetime.now(UTC), self._more())
         try:
             self._store.put(self.key, value, self._lease)
         except LeaseNotFound:
             self._lease = None
             raise EtcdError("report lease expired: granting a new one") from None
         self.reports += 1
+        if self.refused is not None:
+            log.info("the router's report is written again", extra={"event": "report_written"})
+            self.refused = None
+            self._metrics.writes_refused.set(0)
+
+    def _refused(self, exc: EtcdRefused) -> None:
+        self._metrics.write_refusals.labels(code=exc.code).inc()
+        self._metrics.writes_refused.set(1)
+        if self.refused != str(exc):
+            log.warning("etcd refuses the router's report at %s: %s; canaries cannot see this "
+                        "router's traffic until it is written (retrying every %gs)", self.key,
+                        exc, REPORT_EVERY, extra={"event": "report_refused"})
+        self.refused = str(exc)
+
+    def problem(self) -> str | None:
+        """For /healthz: why the report cannot be written (None: it can, or etcd is down)."""
+        refused = self.refused
+        return f"the report {self.key} is refused by etcd: {refused}" if refused else None
 
     def stop(self, deadline: float) -> None:
         """Stops reporting and revokes the lease: the report goes with it."""
         self._stop.set()
+        self._wake.set()
         self.heartbeat.request_stop()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))

@@ -9,10 +9,15 @@
   --reload-cmd). Every second it also reads the master's `show proc` (a reload someone else
   made: the servers are read again from HAProxy and put right) and `show stat` (the traffic by
   version), and restarts a dead HAProxy with backoff.
+- For the report, what it has done: `applied` (the etcd revision HAProxy serves everything up
+  to) and `in_flight` (what is still open on instances that left rotation, in the current
+  worker and a reload's old ones, each slot mapped to the instance it served in that worker);
+  and, for the access log reader, which service and version each slot serves per worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import threading
@@ -37,6 +42,7 @@ from registrar.haproxy.config import (
     parse_registration,
     render,
 )
+from registrar.haproxy.latency import Latency
 from registrar.haproxy.process import (
     ConfigRejected,
     HAProxyError,
@@ -45,6 +51,7 @@ from registrar.haproxy.process import (
     install_config,
 )
 from registrar.haproxy.runtime import (
+    OPEN_SESSIONS,
     Action,
     Live,
     Model,
@@ -55,11 +62,22 @@ from registrar.haproxy.runtime import (
     live_from_state,
     live_model,
     model_of,
+    parse_dropped_logs,
     parse_servers_state,
     parse_stat,
     plan_runtime,
 )
-from registrar.haproxy.traffic import UNVERSIONED, Owner, Slot, Traffic
+from registrar.haproxy.traffic import (
+    UNVERSIONED,
+    Holder,
+    InFlight,
+    Owner,
+    Slot,
+    Traffic,
+    fell,
+    in_flight,
+    merge_in_flight,
+)
 from registrar.retry import Backoff
 from registrar.settings import HAProxySettings
 
@@ -68,6 +86,7 @@ log = logging.getLogger(__name__)
 QUIET = 0.1  # changes that need a reload, this close together, are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
 POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic)
+POLL_IN_FLIGHT = 0.2  # ... this often while requests are open on instances that left rotation
 RELOAD_CMD_TIMEOUT = 60.0
 
 
@@ -139,6 +158,7 @@ class Registrations:
         self._valid: dict[str, Routed] = {}
         self._weights: dict[str, StoredKey] = {}
         self.version = 0
+        self.revision = 0  # the etcd revision of `{prefix}/` read up to (snapshot or events)
         self.loaded = False  # read from etcd at least once
 
     def _set(self, key: str, value: str | None) -> bool:
@@ -161,9 +181,11 @@ class Registrations:
         self.version += 1
         self._cond.notify_all()
 
-    def replace_all(self, values: Mapping[str, str]) -> None:
-        """Everything under the prefix, read anew (at start, after a compaction)."""
+    def replace_all(self, values: Mapping[str, str], revision: int = 0) -> None:
+        """Everything under the prefix, read anew (at start, after a compaction), as of
+        `revision`."""
         with self._cond:
+            self.revision = max(self.revision, revision)
             changed = not self.loaded
             for key in [k for k in self._raw if k not in values]:
                 changed |= self._set(key, None)
@@ -178,6 +200,7 @@ class Registrations:
             changed = False
             for event in events:
                 changed |= self._set(event.key, event.value)
+                self.revision = max(self.revision, event.revision)
             if changed:
                 self._changed()
 
@@ -202,6 +225,18 @@ class Registrations:
     def snapshot(self) -> tuple[list[Routed], dict[str, Canary]]:
         with self._cond:
             return list(self._valid.values()), parse_canaries(self._weights, self._layout)
+
+    def state(self) -> tuple[list[Routed], dict[str, Canary], int]:
+        """`snapshot()` and the revision it holds everything up to, read together."""
+        with self._cond:
+            return (list(self._valid.values()), parse_canaries(self._weights, self._layout),
+                    self.revision)
+
+    def settled(self, seen: int) -> int | None:
+        """The revision read up to when nothing changed since version `seen` (events that
+        changed no registration, e.g. a service nobody binds, still move it); else None."""
+        with self._cond:
+            return self.revision if self.version == seen else None
 
     def wait_change(self, seen: int, stop: threading.Event, timeout: float) -> int:
         """The version once it differs from `seen`, or after `timeout`."""
@@ -248,13 +283,18 @@ class Router:
         metrics: RoutingMetrics,
         haproxy: HAProxyMaster | None,
         stats_socket: str | None,
+        log_socket: str | None = None,
+        latency: Latency | None = None,
+        dropped_logs: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.hp = hp
         self.metrics = metrics
         self.haproxy = haproxy
         self.builtin = hp.template is None
         self.template = load_template(hp.template)
-        self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket)
+        self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket,
+                                     response_timeout=hp.response_timeout,
+                                     log_socket=log_socket)
         self.installed_text: str | None = None  # what we last wrote to --config
         self.installed_backends: tuple[Backend, ...] | None = None
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)
@@ -267,6 +307,25 @@ class Router:
         self.traffic_lock = threading.Lock()  # the reporter reads the totals from its thread
         self._workers: tuple[int, ...] | None = None  # the workers we know of
         self._next_poll = 0.0
+        # What the report says the router has done (read by the reporter, under traffic_lock):
+        self.applied = 0  # every change under the prefix up to this revision is served
+        self.in_step = False  # what HAProxy serves is the last state applied (none pending)
+        self._revision = 0  # the revision of the state being applied now
+        self._installed_revision = 0  # ... of the config file installed last
+        self.serving: frozenset[Holder] = frozenset()  # the instances in rotation
+        self._removed = False  # the change being applied took an instance out of rotation
+        self.holders: dict[Slot, Holder] = {}  # current worker: slot -> instance it served
+        self.old_holders: dict[int, dict[Slot, Holder]] = {}  # a reload's old workers' slots
+        self._current_open: dict[Slot, int] = {}  # current worker's scur, as last read
+        self.in_flight: InFlight = {}
+        self.report_now: Callable[[], None] = lambda: None  # the reporter writes at once
+        # Response times (http mode, from HAProxy's per-request log, counted on the log
+        # reader's thread): which slot is whose, per worker, published to it.
+        self.latency = latency if latency is not None else Latency()
+        self._published: dict[Slot, Owner] = {}
+        self.old_owners: dict[int, dict[Slot, Owner]] = {}
+        self._dropped_logs = dropped_logs
+        self._dropped_seen: dict[int, int] = {}  # worker pid -> its DroppedLogs, last read
 
     # --- applying ------------------------------------------------------------------------
 
@@ -281,10 +340,14 @@ class Router:
             self.metrics.reload_failures.inc()
             return None
 
-    def apply(self, routed: Sequence[Routed], canaries: Mapping[str, Canary]) -> Action:
+    def apply(self, routed: Sequence[Routed], canaries: Mapping[str, Canary],
+              revision: int = 0) -> Action:
         """Applies what the runtime API can carry at once; RELOAD: a reload is needed (the
-        caller gathers, then calls `reload`)."""
+        caller gathers, then calls `reload`). `revision`: the etcd revision `routed` holds
+        everything up to (`applied` once HAProxy serves it)."""
         self.retry_at = None
+        self.in_step = False
+        self._revision = revision
         started = time.monotonic()
         rendered = self._render(routed, canaries)
         if rendered is None:
@@ -302,16 +365,40 @@ class Router:
             if self.haproxy is not None:
                 self._install(text, backends)
             self._routed(backends)
+            self._served()
         elif decision.action is Action.RUNTIME:
             assert decision.plan is not None
             if not self._runtime_update(decision.plan, backends, started):
                 return Action.RELOAD
-            if not self._install(text, backends) and self.installed_backends is not None:
+            if self._install(text, backends):
+                self._served()
+            elif self.installed_backends is not None:
                 self._roll_back(self.installed_backends)
         return decision.action
 
-    def reload(self, routed: Sequence[Routed], canaries: Mapping[str, Canary]) -> None:
+    def _served(self) -> None:
+        """HAProxy serves the state of `_revision`: it counts as applied; when it took an
+        instance out of rotation, what is still open on it is read and reported at once."""
+        with self.traffic_lock:
+            self.applied = max(self.applied, self._revision)
+        self.in_step = True
+        if self._removed:
+            self._removed = False
+            self.poll_traffic()
+            self._refresh_in_flight()
+            self.report_now()
+
+    def settled(self, revision: int) -> None:
+        """Nothing was left to apply up to `revision` (the loop saw no change since)."""
+        if self.in_step and revision > self.applied:
+            with self.traffic_lock:
+                self.applied = revision
+
+    def reload(self, routed: Sequence[Routed], canaries: Mapping[str, Canary],
+               revision: int = 0) -> None:
         """Renders, installs (checked) and reloads: SIGUSR2 to the master, or --reload-cmd."""
+        self.in_step = False
+        self._revision = revision
         started = time.monotonic()
         rendered = self._render(routed, canaries)
         if rendered is None:
@@ -319,7 +406,9 @@ class Router:
         backends, text = rendered
         self.backends = backends
         if self.haproxy is None:
-            if self.running_text != text and self._install(text, backends):
+            if self.running_text == text:
+                self._served()
+            elif self._install(text, backends):
                 self._run_reload_cmd(text, backends, started)
             return
         if not self.haproxy.running():
@@ -346,6 +435,7 @@ class Router:
             self._schedule_retry()
             return False
         self.installed_text, self.installed_backends = text, tuple(backends)
+        self._installed_revision = self._revision
         self.can_run = True
         return True
 
@@ -359,6 +449,7 @@ class Router:
             return False
         self._describe("runtime API", before, backends, started)
         self.live = plan.live
+        self.holders.update(self._holders_of(plan.live))
         self.metrics.runtime_updates.inc()
         self._routed(backends)
         return True
@@ -414,6 +505,7 @@ class Router:
         self._new_worker()
         self._describe("reload", before, backends, started)
         self._routed(backends)
+        self._served()
 
     def _run_reload_cmd(self, text: str, backends: Sequence[Backend], started: float) -> None:
         assert self.hp.reload_cmd is not None
@@ -437,6 +529,7 @@ class Router:
         self.running_text = text
         self._describe("--reload-cmd", None, backends, started)
         self._routed(backends)
+        self._served()
 
     def _schedule_retry(self) -> None:
         self.retry_at = time.monotonic() + self._backoff.next()
@@ -445,8 +538,12 @@ class Router:
         return self.retry_at is not None and now >= self.retry_at
 
     def _routed(self, backends: Sequence[Backend]) -> None:
+        self._publish_owners()
         for b in backends:
             self.metrics.backend_servers.labels(service=b.service).set(len(b.servers))
+        serving = frozenset((b.service, s.instance) for b in backends for s in b.servers)
+        self._removed |= bool(self.serving - serving)
+        self.serving = serving
 
     def _describe(self, how: str, before: Model | None, backends: Sequence[Backend],
                   started: float) -> None:
@@ -494,17 +591,93 @@ class Router:
     def _owner_in(self, live: Live, slot: Slot) -> Owner | None:
         return self._owners_of(live).get(slot)
 
-    def poll_traffic(self) -> None:
-        """Reads `show stat` and adds what each slot served since the last reading."""
+    def _holders_of(self, live: Live | None) -> dict[Slot, Holder]:
+        """Which instance each slot serves (for what is still open on it once it left)."""
+        holders: dict[Slot, Holder] = {}
+        if live is not None:
+            for service, lb in live.items():
+                for slot, server in lb.slots.items():
+                    if server is not None:
+                        holders[(lb.backend, slot)] = (service, server.instance)
+            return holders
+        for b in self.installed_backends or self.backends:  # an operator's template
+            for server in b.servers:
+                holders[(b.backend, server.name)] = (b.service, server.instance)
+        return holders
+
+    def _publish_owners(self) -> None:
+        """Tells the log reader whose each slot is now (old workers keep theirs)."""
+        self._published = self._owners()
+        self.old_owners = {pid: owners for pid, owners in self.old_owners.items()
+                           if pid in self.old_holders}
+        self.latency.set_owners(self._workers[0] if self._workers else None, self._published,
+                                dict(self.old_owners))
+
+    def _retire_worker(self) -> None:
+        """A reload replaces the current worker: it keeps serving what it has open, so its
+        slots are remembered under its pid until it has gone."""
+        if self._workers:
+            self.old_holders[self._workers[0]] = dict(self.holders)
+            self.old_owners[self._workers[0]] = self._published
+            with self.traffic_lock:
+                self.traffic.retire(self._workers[0])
+        self.holders = {}
+        self._current_open = {}
+
+    def _refresh_in_flight(self, old_workers: tuple[int, ...] | None = None) -> None:
+        """`in_flight` from the current worker's last `show stat` and every old worker's
+        (asked now; one that has gone, or that `show proc` no longer lists, is forgotten).
+        The report is written at once when an entry fell to 0."""
+        if self.haproxy is None:
+            return
+        parts = [in_flight(self._current_open, self.holders, self.serving)]
+        for pid, holders in list(self.old_holders.items()):
+            text = ""
+            if old_workers is None or pid in old_workers:
+                with contextlib.suppress(HAProxyError):  # gone meanwhile: as if gone
+                    text = self.haproxy.stat(pid)
+            open_now = parse_stat(text, OPEN_SESSIONS)
+            if not open_now:  # gone: the master no longer knows the pid
+                del self.old_holders[pid]
+                with self.traffic_lock:
+                    self.traffic.forget(pid)
+                continue
+            # what it answered since (a request open across the reload) is counted too
+            with self.traffic_lock:
+                added = self.traffic.observe(parse_stat(text), self.old_owners.get(pid, {}),
+                                             worker=pid)
+            self._count(added)
+            parts.append(in_flight({k: v["scur"] for k, v in open_now.items()}, holders,
+                                   self.serving))
+        now = merge_in_flight(parts)
+        with self.traffic_lock:
+            before, self.in_flight = self.in_flight, now
+        if fell(before, now):
+            self.report_now()
+
+    def poll_traffic(self, worker: int | None = None) -> None:
+        """Reads `show stat` (of `worker`; None: the one we know runs, else the current one)
+        and adds what each slot served since the last reading."""
         if self.haproxy is None or not self.haproxy.running():
             return
+        if worker is None and self._workers:
+            worker = self._workers[0]
         try:
-            counters = parse_stat(self.haproxy.stat())
+            text = self.haproxy.stat(worker)
         except HAProxyError as exc:
             log.debug("show stat failed: %s", exc)
             return
+        counters = parse_stat(text)
+        if not counters:  # a worker that has gone meanwhile answers nothing
+            return
+        if not self._workers or worker == self._workers[0]:
+            self._current_open = {slot: v["scur"]
+                                  for slot, v in parse_stat(text, OPEN_SESSIONS).items()}
         with self.traffic_lock:
             added = self.traffic.observe(counters, self._owners())
+        self._count(added)
+
+    def _count(self, added: Mapping[Owner, Mapping[str, int]]) -> None:
         for (service, version), counts in added.items():
             for code, value in counts.items():
                 if code == "connection_errors":
@@ -512,10 +685,28 @@ class Router:
                 else:
                     self.metrics.responses.labels(service, version, code).inc(value)
 
+    def _poll_dropped_logs(self) -> None:
+        """The log lines the current worker could not send (HAProxy's DroppedLogs)."""
+        if self.haproxy is None or not self._workers or self.context.log_socket is None:
+            return
+        pid = self._workers[0]
+        try:
+            dropped = parse_dropped_logs(self.haproxy.info(pid))
+        except HAProxyError:
+            return
+        if dropped is None:
+            return
+        grown = dropped - self._dropped_seen.get(pid, 0)
+        self._dropped_seen = {pid: dropped}  # only the current worker's is read
+        if grown > 0:
+            self._dropped_logs(grown)
+
     def _new_worker(self) -> None:
         assert self.haproxy is not None
+        self._retire_worker()
         info = self.haproxy.show_proc()
         self._workers = info.workers if info is not None else None
+        self.holders = self._holders_of(self.live)
         with self.traffic_lock:
             self.traffic.new_worker()
 
@@ -524,13 +715,17 @@ class Router:
         servers were read again (the caller applies the wanted state against them)."""
         if self.haproxy is None or now < self._next_poll or not self.haproxy.running():
             return False
-        self._next_poll = now + POLL_EVERY
+        self._next_poll = now + (POLL_IN_FLIGHT if self.in_flight else POLL_EVERY)
         info = self.haproxy.show_proc()
         if info is not None and self._workers is not None and info.workers != self._workers:
+            # what the old worker served since the last reading, while it still answers
+            self.poll_traffic(self._workers[0] if self._workers else None)
             return self._reloaded_by_someone_else(info.workers)
         if info is not None and self._workers is None:
             self._workers = info.workers
         self.poll_traffic()
+        self._poll_dropped_logs()
+        self._refresh_in_flight(info.old_workers if info is not None else None)
         return False
 
     def _reloaded_by_someone_else(self, workers: tuple[int, ...]) -> bool:
@@ -539,11 +734,13 @@ class Router:
         log.warning("haproxy was reloaded from outside (workers %s): reading its servers "
                     "again", ",".join(map(str, workers)), extra={"event": "outside_reload"})
         self.metrics.outside_reloads.inc()
+        self._retire_worker()
         self._workers = workers
         with self.traffic_lock:
             self.traffic.new_worker()
         self.running_text = self.installed_text
         if not self.builtin:
+            self.holders = self._holders_of(None)
             return True
         try:
             state = parse_servers_state(self.haproxy.servers_state())
@@ -551,6 +748,8 @@ class Router:
             self.live = None
             return True
         self.live = live_from_state(state, self.backends)
+        self.holders = self._holders_of(self.live)
+        self._publish_owners()
         return True
 
     # --- the HAProxy process -------------------------------------------------------------
@@ -580,6 +779,13 @@ class Router:
             return
         if self.haproxy.supervise(now):
             # It loaded the config file: the last one we installed, or the one found at start.
+            # A new master: the old one's workers are gone with it.
+            with self.traffic_lock:
+                for pid in self.old_holders:
+                    self.traffic.forget(pid)
+            self._workers, self.old_holders = None, {}
+            with self.traffic_lock:
+                self.applied = max(self.applied, self._installed_revision)
             self.running_text = self.installed_text
             self.live = (
                 fresh_layout(self.installed_backends)

@@ -278,6 +278,7 @@ class ProcInfo:
     reloads: int
     failed: int
     workers: tuple[int, ...]
+    old_workers: tuple[int, ...] = ()  # a reload's former workers, finishing their connections
 
 
 _MASTER_LINE = re.compile(r"^(\d+)\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", re.MULTILINE)
@@ -289,29 +290,36 @@ def parse_show_proc(text: str) -> ProcInfo | None:
     if match is None:
         return None
     workers = []
+    old = []
     section = ""
     for line in text.splitlines():
         if line.startswith("#"):
             section = line
             continue
         fields = line.split()
-        if section.startswith("# workers") and len(fields) >= 2 and fields[0].isdigit():
+        if len(fields) < 2 or not fields[0].isdigit() or fields[1] != "worker":
+            continue
+        if section.startswith("# workers"):
             workers.append(int(fields[0]))
-    return ProcInfo(int(match.group(2)), int(match.group(3)), tuple(workers))
+        elif section.startswith("# old workers"):
+            old.append(int(fields[0]))
+    return ProcInfo(int(match.group(2)), int(match.group(3)), tuple(workers), tuple(old))
 
 
+OPEN_SESSIONS = ("scur",)  # open sessions now: a gauge, kept apart from the growing counters
 COUNTERS = ("stot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other",
             "econ")
 
 
-def parse_stat(text: str) -> dict[tuple[str, str], dict[str, int]]:
-    """`show stat` (CSV): the counters of every server, by (backend, server)."""
+def parse_stat(text: str, names: Sequence[str] = COUNTERS
+               ) -> dict[tuple[str, str], dict[str, int]]:
+    """`show stat` (CSV): the counters `names` of every server, by (backend, server)."""
     lines = text.splitlines()
     if not lines or not lines[0].startswith("# "):
         return {}
     header = lines[0][2:].split(",")
     index = {name: i for i, name in enumerate(header)}
-    if "pxname" not in index or "svname" not in index or any(c not in index for c in COUNTERS):
+    if "pxname" not in index or "svname" not in index or any(c not in index for c in names):
         return {}
     out = {}
     for line in lines[1:]:
@@ -319,8 +327,17 @@ def parse_stat(text: str) -> dict[tuple[str, str], dict[str, int]]:
         if len(fields) < len(header) or fields[index["svname"]] in ("FRONTEND", "BACKEND"):
             continue
         counts = {}
-        for name in COUNTERS:
+        for name in names:
             raw = fields[index[name]]
             counts[name] = int(raw) if raw.isdigit() else 0
         out[(fields[index["pxname"]], fields[index["svname"]])] = counts
     return out
+
+
+def parse_dropped_logs(text: str) -> int | None:
+    """`show info`'s DroppedLogs: log lines the worker could not send (None: not there)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "DroppedLogs" and value.strip().isdigit():
+            return int(value.strip())
+    return None

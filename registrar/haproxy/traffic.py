@@ -10,7 +10,7 @@ means a new worker: all of it is new.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 # `show stat` counter -> the report's name (SPEC: 2xx 3xx 4xx 5xx other tcp connection_errors)
@@ -31,18 +31,23 @@ class Traffic:
     responses: dict[Owner, dict[str, int]] = field(default_factory=dict)
     connection_errors: dict[Owner, int] = field(default_factory=dict)
     _last: dict[Slot, dict[str, int]] = field(default_factory=dict)
+    _old_last: dict[int, dict[Slot, dict[str, int]]] = field(default_factory=dict)
 
     def observe(self, counters: Mapping[Slot, Mapping[str, int]],
-                owners: Mapping[Slot, Owner]) -> dict[Owner, dict[str, int]]:
+                owners: Mapping[Slot, Owner], worker: int | None = None
+                ) -> dict[Owner, dict[str, int]]:
         """Adds the growth since the last reading to whoever owned each slot meanwhile
-        (`owners`, as it was until now); returns what was added."""
+        (`owners`, as it was until now); returns what was added. `worker`: the pid of a
+        reload's old worker (its own readings; it still answers what it had open), None for
+        the current one."""
+        last = self._last if worker is None else self._old_last.setdefault(worker, {})
         added: dict[Owner, dict[str, int]] = {}
         for slot, now in counters.items():
-            before = self._last.get(slot, {})
+            before = last.get(slot, {})
             grown = {name: value - before.get(name, 0) for name, value in now.items()}
             if any(v < 0 for v in grown.values()):  # a new worker: its counters start at 0
                 grown = dict(now)
-            self._last[slot] = dict(now)
+            last[slot] = dict(now)
             owner = owners.get(slot)
             if owner is None or not any(grown.values()):
                 continue
@@ -56,6 +61,17 @@ class Traffic:
     def new_worker(self) -> None:
         """A new worker runs (a reload, a restart): its counters start at 0."""
         self._last = {}
+
+    def retire(self, worker: int) -> None:
+        """The current worker (`worker`) is replaced by a reload: its readings go on under its
+        pid (what it had open is answered, and counted, after the reload); the new one's start
+        at 0."""
+        self._old_last[worker] = self._last
+        self._last = {}
+
+    def forget(self, worker: int) -> None:
+        """An old worker has gone."""
+        self._old_last.pop(worker, None)
 
     def _add(self, owner: Owner, grown: Mapping[str, int]) -> dict[str, int]:
         delta: dict[str, int] = {}
@@ -86,3 +102,44 @@ class Traffic:
 
 
 UNVERSIONED = "-"  # the version of a registration whose value says none
+
+
+# --- what is still open on instances that left rotation ------------------------------------
+
+Holder = tuple[str, str]  # (service, instance) a server slot routes (or last routed) to
+InFlight = dict[str, dict[str, int]]  # service -> instance -> requests/sessions still open
+
+
+def in_flight(current: Mapping[Slot, int], holders: Mapping[Slot, Holder],
+              in_rotation: Collection[Holder]) -> InFlight:
+    """The report's `in_flight` for one worker: its open sessions (`show stat` `scur`, by
+    slot) on slots whose instance is no longer in rotation. `holders`: which instance each
+    slot served in that worker (a slot set to maint keeps its last instance: HAProxy finishes
+    what was open on it). Only entries with N > 0."""
+    out: InFlight = {}
+    for slot, n in current.items():
+        holder = holders.get(slot)
+        if n <= 0 or holder is None or holder in in_rotation:
+            continue
+        service, instance = holder
+        by_instance = out.setdefault(service, {})
+        by_instance[instance] = by_instance.get(instance, 0) + n
+    return out
+
+
+def merge_in_flight(parts: Iterable[InFlight]) -> InFlight:
+    """Several workers' `in_flight` (the current one and a reload's old ones) summed."""
+    out: InFlight = {}
+    for part in parts:
+        for service, by_instance in part.items():
+            into = out.setdefault(service, {})
+            for instance, n in by_instance.items():
+                into[instance] = into.get(instance, 0) + n
+    return out
+
+
+def fell(before: InFlight, after: InFlight) -> bool:
+    """True when an entry of `before` is gone from `after` (its requests were all answered):
+    the moment a drain waits for, so the report is written at once."""
+    return any(instance not in after.get(service, {})
+               for service, by_instance in before.items() for instance in by_instance)

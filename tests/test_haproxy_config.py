@@ -200,6 +200,8 @@ def test_builtin_template_header_and_sticky_canary_golden() -> None:
     golden("haproxy-http-canary-header-sticky.cfg", text)
     assert "use_backend be_web_always if { req.hdr(X-Canary) -m str always }" in text
     assert "cookie registrar-web insert indirect nocache dynamic" in text
+    # a POST routed by the header is never sent twice either
+    assert text.count("disable-l7-retry if !{ method GET HEAD OPTIONS PUT DELETE }") == 3
     [web] = backends
     assert [s.name for s in web.canary_servers] == ["n1:b:8080"]
     assert [s.name for s in web.other_servers] == ["n1:a:8080", "n2:a:8080"]

@@ -21,12 +21,12 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TextIO
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore
 from registrar.commands.oneshot import OneShot
 from registrar.commands.promote import Rotation, promote_and_wait
 from registrar.core.canary import CanaryPlan, CanaryRun, Promote, Report, RollBack, SetPercent
 from registrar.core.canary import parse_reports as parse_router_reports
 from registrar.core.layout import Layout
+from registrar.core.store import EtcdError, Store
 from registrar.errors import FatalError
 from registrar.settings import Settings
 
@@ -60,7 +60,7 @@ def _reports(etcd: OneShot, layout: Layout) -> dict[str, Report]:
     return parse_router_reports(stored, layout)
 
 
-def run_canary(store: EtcdStore, settings: Settings, before: Rotation, out: TextIO) -> int:
+def run_canary(store: Store, settings: Settings, before: Rotation, out: TextIO) -> int:
     p = settings.promote
     assert p is not None and p.canary is not None and p.version is not None
     c = p.canary
@@ -122,7 +122,7 @@ def _put_weights(etcd: OneShot, key: str, version: str, percent: int) -> None:
     etcd(lambda store: store.put(key, value))
 
 
-def _lift(store: EtcdStore, weights: str) -> None:
+def _lift(store: Store, weights: str) -> None:
     """Deletes the weights key, trying a few seconds whatever else failed."""
     deadline = time.monotonic() + 5
     while True:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from registrar.core.layout import Layout, child_name, parse_key
-from registrar.core.planner import StoredKey, json_object, version_of
+from registrar.core.planner import json_object, version_of
+from registrar.core.store import StoredKey
 
 
 @dataclass(frozen=True)

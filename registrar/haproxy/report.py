@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore, LeaseNotFound
+from registrar.core.store import EtcdError, LeaseNotFound, Store
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
@@ -32,7 +32,7 @@ def report_value(services: Totals, at: datetime) -> str:
 
 
 class Reporter:
-    def __init__(self, store: EtcdStore, key: str, ttl: int, metrics: Metrics,
+    def __init__(self, store: Store, key: str, ttl: int, metrics: Metrics,
                  totals: Callable[[], Totals]) -> None:
         self._store = store
         self.key = key

@@ -48,12 +48,13 @@ from registrar.core.store import (
     StoredKey,
     WatchCompacted,
 )
-from registrar.metrics import Metrics
-from registrar.settings import EtcdSettings
 from registrar.shutdown import start_thread
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the sidecar imports neither prometheus_client nor ssl for etcd
     import ssl
+
+    from registrar.metrics import Metrics
+    from registrar.settings import EtcdSettings
 
 __all__ = [
     "EtcdError", "EtcdRefused", "EtcdStore", "EtcdUnavailable", "KeyEvent", "LeaseNotFound",

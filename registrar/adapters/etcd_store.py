@@ -152,6 +152,15 @@ def diagnose(exc: BaseException, settings: EtcdSettings) -> tuple[str, bool]:
             "etcd requires authentication: give --etcd-user and REGISTRAR_ETCD_PASSWORD (or a "
             "client certificate whose CN is an etcd user)"
         )
+    elif "commonname of client" in text:
+        # etcd's guard (embed/serve.go): with auth and --client-cert-auth on, a /v3 gateway
+        # request whose client certificate has a Common Name is refused, whatever its token.
+        hint = (
+            "etcd refuses JSON-gateway requests made with a client certificate that has a "
+            "Common Name while its authentication is on: the CN cannot be the etcd user here; "
+            "use a client certificate without a CN (--etcd-cert) and --etcd-user with "
+            "REGISTRAR_ETCD_PASSWORD"
+        )
     elif denied:
         who = f"user {settings.user!r}" if settings.user else "this client"
         hint = (

@@ -242,9 +242,10 @@ class Connection:
                     sock.sendall(data)
                     status, response_headers = reader.head()
                     payload, reusable = reader.body(response_headers, method, status)
-                except OSError:
+                except OSError as exc:
                     sock.close()
-                    if reused and attempt == 0 and reader.received == 0:
+                    if (reused and attempt == 0 and reader.received == 0
+                            and not isinstance(exc, TimeoutError)):
                         continue  # the peer had closed the idle connection: it never read this
                     raise
                 if reusable and response_headers.get("connection", "").lower() != "close":

@@ -191,6 +191,10 @@ def _token_stale(exc: GatewayError) -> bool:
     )
 
 
+class WatchRefused(EtcdUnavailable):
+    """etcd would not start a watch (no permission there, or a token it no longer takes)."""
+
+
 class PrefixWatch:
     """Events under a prefix, from a revision on, read with `get()`; one HTTP connection,
     read line by line on its own thread.
@@ -583,7 +587,7 @@ class EtcdStore:
         """Watches `prefix/` from `start_revision` on (raises WatchCompacted if it is gone)."""
         try:
             return self._open_watch(prefix, start_revision)
-        except EtcdUnavailable:
+        except WatchRefused:
             if not self._settings.user:
                 raise
         # etcd refuses a watch (created and canceled at once) when the token has expired:
@@ -641,7 +645,7 @@ class EtcdStore:
             stream.close()
             if created.get("compact_revision"):
                 raise WatchCompacted(int(created["compact_revision"]))
-            raise EtcdUnavailable(
+            raise WatchRefused(
                 f"etcd refused the watch on {prefix}/ (permission denied: it needs read "
                 "permission there)"
             )
@@ -656,8 +660,9 @@ class EtcdStore:
             result = open_stream()
         except GatewayError as exc:
             why, lasting = diagnose(exc, self._settings)
-            if exc.name == "UNAUTHENTICATED":
-                self._renew_token(self._token)
+            if exc.name == "UNAUTHENTICATED" or _token_stale(exc):
+                self._set_up(False, why)
+                raise WatchRefused(why, lasting) from None
             raise self._unavailable(why, lasting) from None
         except OSError as exc:
             why, lasting = diagnose(exc, self._settings)

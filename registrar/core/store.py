@@ -94,11 +94,6 @@ class Watch(Protocol):
 class Store(Protocol):
     """Every etcd call the project makes."""
 
-    @property
-    def up(self) -> bool | None:
-        """Whether etcd answers (None: not asked yet)."""
-        ...
-
     def add_listener(self, listener: Callable[[bool], None]) -> None:
         """`listener(up)` is called whenever etcd goes from answering to not, or back."""
         ...

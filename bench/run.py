@@ -72,7 +72,7 @@ from tests.support.proc import RegistrarProcess
 RESULTS = Path(__file__).with_name("results.md")
 WARM_IMPORTS = (
     "import registrar.cli, registrar.settings, registrar.logs, registrar.agent.command, "
-    "pyetcd, grpc, pyetcd.etcdrpc"
+    "registrar.adapters.etcd_store"
 )
 PREFIX = "/services"
 

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore, LeaseNotFound
+from registrar.core.store import EtcdError, LeaseNotFound, Store
 from registrar.health import LoopHealth
 from registrar.metrics import Metrics
 from registrar.shutdown import start_thread
@@ -25,7 +25,7 @@ RETRY_AFTER_FAILURE = 0.5  # at most this long after a failed keepalive (and at 
 class Heartbeat:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         interval: float,
         metrics: Metrics,
         on_lost: Callable[[int, str], None],

@@ -13,14 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from registrar.adapters.etcd_store import (
-    EtcdError,
-    EtcdStore,
-    KeyEvent,
-    PrefixWatch,
-    WatchCompacted,
-)
-from registrar.core.planner import StoredKey
+from registrar.core.store import EtcdError, KeyEvent, Store, StoredKey, Watch, WatchCompacted
 from registrar.health import LoopHealth
 from registrar.retry import retry_forever
 from registrar.shutdown import start_thread
@@ -33,7 +26,7 @@ POLL = 0.5  # the wait for events: the thread's progress beat
 class PrefixFollower:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         prefix: str,
         *,
         name: str,
@@ -55,7 +48,7 @@ class PrefixFollower:
         self._revision = revision
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._watch: PrefixWatch | None = None
+        self._watch: Watch | None = None
         self.health = LoopHealth(name, self.alive, on_internal_error)
 
     def start(self) -> None:

@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from registrar.adapters.etcd_store import EtcdStore
 from registrar.core.drain import Report, reports, still_waiting, unversioned
 from registrar.core.layout import Layout
+from registrar.core.store import Store
 
 POLL = 0.05  # between two reads of the reports: small beside a router's 0.5 s to report
 
 
-def removal_revision(store: EtcdStore, prefix: str, keys: Collection[str], after: int,
+def removal_revision(store: Store, prefix: str, keys: Collection[str], after: int,
                      deadline: float) -> int | None:
     """The revision at which the last of `keys` was deleted under `prefix/`, from a watch
     replayed from `after` + 1 (None when not all were seen deleted by `deadline`, or none was
@@ -52,7 +52,7 @@ class Waited:
     routers: list[str] = field(default_factory=list)  # every live router seen last
 
 
-def read_reports(store: EtcdStore, layout: Layout) -> list[Report]:
+def read_reports(store: Store, layout: Layout) -> list[Report]:
     stored, _revision = store.list_prefix(layout.routers)
     return reports(stored, layout.routers)
 

@@ -1,6 +1,6 @@
 """In-memory fakes of the two adapters, typed against their interfaces, for the fast tier.
 
-`FakeEtcd` is `EtcdStore`'s interface over a dict (with what the real store does besides:
+`FakeEtcd` is a `registrar.core.store.Store` over a dict (with what the real store does besides:
 `registrar_etcd_up` and listeners told when etcd goes and comes back); `FakeDocker` is a
 `ContainerSource` (registrar.core.source), with containers as inspect documents and events
 from a queue.
@@ -16,13 +16,40 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from registrar.adapters.etcd_store import EtcdRefused, EtcdUnavailable, LeaseNotFound
 from registrar.core.containers import ContainerInfo, parse_inspect
-from registrar.core.planner import StoredKey
 from registrar.core.source import ContainerSource, DockerUnavailable
+from registrar.core.store import (
+    EtcdRefused,
+    EtcdUnavailable,
+    KeyEvent,
+    LeaseNotFound,
+    Store,
+    StoredKey,
+)
 from registrar.metrics import Metrics
 
 NOSPACE = "etcdserver: mvcc: database space exceeded"
+
+
+class FakeWatch:
+    """A watch on a FakeEtcd: every write under its prefix, as one batch."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.events: queue.Queue[list[KeyEvent]] = queue.Queue()
+        self.cancelled = False
+
+    def get(self, timeout: float) -> list[KeyEvent]:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return []
+
+    def wake(self) -> None:
+        self.events.put([])
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class FakeEtcd:
@@ -51,6 +78,7 @@ class FakeEtcd:
         self.metrics = metrics
         self.up: bool | None = None
         self._listeners: list[Callable[[bool], None]] = []
+        self.watches: list[FakeWatch] = []
 
     def _check(self) -> None:
         """Called with the lock held, at the start of every request."""
@@ -97,7 +125,7 @@ class FakeEtcd:
             self.leases.pop(lease, None)
             self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
 
-    # --- EtcdStore's interface ------------------------------------------------------------
+    # --- the Store protocol ----------------------------------------------------------------
     def add_listener(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
 
@@ -134,6 +162,30 @@ class FakeEtcd:
             self.reads += 1
             return {k: v for k, v in self.kv.items() if k.startswith(prefix + "/")}, self.revision
 
+    def list_two(self, first: str, second: str
+                 ) -> tuple[dict[str, StoredKey], dict[str, StoredKey], int]:
+        with self.lock:
+            self._check()
+            self.reads += 1
+            return ({k: v for k, v in self.kv.items() if k.startswith(first + "/")},
+                    {k: v for k, v in self.kv.items() if k.startswith(second + "/")},
+                    self.revision)
+
+    def put_if_absent(self, key: str, value: str) -> bool:
+        with self.lock:
+            if key in self.kv:
+                self._check()
+                return False
+        self.put(key, value)
+        return True
+
+    def watch_prefix(self, prefix: str, start_revision: int) -> FakeWatch:
+        with self.lock:
+            self._check()
+            watch = FakeWatch(prefix)
+            self.watches.append(watch)
+            return watch
+
     def apply(self, puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
         with self.lock:
             self._check()
@@ -141,13 +193,20 @@ class FakeEtcd:
                 raise EtcdRefused(self.refuse_puts, "RESOURCE_EXHAUSTED")
             if puts and lease not in self.leases:
                 raise LeaseNotFound("requested lease not found")
+            self.revision += 1
+            events = []
             for key in deletes:
                 self.kv.pop(key, None)
                 self.ops.append(("delete", key))
+                events.append(KeyEvent(key, None, self.revision))
             for key, value in puts.items():
                 self.kv[key] = StoredKey(value, lease)
                 self.ops.append(("put", key))
-            self.revision += 1
+                events.append(KeyEvent(key, value, self.revision))
+            for watch in self.watches:
+                mine = [e for e in events if e.key.startswith(watch.prefix + "/")]
+                if mine and not watch.cancelled:
+                    watch.events.put(mine)
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self.apply({key: value}, (), lease)
@@ -157,6 +216,11 @@ class FakeEtcd:
 
     def close(self) -> None:
         pass
+
+
+def _typed(etcd: FakeEtcd) -> Store:
+    """Holds FakeEtcd to the Store protocol (mypy checks this assignment)."""
+    return etcd
 
 
 _END = object()

@@ -48,7 +48,7 @@ from registrar.core.canary import (
     verdict,
 )
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import StoredKey
 from tests.hypothesis_profiles import examples
 
 AT = "2015-07-20T12:00:00Z"

@@ -16,7 +16,7 @@ from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.canary import CanaryCommand
 from registrar.commands.promote import Rotation
 from registrar.commands.steer import run_steering
-from registrar.core.planner import StoredKey
+from registrar.core.store import StoredKey
 from registrar.errors import FatalError
 from registrar.settings import Settings, parse_settings
 from tests.fakes import FakeEtcd

@@ -18,7 +18,7 @@ from registrar.catalog.metrics import CatalogMetrics
 from registrar.catalog.server import Auth, CatalogServer
 from registrar.catalog.state import CatalogState
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import StoredKey
 
 LAYOUT = Layout("/services", "/registrar")
 WEB = json.dumps({"service": "web", "host": "10.0.0.5", "port": 32768, "version": "v1",

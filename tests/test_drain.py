@@ -21,8 +21,8 @@ from registrar.core.drain import (
 )
 from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
-from registrar.core.planner import StoredKey
 from registrar.core.reconcile import Happened, instance_keys, mine, plan
+from registrar.core.store import StoredKey
 from registrar.router_wait import wait_for_routers
 from registrar.settings import SettingsError, parse_settings
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from registrar.core.drain import entry_value
-from registrar.core.planner import StoredKey
+from registrar.core.store import StoredKey
 from tests.test_keeper_fake import (
     CONTROL,
     NODE,

@@ -8,10 +8,9 @@ import threading
 
 import pytest
 
-from registrar.adapters.etcd_store import KeyEvent
 from registrar.core.control import Canary
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import KeyEvent, StoredKey
 from registrar.haproxy.config import MIN_SPARES, Routed, Server, build_backends, parse_registration
 from registrar.haproxy.router import Gather, Registrations
 from registrar.haproxy.runtime import (

@@ -6,7 +6,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any
 
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core.layout import Layout
@@ -14,6 +13,7 @@ from registrar.core.ownership import Ownership
 from registrar.health import FAILING_AFTER, LoopHealth, health_problem
 from registrar.http_server import MetricsServer
 from registrar.metrics import Metrics
+from tests.fakes import FakeEtcd
 from tests.support.proc import wait_until
 
 
@@ -29,33 +29,19 @@ class Loop:
         return self._alive
 
 
-class StuckStore:
-    """An etcd store whose first call never returns (until released)."""
+class StuckStore(FakeEtcd):
+    """An etcd store whose first grant never returns (until released)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.release = threading.Event()
         self.entered = threading.Event()
 
     def grant(self, ttl: int) -> int:
         self.entered.set()
         self.release.wait()
-        return 1
-
-    # Once released, a quiet etcd: the keeper's thread goes on until it is shut down.
-    def keepalive(self, lease: int) -> int:
-        return 3
-
-    def revoke(self, lease: int, timeout: float | None = None) -> None:
-        pass
-
-    def list_prefix(self, prefix: str) -> tuple[dict[str, Any], int]:
-        return {}, 1
-
-    def apply(self, *args: Any) -> None:
-        pass
-
-    def add_listener(self, listener: Any) -> None:
-        pass
+        # Once released, a quiet etcd: the keeper's thread goes on until it is shut down.
+        return super().grant(ttl)
 
 
 def get(url: str) -> tuple[int, str]:
@@ -98,7 +84,7 @@ def test_a_loop_that_keeps_failing_is_counted_and_unhealthy_until_it_succeeds() 
 def test_a_stuck_lease_keeper_turns_healthz_503() -> None:
     metrics = Metrics()
     store = StuckStore()
-    keeper = LeaseKeeper(store, ttl=3, layout=Layout("/p", "/c"),  # type: ignore[arg-type]
+    keeper = LeaseKeeper(store, ttl=3, layout=Layout("/p", "/c"),
                          ownership=Ownership("n1"), metrics=metrics)
     consumer = Loop("event loop")
     server = MetricsServer(

@@ -22,7 +22,7 @@ from registrar.agent.watcher import ContainerWatcher
 from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
-from registrar.core.planner import StoredKey
+from registrar.core.store import StoredKey
 from registrar.metrics import Metrics
 from tests.fakes import NOSPACE, FakeDocker, FakeEtcd
 from tests.inspect_data import inspect_doc, published
@@ -72,7 +72,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 def make_keeper(fake_etcd: FakeEtcd, metrics: Metrics, heartbeat: float = 0.05) -> LeaseKeeper:
     fake_etcd.metrics = metrics
-    keeper = LeaseKeeper(fake_etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
+    keeper = LeaseKeeper(fake_etcd, ttl=3, layout=Layout(PREFIX, CONTROL),
                          ownership=Ownership(NODE), metrics=metrics,
                          heartbeat_interval=heartbeat)
     # The first full picture of what runs (the watcher's first reconcile) allows writing.
@@ -561,7 +561,7 @@ def test_nothing_is_written_before_the_first_full_reconcile(metrics: Metrics) ->
     fake_etcd = FakeEtcd()
     stale = key("a")
     fake_etcd.kv[stale] = StoredKey(encoded("a"), 99)
-    keeper = LeaseKeeper(fake_etcd, ttl=3, layout=Layout(PREFIX, CONTROL),  # type: ignore[arg-type]
+    keeper = LeaseKeeper(fake_etcd, ttl=3, layout=Layout(PREFIX, CONTROL),
                          ownership=Ownership(NODE), metrics=metrics)
     keeper.start()
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from registrar.commands.listing import render, rows
-from registrar.core.planner import StoredKey
+from registrar.core.store import StoredKey
 
 PREFIX = "/services"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from registrar.core.planner import Changes, StoredKey, plan_changes
+from registrar.core.planner import Changes, plan_changes
+from registrar.core.store import StoredKey
 
 LEASE = 0x1234
 A, B, C = "/services/web/n1:a:8080", "/services/web/n1:b:8080", "/services/api/n1:c:9090"

@@ -16,7 +16,8 @@ from registrar.core.control import (
     subject,
 )
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey, plan_changes
+from registrar.core.planner import plan_changes
+from registrar.core.store import StoredKey
 
 LAYOUT = Layout("/s", "/ctl")
 

@@ -305,16 +305,16 @@ class ClientSideRouter:
             time.sleep(0.003)
 
     def _publish(self) -> None:
-        client = self.rig.reader.client
-        lease = client.lease(3)
+        reader = self.rig.reader
+        lease = reader.grant_lease(3)
         key = f"{self.rig.ctl}/routers/{self.name}"
         while not self._done.wait(0.5):
             with self._lock:
                 latency = {self.rig.service: {v: list(c) for v, c in self.times.items()}}
-            client.put(key, json.dumps({"at": "2026-01-01T00:00:00Z", "mode": "http",
+            reader.put(key, json.dumps({"at": "2026-01-01T00:00:00Z", "mode": "http",
                                         "services": {}, "latency": latency}), lease=lease)
-            lease.refresh()
-        lease.revoke()
+            reader.keepalive_lease(lease)
+        reader.revoke_lease(lease)
 
     def __enter__(self) -> ClientSideRouter:
         self._threads = [threading.Thread(target=self._client, args=(p,), daemon=True)
@@ -382,14 +382,13 @@ def test_latency_rules_refuse_without_an_http_router(rig: Rig) -> None:
     for router in rig.routers:
         router.stop()
     wait_until(lambda: rig.reader.get_prefix(f"{rig.ctl}/routers/") == {}, timeout=10)
-    client = rig.reader.client
-    lease = client.lease(30)
-    client.put(f"{rig.ctl}/routers/tcp-one", json.dumps(
+    lease = rig.reader.grant_lease(30)
+    rig.reader.put(f"{rig.ctl}/routers/tcp-one", json.dumps(
         {"mode": "tcp", "services": {rig.service: {"v1": {"tcp": 5}}}}), lease=lease)
     rig.run("v2")
     proc = rig.promote("v2", "--canary", "10", "--max-p99", "100")
     _out, err = proc.communicate(timeout=30)
-    lease.revoke()
+    rig.reader.revoke_lease(lease)
     assert proc.returncode == 1, err
     assert "--max-p99 needs routers in http mode" in err and "nothing changed" in err, err
     assert rig.weights() is None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from registrar.adapters.etcd_store import GatewayError
 from tests.helpers import Scope, metrics_flag, scrape
 from tests.support.docker_env import HTTPD_COMMAND, ContainerFactory
 from tests.support.etcd import EtcdServer
@@ -112,7 +113,7 @@ def _fill_until_nospace(reader: EtcdReader, url: str) -> int:
     for n in range(200):
         try:
             reader.put(f"/rgt-fill/{n}", blob)
-        except Exception as exc:  # pyetcd raises a raw gRPC error for RESOURCE_EXHAUSTED
+        except GatewayError as exc:  # etcd's own answer: RESOURCE_EXHAUSTED
             assert "space exceeded" in str(exc) or "RESOURCE_EXHAUSTED" in repr(exc), exc
             break
     assert "NOSPACE" in _etcdctl(url, "alarm", "list")

@@ -326,7 +326,7 @@ def test_a_compacted_revision_is_read_again_in_full(
     etcd_reader.delete(key.format(1))
     etcd_reader.put(key.format(2), {"host": "127.0.0.1", "port": 20002})
     revision = etcd_reader.put(key.format(3), {"host": "127.0.0.1", "port": 20003})
-    etcd_reader.client.compact(revision)
+    etcd_reader.compact(revision)
     fwd.restore()
 
     wait_until(lambda: r.metrics().get(gauge) == 2, timeout=15,

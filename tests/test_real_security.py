@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -18,14 +19,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-import pyetcd
 import pytest
 
 from registrar import cli
+from registrar.adapters.etcd_store import b64
 from tests.helpers import etcd_requests, metrics_flag, scrape
 from tests.support.docker_readonly import ReadOnlyDockerProxy
 from tests.support.etcd import EtcdServer
+from tests.support.etcd_reader import EtcdReader, Gateway, KVMeta, kv_meta, raw_range
 from tests.support.proc import wait_until
 from tests.support.tls import (
     CertificateAuthority,
@@ -48,8 +49,9 @@ NO_METRICS = ["--metrics-addr", "127.0.0.1:0"]  # watch would listen on 0.0.0.0:
 
 # --- etcd clients and tools -------------------------------------------------------------
 class Client:
-    """A plain pyetcd client for assertions: TLS and/or user, the token sent as metadata (see
-    etcd_store.py), authenticating anew when etcd has expired the token (TOKEN_TTL is short)."""
+    """A plain etcd client for assertions (etcd's JSON gateway, `tests.support.etcd_reader`):
+    TLS and/or user, authenticating anew when etcd has expired the token (TOKEN_TTL is
+    short)."""
 
     def __init__(
         self,
@@ -60,57 +62,31 @@ class Client:
         user: str | None = None,
         password: str | None = None,
     ) -> None:
-        host, port = url.split("://", 1)[1].rsplit(":", 1)
-        secure = url.startswith("https://")
-        creds = None
-        if secure:
+        context = None
+        if url.startswith("https://"):
             assert ca is not None
-            key = client.key.read_bytes() if client else None
-            cert = client.cert.read_bytes() if client else None
-            creds = grpc.ssl_channel_credentials(ca.read_bytes(), key, cert)
-        self._endpoint = (host, int(port), secure, creds)
-        self._auth = (user, password)
-        self._client: Any = None
-
-    def _new(self) -> Any:
-        host, port, secure, creds = self._endpoint
-        endpoint = pyetcd.Endpoint(host, port, secure=secure, creds=creds, time_retry=0.0)
-        user, password = self._auth
-        return pyetcd.MultiEndpointEtcd3Client(
-            endpoints=[endpoint], timeout=5, user=user, password=password, failover=True
-        )
-
-    def call(self, fn: Any) -> Any:
-        for attempt in (1, 2):
-            if self._client is None:
-                self._client = self._new()
-                self._client.call_credentials = None
-            try:
-                return fn(self._client)
-            except grpc.RpcError as exc:
-                if attempt == 2 or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
-                    raise
-                self.close()
-        raise AssertionError("unreachable")
+            context = ssl.create_default_context(cafile=str(ca))
+            if client is not None:
+                context.load_cert_chain(*client.pair)
+        self._gateway = Gateway(url, ssl_context=context, user=user, password=password)
 
     def get(self, key: str) -> str | None:
-        value, _meta = self.call(lambda c: c.get(key))
-        return None if value is None else bytes(value).decode()
+        kv = self._gateway.range(key)
+        return None if kv is None else raw_range(kv).decode()
 
-    def meta(self, key: str) -> Any:
-        value, m = self.call(lambda c: c.get(key))
-        return None if value is None else m
+    def meta(self, key: str) -> KVMeta:
+        got = self._gateway.range(key)
+        assert got is not None, f"{key} is not in etcd"
+        return kv_meta(got)
 
     def put(self, key: str, value: str) -> None:
-        self.call(lambda c: c.put(key, value))
+        self._gateway.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})
 
     def delete(self, key: str) -> None:
-        self.call(lambda c: c.delete(key))
+        self._gateway.call("/v3/kv/deleterange", {"key": b64(key)})
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._gateway.close()
 
 
 def etcdctl(url: str, *args: str, tls: Sequence[str] = (), user: str | None = None) -> str:
@@ -134,9 +110,9 @@ def run_cli(
     )
 
 
-def raw_prefix(reader: Any, prefix: str) -> dict[str, bytes]:
+def raw_prefix(reader: EtcdReader, prefix: str) -> dict[str, bytes]:
     """Every key under `prefix` with its value as bytes (values here need not be UTF-8)."""
-    return {bytes(m.key).decode(): bytes(v) for v, m in reader.client.get_prefix(prefix)}
+    return reader.raw_prefix(prefix)
 
 
 def one_line(text: str) -> str:

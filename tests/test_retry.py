@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from registrar.adapters.etcd_store import EtcdRefused, EtcdUnavailable
 from registrar.commands.oneshot import OneShot
+from registrar.core.store import EtcdRefused, EtcdUnavailable
 from registrar.errors import FatalError
 from registrar.retry import Backoff, GaveUp, poll_until, retry_forever, retry_within
+from tests.fakes import FakeEtcd
 
 log = logging.getLogger("test")
 
@@ -81,7 +82,7 @@ def test_poll_until() -> None:
 
 
 def test_one_shot_retries_transient_errors_and_stops_at_a_lasting_one() -> None:
-    etcd = OneShot(None, timeout=30, what="cannot read /services/")  # type: ignore[arg-type]
+    etcd = OneShot(FakeEtcd(), timeout=30, what="cannot read /services/")
     flaky = Flaky(2, EtcdUnavailable("UNAVAILABLE: connection attempt timed out"))
     assert etcd(flaky) == "ok" and flaky.calls == 3
     lasting = Flaky(100, EtcdUnavailable("TLS: not trusted (check --etcd-ca)", lasting=True))
@@ -93,4 +94,4 @@ def test_one_shot_retries_transient_errors_and_stops_at_a_lasting_one() -> None:
         etcd(refused)
     assert refused.calls == 1
     with pytest.raises(FatalError, match="gave up after 1 attempt"):
-        OneShot(None, timeout=0)(Flaky(5, EtcdUnavailable("down")))  # type: ignore[arg-type]
+        OneShot(FakeEtcd(), timeout=0)(Flaky(5, EtcdUnavailable("down")))

@@ -33,8 +33,9 @@ from registrar.core.control import Canary, Control, parse_control, parse_promoti
 from registrar.core.layout import Layout, parse_key
 from registrar.core.naming import MAX_VALUE_BYTES, NamingContext, registrations_for
 from registrar.core.ownership import Ownership, owned_by
-from registrar.core.planner import StoredKey, plan_changes
+from registrar.core.planner import plan_changes
 from registrar.core.reconcile import plan
+from registrar.core.store import StoredKey
 from registrar.metrics import Metrics
 from registrar.settings import NAME_RE, SettingsError, parse_settings
 from tests.fakes import FakeEtcd
@@ -222,7 +223,7 @@ def test_the_keeper_thread_writes_what_the_decision_says_and_revokes_only_its_le
 ) -> None:
     etcd = FakeEtcd(contents)
     ownership = Ownership(NODE)
-    keeper = LeaseKeeper(etcd, ttl=3, layout=LAYOUT,  # type: ignore[arg-type]
+    keeper = LeaseKeeper(etcd, ttl=3, layout=LAYOUT,
                          ownership=ownership, metrics=Metrics())
     errors = Errors()
     logging.getLogger("registrar").addHandler(errors)

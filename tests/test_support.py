@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from registrar.adapters.docker_source import DockerSource, DockerUnavailable
+from registrar.adapters.etcd_store import b64
 from tests.support.docker_env import ContainerFactory, wait_for_http
 from tests.support.docker_env import docker as docker_cli
 from tests.support.etcd import EtcdCluster, EtcdServer
@@ -89,7 +90,7 @@ def test_tcp_forwarder_cut_and_restore(
         fwd.blackhole()
         t0 = time.monotonic()
         with pytest.raises(Exception):  # noqa: B017
-            reader._call(lambda c: c.get(key), retries=0)
+            reader._call("/v3/kv/range", {"key": b64(key)}, retries=0)
         assert time.monotonic() - t0 >= 0.9
         fwd.restore()
         assert reader.get(key) == "through"

@@ -1,15 +1,22 @@
-"""The etcd adapter: pyetcd behind a small interface, with its pitfalls handled in one place.
+"""The etcd adapter: etcd's v3 JSON gateway (`/v3/...` on its client port, etcd >= 3.4) through
+our own small HTTP/1.1 client (`http1`), with its pitfalls handled in one place.
 
-- Every call has a timeout (pyetcd has none by default: a hung etcd would block forever).
-- Several endpoints with failover; a failed endpoint is retried after one second, not pyetcd's
-  300 s; gRPC's reconnect backoff is capped at one second so a restarted etcd is used again at
-  once, while each connection attempt may take as long as a request (a slow link connects).
-- Authentication: the token goes as plain gRPC metadata (pyetcd also sends it as call
-  credentials, which gRPC refuses on an http:// channel). An expired token (etcd drops one after
-  --auth-token-ttl of disuse; heartbeats do not use it) or one lost with an etcd restart is
-  renewed at once on the same client: authenticate again and retry the request once.
-- Errors say what is wrong in one line: a TLS handshake refused, a wrong password, a missing
-  permission, with the flag to check (never the password).
+Why not gRPC: the gRPC stack (grpcio, protobuf, a client library) cost the sidecar most of its
+memory and start time; the JSON gateway carries every call the project makes.
+
+- Every request has a timeout (`EtcdSettings.timeout`; the shutdown's revoke its own deadline).
+- Several endpoints with failover: a request that fails in transport goes to the next endpoint,
+  and the one that answered is used first from then on.
+- TLS through one `ssl.SSLContext` (CA, client certificate and key), built at the first
+  request; `ssl` is imported only when an https:// endpoint is given.
+- Authentication: `/v3/auth/authenticate` gives a token for the `Authorization` header. An
+  expired token (etcd drops one after --auth-token-ttl of disuse), one lost with an etcd
+  restart, or one issued before a change of users/roles is renewed at once: authenticate again
+  and retry the request once (the request was refused before it was applied).
+- Keys and values are bytes, base64 in the JSON; 64-bit numbers (lease ids, revisions) are
+  strings both ways (JSON numbers lose precision past 2**53 elsewhere).
+- Errors say what is wrong in one line, etcd's own message kept: a TLS handshake refused, a
+  wrong password, a missing permission, with the flag to check (never the password).
 - Every error becomes `EtcdUnavailable` (etcd cannot be reached or will not let us in: retry
   later), `EtcdRefused` (etcd answered and refused this request: its quota is full, a
   permission is missing, the value is too large) or `LeaseNotFound` (grant a new lease).
@@ -20,114 +27,195 @@ Retries themselves live with the callers' one policy (`registrar.retry`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from registrar.core.planner import StoredKey
-from registrar.metrics import Metrics
-from registrar.settings import EtcdSettings
+from registrar.adapters import http1
+from registrar.core.store import (
+    REFUSAL_CODES,
+    EtcdError,
+    EtcdRefused,
+    EtcdUnavailable,
+    KeyEvent,
+    LeaseNotFound,
+    StoredKey,
+    WatchCompacted,
+)
+from registrar.shutdown import start_thread
+
+if TYPE_CHECKING:  # types only: the sidecar imports neither prometheus_client nor ssl for etcd
+    import ssl
+
+    from registrar.metrics import Metrics
+    from registrar.settings import EtcdSettings
+
+__all__ = [
+    "EtcdError", "EtcdRefused", "EtcdStore", "EtcdUnavailable", "KeyEvent", "LeaseNotFound",
+    "PrefixWatch", "StoredKey", "WatchCompacted", "diagnose",
+]
 
 log = logging.getLogger(__name__)
 
-# gRPC's C core writes its own lines to stderr (a refused TLS handshake gives three), which
-# would break the one-line errors and the JSON log format; our messages carry the status
-# details instead. Set before grpc is first imported; GRPC_VERBOSITY=ERROR brings them back.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
-T = TypeVar("T")
-
 # etcd's default --max-txn-ops is 128.
 TXN_MAX_OPS = 128
-# etcd (grpc-go) refuses transport pings more often than every 5 s (--grpc-keepalive-min-time).
-KEEPALIVE_TIME_MS = 5000
+# A watch stream sends nothing while nothing changes, so a peer that vanished without a word
+# (a host powered off, a dropped route) is noticed by TCP keepalive alone: probed after 1 s of
+# silence, given up after one more second without an answer. `registrar_etcd_up` then turns 0
+# about 2 s after etcd went silent (a closed or reset connection is seen at once).
+WATCH_KEEPALIVE = http1.KeepAlive(idle=1, interval=1, count=1)
+IDLE_CONNECTIONS = 4  # kept per endpoint: the keeper, heartbeats and readers do not queue
+
+# gRPC status codes, as the gateway's error bodies give them.
+CODE_NAMES = {
+    1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND", 6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED",
+    9: "FAILED_PRECONDITION", 10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED",
+    13: "INTERNAL", 14: "UNAVAILABLE", 15: "DATA_LOSS", 16: "UNAUTHENTICATED",
+}
 
 
-def grpc_options(timeout: float) -> list[tuple[str, int]]:
-    """gRPC channel options. gRPC's "min reconnect backoff" is also the deadline of one
-    connection attempt: it follows the request timeout, so that a link of a few hundred
-    milliseconds' round trip still completes its handshake (at 100 ms it never did)."""
-    timeout_ms = max(1000, int(timeout * 1000))
-    return [
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", timeout_ms),
-        ("grpc.max_reconnect_backoff_ms", max(1000, timeout_ms)),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", timeout_ms),
-    ]
+class GatewayError(Exception):
+    """etcd answered with an error: its gRPC status code and its own message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.name = CODE_NAMES.get(code, f"CODE_{code}")
+        self.message = message
+        super().__init__(f"{self.name}: {message}")
 
 
-# Status codes with which etcd answers a request it will not carry out, while it is up.
-REFUSAL_CODES = frozenset({
-    "RESOURCE_EXHAUSTED",  # "mvcc: database space exceeded" (the NOSPACE alarm)
-    "PERMISSION_DENIED",
-    "INVALID_ARGUMENT",  # a request too large, a value etcd rejects
-    "FAILED_PRECONDITION",
-    "OUT_OF_RANGE",
-})
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
-class EtcdError(Exception):
-    """An etcd request failed (EtcdUnavailable or EtcdRefused)."""
+def unb64(field: Any) -> str:
+    """A key or value from the JSON (absent: empty), decoded as UTF-8 with replacement: values
+    are other people's input, and a stray byte must not stop a read."""
+    return base64.b64decode(field or "").decode("utf-8", "replace")
 
 
-class EtcdUnavailable(EtcdError):
-    """etcd could not be reached, or will not let us in; worth retrying later.
-
-    `lasting`: a configuration problem (TLS refused, a wrong password) that waiting will not
-    fix: long-running commands still retry (an operator may fix it), one-shot ones say so."""
-
-    def __init__(self, message: str, lasting: bool = False) -> None:
-        super().__init__(message)
-        self.lasting = lasting
+def prefix_range(prefix: str) -> dict[str, str]:
+    """The range of every key under `prefix/` (the prefix's last byte plus one ends it)."""
+    start = (prefix + "/").encode("utf-8")
+    end = start[:-1] + bytes([start[-1] + 1])
+    return {"key": base64.b64encode(start).decode("ascii"),
+            "range_end": base64.b64encode(end).decode("ascii")}
 
 
-class EtcdRefused(EtcdError):
-    """etcd answered and refused this request (quota full, permission missing, value too
-    large...): it is up, and other requests (heartbeats, deletes) may still go through."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code  # the gRPC status name, e.g. RESOURCE_EXHAUSTED
-
-
-class LeaseNotFound(Exception):
-    """The lease expired or was revoked: grant a new one and put every key again."""
-
-
-class WatchCompacted(Exception):
-    """The revision a watch wanted is compacted away: read everything again."""
-
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"revision compacted (now {revision})")
-        self.revision = revision
+def gateway_error(status: int, body: Any) -> GatewayError | None:
+    """The error an answer carries, if any: a unary error (`code`, `message`/`error`), a
+    stream's (`error: {grpc_code, message}`), or an HTTP error without JSON."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            return GatewayError(int(error.get("grpc_code") or 2),
+                                str(error.get("message") or error))
+        if "code" in body and "header" not in body:
+            return GatewayError(int(body["code"] or 2),
+                                str(body.get("message") or error or f"HTTP {status}"))
+    if status != 200:
+        return GatewayError(2, f"HTTP {status}: {str(body)[:200]}")
+    return None
 
 
-@dataclass(frozen=True)
-class KeyEvent:
-    key: str
-    value: str | None  # None: deleted (or expired with its lease)
-    revision: int
+def _tls_error(exc: BaseException) -> bool:
+    """An error of the `ssl` module (imported only when TLS is in use)."""
+    return any(cls.__module__ == "ssl" for cls in type(exc).__mro__)
+
+
+def diagnose(exc: BaseException, settings: EtcdSettings) -> tuple[str, bool]:
+    """(one line saying what went wrong and which flag to check, whether it is a configuration
+    problem that retrying will not fix)."""
+    if isinstance(exc, GatewayError):
+        raw, text = str(exc), exc.message.lower()
+    elif isinstance(exc, OSError):
+        raw = f"{type(exc).__name__}: {exc}"
+        text = raw.lower()
+    else:
+        return f"{type(exc).__name__}: {exc}", False
+    secure = any(ep.secure for ep in settings.endpoints)
+    denied = isinstance(exc, GatewayError) and exc.name == "PERMISSION_DENIED"
+    hint = None
+    if "authentication failed" in text:
+        hint = f"etcd refused user {settings.user!r}: check --etcd-user and the password"
+    elif "authentication is not enabled" in text:
+        hint = "--etcd-user is given but etcd has authentication disabled"
+    elif "user name is empty" in text:
+        hint = (
+            "etcd requires authentication: give --etcd-user and REGISTRAR_ETCD_PASSWORD (or a "
+            "client certificate whose CN is an etcd user)"
+        )
+    elif "commonname of client" in text:
+        # etcd's guard (embed/serve.go): with auth and --client-cert-auth on, a /v3 gateway
+        # request whose client certificate has a Common Name is refused, whatever its token.
+        hint = (
+            "etcd refuses JSON-gateway requests made with a client certificate that has a "
+            "Common Name while its authentication is on: the CN cannot be the etcd user here; "
+            "use a client certificate without a CN (--etcd-cert) and --etcd-user with "
+            "REGISTRAR_ETCD_PASSWORD"
+        )
+    elif denied:
+        who = f"user {settings.user!r}" if settings.user else "this client"
+        hint = (
+            f"{who} lacks a permission: its role needs readwrite on --prefix/ and "
+            "--control-prefix/ (read is enough for ls and haproxy)"
+        )
+    elif secure and "certificate_verify_failed" in text and "hostname" in text:
+        hint = "TLS: etcd's server certificate does not name the host of the --etcd URL"
+    elif secure and "certificate_verify_failed" in text:
+        hint = "TLS: etcd's server certificate is not trusted (check --etcd-ca)"
+    elif secure and (_tls_error(exc) or any(
+        word in text for word in ("ssl", "tls", "handshake", "bad_certificate")
+    )):
+        hint = (
+            "TLS: the handshake with etcd failed (does it want a client certificate? check "
+            "--etcd-cert/--etcd-key, and that it is signed by a CA etcd trusts)"
+        )
+    if hint is None:
+        return raw, False
+    return f"{hint} ({raw})", not denied
+
+
+def _token_stale(exc: GatewayError) -> bool:
+    """The token is no longer good: expired, lost with an etcd restart, or issued before a
+    change of users/roles ("revision of auth store is old"). A new one fixes it."""
+    return (exc.name == "UNAUTHENTICATED" and "token" in exc.message) or (
+        exc.name == "INVALID_ARGUMENT" and "auth store is old" in exc.message
+    )
+
+
+class WatchRefused(EtcdUnavailable):
+    """etcd would not start a watch (no permission there, or a token it no longer takes)."""
 
 
 class PrefixWatch:
-    """Events under a prefix, from a revision on, read with `get()`.
+    """Events under a prefix, from a revision on, read with `get()`; one HTTP connection,
+    read line by line on its own thread.
 
     `get()` raises EtcdUnavailable when the watch died with its connection (start a new one
     from the last revision seen + 1) and WatchCompacted when that revision is gone.
     """
 
-    def __init__(self, on_answer: Callable[[bool, str], None] = lambda up, why: None) -> None:
-        """`on_answer(up, why)`: told of every response (True) and of the stream's end."""
+    def __init__(self, prefix: str, stream: http1.Stream,
+                 on_answer: Callable[[bool, str], None]) -> None:
+        """`on_answer(up, why)`: told of every message (True) and of the stream's end."""
+        self._prefix = prefix
+        self._stream = stream
         self._queue: queue.Queue[list[KeyEvent] | BaseException] = queue.Queue()
         self._on_answer = on_answer
-        self.cancel: Callable[[], None] = lambda: None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._read, name=f"watch {prefix}/",
+                                        daemon=True)
+
+    def start(self) -> None:
+        start_thread(self._thread)
 
     def wake(self) -> None:
         """Makes a waiting `get()` return at once (with no events): for stopping."""
@@ -143,98 +231,61 @@ class PrefixWatch:
             raise item
         return item
 
-    def _deliver(self, response: Any) -> None:
-        from pyetcd import events as etcd_events
-        from pyetcd import exceptions as etcd_errors
+    def cancel(self) -> None:
+        """Closes the connection (etcd then drops its watcher) and so ends the reader."""
+        self._cancelled = True
+        self._stream.close()
 
-        if isinstance(response, etcd_errors.RevisionCompactedError):
-            self._on_answer(True, "")
-            self._queue.put(WatchCompacted(response.compacted_revision))
-        elif isinstance(response, BaseException):
-            why = f"watch ended: {response}"
+    def _read(self) -> None:
+        why = "watch ended: etcd closed the stream"
+        try:
+            for line in self._stream.lines():
+                if not self._deliver(json.loads(line)):
+                    self._stream.close()
+                    return
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or read after close
+            why = f"watch ended: {type(exc).__name__}: {exc}"
+        if self._cancelled:
+            return  # our own cancel: not an outage
+        self._on_answer(False, why)
+        self._queue.put(EtcdUnavailable(why))
+
+    def _deliver(self, message: Any) -> bool:
+        """Queues what one message says; False when the watch is over."""
+        error = gateway_error(200, message)
+        result = message.get("result") if isinstance(message, dict) else None
+        if error is not None or not isinstance(result, dict):
+            why = f"watch ended: {error or message}"
             self._on_answer(False, why)
             self._queue.put(EtcdUnavailable(why))
-        else:
-            self._on_answer(True, "")
-            revision = int(response.header.revision)
-            batch = []
-            for event in response.events:
-                deleted = isinstance(event, etcd_events.DeleteEvent)
-                batch.append(KeyEvent(
-                    key=bytes(event.key).decode("utf-8", "replace"),
-                    value=None if deleted else bytes(event.value).decode("utf-8", "replace"),
-                    revision=int(getattr(event, "mod_revision", 0) or revision),
-                ))
+            return False
+        self._on_answer(True, "")
+        if result.get("canceled"):
+            if result.get("compact_revision"):
+                self._queue.put(WatchCompacted(int(result["compact_revision"])))
+            else:
+                self._queue.put(EtcdUnavailable(
+                    f"etcd canceled the watch on {self._prefix}/: "
+                    f"{result.get('cancel_reason') or 'no reason given'}"))
+            return False
+        revision = int(result.get("header", {}).get("revision") or 0)
+        batch = []
+        for event in result.get("events") or ():
+            kv = event.get("kv", {})
+            deleted = event.get("type") == "DELETE"
+            batch.append(KeyEvent(
+                key=unb64(kv.get("key")),
+                value=None if deleted else unb64(kv.get("value")),
+                revision=int(kv.get("mod_revision") or revision),
+            ))
+        if batch:
             self._queue.put(batch)
-
-
-def _status(exc: BaseException) -> tuple[Any, str]:
-    """(grpc.StatusCode or None, details) of an RpcError, or of the RpcError a pyetcd exception
-    was raised from (pyetcd turns UNAVAILABLE into a bare "etcd connection failed")."""
-    import grpc
-
-    for error in (exc, exc.__context__):
-        if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-            details = (error.details() if hasattr(error, "details") else "") or ""
-            return error.code(), details
-    return None, ""
-
-
-def _token_expired(exc: BaseException) -> bool:
-    """The token is no longer good: expired, lost with an etcd restart, or issued before a
-    change of users/roles ("revision of auth store is old"). A new one fixes it."""
-    import grpc
-
-    code, details = _status(exc)
-    return (code == grpc.StatusCode.UNAUTHENTICATED and "token" in details) or (
-        code == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
-    )
-
-
-def diagnose(exc: BaseException, settings: EtcdSettings) -> tuple[str, bool]:
-    """(one line saying what went wrong and which flag to check, whether it is a configuration
-    problem that retrying will not fix)."""
-    import grpc
-
-    code, details = _status(exc)
-    if code is None:
-        return f"{type(exc).__name__}: {exc}", False
-    raw = f"{code.name}: {details}"
-    text = details.lower()
-    secure = any(ep.secure for ep in settings.endpoints)
-    hint = None
-    if "authentication failed" in text:
-        hint = f"etcd refused user {settings.user!r}: check --etcd-user and the password"
-    elif "authentication is not enabled" in text:
-        hint = "--etcd-user is given but etcd has authentication disabled"
-    elif "user name is empty" in text:
-        hint = (
-            "etcd requires authentication: give --etcd-user and REGISTRAR_ETCD_PASSWORD (or a "
-            "client certificate whose CN is an etcd user)"
-        )
-    elif code == grpc.StatusCode.PERMISSION_DENIED:
-        who = f"user {settings.user!r}" if settings.user else "this client"
-        hint = (
-            f"{who} lacks a permission: its role needs readwrite on --prefix/ and "
-            "--control-prefix/ (read is enough for ls and haproxy)"
-        )
-    elif secure and "certificate_verify_failed" in text:
-        hint = "TLS: etcd's server certificate is not trusted (check --etcd-ca)"
-    elif secure and ("peer name" in text or "hostname" in text):
-        hint = "TLS: etcd's server certificate does not name the host of the --etcd URL"
-    elif secure and any(
-        word in text for word in ("tsi_", "ssl", "tls", "handshake", "bad_certificate")
-    ):
-        hint = (
-            "TLS: the handshake with etcd failed (does it want a client certificate? check "
-            "--etcd-cert/--etcd-key, and that it is signed by a CA etcd trusts)"
-        )
-    if hint is None:
-        return raw, False
-    return f"{hint} ({raw})", code != grpc.StatusCode.PERMISSION_DENIED
+        return True
 
 
 class EtcdStore:
+    """Every etcd call the project makes (`registrar.core.store.Store`)."""
+
     def __init__(self, settings: EtcdSettings, metrics: Metrics | None = None,
                  *, log_health: bool = False) -> None:
         """`metrics`: `registrar_etcd_up` and request durations go there; `log_health`: log
@@ -243,126 +294,146 @@ class EtcdStore:
         self._metrics = metrics
         self._log_health = log_health
         self._lock = threading.Lock()
-        self._client: Any = None
-        self._last_error = "none"
-        self._last_lasting = False
-        self.up: bool | None = None  # whether etcd answers (None: not asked yet)
+        self._auth_lock = threading.Lock()
+        self._addresses = [
+            http1.Address(host=ep.host, port=ep.port, tls=ep.secure) for ep in settings.endpoints
+        ]
+        self._idle: list[list[http1.Connection]] = [[] for _ in self._addresses]
+        self._preferred = 0  # the endpoint that answered last
+        self._ssl: ssl.SSLContext | None = None
+        self._token: str | None = None
+        self._up: bool | None = None
         self._listeners: list[Callable[[bool], None]] = []
         self._closed = False
 
+    @property
+    def up(self) -> bool | None:
+        """Whether etcd answers (None: not asked yet)."""
+        return self._up
+
     # --- plumbing ---------------------------------------------------------------------
 
-    def _build_client(self) -> Any:
-        import grpc
-        import pyetcd
-
-        s = self._settings
-        creds = None
-        if any(ep.secure for ep in s.endpoints):
-            def read(path: str | None) -> bytes | None:
-                if path is None:
-                    return None
-                with open(path, "rb") as handle:
-                    return handle.read()
-
-            creds = grpc.ssl_channel_credentials(read(s.ca), read(s.key), read(s.cert))
-        endpoints = [
-            pyetcd.Endpoint(
-                ep.host, ep.port, secure=ep.secure, creds=creds if ep.secure else None,
-                time_retry=1.0, opts=grpc_options(s.timeout),
-            )
-            for ep in s.endpoints
-        ]
-        client = pyetcd.MultiEndpointEtcd3Client(
-            endpoints=endpoints, timeout=s.timeout, user=s.user, password=s.password,
-            failover=True,
-        )
-        # pyetcd sends the token twice: as metadata and as call credentials. gRPC refuses call
-        # credentials on an insecure channel ("Established channel does not have a sufficient
-        # security level"), so with http:// every request failed; the metadata is enough.
-        client.call_credentials = None
-        return client
-
-    def _get_client(self) -> Any:
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not any(address.tls for address in self._addresses):
+            return None
         with self._lock:
-            if self._client is None:
-                self._client = self._build_client()
-            return self._client
+            if self._ssl is None:
+                import ssl
 
-    def _renew_token(self) -> Any:
-        """A new token for the same client: its channel and open watch streams stay (closing
-        them would end the promotion watch at every renewal)."""
-        import pyetcd
+                s = self._settings
+                context = ssl.create_default_context(cafile=s.ca)
+                if s.cert:
+                    # The password callback keeps OpenSSL from asking on the terminal for an
+                    # encrypted key (settings refuse one; this is for a file changed since).
+                    context.load_cert_chain(s.cert, s.key, password=lambda: b"")
+                self._ssl = context
+            return self._ssl
 
-        s = self._settings
-        client = self._get_client()
-        if s.user is None or s.password is None:  # not ours (a client certificate's CN?)
-            self._drop_client()
-            return self._get_client()
-        request = pyetcd.etcdrpc.AuthenticateRequest(name=s.user, password=s.password)
-        token = client.authstub.Authenticate(request, s.timeout).token
-        client.metadata = (("token", token),)
-        watcher = client._stubs.get("watcher")
-        if watcher is not None:  # the stream it opens next (after this one ends) uses it
-            watcher._metadata = client.metadata
-        return client
-
-    def _drop_client(self) -> None:
+    def _take(self, index: int) -> http1.Connection:
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
+            if self._idle[index]:
+                return self._idle[index].pop()
+        return http1.Connection(self._addresses[index], self._settings.timeout,
+                                self._ssl_context())
+
+    def _give(self, index: int, connection: http1.Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle[index]) < IDLE_CONNECTIONS:
+                self._idle[index].append(connection)
+                return
+        connection.close()
+
+    def _order(self) -> list[int]:
+        first = self._preferred
+        return [first, *(i for i in range(len(self._addresses)) if i != first)]
+
+    def _exchange(self, path: str, payload: Mapping[str, Any], *, token: str | None,
+                  timeout: float | None = None) -> Any:
+        """One request, to each endpoint in turn until one answers (OSError from the last one
+        when none did); the answer's JSON, or GatewayError."""
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = token  # etcd wants the bare token, no "Bearer"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failure: OSError | None = None
+        for index in self._order():
+            left = self._settings.timeout
+            if deadline is not None:
+                left = min(left, deadline - time.monotonic())
+                if left <= 0:
+                    break
+            connection = self._take(index)
             try:
-                client.close()
-            except Exception:  # closing a broken channel may fail; it is gone either way
-                log.debug("closing etcd client failed", exc_info=True)
+                response = connection.request("POST", path, body, headers, timeout=left)
+            except OSError as exc:
+                connection.close()
+                failure = exc
+                continue
+            self._give(index, connection)
+            self._preferred = index
+            try:
+                answer = http1.json_body(response)
+            except ValueError:
+                answer = response.body.decode("utf-8", "replace")
+            error = gateway_error(response.status, answer)
+            if error is not None:
+                raise error
+            return answer
+        raise failure or TimeoutError("no time left for the request")
 
-    def _call(self, op: str, fn: Callable[[Any], T]) -> T:
-        import grpc
-        from pyetcd import exceptions as etcd_errors
+    def _current_token(self) -> str | None:
+        s = self._settings
+        if s.user is None or s.password is None:  # none, or a client certificate's CN
+            return None
+        with self._auth_lock:
+            if self._token is None:
+                answer = self._exchange(
+                    "/v3/auth/authenticate", {"name": s.user, "password": s.password},
+                    token=None)
+                self._token = str(answer.get("token") or "")
+            return self._token
 
+    def _renew_token(self, stale: str | None) -> None:
+        with self._auth_lock:
+            if self._token == stale:  # not renewed by another thread meanwhile
+                self._token = None
+
+    def _request(self, path: str, payload: Mapping[str, Any],
+                 timeout: float | None = None) -> Any:
+        """A request with the current token, renewed once if etcd says it is stale."""
+        token = self._current_token()
+        try:
+            return self._exchange(path, payload, token=token, timeout=timeout)
+        except GatewayError as exc:
+            if token is None or not _token_stale(exc):
+                raise
+        # Refused before it was applied: authenticate anew and try once more.
+        log.debug("etcd auth token expired; authenticating again")
+        self._renew_token(token)
+        return self._exchange(path, payload, token=self._current_token(), timeout=timeout)
+
+    def _call(self, op: str, path: str, payload: Mapping[str, Any],
+              timeout: float | None = None) -> Any:
         started = time.perf_counter()
         try:
-            try:
-                result = fn(self._get_client())
-            except grpc.RpcError as exc:
-                if not _token_expired(exc):
-                    raise
-                # Refused before it was applied: authenticate anew and try once more.
-                log.debug("etcd auth token expired; authenticating again")
-                result = fn(self._renew_token())
-        except grpc.RpcError as exc:
-            code, details = _status(exc)
-            if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
+            answer = self._request(path, payload, timeout)
+        except GatewayError as exc:
+            if exc.name == "NOT_FOUND" and "lease" in exc.message:
                 self._heard()
-                raise LeaseNotFound(details) from None
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
-                "token" in details
-            ):
-                self._drop_client()
-            self._last_error, lasting = diagnose(exc, self._settings)
-            self._last_lasting = lasting
-            if code is not None and code.name in REFUSAL_CODES and not lasting:
+                raise LeaseNotFound(exc.message) from None
+            if exc.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                self._renew_token(self._token)  # maybe its roles changed: a new one next time
+            why, lasting = diagnose(exc, self._settings)
+            if exc.name in REFUSAL_CODES and not lasting:
                 self._heard()
-                raise EtcdRefused(self._last_error, code.name) from None
-            raise self._unavailable(self._last_error, lasting) from None
-        except etcd_errors.Etcd3Exception as exc:
-            if isinstance(exc, etcd_errors.NoServerAvailableError):
-                # Every endpoint failed within the last second: say why the last one did.
-                self._drop_client()
-                raise self._unavailable(
-                    f"no etcd endpoint available (last error: {self._last_error})",
-                    self._last_lasting,
-                ) from None
-            self._last_error, self._last_lasting = diagnose(exc, self._settings)
-            raise self._unavailable(self._last_error, self._last_lasting) from None
-        except ValueError as exc:
-            if "failed node" not in str(exc):
-                raise  # a bug, not an outage: it must show
-            self._drop_client()  # pyetcd's "Trying to use a failed node"
-            raise self._unavailable(f"{type(exc).__name__}: {exc}") from None
-        except OSError as exc:  # TLS files that became unreadable
-            self._drop_client()
-            raise self._unavailable(f"{type(exc).__name__}: {exc}") from None
+                raise EtcdRefused(why, exc.name) from None
+            raise self._unavailable(why, lasting) from None
+        except OSError as exc:  # every endpoint failed: refused, timed out, TLS, files
+            why, lasting = diagnose(exc, self._settings)
+            if len(self._addresses) > 1:
+                why = f"no etcd endpoint available (last error: {why})"
+            raise self._unavailable(why, lasting) from None
         else:
             self._heard()
         finally:
@@ -370,7 +441,7 @@ class EtcdStore:
                 self._metrics.etcd_request_duration.labels(op=op).observe(
                     time.perf_counter() - started
                 )
-        return result
+        return answer
 
     # --- whether etcd answers -----------------------------------------------------------
 
@@ -392,7 +463,7 @@ class EtcdStore:
 
     def _set_up(self, up: bool, why: str) -> None:
         with self._lock:
-            before, self.up = self.up, up
+            before, self._up = self._up, up
         if self._metrics is not None:
             self._metrics.etcd_up.set(1 if up else 0)
         if before is up:
@@ -406,71 +477,81 @@ class EtcdStore:
             listener(up)
 
     def close(self) -> None:
-        self._closed = True
-        self._drop_client()
+        with self._lock:
+            self._closed = True
+            idle = [c for connections in self._idle for c in connections]
+            for connections in self._idle:
+                connections.clear()
+        for connection in idle:
+            connection.close()
 
     # --- leases -----------------------------------------------------------------------
 
     def grant(self, ttl: int) -> int:
-        return int(self._call("lease_grant", lambda c: c.lease(ttl).id))
+        return int(self._call("lease_grant", "/v3/lease/grant", {"TTL": ttl})["ID"])
 
     def keepalive(self, lease: int) -> int:
-        """One heartbeat; returns the TTL etcd granted (0: the lease is gone)."""
-
-        def refresh(client: Any) -> int:
-            responses = list(client.refresh_lease(lease))
-            return int(responses[0].TTL) if responses else 0
-
-        return self._call("lease_keepalive", refresh)
+        """One heartbeat; returns the TTL etcd granted. A lease that no longer exists is
+        answered without a TTL: LeaseNotFound."""
+        answer = self._call("lease_keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
+        result = answer.get("result", answer) if isinstance(answer, dict) else {}
+        ttl = int(result.get("TTL") or 0)
+        if ttl <= 0:
+            raise LeaseNotFound(f"lease {lease:x} not found (keepalive answered without a TTL)")
+        return ttl
 
     def revoke(self, lease: int, timeout: float | None = None) -> None:
         """Revokes the lease (every key bound to it goes); `timeout` bounds this one request
         (the shutdown's deadline), else the usual request timeout."""
-        import pyetcd
-
-        def revoke(client: Any) -> None:
-            request = pyetcd.etcdrpc.LeaseRevokeRequest(ID=lease)
-            client.leasestub.LeaseRevoke(
-                request, min(timeout, self._settings.timeout) if timeout else
-                self._settings.timeout, credentials=client.call_credentials,
-                metadata=client.metadata)
-
         with contextlib.suppress(LeaseNotFound):  # already gone: its keys are gone too
-            self._call("lease_revoke", revoke)
+            self._call("lease_revoke", "/v3/lease/revoke", {"ID": str(lease)},
+                       timeout=min(timeout, self._settings.timeout) if timeout else None)
 
     # --- keys -------------------------------------------------------------------------
 
+    @staticmethod
+    def _keys(answer: Mapping[str, Any]) -> dict[str, StoredKey]:
+        return {
+            unb64(kv.get("key")): StoredKey(unb64(kv.get("value")), int(kv.get("lease") or 0))
+            for kv in answer.get("kvs") or ()
+        }
+
     def list_prefix(self, prefix: str) -> tuple[dict[str, StoredKey], int]:
         """Every key under `prefix/` with its value and lease, and the store's revision."""
+        answer = self._call("range", "/v3/kv/range", prefix_range(prefix))
+        return self._keys(answer), int(answer["header"]["revision"])
 
-        def read(client: Any) -> tuple[dict[str, StoredKey], int]:
-            response = client.get_prefix_response(prefix + "/")
-            keys = {
-                kv.key.decode("utf-8", "replace"): StoredKey(
-                    kv.value.decode("utf-8", "replace"), int(kv.lease)
-                )
-                for kv in response.kvs
-            }
-            return keys, int(response.header.revision)
+    def list_two(self, first: str, second: str
+                 ) -> tuple[dict[str, StoredKey], dict[str, StoredKey], int]:
+        """Every key under `first/` and under `second/` as of one revision (one transaction
+        of two ranges), and that revision."""
+        answer = self._call("txn", "/v3/kv/txn", {"success": [
+            {"request_range": prefix_range(first)}, {"request_range": prefix_range(second)},
+        ]})
+        a, b = (self._keys(r.get("response_range", {})) for r in answer["responses"])
+        return a, b, int(answer["header"]["revision"])
 
-        return self._call("range", read)
+    @staticmethod
+    def _put_op(key: str, value: str, lease: int) -> dict[str, str]:
+        op = {"key": b64(key), "value": b64(value)}
+        if lease:
+            op["lease"] = str(lease)
+        return op
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
-        self._call("put", lambda c: c.put(key, value, lease=lease))
+        self._call("put", "/v3/kv/put", self._put_op(key, value, lease))
 
     def put_if_absent(self, key: str, value: str) -> bool:
         """Puts `key` unless it exists (one transaction); False when it was there."""
-
-        def txn(client: Any) -> bool:
-            t = client.transactions
-            succeeded, _responses = client.transaction(
-                compare=[t.version(key) == 0], success=[t.put(key, value)], failure=[])
-            return bool(succeeded)
-
-        return self._call("txn", txn)
+        answer = self._call("txn", "/v3/kv/txn", {
+            "compare": [{"key": b64(key), "target": "VERSION", "result": "EQUAL",
+                         "version": "0"}],
+            "success": [{"request_put": self._put_op(key, value, 0)}],
+        })
+        return bool(answer.get("succeeded"))
 
     def delete(self, key: str) -> None:
-        self._call("delete", lambda c: c.delete(key))
+        self._call("delete", "/v3/kv/deleterange", {"key": b64(key)})
 
     def apply(self, puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
         """Writes puts and deletes in transactions of at most TXN_MAX_OPS operations.
@@ -494,56 +575,97 @@ class EtcdStore:
                 else:
                     self.put(key, value, lease)
             elif chunk:
-                self._txn(chunk, lease)
-
-    def _txn(self, chunk: list[tuple[str, str | None]], lease: int) -> None:
-        def txn(client: Any) -> None:
-            t = client.transactions
-            success = [
-                t.delete(key) if value is None else t.put(key, value, lease=lease)
-                for key, value in chunk
-            ]
-            client.transaction(compare=[], success=success, failure=[])
-
-        self._call("txn", txn)
+                self._call("txn", "/v3/kv/txn", {"success": [
+                    {"request_delete_range": {"key": b64(key)}} if value is None else
+                    {"request_put": self._put_op(key, value, lease)}
+                    for key, value in chunk
+                ]})
 
     # --- watches ----------------------------------------------------------------------
 
     def watch_prefix(self, prefix: str, start_revision: int) -> PrefixWatch:
         """Watches `prefix/` from `start_revision` on (raises WatchCompacted if it is gone)."""
-        from pyetcd import exceptions as etcd_errors
+        try:
+            return self._open_watch(prefix, start_revision)
+        except WatchRefused:
+            if not self._settings.user:
+                raise
+        # etcd refuses a watch (created and canceled at once) when the token has expired:
+        # authenticate anew and try once more.
+        self._renew_token(self._token)
+        return self._open_watch(prefix, start_revision)
 
-        watch = PrefixWatch(self._watch_answer)
+    def _open_watch(self, prefix: str, start_revision: int) -> PrefixWatch:
+        request = {"create_request": {**prefix_range(prefix),
+                                      "start_revision": str(start_revision)}}
 
-        def add(client: Any) -> Any:
-            try:
-                watch_id = client.add_watch_prefix_callback(
-                    prefix + "/", watch._deliver, start_revision=start_revision
-                )
-            except etcd_errors.RevisionCompactedError as exc:
-                raise WatchCompacted(exc.compacted_revision) from None
-            return client, watch_id
+        def open_stream() -> tuple[http1.Stream, Any]:
+            token = self._current_token()
+            headers = {"Content-Type": "application/json"}
+            if token:
+                headers["Authorization"] = token
+            failure: OSError | None = None
+            for index in self._order():
+                stream = None
+                try:
+                    stream = http1.open_stream(
+                        self._addresses[index], "POST", "/v3/watch",
+                        timeout=self._settings.timeout, body=json.dumps(request).encode(),
+                        headers=headers, ssl_context=self._ssl_context(),
+                        keepalive=WATCH_KEEPALIVE, read_timeout=self._settings.timeout)
+                    first = next(stream.lines(), None)  # "created", or why not
+                except OSError as exc:
+                    if stream is not None:
+                        stream.close()
+                    failure = exc
+                    continue
+                self._preferred = index
+                try:
+                    message = json.loads(first) if first else None
+                except ValueError:
+                    message = first.decode("utf-8", "replace") if first else None
+                if message is None:
+                    stream.close()
+                    raise ConnectionError("etcd ended the watch stream before answering")
+                error = gateway_error(stream.status, message)
+                if error is not None:
+                    stream.close()
+                    raise error
+                return stream, message["result"]
+            raise failure or ConnectionError("no etcd endpoint answered the watch")
 
-        client, watch_id = self._call("watch", add)
-        if watch_id < 0 and self._settings.user:
-            # etcd refuses a watch silently (created and canceled at once, id -1) when the
-            # stream's token has expired: authenticate anew and try once more.
-            with contextlib.suppress(Exception):
-                client.cancel_watch(watch_id)
-            self._drop_client()
-            client, watch_id = self._call("watch", add)
-        if watch_id < 0:
-            with contextlib.suppress(Exception):
-                client.cancel_watch(watch_id)
-            self._drop_client()
-            raise EtcdUnavailable(
+        started = time.perf_counter()
+        try:
+            stream, created = self._call_watch(open_stream)
+        finally:
+            if self._metrics is not None:
+                self._metrics.etcd_request_duration.labels(op="watch").observe(
+                    time.perf_counter() - started)
+        if created.get("canceled"):
+            stream.close()
+            if created.get("compact_revision"):
+                raise WatchCompacted(int(created["compact_revision"]))
+            raise WatchRefused(
                 f"etcd refused the watch on {prefix}/ (permission denied: it needs read "
                 "permission there)"
             )
-
-        def cancel() -> None:
-            with contextlib.suppress(Exception):
-                client.cancel_watch(watch_id)
-
-        watch.cancel = cancel
+        stream.settimeout(None)  # from now on, silence is normal; TCP keepalive watches it
+        watch = PrefixWatch(prefix, stream, self._watch_answer)
+        watch.start()
         return watch
+
+    def _call_watch(self, open_stream: Callable[[], tuple[http1.Stream, Any]]
+                    ) -> tuple[http1.Stream, Any]:
+        try:
+            result = open_stream()
+        except GatewayError as exc:
+            why, lasting = diagnose(exc, self._settings)
+            if exc.name == "UNAUTHENTICATED" or _token_stale(exc):
+                self._set_up(False, why)
+                raise WatchRefused(why, lasting) from None
+            raise self._unavailable(why, lasting) from None
+        except OSError as exc:
+            why, lasting = diagnose(exc, self._settings)
+            raise self._unavailable(why, lasting) from None
+        self._heard()
+        return result

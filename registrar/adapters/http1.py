@@ -232,7 +232,9 @@ class Connection:
         with self._lock:
             for attempt in (0, 1):
                 reused = self._sock is not None
-                sock = self._sock or connect(self.address, self.timeout, self._ssl_context)
+                sock = self._sock or connect(
+                    self.address, self.timeout if timeout is None else timeout,
+                    self._ssl_context)
                 self._sock = None
                 sock.settimeout(self.timeout if timeout is None else timeout)
                 reader = Reader(sock)
@@ -240,9 +242,10 @@ class Connection:
                     sock.sendall(data)
                     status, response_headers = reader.head()
                     payload, reusable = reader.body(response_headers, method, status)
-                except OSError:
+                except OSError as exc:
                     sock.close()
-                    if reused and attempt == 0 and reader.received == 0:
+                    if (reused and attempt == 0 and reader.received == 0
+                            and not isinstance(exc, TimeoutError)):
                         continue  # the peer had closed the idle connection: it never read this
                     raise
                 if reusable and response_headers.get("connection", "").lower() != "close":
@@ -271,6 +274,8 @@ class Stream:
         self.headers = headers
         self._closed = False
         self._lock = threading.Lock()
+        self._body: Iterator[bytes] | None = None
+        self._pending = b""  # the start of a line whose end has not arrived yet
 
     def _pieces(self) -> Iterator[bytes]:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -281,18 +286,26 @@ class Stream:
             yield self._reader.rest()
 
     def lines(self) -> Iterator[bytes]:
-        """Every non-empty line of the body as it arrives; ends with the stream. A read that
-        times out raises `TimeoutError`; the stream stays usable after it."""
-        pending = b""
+        """Every non-empty line of the body as it arrives; ends with the stream. Lines are
+        taken from the stream's own buffer: a second `lines()` (after the first was left, as
+        when the first line is read alone) goes on where the first stopped."""
+        if self._body is None:
+            self._body = self._pieces()
         try:
-            for piece in self._pieces():
-                pending += piece
-                *complete, pending = pending.split(b"\n")
-                for line in complete:
+            while True:
+                end = self._pending.find(b"\n")
+                if end >= 0:
+                    line, self._pending = self._pending[:end], self._pending[end + 1:]
                     if line.strip():
                         yield line
-            if pending.strip():
-                yield pending
+                    continue
+                piece = next(self._body, None)
+                if piece is None:
+                    break
+                self._pending += piece
+            line, self._pending = self._pending, b""
+            if line.strip():
+                yield line
         except OSError:
             if self._closed:
                 return  # closed by us: the end, not a failure

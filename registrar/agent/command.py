@@ -15,7 +15,7 @@ import threading
 import time
 
 from registrar.adapters.docker_source import DockerSource
-from registrar.adapters.etcd_store import EtcdError, EtcdStore, WatchCompacted
+from registrar.adapters.etcd_store import EtcdStore
 from registrar.agent.control_follower import control_follower, keys_follower
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.agent.watcher import ContainerWatcher
@@ -24,6 +24,7 @@ from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
 from registrar.core.source import ContainerSource, DockerUnavailable
+from registrar.core.store import EtcdError, Store, WatchCompacted
 from registrar.errors import FatalError
 from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
@@ -142,7 +143,7 @@ def _announce(settings: Settings, sidecar: bool) -> None:
 
 def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
               followers: tuple[PrefixFollower, PrefixFollower], keeper: LeaseKeeper,
-              store: EtcdStore) -> None:
+              store: Store) -> None:
     """Stop intake, deregister (revoke the lease), drain: all but the drain within one
     deadline. `followers`: the control and the keys follower."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
@@ -161,7 +162,7 @@ def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
         _drain(settings, store, keeper, seen if revoked else None)
 
 
-def _drain(settings: Settings, store: EtcdStore, keeper: LeaseKeeper, seen: int | None) -> None:
+def _drain(settings: Settings, store: Store, keeper: LeaseKeeper, seen: int | None) -> None:
     """Waits at most --drain until every live router has applied the revoke and has nothing in
     flight on the instances it removed. `seen`: a revision before the revoke (None: the revoke
     was not confirmed, so nothing can be: the whole --drain)."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from registrar.adapters.etcd_store import EtcdStore, KeyEvent
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core.control import subject
 from registrar.core.layout import Layout
+from registrar.core.store import KeyEvent, Store
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 
@@ -29,7 +29,7 @@ def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
 
 
 def control_follower(
-    store: EtcdStore, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
+    store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
 ) -> PrefixFollower:
     def on_events(events: list[KeyEvent]) -> None:
         keeper.notice(events)  # its standby keys live here too
@@ -47,7 +47,7 @@ def control_follower(
 
 
 def keys_follower(
-    store: EtcdStore, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
+    store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
 ) -> PrefixFollower:
     """`{prefix}/`, watched: a key of this keeper changed by someone else makes it read again
     (so a periodic resync need not read etcd)."""

@@ -26,18 +26,11 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from registrar.adapters.etcd_store import (
-    EtcdError,
-    EtcdRefused,
-    EtcdStore,
-    KeyEvent,
-    LeaseNotFound,
-)
 from registrar.core.control import Control, describe_changes, parse_control
 from registrar.core.drain import DRAIN_TTL, Run
 from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
-from registrar.core.planner import Changes, StoredKey
+from registrar.core.planner import Changes
 from registrar.core.reconcile import (
     Happened,
     Plan,
@@ -46,6 +39,7 @@ from registrar.core.reconcile import (
     plan,
     split_deletes,
 )
+from registrar.core.store import EtcdError, EtcdRefused, KeyEvent, LeaseNotFound, Store, StoredKey
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
@@ -90,7 +84,7 @@ class _Inputs:
 class LeaseKeeper:
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         *,
         ttl: int,
         layout: Layout,

@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 
-from registrar.adapters.etcd_store import EtcdStore, KeyEvent
+from registrar.adapters.etcd_store import EtcdStore
 from registrar.catalog.metrics import CatalogMetrics
 from registrar.catalog.server import Auth, CatalogServer
 from registrar.catalog.state import CatalogState
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import KeyEvent, Store, StoredKey
 from registrar.errors import FatalError
 from registrar.health import health_problem
 from registrar.prefix_follower import PrefixFollower
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BUDGET = 3.0
 
 
-def _follower(store: EtcdStore, base: str, which: str, state: CatalogState,
+def _follower(store: Store, base: str, which: str, state: CatalogState,
               metrics: CatalogMetrics) -> PrefixFollower:
     def snapshot(stored: dict[str, StoredKey]) -> None:
         state.replace(which, stored, follower.revision)

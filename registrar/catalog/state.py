@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from registrar.adapters.etcd_store import KeyEvent
 from registrar.core.catalog import (
     Catalog,
     Entry,
@@ -26,7 +25,7 @@ from registrar.core.catalog import (
     reports_of,
 )
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import KeyEvent, StoredKey
 
 STALE_WAIT = 1.0
 

@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TextIO, TypeVar
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore
 from registrar.adapters.gate import INTERRUPTED, ask_gate
 from registrar.commands.oneshot import OneShot
 from registrar.commands.promote import Rotation, promote_and_wait
@@ -52,7 +51,7 @@ from registrar.core.canary import (
 )
 from registrar.core.canary import parse_reports as parse_router_reports
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import EtcdError, Store, StoredKey
 from registrar.errors import FatalError
 from registrar.settings import CanarySettings, Settings
 
@@ -91,11 +90,11 @@ class Renewed(OneShot):
     """Each etcd request gets the whole budget again: a paused canary may last for hours, so
     no deadline for the whole command can be set in advance."""
 
-    def __init__(self, store: EtcdStore, budget: float) -> None:
+    def __init__(self, store: Store, budget: float) -> None:
         super().__init__(store, budget)
         self.budget = budget
 
-    def __call__(self, fn: Callable[[EtcdStore], T]) -> T:
+    def __call__(self, fn: Callable[[Store], T]) -> T:
         self.deadline = time.monotonic() + self.budget
         return super().__call__(fn)
 
@@ -104,7 +103,7 @@ class OwnerLease:
     """`{control}/canary/{SERVICE}/owner`, bound to a lease kept alive every second on its own
     thread (the main loop may wait on a gate); granted again if it was lost."""
 
-    def __init__(self, store: EtcdStore, key: str, value: str) -> None:
+    def __init__(self, store: Store, key: str, value: str) -> None:
         self._store, self.key, self._value = store, key, value
         self._lease: int | None = None
         self._stop = threading.Event()
@@ -147,14 +146,14 @@ def weights_value(canary: CanarySettings, version: str, percent: int,
     return json.dumps(value)
 
 
-def run_canary(store: EtcdStore, settings: Settings, before: Rotation, out: TextIO) -> int:
+def run_canary(store: Store, settings: Settings, before: Rotation, out: TextIO) -> int:
     return CanaryCommand(store, settings, out).run(before)
 
 
 class CanaryCommand:
     """One canary, from the refusals to the promotion or the rollback."""
 
-    def __init__(self, store: EtcdStore, settings: Settings, out: TextIO) -> None:
+    def __init__(self, store: Store, settings: Settings, out: TextIO) -> None:
         p = settings.promote
         assert p is not None and p.canary is not None and p.version is not None
         self.store, self.settings, self.out = store, settings, out

@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import CONSISTENT_READS, OneShot
+from registrar.commands.oneshot import OneShot
 from registrar.core.control import parse_control
 from registrar.core.drain import DRAIN_TTL, Report, entry_value, reports
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey, json_object, version_of
+from registrar.core.planner import json_object, version_of
+from registrar.core.store import StoredKey
 from registrar.errors import FatalError
 from registrar.retry import POLL_INTERVAL
 from registrar.router_wait import Waited, removal_revision, wait_for_routers
@@ -54,12 +55,8 @@ class Snapshot:
 
 
 def snapshot(etcd: OneShot, layout: Layout) -> Snapshot:
-    """Both prefixes as of one revision (see oneshot.read_two)."""
-    for _ in range(CONSISTENT_READS):
-        stored, revision = etcd(lambda store: store.list_prefix(layout.prefix))
-        control, same = etcd(lambda store: store.list_prefix(layout.control))
-        if same == revision:
-            break
+    """Both prefixes as of one revision (one transaction: see oneshot.read_two)."""
+    stored, control, revision = etcd(lambda store: store.list_two(layout.prefix, layout.control))
     return Snapshot(revision, stored, control)
 
 

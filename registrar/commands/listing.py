@@ -10,7 +10,8 @@ from typing import Any, TextIO
 
 from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, parse_key
-from registrar.core.planner import StoredKey, json_object
+from registrar.core.planner import json_object
+from registrar.core.store import StoredKey
 
 
 def _age(registered_at: Any, now: datetime) -> str:

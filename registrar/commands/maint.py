@@ -23,7 +23,8 @@ from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
 from registrar.core.control import Control, parse_control
 from registrar.core.layout import Layout, child_name
-from registrar.core.planner import StoredKey, json_object, version_of
+from registrar.core.planner import json_object, version_of
+from registrar.core.store import StoredKey
 from registrar.errors import FatalError
 from registrar.retry import POLL_INTERVAL
 from registrar.router_wait import Waited, read_reports, removal_revision, wait_for_routers

@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from registrar.adapters.etcd_store import EtcdRefused, EtcdStore, EtcdUnavailable
-from registrar.core.planner import StoredKey
+from registrar.core.store import EtcdRefused, EtcdUnavailable, Store, StoredKey
 from registrar.errors import FatalError
 from registrar.retry import GaveUp, retry_within
 
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class OneShot:
-    def __init__(self, store: EtcdStore, timeout: float, what: str = "etcd") -> None:
+    def __init__(self, store: Store, timeout: float, what: str = "etcd") -> None:
         """`timeout`: the command's --timeout, from now; `what` starts every error line."""
         self.store = store
         self.deadline = time.monotonic() + timeout
@@ -31,7 +30,7 @@ class OneShot:
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
-    def __call__(self, fn: Callable[[EtcdStore], T]) -> T:
+    def __call__(self, fn: Callable[[Store], T]) -> T:
         """`fn(store)`, retried through transient errors until the deadline."""
 
         def attempt() -> T:
@@ -51,17 +50,10 @@ class OneShot:
             raise FatalError(str(exc)) from None
 
 
-CONSISTENT_READS = 20  # tries at two reads with no write between them
-
-
 def read_two(etcd: OneShot, first: str, second: str
              ) -> tuple[dict[str, StoredKey], dict[str, StoredKey]]:
-    """Two prefixes as of one revision (read again, a few times, while a write came between
-    the two reads): an agent's move between rotation and standby is one transaction, which
-    two reads on either side of it would show as an instance in neither place, or in both."""
-    for _ in range(CONSISTENT_READS):
-        a, revision = etcd(lambda store: store.list_prefix(first))
-        b, same = etcd(lambda store: store.list_prefix(second))
-        if same == revision:
-            break
+    """Two prefixes as of one revision, in one transaction: an agent's move between rotation
+    and standby is one transaction, which two reads on either side of it would show as an
+    instance in neither place, or in both."""
+    a, b, _revision = etcd(lambda store: store.list_two(first, second))
     return a, b

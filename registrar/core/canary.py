@@ -62,7 +62,8 @@ from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 from registrar.core.layout import Layout, child_name
-from registrar.core.planner import StoredKey, json_object
+from registrar.core.planner import json_object
+from registrar.core.store import StoredKey
 
 Mode = Literal["http", "tcp"]
 _Final = TypeVar("_Final", "Promote", "RollBack")

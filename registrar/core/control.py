@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from registrar.core.drain import Drain, parse_drain
 from registrar.core.layout import Layout, child_name, parse_key
-from registrar.core.planner import StoredKey, json_object, version_of
+from registrar.core.planner import json_object, version_of
+from registrar.core.store import StoredKey
 from registrar.settings import HEADER_RE
 
 

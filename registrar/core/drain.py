@@ -19,7 +19,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from registrar.core.planner import StoredKey, json_object
+from registrar.core.planner import json_object
+from registrar.core.store import StoredKey
 
 DRAIN_TTL = 60  # the command's own lease: an entry nobody takes over is gone within a minute
 

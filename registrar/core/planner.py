@@ -6,13 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class StoredKey:
-    """One key of this node as etcd holds it (or as we last wrote it)."""
-
-    value: str
-    lease: int
+from registrar.core.store import StoredKey
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from registrar.core.control import Control, place
 from registrar.core.drain import Run, hold, parse_drain
 from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
-from registrar.core.planner import Changes, StoredKey, plan_changes
+from registrar.core.planner import Changes, plan_changes
+from registrar.core.store import StoredKey
 
 
 class Happened(enum.Enum):

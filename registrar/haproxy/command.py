@@ -19,9 +19,9 @@ import sys
 import threading
 import time
 
-from registrar.adapters.etcd_store import EtcdError, EtcdStore
+from registrar.adapters.etcd_store import EtcdStore
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import EtcdError, Store, StoredKey
 from registrar.haproxy.access_log import AccessLogReader, LatencyMetrics
 from registrar.haproxy.config import Rejected, TemplateError, load_template
 from registrar.haproxy.latency import Latency
@@ -54,7 +54,7 @@ def _refused(hp: HAProxySettings) -> str | None:
     return None
 
 
-def _first_read(store: EtcdStore, prefix: str, registrations: Registrations,
+def _first_read(store: Store, prefix: str, registrations: Registrations,
                 router: Router) -> int:
     """The first read, once: when etcd cannot be read now, HAProxy may start from the config
     already installed (if it passes haproxy -c) while the watcher keeps trying. The revision
@@ -92,7 +92,7 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _followers(store: EtcdStore, layout: Layout, registrations: Registrations,
+def _followers(store: Store, layout: Layout, registrations: Registrations,
                metrics: Metrics, revision: int) -> tuple[PrefixFollower, PrefixFollower]:
     def counted(loop: str) -> None:
         metrics.internal_errors.labels(loop=loop).inc()

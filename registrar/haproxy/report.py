@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from registrar.adapters.etcd_store import EtcdError, EtcdRefused, EtcdStore, LeaseNotFound
+from registrar.core.store import EtcdError, EtcdRefused, LeaseNotFound, Store
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
@@ -40,7 +40,7 @@ def report_value(services: Totals, at: datetime, more: Mapping[str, Any] | None 
 
 
 class Reporter:
-    def __init__(self, store: EtcdStore, key: str, ttl: int, metrics: Metrics,
+    def __init__(self, store: Store, key: str, ttl: int, metrics: Metrics,
                  totals: Callable[[], Totals],
                  more: Callable[[], Mapping[str, Any]] = dict) -> None:
         self._store = store

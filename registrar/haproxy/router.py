@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from registrar.adapters.etcd_store import KeyEvent
 from registrar.core.control import Canary, parse_canaries
 from registrar.core.layout import Layout
-from registrar.core.planner import StoredKey
+from registrar.core.store import KeyEvent, StoredKey
 from registrar.haproxy.config import (
     Backend,
     Rejected,

@@ -7,7 +7,6 @@ takes etcd's own (warn-level) log, so test output stays quiet.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -278,21 +277,17 @@ class EtcdCluster:
         m = self.members[i]
         if not m.running:
             return None
-        import pyetcd
+        from registrar.adapters.etcd_store import GatewayError
+        from tests.support.etcd_reader import Gateway
 
-        client = pyetcd.MultiEndpointEtcd3Client(
-            endpoints=[pyetcd.Endpoint(m.host, m.port, secure=False, time_retry=0.0)],
-            timeout=timeout,
-            failover=True,
-        )
+        gateway = Gateway(m.url, timeout=timeout)
         try:
-            resp = client.maintenancestub.Status(pyetcd.etcdrpc.StatusRequest(), timeout)
-            return int(resp.header.member_id), int(resp.leader)
-        except Exception:
+            status = gateway.call("/v3/maintenance/status", {}, retries=0)
+            return int(status["header"]["member_id"]), int(status["leader"])
+        except (OSError, ValueError, KeyError, GatewayError):  # not answering, not a member
             return None
         finally:
-            with contextlib.suppress(Exception):
-                client.close()
+            gateway.close()
 
     def leader_index(self, timeout: float = 10.0) -> int:
         """Index of the member that is leader, waiting until the running members agree."""

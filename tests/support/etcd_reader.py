@@ -1,22 +1,24 @@
-"""A small etcd v3 client for test assertions, tolerant of etcd restarts.
+"""A small etcd v3 client for test assertions, tolerant of etcd restarts: etcd's JSON gateway
+through the project's own HTTP/1.1 client and helpers (`registrar.adapters.http1`,
+`registrar.adapters.etcd_store`), without the retries and error mapping of `EtcdStore` so that
+a test sees exactly what etcd answered.
 
-pyetcd marks an endpoint failed after one UNAVAILABLE/DEADLINE_EXCEEDED and refuses it for
-``time_retry`` seconds; gRPC channels also back off reconnecting. So on any error the reader
-drops its client, builds a fresh one and retries once, then raises.
+Every call opens a fresh connection when the last one broke, and is tried once more after a
+transport error (an etcd restarting between two assertions).
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import json
+import ssl
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-import pyetcd
-
-T = TypeVar("T")
+from registrar.adapters import http1
+from registrar.adapters.etcd_store import GatewayError, b64, gateway_error, unb64
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -24,49 +26,96 @@ def parse_url(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 2379
 
 
+@dataclass(frozen=True)
+class KVMeta:
+    """What etcd keeps about a key besides its value."""
+
+    key: str
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease_id: int
+
+
+def kv_meta(kv: dict[str, Any]) -> KVMeta:
+    return KVMeta(unb64(kv.get("key")), int(kv.get("create_revision") or 0),
+                  int(kv.get("mod_revision") or 0), int(kv.get("version") or 0),
+                  int(kv.get("lease") or 0))
+
+
+def raw_range(kv: dict[str, Any]) -> bytes:
+    return base64.b64decode(kv.get("value") or "")
+
+
+class Gateway:
+    """POSTs to etcd's JSON gateway: one kept connection; a token from `user`/`password`,
+    renewed when etcd says it expired; GatewayError with etcd's own message on a refusal."""
+
+    def __init__(self, url: str, *, timeout: float = 5.0,
+                 ssl_context: ssl.SSLContext | None = None, user: str | None = None,
+                 password: str | None = None) -> None:
+        host, port = parse_url(url)
+        self.address = http1.Address(host=host, port=port, tls=url.startswith("https://"))
+        self._connection = http1.Connection(self.address, timeout, ssl_context)
+        self._auth = (user, password)
+        self._token: str | None = None
+        self._lock = threading.Lock()
+
+    def _post(self, path: str, payload: dict[str, Any]) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = self._token
+        response = self._connection.request("POST", path, json.dumps(payload).encode(),
+                                            headers)
+        try:
+            answer = http1.json_body(response)
+        except ValueError:
+            answer = response.body.decode("utf-8", "replace")
+        error = gateway_error(response.status, answer)
+        if error is not None:
+            raise error
+        return answer
+
+    def call(self, path: str, payload: dict[str, Any], retries: int = 1) -> Any:
+        user, password = self._auth
+        with self._lock:
+            for attempt in range(retries + 1):
+                try:
+                    if user and password and self._token is None:
+                        self._token = str(self._post(
+                            "/v3/auth/authenticate", {"name": user, "password": password}
+                        )["token"])
+                    return self._post(path, payload)
+                except GatewayError as exc:
+                    if attempt == retries or exc.name != "UNAUTHENTICATED":
+                        raise
+                    self._token = None
+                except OSError:
+                    self._connection.close()
+                    if attempt == retries:
+                        raise
+        raise AssertionError("unreachable")
+
+    def range(self, key: str) -> dict[str, Any] | None:
+        kvs = self.call("/v3/kv/range", {"key": b64(key)}).get("kvs") or []
+        return dict(kvs[0]) if kvs else None
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 class EtcdReader:
     def __init__(self, url: str, timeout: float = 3.0) -> None:
         self.url = url.split(",")[0]
         self.host, self.port = parse_url(self.url)
         self.timeout = timeout
-        self._client: Any = None
-        self._lock = threading.Lock()
+        self.gateway = Gateway(self.url, timeout=timeout)
 
-    # -- connection --------------------------------------------------------------------------
-    def _new_client(self) -> Any:
-        return pyetcd.MultiEndpointEtcd3Client(
-            endpoints=[pyetcd.Endpoint(self.host, self.port, secure=False, time_retry=0.2)],
-            timeout=self.timeout,
-            failover=True,
-        )
-
-    @property
-    def client(self) -> Any:
-        """The underlying pyetcd client (rebuilt after errors)."""
-        with self._lock:
-            if self._client is None:
-                self._client = self._new_client()
-            return self._client
-
-    def reset(self) -> None:
-        with self._lock:
-            old, self._client = self._client, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
-
-    def _call(self, fn: Callable[[Any], T], retries: int = 1) -> T:
-        for attempt in range(retries + 1):
-            try:
-                return fn(self.client)
-            except Exception:
-                self.reset()
-                if attempt == retries:
-                    raise
-        raise AssertionError("unreachable")
+    def _call(self, path: str, payload: dict[str, Any], retries: int = 1) -> Any:
+        return self.gateway.call(path, payload, retries)
 
     def close(self) -> None:
-        self.reset()
+        self.gateway.close()
 
     def __enter__(self) -> EtcdReader:
         return self
@@ -76,22 +125,28 @@ class EtcdReader:
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, key: str) -> str | None:
-        value, _ = self._call(lambda c: c.get(key))
-        return None if value is None else bytes(value).decode()
+        kv = self.gateway.range(key)
+        return None if kv is None else raw_range(kv).decode()
 
-    def get_meta(self, key: str) -> tuple[str, Any] | None:
-        """(value, pyetcd KVMetadata: create/mod_revision, version, lease_id) or None."""
-        value, meta = self._call(lambda c: c.get(key))
-        return None if value is None else (bytes(value).decode(), meta)
+    def get_meta(self, key: str) -> tuple[str, KVMeta] | None:
+        """(value, metadata: create/mod_revision, version, lease_id) or None."""
+        kv = self.gateway.range(key)
+        return None if kv is None else (raw_range(kv).decode(), kv_meta(kv))
+
+    def _range_prefix(self, prefix: str) -> list[dict[str, Any]]:
+        """Every key starting with `prefix` (no "/" added: tests pass it themselves)."""
+        start = prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        answer = self._call("/v3/kv/range", {
+            "key": base64.b64encode(start).decode(), "range_end": base64.b64encode(end).decode()})
+        return list(answer.get("kvs") or [])
+
+    def raw_prefix(self, prefix: str) -> dict[str, bytes]:
+        """Every key under `prefix` with its value as bytes (values need not be UTF-8)."""
+        return {unb64(kv.get("key")): raw_range(kv) for kv in self._range_prefix(prefix)}
 
     def get_prefix(self, prefix: str) -> dict[str, str]:
-        def op(c: Any) -> dict[str, str]:
-            return {
-                bytes(meta.key).decode(): bytes(value).decode()
-                for value, meta in c.get_prefix(prefix)
-            }
-
-        return self._call(op)
+        return {key: value.decode() for key, value in self.raw_prefix(prefix).items()}
 
     def get_json_prefix(self, prefix: str) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v in self.get_prefix(prefix).items()}
@@ -101,22 +156,17 @@ class EtcdReader:
 
     def lease_ids(self, prefix: str) -> dict[str, int]:
         """Key -> lease id (0: no lease) for every key under ``prefix``."""
-
-        def op(c: Any) -> dict[str, int]:
-            return {
-                bytes(meta.key).decode(): int(meta.lease_id) for _, meta in c.get_prefix(prefix)
-            }
-
-        return self._call(op)
+        return {unb64(kv.get("key")): int(kv.get("lease") or 0)
+                for kv in self._range_prefix(prefix)}
 
     def lease_id(self, key: str) -> int | None:
         got = self.get_meta(key)
-        return None if got is None else int(got[1].lease_id)
+        return None if got is None else got[1].lease_id
 
     def lease_info(self, lease_id: int) -> tuple[int, int]:
         """(granted_ttl, remaining_ttl) of a lease; remaining is -1 once it has expired."""
-        resp = self._call(lambda c: c.get_lease_info(lease_id))
-        return int(resp.grantedTTL), int(resp.TTL)
+        answer = self._call("/v3/lease/timetolive", {"ID": str(lease_id)})
+        return int(answer.get("grantedTTL") or 0), int(answer.get("TTL") or 0)
 
     def lease_ttl(self, key: str) -> tuple[int, int] | None:
         """(granted_ttl, remaining_ttl) of the key's lease; None if no such key or no lease."""
@@ -127,34 +177,44 @@ class EtcdReader:
 
     def revision(self) -> int:
         """The store's current revision (header of a read)."""
-        resp = self._call(lambda c: c.get_response("\0"))
-        return int(resp.header.revision)
+        return int(self._call("/v3/kv/range", {"key": b64("\0")})["header"]["revision"])
 
     def member_id(self) -> int:
-        resp = self._call(lambda c: c.get_response("\0"))
-        return int(resp.header.member_id)
+        return int(self._call("/v3/kv/range", {"key": b64("\0")})["header"]["member_id"])
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, key: str, value: str | bytes | dict[str, Any], lease: int | None = None) -> int:
         """Put (a dict is stored as JSON); the revision of the write."""
         if isinstance(value, dict):
             value = json.dumps(value)
-        resp = self._call(lambda c: c.put(key, value, lease=lease))
-        return int(resp.header.revision)
+        raw = value.encode() if isinstance(value, str) else value
+        payload = {"key": b64(key), "value": base64.b64encode(raw).decode()}
+        if lease:
+            payload["lease"] = str(lease)
+        return int(self._call("/v3/kv/put", payload)["header"]["revision"])
 
     def grant_lease(self, ttl: int) -> int:
-        lease = self._call(lambda c: c.lease(ttl))
-        return int(lease.id)
+        return int(self._call("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+    def keepalive_lease(self, lease_id: int) -> None:
+        self._call("/v3/lease/keepalive", {"ID": str(lease_id)})
 
     def revoke_lease(self, lease_id: int) -> None:
-        self._call(lambda c: c.revoke_lease(lease_id))
+        self._call("/v3/lease/revoke", {"ID": str(lease_id)})
 
     def delete(self, key: str) -> bool:
-        return bool(self._call(lambda c: c.delete(key)))
+        return bool(int(self._call("/v3/kv/deleterange", {"key": b64(key)}).get("deleted") or 0))
 
     def delete_prefix(self, prefix: str) -> int:
-        resp = self._call(lambda c: c.delete_prefix(prefix))
-        return int(resp.deleted)
+        start = prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        answer = self._call("/v3/kv/deleterange", {
+            "key": base64.b64encode(start).decode(), "range_end": base64.b64encode(end).decode()})
+        return int(answer.get("deleted") or 0)
+
+    def compact(self, revision: int) -> None:
+        self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
 
     def __repr__(self) -> str:
         return f"EtcdReader({self.url})"
+

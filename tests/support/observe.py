@@ -6,15 +6,16 @@ since the epoch.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pyetcd
-
+from registrar.adapters import http1
 from tests.support.etcd_reader import parse_url
 
 
@@ -32,31 +33,54 @@ class KeyLog:
     def __init__(self, url: str, prefix: str) -> None:
         host, port = parse_url(url)
         self.prefix = prefix
-        self._client = pyetcd.MultiEndpointEtcd3Client(
-            endpoints=[pyetcd.Endpoint(host, port, secure=False, time_retry=0.2)],
-            timeout=5.0,
-            failover=True,
-        )
         self._cond = threading.Condition()
         self.events: list[KeyEvent] = []
         self.first_put: dict[str, float] = {}
         self.deleted: dict[str, float] = {}  # key -> last delete
         self.live: set[str] = set()
         self.errors: list[str] = []
-        self._watch_id = self._client.add_watch_prefix_callback(prefix, self._on_response)
+        start = prefix.encode()
+        request = {"create_request": {
+            "key": base64.b64encode(start).decode(),
+            "range_end": base64.b64encode(start[:-1] + bytes([start[-1] + 1])).decode(),
+        }}
+        # etcd's JSON gateway: one connection, one JSON object a line; closed to cancel.
+        self._stream = http1.open_stream(
+            http1.Address(host=host, port=port), "POST", "/v3/watch", timeout=5.0,
+            body=json.dumps(request).encode(), headers={"Content-Type": "application/json"})
+        created = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(created,), name="keylog",
+                                        daemon=True)
+        self._thread.start()
+        created.wait(5.0)  # events from now on, as the watch starts at the current revision
 
-    def _on_response(self, response: Any) -> None:
-        at = time.time()
-        if isinstance(response, Exception):
+    def _read(self, created: threading.Event) -> None:
+        try:
+            for line in self._stream.lines():
+                message = json.loads(line)
+                created.set()
+                self._on_response(message)
+        except (OSError, ValueError) as exc:
             with self._cond:
-                self.errors.append(repr(response))
+                self.errors.append(repr(exc))
+                self._cond.notify_all()
+        finally:
+            created.set()
+
+    def _on_response(self, message: dict[str, Any]) -> None:
+        at = time.time()
+        result = message.get("result")
+        if not isinstance(result, dict) or result.get("canceled"):
+            with self._cond:
+                self.errors.append(repr(message))
                 self._cond.notify_all()
             return
         with self._cond:
-            for event in response.events:
-                key = bytes(event.key).decode()
-                kind = "delete" if isinstance(event, pyetcd.events.DeleteEvent) else "put"
-                self.events.append(KeyEvent(at, kind, key, int(event.mod_revision)))
+            for event in result.get("events") or ():
+                kv = event.get("kv", {})
+                key = base64.b64decode(kv.get("key") or "").decode()
+                kind = "delete" if event.get("type") == "DELETE" else "put"
+                self.events.append(KeyEvent(at, kind, key, int(kv.get("mod_revision") or 0)))
                 if kind == "put":
                     self.first_put.setdefault(key, at)
                     self.live.add(key)
@@ -85,10 +109,8 @@ class KeyLog:
             return [e for e in self.events if e.at >= start]
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.cancel_watch(self._watch_id)
-        with contextlib.suppress(Exception):
-            self._client.close()
+        self._stream.close()
+        self._thread.join(5.0)
 
 
 class DockerEvents:

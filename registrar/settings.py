@@ -243,7 +243,9 @@ def _add_common(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         parser.add_argument(flag, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (`only`) the top level with one command's subparser: a
+    sidecar starts once per container, and building every command's parser cost it ~10 ms."""
     parser = _Parser(
         prog="registrar",
         description=(
@@ -257,7 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser)  # `registrar --etcd URL watch` works too
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    for name, add in COMMANDS.items():
+        if only is None or only == name:
+            add(sub)
+    return parser
 
+
+def _add_watch(sub: Any) -> None:
     watch = sub.add_parser(
         "watch",
         help="host agent: register every eligible container on this host",
@@ -274,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_network(watch)
 
+
+def _add_register(sub: Any) -> None:
     register = sub.add_parser(
         "register",
         help="sidecar: register one container until it stops",
@@ -290,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(register)
 
+
+def _add_ls(sub: Any) -> None:
     ls = sub.add_parser(
         "ls",
         help="list registrations under the prefix",
@@ -309,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(default {DEFAULT_LS_TIMEOUT:g})")
     _add_common(ls)
 
+
+def _add_haproxy(sub: Any) -> None:
     haproxy = sub.add_parser(
         "haproxy",
         help="route traffic: keep an HAProxy in step with the registrations",
@@ -337,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default {DEFAULT_RESPONSE_TIMEOUT:g})")
     _add_common(haproxy)
 
+
+def _add_promote(sub: Any) -> None:
     promote = sub.add_parser(
         "promote",
         help="make VERSION the only version of SERVICE in rotation, cluster-wide",
@@ -390,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"{what} (no VERSION)")
     _add_common(promote)
 
+
+def _add_maint(sub: Any) -> None:
     maint = sub.add_parser(
         "maint",
         help="take instances, services or nodes out of rotation without stopping them",
@@ -411,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long to wait until the rotation matches (default 30)")
     _add_common(maint, skip=("--node",))  # here --node names the node held out
 
+
+def _add_drain(sub: Any) -> None:
     drain = sub.add_parser(
         "drain",
         help="take one container's instances out of rotation and wait until the routers are "
@@ -429,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--undo", action="store_const", const="true", default=argparse.SUPPRESS,
                        help="bring a drained container that still runs back into rotation")
     _add_common(drain, skip=("--node",))  # here --node names the container's node, flag only
-    _add_catalog(sub)
-    return parser
+
+
 
 
 def _add_network(parser: argparse.ArgumentParser) -> None:
@@ -458,6 +478,18 @@ def _add_catalog(sub: Any) -> None:
     catalog.add_argument("--catalog-key", metavar="FILE", default=argparse.SUPPRESS,
                          help="the certificate's private key (with --catalog-cert)")
     _add_common(catalog)
+
+
+COMMANDS: dict[str, Callable[[Any], None]] = {
+    "watch": _add_watch,
+    "register": _add_register,
+    "ls": _add_ls,
+    "haproxy": _add_haproxy,
+    "promote": _add_promote,
+    "maint": _add_maint,
+    "drain": _add_drain,
+    "catalog": _add_catalog,
+}
 
 
 # --- resolving and validating -------------------------------------------------------------
@@ -579,7 +611,10 @@ def _pem(flag: str, path: str | None, kind: str) -> str | None:
 
 
 def _check_tls(ca: str | None, cert: str | None, key: str | None) -> None:
-    """The CA parses as certificates, and the client key belongs to the client certificate."""
+    """The CA parses as certificates, and the client key belongs to the client certificate.
+    (`ssl` only when there is a file to check: it costs every process ~4 MiB and ~10 ms.)"""
+    if ca is None and (cert is None or key is None):
+        return
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -685,6 +720,15 @@ Resolve = Callable[[str, str | None], str | None]
 
 
 def _parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    # The command's own parser when argv names one (the first word that is a command's name);
+    # whatever it refuses is parsed again by the whole parser, whose answer stands (a flag's
+    # value that happens to be a command's name cannot mislead it).
+    named = next((word for word in argv if word in COMMANDS), None)
+    if named is not None:
+        try:
+            return vars(build_parser(named).parse_args(list(argv)))
+        except SettingsError:
+            pass
     parser = build_parser()
     try:
         return vars(parser.parse_args(list(argv)))

@@ -163,6 +163,7 @@ class Checker:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._thread: threading.Thread | None = None
+        self._may_start = False  # start() was called: the thread starts with the first port
         self.health = LoopHealth("checker", self.alive, self._count_error)
 
     # --- the interface ------------------------------------------------------------------
@@ -190,6 +191,8 @@ class Checker:
                 self._by_container[container_id] = ports
             self._count_failing()
             self._wake()
+        if targets:
+            self._start_thread()
 
     def forget(self, container_id: str) -> None:
         with self._lock:
@@ -216,7 +219,19 @@ class Checker:
                                port.reason)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="checker", daemon=True)
+        """The thread starts with the first port to check: most containers have none, and a
+        sidecar's is then one thread fewer."""
+        self._may_start = True
+        with self._lock:
+            needed = bool(self._ports)
+        if needed:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None or not self._may_start or self._stopping:
+                return
+            self._thread = threading.Thread(target=self._run, name="checker", daemon=True)
         start_thread(self._thread)
 
     def request_stop(self) -> None:
@@ -230,7 +245,10 @@ class Checker:
             self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Running, or started and not needed yet (no port to check so far)."""
+        if self._thread is None:
+            return self._may_start and not self._stopping
+        return self._thread.is_alive()
 
     def _count_error(self, loop: str) -> None:
         if self._metrics is not None:

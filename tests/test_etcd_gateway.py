@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from registrar.adapters.etcd_store import EtcdStore, b64
+from registrar.adapters.etcd_store import EtcdStore, GatewayError, b64, diagnose
 from registrar.core.store import (
     EtcdRefused,
     EtcdUnavailable,
@@ -229,3 +229,23 @@ def test_a_watch_whose_stream_ends_says_so_and_etcd_is_down(servers: list[Server
     with pytest.raises(EtcdUnavailable, match="watch ended"):
         watch.get(2)
     assert store.up is False and downs == [True, False]
+
+
+@pytest.mark.parametrize(("error", "words", "lasting"), [
+    (GatewayError(3, "etcdserver: authentication failed, invalid user ID or password"),
+     ["etcd refused user 'u'", "--etcd-user"], True),
+    (GatewayError(7, "etcdserver: permission denied"), ["lacks a permission"], False),
+    (GatewayError(2, "HTTP 400: CommonName of client sending a request against gateway will be "
+                     "ignored and not used as expected"), ["Common Name", "--etcd-user"], True),
+    (ConnectionResetError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
+     ["not trusted", "--etcd-ca"], True),
+    (ConnectionRefusedError(111, "Connection refused"), ["ConnectionRefusedError"], False),
+])
+def test_diagnose_names_the_flag_to_check_and_keeps_etcd_s_words(
+    error: BaseException, words: list[str], lasting: bool,
+) -> None:
+    settings = EtcdSettings((EtcdEndpoint("e", 2379, True),), user="u", password="secret")
+    line, is_lasting = diagnose(error, settings)
+    assert all(word in line for word in words), line
+    assert (str(error.args[-1]) if isinstance(error, OSError) else str(error)) in line
+    assert is_lasting is lasting and "secret" not in line

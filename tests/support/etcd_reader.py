@@ -4,7 +4,7 @@ through the project's own HTTP/1.1 client and helpers (`registrar.adapters.http1
 a test sees exactly what etcd answered.
 
 Every call opens a fresh connection when the last one broke, and is tried once more after a
-transport error (an etcd restarting between two assertions).
+transport error or an election (an etcd restarting between two assertions, a leader killed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import base64
 import json
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,9 +88,12 @@ class Gateway:
                         )["token"])
                     return self._post(path, payload)
                 except GatewayError as exc:
-                    if attempt == retries or exc.name != "UNAUTHENTICATED":
+                    if attempt == retries or exc.name not in ("UNAUTHENTICATED", "UNAVAILABLE"):
                         raise
-                    self._token = None
+                    if exc.name == "UNAUTHENTICATED":
+                        self._token = None
+                    else:  # "leader changed", "no leader": an election, over within a moment
+                        time.sleep(0.5)
                 except OSError:
                     self._connection.close()
                     if attempt == retries:

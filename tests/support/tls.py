@@ -69,10 +69,12 @@ class CertificateAuthority:
         server: bool = False,
         ips: tuple[str, ...] = ("127.0.0.1",),
         dns: tuple[str, ...] = ("localhost",),
+        with_cn: bool = True,
     ) -> Issued:
         """A certificate for `cn` signed by this CA: a client certificate, or with `server` one
         that also serves `ips`/`dns` (etcd uses its server certificate as a client to its peers
-        too, so it gets both usages)."""
+        too, so it gets both usages). Without `with_cn`, `cn` is only its organisation: a
+        certificate with no Common Name at all."""
         stem = f"{self.name}-{cn}"
         key, csr, cert, ext = (self.dir / f"{stem}.{s}" for s in ("key", "csr", "crt", "ext"))
         lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature"]
@@ -84,7 +86,8 @@ class CertificateAuthority:
         else:
             lines.append("extendedKeyUsage=clientAuth")
         ext.write_text("\n".join(lines) + "\n")
-        _openssl("req", *_CURVE, "-keyout", key.name, "-out", csr.name, "-subj", f"/CN={cn}",
+        _openssl("req", *_CURVE, "-keyout", key.name, "-out", csr.name, "-subj",
+                 f"/CN={cn}" if with_cn else f"/O={cn}",
                  cwd=self.dir)
         _openssl(
             "x509", "-req", "-in", csr.name, "-CA", self.cert.name, "-CAkey", self.key.name,

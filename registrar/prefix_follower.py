@@ -27,7 +27,7 @@ class PrefixFollower:
     def __init__(
         self,
         store: Store,
-        prefix: str,
+        prefix: str | tuple[str, str],
         *,
         name: str,
         on_snapshot: Callable[[dict[str, StoredKey]], None],
@@ -37,9 +37,11 @@ class PrefixFollower:
         revision: int = 0,
         on_internal_error: Callable[[str], None] | None = None,
     ) -> None:
-        """`revision`: the last one already read (0: read everything first)."""
+        """`prefix`: one, or two followed as one (one read at one revision, one watch, one
+        thread); `revision`: the last one already read (0: read everything first)."""
         self._store = store
-        self._prefix = prefix
+        self._prefixes = (prefix,) if isinstance(prefix, str) else prefix
+        self._prefix = " and ".join(self._prefixes)
         self._name = name
         self._on_snapshot = on_snapshot
         self._on_events = on_events
@@ -100,13 +102,13 @@ class PrefixFollower:
 
     def _follow(self) -> None:
         if not self._revision:
-            stored, self._revision = self._store.list_prefix(self._prefix)
+            stored, self._revision = self._read()
             self._on_snapshot(stored)
             self._on_connected()
             log.info("read %d keys under %s/ (revision %d)", len(stored), self._prefix,
                      self._revision, extra={"event": "read", "revision": self._revision})
         try:
-            watch = self._store.watch_prefix(self._prefix, self._revision + 1)
+            watch = self._store.watch_prefixes(self._prefixes, self._revision + 1)
         except WatchCompacted as exc:
             self._compacted(exc)
             return
@@ -126,6 +128,12 @@ class PrefixFollower:
         finally:
             self._watch = None
             watch.cancel()
+
+    def _read(self) -> tuple[dict[str, StoredKey], int]:
+        if len(self._prefixes) == 1:
+            return self._store.list_prefix(self._prefixes[0])
+        first, second, revision = self._store.list_two(*self._prefixes)
+        return {**first, **second}, revision
 
     def _compacted(self, exc: WatchCompacted) -> None:
         log.warning("%s/: revision %d is compacted (%s): reading everything again",

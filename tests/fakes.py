@@ -13,7 +13,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from registrar.core.containers import ContainerInfo, parse_inspect
@@ -32,10 +32,10 @@ NOSPACE = "etcdserver: mvcc: database space exceeded"
 
 
 class FakeWatch:
-    """A watch on a FakeEtcd: every write under its prefix, as one batch."""
+    """A watch on a FakeEtcd: every write under its prefixes, as one batch."""
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+    def __init__(self, *prefixes: str) -> None:
+        self.prefixes = prefixes
         self.events: queue.Queue[list[KeyEvent]] = queue.Queue()
         self.cancelled = False
 
@@ -180,9 +180,12 @@ class FakeEtcd:
         return True
 
     def watch_prefix(self, prefix: str, start_revision: int) -> FakeWatch:
+        return self.watch_prefixes((prefix,), start_revision)
+
+    def watch_prefixes(self, prefixes: Sequence[str], start_revision: int) -> FakeWatch:
         with self.lock:
             self._check()
-            watch = FakeWatch(prefix)
+            watch = FakeWatch(*prefixes)
             self.watches.append(watch)
             return watch
 
@@ -204,7 +207,8 @@ class FakeEtcd:
                 self.ops.append(("put", key))
                 events.append(KeyEvent(key, value, self.revision))
             for watch in self.watches:
-                mine = [e for e in events if e.key.startswith(watch.prefix + "/")]
+                mine = [e for e in events
+                        if any(e.key.startswith(p + "/") for p in watch.prefixes)]
                 if mine and not watch.cancelled:
                     watch.events.put(mine)
 

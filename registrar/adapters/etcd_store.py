@@ -31,11 +31,10 @@ import base64
 import contextlib
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from registrar.adapters import http1
 from registrar.core.store import (
@@ -48,7 +47,6 @@ from registrar.core.store import (
     StoredKey,
     WatchCompacted,
 )
-from registrar.shutdown import start_thread
 
 if TYPE_CHECKING:  # types only: the sidecar imports neither prometheus_client nor ssl for etcd
     import ssl
@@ -196,8 +194,8 @@ class WatchRefused(EtcdUnavailable):
 
 
 class PrefixWatch:
-    """Events under a prefix, from a revision on, read with `get()`; one HTTP connection,
-    read line by line on its own thread.
+    """Events under a prefix, from a revision on, read with `get()` on the caller's own
+    thread (the follower's): one HTTP connection, no thread of its own.
 
     `get()` raises EtcdUnavailable when the watch died with its connection (start a new one
     from the last revision seen + 1) and WatchCompacted when that revision is gone.
@@ -208,66 +206,65 @@ class PrefixWatch:
         """`on_answer(up, why)`: told of every message (True) and of the stream's end."""
         self._prefix = prefix
         self._stream = stream
-        self._queue: queue.Queue[list[KeyEvent] | BaseException] = queue.Queue()
         self._on_answer = on_answer
+        self._woken = False
         self._cancelled = False
-        self._thread = threading.Thread(target=self._read, name=f"watch {prefix}/",
-                                        daemon=True)
-
-    def start(self) -> None:
-        start_thread(self._thread)
+        self._over: BaseException | None = None
 
     def wake(self) -> None:
         """Makes a waiting `get()` return at once (with no events): for stopping."""
-        self._queue.put([])
+        self._woken = True
+        self._stream.interrupt()
 
     def get(self, timeout: float) -> list[KeyEvent]:
         """The next batch of events ([] when none came within `timeout`)."""
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
+        if self._over is not None:
+            raise self._over
+        if self._woken:
             return []
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        try:
+            line = self._stream.read_line(timeout)
+        except TimeoutError:
+            return []
+        except OSError as exc:
+            if self._woken or self._cancelled:
+                return []
+            self._end(EtcdUnavailable(f"watch ended: {type(exc).__name__}: {exc}"))
+        if line is None:
+            if self._woken or self._cancelled:
+                return []
+            self._end(EtcdUnavailable("watch ended: etcd closed the stream"))
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self._end(EtcdUnavailable(f"watch ended: not JSON: {line[:80]!r}"))
+        return self._deliver(message)
 
     def cancel(self) -> None:
-        """Closes the connection (etcd then drops its watcher) and so ends the reader."""
+        """Closes the connection: etcd then drops its watcher."""
         self._cancelled = True
         self._stream.close()
 
-    def _read(self) -> None:
-        why = "watch ended: etcd closed the stream"
-        try:
-            for line in self._stream.lines():
-                if not self._deliver(json.loads(line)):
-                    self._stream.close()
-                    return
-        except (OSError, ValueError) as exc:  # ValueError: not JSON, or read after close
-            why = f"watch ended: {type(exc).__name__}: {exc}"
-        if self._cancelled:
-            return  # our own cancel: not an outage
-        self._on_answer(False, why)
-        self._queue.put(EtcdUnavailable(why))
+    def _end(self, error: BaseException) -> NoReturn:
+        if isinstance(error, EtcdUnavailable):
+            self._on_answer(False, str(error))
+        self._over = error
+        self._stream.close()
+        raise error
 
-    def _deliver(self, message: Any) -> bool:
-        """Queues what one message says; False when the watch is over."""
+    def _deliver(self, message: Any) -> list[KeyEvent]:
+        """The events one message carries (raises when the watch is over)."""
         error = gateway_error(200, message)
         result = message.get("result") if isinstance(message, dict) else None
         if error is not None or not isinstance(result, dict):
-            why = f"watch ended: {error or message}"
-            self._on_answer(False, why)
-            self._queue.put(EtcdUnavailable(why))
-            return False
+            self._end(EtcdUnavailable(f"watch ended: {error or message}"))
         self._on_answer(True, "")
         if result.get("canceled"):
             if result.get("compact_revision"):
-                self._queue.put(WatchCompacted(int(result["compact_revision"])))
-            else:
-                self._queue.put(EtcdUnavailable(
-                    f"etcd canceled the watch on {self._prefix}/: "
-                    f"{result.get('cancel_reason') or 'no reason given'}"))
-            return False
+                self._end(WatchCompacted(int(result["compact_revision"])))
+            self._end(EtcdUnavailable(
+                f"etcd canceled the watch on {self._prefix}/: "
+                f"{result.get('cancel_reason') or 'no reason given'}"))
         revision = int(result.get("header", {}).get("revision") or 0)
         batch = []
         for event in result.get("events") or ():
@@ -278,9 +275,7 @@ class PrefixWatch:
                 value=None if deleted else unb64(kv.get("value")),
                 revision=int(kv.get("mod_revision") or revision),
             ))
-        if batch:
-            self._queue.put(batch)
-        return True
+        return batch
 
 
 class EtcdStore:
@@ -586,19 +581,28 @@ class EtcdStore:
 
     def watch_prefix(self, prefix: str, start_revision: int) -> PrefixWatch:
         """Watches `prefix/` from `start_revision` on (raises WatchCompacted if it is gone)."""
+        return self.watch_prefixes((prefix,), start_revision)
+
+    def watch_prefixes(self, prefixes: Sequence[str], start_revision: int) -> PrefixWatch:
+        """Every one of `prefixes`, from `start_revision` on, on one connection: the gateway
+        takes several create requests in one request body, one watch each, and the answers
+        of all come on the one stream."""
         try:
-            return self._open_watch(prefix, start_revision)
+            return self._open_watch(tuple(prefixes), start_revision)
         except WatchRefused:
             if not self._settings.user:
                 raise
         # etcd refuses a watch (created and canceled at once) when the token has expired:
         # authenticate anew and try once more.
         self._renew_token(self._token)
-        return self._open_watch(prefix, start_revision)
+        return self._open_watch(tuple(prefixes), start_revision)
 
-    def _open_watch(self, prefix: str, start_revision: int) -> PrefixWatch:
-        request = {"create_request": {**prefix_range(prefix),
-                                      "start_revision": str(start_revision)}}
+    def _open_watch(self, prefixes: tuple[str, ...], start_revision: int) -> PrefixWatch:
+        body = "\n".join(
+            json.dumps({"create_request": {**prefix_range(prefix),
+                                           "start_revision": str(start_revision)}})
+            for prefix in prefixes).encode()
+        prefix = ", ".join(prefixes)
 
         def open_stream() -> tuple[http1.Stream, Any]:
             token = self._current_token()
@@ -611,28 +615,17 @@ class EtcdStore:
                 try:
                     stream = http1.open_stream(
                         self._addresses[index], "POST", "/v3/watch",
-                        timeout=self._settings.timeout, body=json.dumps(request).encode(),
+                        timeout=self._settings.timeout, body=body,
                         headers=headers, ssl_context=self._ssl_context(),
                         keepalive=WATCH_KEEPALIVE, read_timeout=self._settings.timeout)
-                    first = next(stream.lines(), None)  # "created", or why not
+                    firsts = [stream.read_line() for _ in prefixes]  # "created", or why not
                 except OSError as exc:
                     if stream is not None:
                         stream.close()
                     failure = exc
                     continue
                 self._preferred = index
-                try:
-                    message = json.loads(first) if first else None
-                except ValueError:
-                    message = first.decode("utf-8", "replace") if first else None
-                if message is None:
-                    stream.close()
-                    raise ConnectionError("etcd ended the watch stream before answering")
-                error = gateway_error(stream.status, message)
-                if error is not None:
-                    stream.close()
-                    raise error
-                return stream, message["result"]
+                return stream, self._created(stream, firsts)
             raise failure or ConnectionError("no etcd endpoint answered the watch")
 
         started = time.perf_counter()
@@ -650,10 +643,31 @@ class EtcdStore:
                 f"etcd refused the watch on {prefix}/ (permission denied: it needs read "
                 "permission there)"
             )
-        stream.settimeout(None)  # from now on, silence is normal; TCP keepalive watches it
-        watch = PrefixWatch(prefix, stream, self._watch_answer)
-        watch.start()
-        return watch
+        # From now on, silence is normal (each get() waits its own time); TCP keepalive
+        # notices a peer that died.
+        return PrefixWatch(prefix, stream, self._watch_answer)
+
+    @staticmethod
+    def _created(stream: http1.Stream, firsts: list[bytes | None]) -> Any:
+        """The first answer of every watch of the stream: the first that is not "created"
+        (canceled, or an error), else the last."""
+        result: Any = None
+        for first in firsts:
+            try:
+                message = json.loads(first) if first else None
+            except ValueError:
+                message = first.decode("utf-8", "replace") if first else None
+            if message is None:
+                stream.close()
+                raise ConnectionError("etcd ended the watch stream before answering")
+            error = gateway_error(stream.status, message)
+            if error is not None:
+                stream.close()
+                raise error
+            result = message["result"]
+            if result.get("canceled"):
+                break
+        return result
 
     def _call_watch(self, open_stream: Callable[[], tuple[http1.Stream, Any]]
                     ) -> tuple[http1.Stream, Any]:

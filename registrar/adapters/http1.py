@@ -145,6 +145,15 @@ class Reader:
             if not self._fill():
                 return None
 
+    def some(self, most: int) -> bytes:
+        """What is buffered (at most `most` bytes), else what one read brings; b"" when the
+        peer closed."""
+        if not self._buffer and not self._fill():
+            return b""
+        data = bytes(self._buffer[:most])
+        del self._buffer[:most]
+        return data
+
     def exact(self, size: int) -> bytes:
         while len(self._buffer) < size:
             if not self._fill():
@@ -264,7 +273,11 @@ class Connection:
 
 class Stream:
     """A long answer read line by line (a watch, Docker's events); `close()` from any thread
-    ends it: the reader then sees the end of the stream."""
+    ends it: the reader then sees the end of the stream.
+
+    The body is decoded by a small state machine kept here (not a generator), so a read that
+    times out leaves everything where it was: `read_line(timeout)` can be called again and
+    again on the reading thread itself, which then needs no helper thread to wait for data."""
 
     def __init__(self, sock: socket.socket, reader: Reader, status: int,
                  headers: Mapping[str, str]) -> None:
@@ -274,54 +287,108 @@ class Stream:
         self.headers = headers
         self._closed = False
         self._lock = threading.Lock()
-        self._body: Iterator[bytes] | None = None
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = headers.get("content-length")
+        self._left = int(length) if length is not None and not self._chunked else -1
+        self._chunk_left = 0  # bytes of the current chunk still to read
+        self._after_chunk = False  # a chunk's data was read: its CRLF comes next
+        self._ended = False
         self._pending = b""  # the start of a line whose end has not arrived yet
 
-    def _pieces(self) -> Iterator[bytes]:
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            yield from self._reader.chunks()
-        elif "content-length" in self.headers:
-            yield self._reader.exact(int(self.headers["content-length"]))
-        else:
-            yield self._reader.rest()
+    def _piece(self) -> bytes | None:
+        """The next piece of the body; None at its end. Every read either completes or raises
+        (TimeoutError, OSError) without consuming anything."""
+        reader = self._reader
+        if self._chunked:
+            while self._chunk_left == 0:
+                if self._after_chunk:
+                    reader.exact(2)
+                    self._after_chunk = False
+                size_line = reader.line()
+                if size_line is None:
+                    raise ProtocolError("connection closed in a chunked body")
+                try:
+                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ProtocolError(f"bad chunk size {size_line[:40]!r}") from None
+                if size == 0:
+                    return None  # the last chunk (trailers, if any, are not read)
+                self._chunk_left = size
+            data = reader.some(self._chunk_left)
+            if not data:
+                raise ProtocolError("connection closed in a chunk")
+            self._chunk_left -= len(data)
+            self._after_chunk = self._chunk_left == 0
+            return data
+        if self._left == 0:
+            return None
+        data = reader.some(self._left if self._left > 0 else READ_SIZE)
+        if not data:
+            if self._left > 0:
+                raise ProtocolError("connection closed in the middle of a body")
+            return None
+        if self._left > 0:
+            self._left -= len(data)
+        return data
 
-    def lines(self) -> Iterator[bytes]:
-        """Every non-empty line of the body as it arrives; ends with the stream. Lines are
-        taken from the stream's own buffer: a second `lines()` (after the first was left, as
-        when the first line is read alone) goes on where the first stopped."""
-        if self._body is None:
-            self._body = self._pieces()
+    def read_line(self, timeout: float | None = -1.0) -> bytes | None:
+        """The next non-empty line of the body; None at its end (or once closed by us). With
+        `timeout` (seconds; None: wait for ever; negative: as set before), `TimeoutError`
+        when no whole line came in time: what did come is kept for the next call."""
+        if timeout is None or timeout >= 0:
+            self._sock.settimeout(timeout)
         try:
             while True:
                 end = self._pending.find(b"\n")
                 if end >= 0:
                     line, self._pending = self._pending[:end], self._pending[end + 1:]
                     if line.strip():
-                        yield line
+                        return line
                     continue
-                piece = next(self._body, None)
+                if self._ended:
+                    line, self._pending = self._pending, b""
+                    return line if line.strip() else None
+                piece = self._piece()
                 if piece is None:
-                    break
-                self._pending += piece
-            line, self._pending = self._pending, b""
-            if line.strip():
-                yield line
+                    self._ended = True
+                else:
+                    self._pending += piece
+        except TimeoutError:
+            raise
         except OSError:
             if self._closed:
-                return  # closed by us: the end, not a failure
+                return None  # closed by us: the end, not a failure
             raise
 
+    def lines(self) -> Iterator[bytes]:
+        """Every non-empty line of the body as it arrives, until its end; a second `lines()`
+        goes on where the first stopped."""
+        while (line := self.read_line()) is not None:
+            yield line
+
     def read_all(self) -> bytes:
-        return b"".join(self._pieces())
+        data = [self._pending]
+        self._pending = b""
+        while (piece := self._piece()) is not None:
+            data.append(piece)
+        return b"".join(data)
 
     def settimeout(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)
 
+    def interrupt(self) -> None:
+        """Makes a read waiting on this stream return now (from any thread), as at its end."""
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         with self._lock:
-            if self._closed:
-                return
+            already = self._closed and self._sock.fileno() < 0
             self._closed = True
+        if already:
+            return
         with contextlib.suppress(OSError):  # not connected any more: nothing to shut down
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()

@@ -16,7 +16,7 @@ import time
 
 from registrar.adapters.docker_source import DockerSource
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.agent.control_follower import control_follower, keys_follower
+from registrar.agent.control_follower import follower as etcd_follower
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.agent.watcher import ContainerWatcher
 from registrar.core.containers import ContainerInfo
@@ -91,8 +91,7 @@ def run(settings: Settings) -> int:
     layout = Layout(settings.prefix, settings.control_prefix)
     keeper = LeaseKeeper(store, ttl=settings.ttl, layout=layout, ownership=ownership,
                          metrics=metrics)
-    follower = control_follower(store, keeper, layout, metrics)
-    keys = keys_follower(store, keeper, layout, metrics)
+    follower = etcd_follower(store, keeper, layout, metrics)
     naming = NamingContext(
         prefix=settings.prefix,
         node=settings.node,
@@ -105,7 +104,7 @@ def run(settings: Settings) -> int:
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
     loops = (keeper.health, keeper.heartbeat.health, watcher.health, watcher.checker.health,
-             follower.health, keys.health)
+             follower.health)
     server = None
     if settings.metrics_addr is not None:
         from registrar.http_server import serve_metrics
@@ -116,13 +115,12 @@ def run(settings: Settings) -> int:
     _announce(settings, sidecar)
     keeper.start()
     follower.start()
-    keys.start()
     watcher.start()
 
     wait_for_stop(stop)
     say_signal()
     _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
-              watcher=watcher, followers=(follower, keys), keeper=keeper, store=store)
+              watcher=watcher, follower=follower, keeper=keeper, store=store)
     if server is not None:
         server.stop()
     store.close()
@@ -142,22 +140,20 @@ def _announce(settings: Settings, sidecar: bool) -> None:
 
 
 def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
-              followers: tuple[PrefixFollower, PrefixFollower], keeper: LeaseKeeper,
-              store: Store) -> None:
+              follower: PrefixFollower, keeper: LeaseKeeper, store: Store) -> None:
     """Stop intake, deregister (revoke the lease), drain: all but the drain within one
-    deadline. `followers`: the control and the keys follower."""
+    deadline."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
     watcher.request_stop()
-    for follower in followers:
-        follower.request_stop()
-    # A revision before the revoke, for a watch that replays its deletes: the latest either
-    # follower saw (the control one moves with the routers' reports every 2 s, so it is not
-    # compacted away on a cluster that compacts while the prefix itself is quiet).
-    seen = max(follower.revision for follower in followers)
+    follower.request_stop()
+    # A revision before the revoke, for a watch that replays its deletes: the latest the
+    # follower saw (it follows the control prefix too, which moves with the routers' reports
+    # every 2 s, so it is not compacted away on a cluster that compacts while the prefix itself
+    # is quiet).
+    seen = follower.revision
     revoked = keeper.shutdown(deadline)
     watcher.join(deadline)
-    for follower in followers:
-        follower.join(deadline)
+    follower.join(deadline)
     if settings.drain and signalled:
         _drain(settings, store, keeper, seen if revoked else None)
 

@@ -1,6 +1,7 @@
-"""Following `{control_prefix}/`: promotions, canary weights and maintenance, for the keeper.
+"""Following `{control_prefix}/` (promotions, canary weights, maintenance, drains) and the
+keeper's own keys under `{prefix}/`, for the keeper.
 
-One watch on the control prefix. The keeper itself reads the control state (with this node's
+One watch over both prefixes. The keeper itself reads the control state (with this node's
 keys) before it writes, so it is the one place where the state is applied; the follower only
 makes it re-read as soon as something that matters changed (a watch resumed after an outage
 delivers what changed meanwhile). Standby keys and routers' reports, which live under the
@@ -28,34 +29,21 @@ def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
     return False
 
 
-def control_follower(
-    store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
-) -> PrefixFollower:
+def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
+             ) -> PrefixFollower:
+    """`{prefix}/` and `{control_prefix}/`, followed as one (one read, one watch, one thread):
+    a control entry that concerns the keeper's instances makes it read again; so does a key
+    of its own changed by someone else (so a periodic resync need not read etcd)."""
     def on_events(events: list[KeyEvent]) -> None:
-        keeper.notice(events)  # its standby keys live here too
+        keeper.notice(events)  # its keys, and its standby keys under the control prefix
         if relevant(layout, keeper, (event.key for event in events)):
             keeper.request_reread()
 
     return PrefixFollower(
         store,
-        layout.control,
-        name="control",
+        (layout.prefix, layout.control),
+        name="etcd follower",
         on_snapshot=lambda _stored: keeper.request_reread(),
         on_events=on_events,
-        on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
-    )
-
-
-def keys_follower(
-    store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
-) -> PrefixFollower:
-    """`{prefix}/`, watched: a key of this keeper changed by someone else makes it read again
-    (so a periodic resync need not read etcd)."""
-    return PrefixFollower(
-        store,
-        layout.prefix,
-        name="keys",
-        on_snapshot=lambda _stored: None,
-        on_events=keeper.notice,
         on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
     )

@@ -8,7 +8,7 @@ so a call the fake lacks, or one the real store answers differently, shows in `m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,4 +136,9 @@ class Store(Protocol):
 
     def watch_prefix(self, prefix: str, start_revision: int) -> Watch:
         """Watches `prefix/` from `start_revision` on (raises WatchCompacted if it is gone)."""
+        ...
+
+    def watch_prefixes(self, prefixes: Sequence[str], start_revision: int) -> Watch:
+        """Watches every one of `prefixes` from `start_revision` on, as one watch (one
+        connection: a process that follows two prefixes needs one thread, not two)."""
         ...

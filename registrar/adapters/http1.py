@@ -336,7 +336,8 @@ class Stream:
         `timeout` (seconds; None: wait for ever; negative: as set before), `TimeoutError`
         when no whole line came in time: what did come is kept for the next call."""
         if timeout is None or timeout >= 0:
-            self._sock.settimeout(timeout)
+            # never 0: that would make the socket non-blocking (BlockingIOError, not a timeout)
+            self._sock.settimeout(None if timeout is None else max(timeout, 0.001))
         try:
             while True:
                 end = self._pending.find(b"\n")

@@ -199,3 +199,38 @@ def test_a_stream_the_peer_ends_mid_chunk_raises() -> None:
     finally:
         stream.close()
         listener.close()
+
+
+def test_a_read_that_times_out_mid_chunk_loses_nothing(
+    serve: Callable[[Handler], Server],
+) -> None:
+    """A watch is read on its follower's own thread with a timeout: a timeout in the middle of
+    a chunk's size, its data or its CRLF leaves the stream where it was."""
+    pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1", b"6\r\n",
+              b'{"one": 1}\n{"tw', b"o", b'": 2}\n', b"\r", b"\n4\r\n", b"x\n", b"y\n\r\n",
+              b"0\r\n\r\n"]  # chunks of 0x16 and 4 bytes, cut anywhere
+
+    def trickle(conn: socket.socket, _: bytes) -> None:
+        for piece in pieces:
+            conn.sendall(piece)
+            time.sleep(0.06)
+
+    server = serve(trickle)
+    stream = http1.open_stream(server.address, "POST", "/v3/watch", timeout=2, body=b"{}")
+    lines: list[bytes] = []
+    timeouts = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            line = stream.read_line(0.02)
+        except TimeoutError:
+            timeouts += 1
+            continue
+        if line is None:
+            break
+        lines.append(line)
+    assert lines == [b'{"one": 1}', b'{"two": 2}', b"x", b"y"]
+    assert timeouts > 5  # it did time out, between and inside the pieces
+    with pytest.raises(TimeoutError):  # no time left: a timeout, never a broken stream
+        stream2 = http1.open_stream(server.address, "POST", "/", timeout=2, body=b"{}")
+        stream2.read_line(0)

@@ -193,16 +193,20 @@ class Reader:
             if status >= 200:
                 return status, headers
 
+    def chunk_size(self) -> int:
+        """The size line of the next chunk (0: the last one). A timeout consumes nothing."""
+        size_line = self.line()
+        if size_line is None:
+            raise ProtocolError("connection closed in a chunked body")
+        try:
+            return int(size_line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise ProtocolError(f"bad chunk size {size_line[:40]!r}") from None
+
     def chunks(self) -> Iterator[bytes]:
         """The chunks of a chunked body, until the last (empty) one."""
         while True:
-            size_line = self.line()
-            if size_line is None:
-                raise ProtocolError("connection closed in a chunked body")
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ProtocolError(f"bad chunk size {size_line[:40]!r}") from None
+            size = self.chunk_size()
             if size == 0:
                 while self.line():  # trailers, up to the empty line
                     pass
@@ -304,13 +308,7 @@ class Stream:
                 if self._after_chunk:
                     reader.exact(2)
                     self._after_chunk = False
-                size_line = reader.line()
-                if size_line is None:
-                    raise ProtocolError("connection closed in a chunked body")
-                try:
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise ProtocolError(f"bad chunk size {size_line[:40]!r}") from None
+                size = reader.chunk_size()
                 if size == 0:
                     return None  # the last chunk (trailers, if any, are not read)
                 self._chunk_left = size

@@ -273,14 +273,14 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float(
 
 @dataclass
 class ClientSideRouter:
-    """Clients through both routers, timing every answer by the version that gave it, and
-    publishing those times as one more router report (`{ctl}/routers/NAME`, on a lease of
-    3 s) with the SPEC's `latency` field and no counts: the canary command is driven by the
-    contract while the real routers do not write `latency` yet (their counts still judge the
-    error rate and the min-requests)."""
+    """Clients through both routers, timing every answer by the version that gave it; with
+    `publish`, also publishing those times as one more router report (`{ctl}/routers/NAME`, on
+    a lease of 3 s) with the SPEC's `latency` field and no counts, which drives the canary
+    command by the contract alone (the real routers' own `latency` is judged without it)."""
 
     rig: Rig
     name: str
+    publish: bool = True
     times: dict[str, list[int]] = field(default_factory=dict)
     seen: list[tuple[float, str, float]] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -319,7 +319,8 @@ class ClientSideRouter:
     def __enter__(self) -> ClientSideRouter:
         self._threads = [threading.Thread(target=self._client, args=(p,), daemon=True)
                          for p in self.rig.router_ports for _ in range(2)]
-        self._threads.append(threading.Thread(target=self._publish, daemon=True))
+        if self.publish:
+            self._threads.append(threading.Thread(target=self._publish, daemon=True))
         for thread in self._threads:
             thread.start()
         return self
@@ -362,6 +363,30 @@ def test_a_slow_version_is_rolled_back_by_a_latency_rule(rig: Rig, rule: list[st
     client_p99 = {v: round(clients.p99_ms(v, started)) for v in ("v1", "v3")}
     print(f"slow version ({rule[0]}): rolled back {took:.1f}s after its first step started "
           f"(interval 8 s); {line}; client-side p99 {client_p99} ms")
+
+
+def test_a_slow_version_is_rolled_back_by_the_routers_own_response_times(rig: Rig,
+                                                                       unique: str) -> None:
+    """End to end: the real routers count every response's time by version from HAProxy's
+    log, write it in their reports, and the canary's p99 rule judges it."""
+    rig.run("v3", delay_ms=120)
+    with ClientSideRouter(rig, f"client-{unique}", publish=False) as clients:
+        time.sleep(1.5)
+        started = time.monotonic()
+        proc = rig.promote("v3", "--canary", "20,50", "--interval", "8", "--timeout", "20",
+                           "--min-requests", "20", "--max-p99", "80")
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"registrar: canary of {rig.service} v3 rolled back at 20%: p99 "), line
+    assert "(max 80 ms)" in line, line
+    reported = float(line.split(": p99 ", 1)[1].split(" ms", 1)[0])
+    client = clients.p99_ms("v3", started)
+    # the routers time server to headers (Tr); the client adds HAProxy and its own side:
+    # both in the same bucket of the SPEC's buckets, or the next one (interpolation)
+    assert 100 <= reported <= 250 and 100 <= client <= 500, (reported, client)
+    assert rig.weights() is None
+    print(f"slow version, routers' own latency: {line}; client-side p99 {client:.0f} ms")
 
 
 def test_a_version_as_fast_as_the_old_one_passes_both_latency_rules(rig: Rig,

@@ -734,3 +734,43 @@ def test_a_bad_check_label_rejects_the_container(rig_factory: Callable[..., Rig]
     assert key("web-1") not in rig.fake_etcd.stored()
     assert sample(rig.metrics, "registrar_rejected_containers_total",
                   reason="invalid_check") == 1
+
+
+def network_event(rig: Rig, action: str, cid: str, network: str) -> None:
+    with rig.docker.lock:
+        rig.docker.clock += 1_000_000
+        clock = rig.docker.clock
+    rig.docker.events.put({
+        "Type": "network", "Action": action, "scope": "local", "time": clock // 1_000_000_000,
+        "timeNano": clock,
+        "Actor": {"ID": f"net-{network}", "Attributes": {"container": cid, "name": network,
+                                                         "type": "overlay"}},
+    })
+
+
+def test_network_connect_and_disconnect_re_register_at_the_new_address(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    """registrar.network: the container's address on that network, read again at Docker's
+    network events (connect, disconnect) about it."""
+    rig = rig_factory()
+    doc = container("web-1", labels={"registrar.service": "web", "registrar.network": "ov"})
+    doc["NetworkSettings"]["Networks"]["ov"] = {"IPAddress": "10.20.0.7"}
+    cid = rig.docker.add(doc)
+    rig.start()
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+    value = json.loads(rig.fake_etcd.stored()[key("web-1")])
+    assert (value["host"], value["port"]) == ("10.20.0.7", 8080)
+
+    del rig.docker.docs[cid]["NetworkSettings"]["Networks"]["ov"]
+    network_event(rig, "disconnect", cid, "ov")
+    wait_until(lambda: key("web-1") not in rig.fake_etcd.stored())
+    assert sample(rig.metrics, "registrar_rejected_containers_total",
+                  reason="invalid_address") >= 1
+
+    rig.docker.docs[cid]["NetworkSettings"]["Networks"]["ov"] = {"IPAddress": "10.20.0.9"}
+    network_event(rig, "connect", cid, "ov")
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+    value = json.loads(rig.fake_etcd.stored()[key("web-1")])
+    assert (value["host"], value["port"]) == ("10.20.0.9", 8080)
+    assert sample(rig.metrics, "registrar_docker_events_total", action="network_connect") == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from registrar.core.lifecycle import Effect, effect_of
+from registrar.core.lifecycle import Effect, effect_of, network_effect
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,9 @@ def test_httpd_stop_signal() -> None:
 )
 def test_health_status(action: str, effect: Effect) -> None:
     assert effect_of(action, {}, "SIGTERM") is effect
+
+
+def test_network_events_read_the_container_again() -> None:
+    assert network_effect("connect") is Effect.REFRESH
+    assert network_effect("disconnect") is Effect.REFRESH
+    assert network_effect("create") is Effect.NONE and network_effect("destroy") is Effect.NONE

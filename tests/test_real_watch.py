@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 import pytest
 
 from tests.helpers import Scope, healthz, holds, metrics_flag, resynced, scrape, value_of
-from tests.support.docker_env import ContainerFactory
+from tests.support.docker_env import ContainerFactory, docker
 from tests.support.etcd import EtcdCluster, EtcdServer
 from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import RegistrarProcess, wait_until
@@ -148,6 +148,33 @@ def test_host_network_container_registers_its_exposed_ports(
     assert value["port"] == 18080
 
 
+def test_registrar_network_registers_the_address_there_and_follows_connect_and_disconnect(
+    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader,
+    unique: str,
+) -> None:
+    """registrar.network: the container's own address on that network and its private port,
+    read again at Docker's network events. The values are checked; the address is never
+    dialled (test traffic goes to loopback only)."""
+    agent("--host-ip", "127.0.0.1")
+    net = containers.network(f"ov{unique}")
+    c = containers(network=net, publish=False, labels={"registrar.service": "netted",
+                                                      "registrar.network": net})
+    key = scope.key("netted", c.name, 8080)
+
+    def address() -> str:
+        return docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net}")'
+                      '.IPAddress}}', c.name).strip()
+
+    value = value_of(wait_until(lambda: etcd_reader.get(key), timeout=10))
+    assert (value["host"], value["port"]) == (address(), 8080)
+    docker("network", "disconnect", net, c.name)
+    wait_until(lambda: etcd_reader.get(key) is None, timeout=10,
+               message="the key stayed after the container left its network")
+    docker("network", "connect", net, c.name)
+    value = value_of(wait_until(lambda: etcd_reader.get(key), timeout=10))
+    assert (value["host"], value["port"]) == (address(), 8080)
+
+
 def test_pause_and_unpause(
     scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
 ) -> None:
@@ -175,7 +202,6 @@ def test_healthcheck_registers_only_when_healthy(
     wait_until(lambda: c.state()["Health"]["Status"] == "unhealthy", timeout=10)
     sentinel(containers, etcd_reader, scope)  # its start and health events are applied
     assert etcd_reader.get(key) is None, "registered before it was healthy"
-    from tests.support.docker_env import docker
 
     docker("exec", c.id, "touch", "/ok")
     wait_until(lambda: etcd_reader.get(key), timeout=10)

@@ -268,13 +268,17 @@ class DockerSource:
     def open_events(
         self, since: str | None, filters: Mapping[str, str] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Subscribes now to container events from `since` on; iterate to read them.
+        """Subscribes now to container (and network) events from `since` on; iterate to read
+        them.
 
         Returns once Docker answered the request's head (subscribed). The iterator ends when
         the connection drops or `close_events` is called."""
         import json
 
-        wanted = {"type": ["container"], **{k: [v] for k, v in (filters or {}).items()}}
+        # Network events (a container connected to or disconnected from a network) come too,
+        # unless the stream follows one container: Docker's `container` filter would drop them.
+        types = ["container"] if filters and "container" in filters else ["container", "network"]
+        wanted = {"type": types, **{k: [v] for k, v in (filters or {}).items()}}
         query = "filters=" + quote(json.dumps(wanted, separators=(",", ":")))
         if since is not None:
             query = f"since={quote(since)}&{query}"

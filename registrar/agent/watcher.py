@@ -21,7 +21,7 @@ from registrar.agent.checker import Checker, targets_of
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core.containers import ContainerInfo
 from registrar.core.drain import Run
-from registrar.core.lifecycle import Effect, effect_of
+from registrar.core.lifecycle import Effect, effect_of, network_effect
 from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrations_for
 from registrar.core.planner import json_object
 from registrar.core.replay import ReplayFilter, event_time_nano
@@ -267,13 +267,23 @@ class ContainerWatcher:
             return  # delivered again by a resumed stream
         action = str(event.get("Action") or event.get("status") or "")
         actor = event.get("Actor") or {}
-        cid = str(actor.get("ID") or event.get("id") or "")
         attributes = actor.get("Attributes") or {}
+        network = event.get("Type") == "network"
+        # a network event is about the container it names, not about its actor (the network)
+        cid = str(attributes.get("container") or "") if network else str(
+            actor.get("ID") or event.get("id") or "")
         if not cid or (self._only and cid != self._only):
             return
-        self._metrics.docker_events.labels(action=event_label(action, attributes)).inc()
+        self._metrics.docker_events.labels(
+            action=f"network_{action}" if network else event_label(action, attributes)).inc()
         tracked = self._tracked.get(cid)
-        effect = effect_of(action, attributes, tracked.info.stop_signal if tracked else "SIGTERM")
+        if network:
+            effect = network_effect(action)
+            if tracked is None or tracked.stopping or not tracked.info.running:
+                return  # not one of ours (yet), or on its way out: its start will read it
+        else:
+            effect = effect_of(action, attributes,
+                               tracked.info.stop_signal if tracked else "SIGTERM")
         time_nano = event_time_nano(event)
         event_time = time_nano / 1e9 if time_nano else time.time()
         log.debug("event %s %s -> %s", action, cid[:12], effect.value)

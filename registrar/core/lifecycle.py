@@ -48,6 +48,16 @@ _BY_HEALTH = {
 }
 
 
+# Docker's `network` events, about the container in their `container` attribute: its addresses
+# changed (registrar.network registers the address on one network: read it again).
+_BY_NETWORK_ACTION = {"connect": Effect.REFRESH, "disconnect": Effect.REFRESH}
+
+
+def network_effect(action: str) -> Effect:
+    """What a `network` event means for the container it names."""
+    return _BY_NETWORK_ACTION.get(action, Effect.NONE)
+
+
 def effect_of(action: str, attributes: Mapping[str, str], stop_signal: str) -> Effect:
     """Maps one container event to what it means; `stop_signal` is the container's own."""
     if action == "kill":

@@ -62,3 +62,14 @@ def test_only_actual_keys_are_ever_deleted() -> None:
     actual = {A: StoredKey("va", LEASE)}
     for desired in ({}, {B: "vb"}, {A: "va"}):
         assert set(plan_changes(desired, actual, LEASE).deletes) <= set(actual)
+
+
+def test_the_one_timestamp_format_round_trips() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from registrar.core import timestamps
+
+    at = datetime(2015, 7, 20, 14, 0, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert timestamps.rfc3339(at) == "2015-07-20T12:00:00Z"
+    assert timestamps.parse("2015-07-20T12:00:00Z") == at.astimezone(UTC)
+    assert timestamps.parse(timestamps.now()) <= datetime.now(UTC)

@@ -14,11 +14,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from registrar.agent.checker import Checker, targets_of
 from registrar.agent.lease_keeper import LeaseKeeper
+from registrar.core import timestamps
 from registrar.core.containers import ContainerInfo
 from registrar.core.drain import Run
 from registrar.core.lifecycle import Effect, effect_of, network_effect
@@ -68,10 +68,6 @@ class _Tracked:
         if not self.info.running or self.stopping:
             return None
         return Run(self.info.name, self.info.id, self.info.started_at)
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def event_label(action: str, attributes: dict[str, Any] | None = None) -> str:
@@ -336,7 +332,7 @@ class ContainerWatcher:
         values: dict[str, str] = {}
         checked = False
         if info.serving and not tracked.stopping:
-            outcome = registrations_for(info, self._naming, now_rfc3339())
+            outcome = registrations_for(info, self._naming, timestamps.now())
             self._note_outcome(tracked, outcome)
             registrations = outcome.registrations
             if outcome.rejected is None:

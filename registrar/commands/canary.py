@@ -28,13 +28,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from types import FrameType
 from typing import TextIO, TypeVar
 
 from registrar.adapters.gate import INTERRUPTED, ask_gate
 from registrar.commands.oneshot import OneShot
 from registrar.commands.promote import Rotation, promote_and_wait
+from registrar.core import timestamps
 from registrar.core.canary import (
     CanaryPlan,
     CanaryRun,
@@ -62,10 +62,6 @@ LOOK_EVERY = 1.0  # the routers report every 2 s: a look every second sees each 
 STEER_EVERY = 0.5  # a steering request is acted on within this (acknowledged within 2 s)
 SLICE = 0.2  # the main thread never waits longer than this without looking at signals
 OWNER_TTL = 3  # the owner key outlives a killed canary command by at most this
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Interrupted:
@@ -136,7 +132,7 @@ class OwnerLease:
 
 def weights_value(canary: CanarySettings, version: str, percent: int,
                   paused: bool = False) -> str:
-    value: dict[str, object] = {"version": version, "percent": percent, "at": _now()}
+    value: dict[str, object] = {"version": version, "percent": percent, "at": timestamps.now()}
     if paused:
         value["paused"] = True
     if canary.header is not None:
@@ -171,7 +167,7 @@ class CanaryCommand:
         self.handled: str | None = None  # the last steering request acted on
         self.unacknowledged: str | None = None  # an --abort, acknowledged once rolled back
         self.owner = OwnerLease(store, f"{self.steering}/owner", json.dumps(
-            {"version": p.version, "at": _now()}))
+            {"version": p.version, "at": timestamps.now()}))
         self.stop = Interrupted()
 
     def say(self, line: str) -> None:

@@ -14,11 +14,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot
+from registrar.core import timestamps
 from registrar.core.control import parse_control
 from registrar.core.drain import DRAIN_TTL, Report, entry_value, reports
 from registrar.core.layout import Layout
@@ -93,7 +93,7 @@ def _drain(etcd: OneShot, layout: Layout, d: DrainSettings, out: TextIO) -> int:
     lease = None
     if key not in before.control:  # taken over already: leave it on its owner's lease
         lease = etcd(lambda store: store.grant(DRAIN_TTL))
-        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        at = timestamps.now()
         etcd(lambda store: store.put(key, entry_value(at), lease))
     keys = [layout.key(service, instance) for service, instance in active]
     revision = etcd(lambda store: removal_revision(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from registrar.core import timestamps
 from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, parse_key
 from registrar.core.planner import json_object
@@ -16,7 +17,7 @@ from registrar.core.store import StoredKey
 
 def _age(registered_at: Any, now: datetime) -> str:
     try:
-        then = datetime.strptime(str(registered_at), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        then = timestamps.parse(str(registered_at))
     except ValueError:
         return "?"
     seconds = max(0, int((now - then).total_seconds()))

@@ -16,11 +16,11 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
+from registrar.core import timestamps
 from registrar.core.control import Control, parse_control
 from registrar.core.layout import Layout, child_name
 from registrar.core.planner import json_object, version_of
@@ -144,7 +144,7 @@ def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int
     _reports, since = etcd(lambda store: store.list_prefix(layout.routers))
     before = read_view(etcd, layout)
     if m.action == "enable":
-        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        at = timestamps.now()
         value = json.dumps({"reason": m.reason, "at": at})
         etcd(lambda store: store.put(key, value))
         matching = before.rotating(target) + before.held_by(target)

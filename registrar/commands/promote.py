@@ -11,11 +11,11 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
+from registrar.core import timestamps
 from registrar.core.control import parse_control
 from registrar.core.layout import Layout
 from registrar.core.planner import json_object
@@ -86,10 +86,6 @@ def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
     return Rotation(_instances(active, active_base), on_standby, held)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def refuse_unless_registered(before: Rotation, service: str, version: str, minimum: int) -> None:
     have = before.count(version)
     if have < minimum:
@@ -128,7 +124,7 @@ def promote_and_wait(etcd: OneShot, settings: Settings, before: Rotation, out: T
     assert p is not None
     key = f"{Layout(settings.prefix, settings.control_prefix).promoted}/{p.service}"
     if p.version is not None:
-        value = json.dumps({"version": p.version, "at": _now()})
+        value = json.dumps({"version": p.version, "at": timestamps.now()})
         etcd(lambda store: store.put(key, value))
     else:
         etcd(lambda store: store.delete(key))

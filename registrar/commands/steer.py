@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot
+from registrar.core import timestamps
 from registrar.core.canary import SteeringRequest
 from registrar.core.control import Canary, parse_canaries
 from registrar.core.layout import Layout
@@ -28,10 +28,6 @@ ACK_WITHIN = 2.0  # the SPEC's: the running canary acknowledges within 2 s
 POLL = 0.1
 OWNER_GRACE = 4.0  # --abort, unacknowledged: how long an owner key of a dead command may stand
 ETCD_BUDGET = 10.0
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Steering:
@@ -74,7 +70,7 @@ class Steering:
         if self.action == "resume" and not canary.paused:
             return self.say(f"{head} is not paused (at {canary.percent}%); nothing to do")
         request = SteeringRequest(self.action, uuid.uuid4().hex)
-        self.etcd(lambda s: s.put(self.request, request.value(_now())))
+        self.etcd(lambda s: s.put(self.request, request.value(timestamps.now())))
         took = self._acknowledged(request, ACK_WITHIN)
         if took is not None:
             return self._done(head, took)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from registrar.core import timestamps
 from registrar.core.store import EtcdError, EtcdRefused, LeaseNotFound, Store
 from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
@@ -35,7 +36,7 @@ Totals = dict[str, dict[str, dict[str, int]]]
 def report_value(services: Totals, at: datetime, more: Mapping[str, Any] | None = None
                  ) -> str:
     """The report's JSON: `at`, `services`, and `more` (`applied`, `in_flight`, `latency`)."""
-    return json.dumps({"at": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "services": services,
+    return json.dumps({"at": timestamps.rfc3339(at), "services": services,
                        **(more or {})}, sort_keys=True, separators=(",", ":"))
 
 

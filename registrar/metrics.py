@@ -1,4 +1,5 @@
-"""The Prometheus metrics of the SPEC, on a registry owned by one agent (never the global one).
+"""The Prometheus metrics (README, "Metrics and health"), on a registry owned by one agent
+(never the global one).
 
 `Metrics(served=False)` is for a process that serves no metrics (a sidecar's default): every
 instrument is then a no-op, and prometheus_client is never imported (measured: 12 MiB of RSS

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-GATE_TIMEOUT = 10.0  # the SPEC's: a gate that has not answered by then has refused
+GATE_TIMEOUT = 10.0  # --gate: a gate that has not answered by then has refused (README, Canary)
 SLICE = 0.2
 INTERRUPTED = "interrupted"  # what ask_gate returns when the command was told to stop
 

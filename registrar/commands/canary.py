@@ -1,4 +1,4 @@
-"""`registrar promote SERVICE VERSION --canary P1,P2,...`: the judgement of the seed's step
+"""`registrar promote SERVICE VERSION --canary P1,P2,...`: the judgement of the deploy's step
 four ("if the new code is running and requests are being successfully routed to it") made by
 the program, from the traffic every router really served.
 

@@ -24,7 +24,7 @@ from registrar.core.layout import Layout
 from registrar.errors import FatalError
 from registrar.settings import Settings
 
-ACK_WITHIN = 2.0  # the SPEC's: the running canary acknowledges within 2 s
+ACK_WITHIN = 2.0  # the running canary acknowledges within 2 s (README, Canary)
 POLL = 0.1
 OWNER_GRACE = 4.0  # --abort, unacknowledged: how long an owner key of a dead command may stand
 ETCD_BUDGET = 10.0

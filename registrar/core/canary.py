@@ -343,7 +343,8 @@ def latency_increase(before: Report | None, after: Report | None, service: str,
 
 @dataclass(frozen=True)
 class Traffic:
-    """VERSION's traffic over a span in the terms of the SPEC's error rate."""
+    """VERSION's traffic over a span in the terms of the error rate (5xx and connection
+    errors over responses and connection errors; README, "Canary")."""
 
     answered: int = 0  # HTTP responses of any class, or TCP sessions
     server_errors: int = 0  # 5xx responses
@@ -497,8 +498,9 @@ class LatencyVerdict:
 
 def judge_latency(mine: Histogram, others: Histogram, *, requests: int, others_requests: int,
                   rules: LatencyRules, min_requests: int) -> LatencyVerdict:
-    """The SPEC's latency rules over one step: VERSION's histogram and requests (counted as
-    for the error rate), the other versions' summed. Judged once `min_requests` are in; the
+    """The latency rules (--max-p99, --max-latency-ratio; README, "Canary") over one step:
+    VERSION's histogram and requests (counted as for the error rate), the other versions'
+    summed. Judged once `min_requests` are in; the
     ratio rule only when the others answered as many, else it passes and a note says so."""
     p99 = mine.quantile(0.99)
     needed = max(min_requests, 1)

@@ -5,16 +5,16 @@ Three things, none of which does I/O (the loop that dials is `registrar.agent.ch
 - `parse_checks(labels)`: a container's check labels (`registrar.check`,
   `registrar.<private_port>.check`, `registrar.check.interval|timeout|rise|fall`) become a
   `Checks`, whose `for_port(private_port)` is that port's `CheckSpec` or None. Labels are
-  somebody else's input: anything that is not exactly what the SPEC allows raises
+  somebody else's input: anything that is not exactly what the README's check labels allow raises
   `InvalidCheck` naming the label, and the container is rejected (`invalid_check`) rather than
   checked in a way its owner did not ask for. The numbers are read only when there is a check
-  label at all: without one they are ignored, as the SPEC says.
+  label at all: without one they are ignored (README, "Health checks").
 - The rise/fall state machine: `after(state, passed, spec)` and `in_rotation(state)`. A port
   starts out of rotation, enters after `rise` passes in a row, leaves after `fall` failures in a
   row, and needs `rise` passes again to come back.
 - The HTTP check's bytes: `http_request(host, port, path)` and `http_verdict(first_bytes)`.
 
-Decisions where the SPEC is silent:
+Decisions the README's table leaves open:
 - Numbers are plain decimals (`2`, `0.5`, `.5`): no sign, exponent, `nan` or `inf`, no
   surrounding spaces; an interval is at most MAX_INTERVAL (an hour), so a typo cannot switch a
   check off in practice. rise/fall are plain integers.
@@ -58,7 +58,7 @@ Kind = Literal["tcp", "http"]
 
 
 class InvalidCheck(ValueError):
-    """A check label that is not what the SPEC allows; `label` is its name."""
+    """A check label that is not one the README's table allows; `label` is its name."""
 
     def __init__(self, label: str, problem: str) -> None:
         super().__init__(f"{label[:64]}: {problem}")

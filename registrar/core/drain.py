@@ -60,7 +60,8 @@ def parse_drain(container: str, stored: StoredKey) -> Drain:
 
 
 def entry_value(at: str, run: Run | None = None) -> str:
-    """The entry's value: the SPEC's {"at": ...}, plus the run once an owner holds it."""
+    """The entry's value: {"at": ...} as `registrar drain` writes it (README, "Draining"),
+    plus the run once an owner holds it."""
     value: dict[str, str] = {"at": at}
     if run is not None:
         value.update(container_id=run.container_id, started_at=run.started_at)

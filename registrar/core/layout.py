@@ -1,4 +1,5 @@
-"""Where things are kept in etcd: the keys of the SPEC, built and parsed in one place (pure).
+"""Where things are kept in etcd (README, "Keys and values"): every key built and parsed in one
+place (pure).
 
 - `{prefix}/{service}/{instance}`: an instance in rotation (bound to its agent's lease).
 - `{control}/standby/{service}/{instance}`: the same instance held out of rotation.

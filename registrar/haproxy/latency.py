@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from registrar.haproxy.traffic import Owner, Slot
 
-# The SPEC's buckets (seconds); a 12th, +Inf, holds the rest.
+# The report's buckets (seconds; docs/routing.md, "Response times by version"); a 12th, +Inf,
+# holds the rest.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # What the built-in template asks HAProxy to log: pid backend server Tr(ms) status.
 LOG_FORMAT = "%pid %b %s %Tr %ST"

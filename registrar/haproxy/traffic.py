@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-# `show stat` counter -> the report's name (SPEC: 2xx 3xx 4xx 5xx other tcp connection_errors)
+# `show stat` counter -> the report's name (docs/routing.md: 2xx 3xx 4xx 5xx other tcp
+# connection_errors)
 HTTP_CODES = {"hrsp_2xx": "2xx", "hrsp_3xx": "3xx", "hrsp_4xx": "4xx", "hrsp_5xx": "5xx",
               "hrsp_1xx": "other", "hrsp_other": "other"}
 CODES = ("2xx", "3xx", "4xx", "5xx", "other", "tcp")

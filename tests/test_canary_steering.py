@@ -180,3 +180,21 @@ def test_a_weights_key_deleted_from_outside_rolls_the_canary_back(
         run()
     thread.join(5)
     assert not errors and OWNER not in store.kv
+
+
+def test_a_rollback_whose_etcd_stays_away_says_in_one_line_what_is_left_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a traceback over the rollback's own error: one line naming the weights key."""
+    from registrar.commands import canary as canary_module
+
+    monkeypatch.setattr(canary_module, "LIFT_WITHIN", 0.3)
+    store = Store({WEIGHTS: weights()})
+    command = CanaryCommand(cast(EtcdStore, store), settings("v2", "--canary", "10"),
+                            io.StringIO())
+    store.down = True
+    with pytest.raises(FatalError) as raised:
+        command._lift()
+    message = str(raised.value)
+    assert f"left behind: {WEIGHTS}" in message and "--abort" in message
+    assert "\n" not in message

@@ -53,9 +53,11 @@ from registrar.core.canary import parse_reports as parse_router_reports
 from registrar.core.layout import Layout
 from registrar.core.store import EtcdError, Store, StoredKey
 from registrar.errors import FatalError
+from registrar.retry import GaveUp, retry_within
 from registrar.settings import CanarySettings, Settings
 
 log = logging.getLogger(__name__)
+LIFT_WITHIN = 5.0  # how long a rollback tries to delete the weights key through etcd errors
 T = TypeVar("T")
 
 LOOK_EVERY = 1.0  # the routers report every 2 s: a look every second sees each report
@@ -335,13 +337,14 @@ class CanaryCommand:
         self.in_force = percent
 
     def _lift(self) -> None:
-        """Deletes the weights key, trying a few seconds whatever else failed."""
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                self.store.delete(self.weights)
-                return
-            except EtcdError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        """Deletes the weights key, trying a few seconds whatever else failed; when etcd stays
+        away, one line naming what is left behind (and how to remove it), never a traceback
+        over the error already in flight."""
+        try:
+            retry_within(lambda: self.store.delete(self.weights), what=f"deleting {self.weights}",
+                         errors=(EtcdError,), timeout=LIFT_WITHIN, log=log)
+        except GaveUp as exc:
+            service = self.settings.promote.service if self.settings.promote else "SERVICE"
+            raise FatalError(
+                f"{exc}; left behind: {self.weights} (the canary's split stands until it is "
+                f"deleted: `registrar promote {service} --abort` deletes it)") from None

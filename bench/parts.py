@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import canary_bench, checks_bench, cluster_bench, haproxy_bench
+from bench import canary_bench, checks_bench, cluster_bench, drain_bench, haproxy_bench
 from bench.report import add_section, section_of, write_section
 
 __all__ = ["PARTS", "Part", "add_section", "section_of", "write_section"]
@@ -26,6 +26,8 @@ PARTS = (
          lambda quick: haproxy_bench.section(haproxy_bench.run(quick))),
     Part("checks", checks_bench.HEADING, "what registrar's own health checks cost",
          checks_bench.run),
+    Part("drain", drain_bench.HEADING, "registrar drain with two routers",
+         lambda quick: drain_bench.section(drain_bench.run(quick))),
     Part("canary", canary_bench.HEADING, "promote --canary with two routers under load",
          canary_bench.run),
     Part("cluster", cluster_bench.HEADING,

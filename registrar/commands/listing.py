@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from registrar.core import timestamps
 from registrar.core.control import parse_control, parse_promotions
-from registrar.core.layout import Layout, parse_key
+from registrar.core.layout import Layout, child_name, parse_key
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
 
@@ -210,9 +210,9 @@ def render_canaries(control: dict[str, StoredKey], layout: Layout, service: str 
     while `promote SERVICE --pause` holds it."""
     table = [("CANARY", "VERSION", "PERCENT", "SINCE", "STATE")]
     for key in sorted(control):
-        name = key[len(layout.weights) + 1:] if key.startswith(layout.weights + "/") else ""
+        name = child_name(layout.weights, key)
         value = json_object(control[key].value)
-        if not name or "/" in name or value is None or service not in (None, name):
+        if name is None or value is None or service not in (None, name):
             continue
         table.append((name, str(value.get("version", "?")), f"{value.get('percent', '?')}%",
                       str(value.get("at", "?")),

@@ -22,7 +22,7 @@ from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
 from registrar.core import timestamps
 from registrar.core.control import Control, parse_control
-from registrar.core.layout import Layout, child_name
+from registrar.core.layout import Layout, child_name, parse_key
 from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
 from registrar.errors import FatalError
@@ -70,12 +70,8 @@ def entries(stored: Mapping[str, StoredKey], layout: Layout) -> dict[Target, dic
             target = Target(service=service)
         elif (node := child_name(f"{base}/node", key)) is not None:
             target = Target(node=node)
-        else:
-            rest = key[len(base) + len("/instance/"):] if key.startswith(
-                f"{base}/instance/") else ""
-            service, _, instance = rest.partition("/")
-            if service and instance and "/" not in instance:
-                target = Target(service=service, instance=instance)
+        elif (parsed := parse_key(f"{base}/instance", key)) is not None:
+            target = Target(service=parsed[0], instance=parsed[1])
         if target is not None:
             value = json_object(item.value) or {}
             found[target] = {"reason": str(value.get("reason", "")),

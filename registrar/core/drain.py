@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from registrar.core.layout import child_name
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
 
@@ -131,8 +132,8 @@ def reports(stored: Mapping[str, StoredKey], routers_base: str) -> list[Report]:
     """Every live router's report (the keys under `{control}/routers/`, each on its lease)."""
     found = []
     for key, item in sorted(stored.items()):
-        node = key[len(routers_base) + 1:] if key.startswith(routers_base + "/") else ""
-        if node and "/" not in node:
+        node = child_name(routers_base, key)
+        if node is not None:
             found.append(parse_report(node, item.value))
     return found
 

@@ -24,9 +24,10 @@ import jinja2
 
 from registrar import __version__
 from registrar.core.control import Canary
+from registrar.core.layout import parse_key
 from registrar.core.planner import json_object
 from registrar.haproxy.latency import LOG_FORMAT
-from registrar.settings import NAME_RE, Bind
+from registrar.settings import Bind
 
 SPARE_PREFIX = "_spare"  # server-template slots: _spare1, _spare2, ... (no instance starts with _)
 MIN_SPARES = 32
@@ -191,10 +192,10 @@ def parse_registration(prefix: str, key: str, value: str) -> Routed | Rejected:
     `host` must be an IP address (a host name would make `haproxy -c` resolve it, and one bad
     name would then block every update) and `port` an integer 1-65535.
     """
-    rest = key[len(prefix) + 1 :] if key.startswith(prefix + "/") else ""
-    service, _, instance = rest.partition("/")
-    if not NAME_RE.fullmatch(service) or not instance or "/" in instance:
+    parsed = parse_key(prefix, key)
+    if parsed is None:
         return Rejected(INVALID_KEY, f"not {prefix}/SERVICE/INSTANCE")
+    service, instance = parsed
     data = json_object(value)
     if data is None:
         return Rejected(INVALID_JSON, "value is not a JSON object")

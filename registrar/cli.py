@@ -45,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return catalog.run(settings)
         if settings.command == "promote":
+            assert settings.promote is not None
+            if settings.promote.canary is not None:
+                from registrar.commands.canary import run as canary
+
+                return canary(settings)
             from registrar.commands.promote import run as promote
 
             return promote(settings)

@@ -60,3 +60,56 @@ def test_the_checker_finds_imports_anywhere_in_a_module(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    import grpc\n    from registrar.agent import command\n")
     assert {"grpc", "registrar.agent", "registrar.agent.command"} <= imported(module)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the modules of the package it imports, at the top or
+    inside a function (a lazy import closes a circle all the same)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return {name: {dep for dep in imported(path) if dep in modules and dep != name}
+            for name, path in modules.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_another_that_imports_it_back() -> None:
+    assert circles(import_graph()) == []
+
+
+def test_the_circle_finder_finds_one() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []

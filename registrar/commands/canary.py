@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,13 @@ from typing import TextIO, TypeVar
 
 from registrar.adapters.gate import INTERRUPTED, ask_gate
 from registrar.commands.oneshot import OneShot
-from registrar.commands.promote import Rotation, promote_and_wait
+from registrar.commands.output import say
+from registrar.commands.promote import (
+    Rotation,
+    promote_and_wait,
+    read_rotation,
+    refuse_unless_registered,
+)
 from registrar.core import timestamps
 from registrar.core.canary import (
     CanaryPlan,
@@ -144,6 +151,22 @@ def weights_value(canary: CanarySettings, version: str, percent: int,
     return json.dumps(value)
 
 
+def run(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """`registrar promote SERVICE VERSION --canary ...`: refused like a plain promotion unless
+    enough instances of VERSION are registered, then step by step."""
+    p = settings.promote
+    assert p is not None and p.version is not None
+    from registrar.adapters.etcd_store import EtcdStore
+
+    store = EtcdStore(settings.etcd)
+    try:
+        before = read_rotation(OneShot(store, p.timeout), settings, p.service)
+        refuse_unless_registered(before, p.service, p.version, p.min_instances)
+        return run_canary(store, settings, before, out)
+    finally:
+        store.close()
+
+
 def run_canary(store: Store, settings: Settings, before: Rotation, out: TextIO) -> int:
     return CanaryCommand(store, settings, out).run(before)
 
@@ -173,7 +196,7 @@ class CanaryCommand:
         self.stop = Interrupted()
 
     def say(self, line: str) -> None:
-        self.out.write(line + "\n")
+        say(line, self.out)  # the routers' figures and versions are etcd's values
         self.out.flush()
 
     def run(self, before: Rotation) -> int:

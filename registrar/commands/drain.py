@@ -18,6 +18,7 @@ from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot
+from registrar.commands.output import say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
 from registrar.core.drain import DRAIN_TTL, Report, entry_value, reports
@@ -142,9 +143,9 @@ def _say(out: TextIO, what: str, active: dict[tuple[str, str], str],
     out.write(f"{what}: {state} in {took:.2f}s: {len(active)} instance(s) left rotation, "
               f"{idle} router(s) idle on them\n")
     for (service, instance), raw in sorted(active.items()):
-        out.write(f"  left rotation: {describe(service, instance, raw)}\n")
+        say(f"  left rotation: {describe(service, instance, raw)}", out)
     for (service, instance), raw in sorted(held.items()):
-        out.write(f"  already out: {describe(service, instance, raw)}\n")
+        say(f"  already out: {describe(service, instance, raw)}", out)
     if waited.unversioned:
         out.write("  not waited for (their reports do not say what they applied): "
                   f"{', '.join(waited.unversioned)}\n")
@@ -175,7 +176,7 @@ def _undo(etcd: OneShot, layout: Layout, d: DrainSettings, out: TextIO) -> int:
     back = after.instances(layout, d.node, d.container, in_rotation=True)
     out.write(f"{what}: drain undone: {len(back)} instance(s) in rotation\n")
     for (service, instance), raw in sorted(back.items()):
-        out.write(f"  back in rotation: {describe(service, instance, raw)}\n")
+        say(f"  back in rotation: {describe(service, instance, raw)}", out)
     if missing(after):
         raise FatalError(f"timed out after {d.timeout:g}s (--timeout): {len(missing(after))} "
                          f"instance(s) of {what} still out of rotation")

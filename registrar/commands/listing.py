@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from registrar.commands.output import printable, write_table
 from registrar.core import timestamps
 from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
+from registrar.core.maintenance import entries
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
 
@@ -81,24 +82,10 @@ def render_promotions(
     for entry in standby:
         if "invalid" in entry:
             continue
-        out.write(_printable(
+        out.write(printable(
             f"  standby: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
             f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}"
         ) + "\n")
-
-
-def _printable(text: str) -> str:
-    """Values come from anyone who can write under the prefix: no newline or escape sequence
-    of theirs reaches the terminal (it could forge rows or drive the terminal)."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-
-
-def write_table(table: Sequence[tuple[str, ...]], out: TextIO) -> None:
-    table = [tuple(_printable(cell) for cell in row) for row in table]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        out.write("  ".join(cells).rstrip() + "\n")
 
 
 def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextIO) -> None:
@@ -176,7 +163,7 @@ def render_drains(control: dict[str, StoredKey], drained: list[dict[str, Any]], 
     write_table(table, out)
     for entry in drained:
         if "invalid" not in entry:
-            out.write(_printable(
+            out.write(printable(
                 f"  held out (draining): {entry.get('service', '?')} "
                 f"{entry['key'].rsplit('/', 1)[-1]} {entry.get('host', '?')}:"
                 f"{entry.get('port', '?')} {entry.get('version', '-')}") + "\n")
@@ -185,8 +172,6 @@ def render_drains(control: dict[str, StoredKey], drained: list[dict[str, Any]], 
 def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]],
                        layout: Layout, service: str | None, out: TextIO) -> None:
     """After the table: the maintenance entries in force, and the instances they hold out."""
-    from registrar.commands.maint import entries
-
     found = entries(control, layout)
     shown = [t for t in sorted(found, key=str)
              if service is None or t.service in (None, service)]
@@ -198,7 +183,7 @@ def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]]
     write_table(table, out)
     for entry in held:
         if "invalid" not in entry:
-            out.write(_printable(
+            out.write(printable(
                 f"  held out (maintenance): {entry.get('service', '?')} "
                 f"{entry['key'].rsplit('/', 1)[-1]} {entry.get('host', '?')}:"
                 f"{entry.get('port', '?')} {entry.get('version', '-')}") + "\n")

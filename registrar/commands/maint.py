@@ -14,69 +14,23 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
+from registrar.commands.output import say, write_table
 from registrar.core import timestamps
 from registrar.core.control import Control, parse_control
-from registrar.core.layout import Layout, child_name, parse_key
+from registrar.core.layout import Layout
+from registrar.core.maintenance import Target, entries
 from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
 from registrar.errors import FatalError
 from registrar.retry import POLL_INTERVAL
 from registrar.router_wait import Waited, read_reports, removal_revision, wait_for_routers
 from registrar.settings import MaintSettings, Settings
-
-
-@dataclass(frozen=True)
-class Target:
-    """What one maintenance entry holds out."""
-
-    service: str | None = None
-    instance: str | None = None
-    node: str | None = None
-
-    def key(self, layout: Layout) -> str:
-        base = layout.maintenance
-        if self.node is not None:
-            return f"{base}/node/{self.node}"
-        if self.instance is not None:
-            return f"{base}/instance/{self.service}/{self.instance}"
-        return f"{base}/service/{self.service}"
-
-    def matches(self, service: str, instance: str) -> bool:
-        if self.node is not None:
-            return instance.split(":", 1)[0] == self.node
-        return service == self.service and self.instance in (None, instance)
-
-    def __str__(self) -> str:
-        if self.node is not None:
-            return f"node {self.node}"
-        if self.instance is not None:
-            return f"instance {self.service}/{self.instance}"
-        return f"service {self.service}"
-
-
-def entries(stored: Mapping[str, StoredKey], layout: Layout) -> dict[Target, dict[str, str]]:
-    """The maintenance entries in force: target -> {"reason", "at"} (as stored, or "?")."""
-    found: dict[Target, dict[str, str]] = {}
-    base = layout.maintenance
-    for key, item in stored.items():
-        target = None
-        if (service := child_name(f"{base}/service", key)) is not None:
-            target = Target(service=service)
-        elif (node := child_name(f"{base}/node", key)) is not None:
-            target = Target(node=node)
-        elif (parsed := parse_key(f"{base}/instance", key)) is not None:
-            target = Target(service=parsed[0], instance=parsed[1])
-        if target is not None:
-            value = json_object(item.value) or {}
-            found[target] = {"reason": str(value.get("reason", "")),
-                              "at": str(value.get("at", "?"))}
-    return found
 
 
 @dataclass(frozen=True)
@@ -153,8 +107,8 @@ def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int
         out.write(f"maintenance on {target}: {len(after.held_by(target))} instance(s) out of "
                   "rotation\n")
         for service, instance in moved:
-            out.write(f"  left rotation: {service} {instance} "
-                      f"{_address(after.standby[(service, instance)])}\n")
+            say(f"  left rotation: {service} {instance} "
+                f"{_address(after.standby[(service, instance)])}", out)
         if after.rotating(target):
             raise FatalError(f"timed out after {m.timeout:g}s (--timeout): "
                              f"{len(after.rotating(target))} instance(s) still in rotation; "
@@ -174,8 +128,8 @@ def _change(etcd: OneShot, layout: Layout, m: MaintSettings, out: TextIO) -> int
     came = [i for i in before.held_by(target) if i in after.active]
     out.write(f"maintenance on {target} lifted: {len(came)} instance(s) back in rotation\n")
     for service, instance in came:
-        out.write(f"  back in rotation: {service} {instance} "
-                  f"{_address(after.active[(service, instance)])}\n")
+        say(f"  back in rotation: {service} {instance} "
+            f"{_address(after.active[(service, instance)])}", out)
     if back(after):
         raise FatalError(f"timed out after {m.timeout:g}s (--timeout): {len(back(after))} "
                          "instance(s) still on standby")
@@ -217,8 +171,6 @@ def _list(etcd: OneShot, layout: Layout, out: TextIO) -> int:
     if not found:
         out.write("no maintenance entry\n")
         return 0
-    from registrar.commands.listing import write_table
-
     table = [("WHAT", "REASON", "SINCE", "HOLDS")]
     for target in sorted(found, key=str):
         entry = found[target]

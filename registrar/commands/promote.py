@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two
+from registrar.commands.output import say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
 from registrar.core.layout import Layout
@@ -108,10 +109,6 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
         before = read_rotation(etcd, settings, p.service)
         if p.version is not None:
             refuse_unless_registered(before, p.service, p.version, p.min_instances)
-        if p.canary is not None:
-            from registrar.commands.canary import run_canary
-
-            return run_canary(store, settings, before, out)
         return promote_and_wait(etcd, settings, before, out)
     finally:
         store.close()
@@ -142,7 +139,7 @@ def promote_and_wait(etcd: OneShot, settings: Settings, before: Rotation, out: T
     ):
         for name in sorted(names):
             i = side[name]
-            out.write(f"  {label}: {name} {i.address} {i.version or '-'}\n")
+            say(f"  {label}: {name} {i.address} {i.version or '-'}", out)
     if not after.settled(p.version):
         waiting = "instances still on standby" if p.version is None else (
             "rotation does not match yet")

@@ -17,6 +17,7 @@ from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot
+from registrar.commands.output import say
 from registrar.core import timestamps
 from registrar.core.canary import SteeringRequest
 from registrar.core.control import Canary, parse_canaries
@@ -53,7 +54,7 @@ class Steering:
         return self.owner in stored, SteeringRequest.parse(raw.value) if raw else None
 
     def say(self, line: str) -> int:
-        self.out.write(line + "\n")
+        say(line, self.out)
         return 0
 
     def run(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot
+from registrar.commands.oneshot import OneShot, read_until
 from registrar.commands.output import say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
@@ -26,7 +26,6 @@ from registrar.core.layout import Layout
 from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
 from registrar.errors import FatalError
-from registrar.retry import POLL_INTERVAL
 from registrar.router_wait import Waited, removal_revision, wait_for_routers
 from registrar.settings import DrainSettings, Settings
 
@@ -169,10 +168,7 @@ def _undo(etcd: OneShot, layout: Layout, d: DrainSettings, out: TextIO) -> int:
         back = view.instances(layout, d.node, d.container, in_rotation=True)
         return {i for i in due if i not in back}
 
-    after = snapshot(etcd, layout)
-    while missing(after) and etcd.left() > 0:
-        time.sleep(POLL_INTERVAL)
-        after = snapshot(etcd, layout)
+    after = read_until(etcd, lambda: snapshot(etcd, layout), lambda now: not missing(now))
     back = after.instances(layout, d.node, d.container, in_rotation=True)
     out.write(f"{what}: drain undone: {len(back)} instance(s) in rotation\n")
     for (service, instance), raw in sorted(back.items()):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot, read_two
+from registrar.commands.oneshot import OneShot, read_two, read_until
 from registrar.commands.output import say, write_table
 from registrar.core import timestamps
 from registrar.core.control import Control, parse_control
@@ -28,7 +28,6 @@ from registrar.core.maintenance import Target, entries
 from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
 from registrar.errors import FatalError
-from registrar.retry import POLL_INTERVAL
 from registrar.router_wait import Waited, read_reports, removal_revision, wait_for_routers
 from registrar.settings import MaintSettings, Settings
 
@@ -66,11 +65,7 @@ def _address(raw: str) -> str:
 
 
 def _wait(etcd: OneShot, layout: Layout, settled: Callable[[View], object]) -> View:
-    view = read_view(etcd, layout)
-    while not settled(view) and etcd.left() > 0:
-        time.sleep(POLL_INTERVAL)
-        view = read_view(etcd, layout)
-    return view
+    return read_until(etcd, lambda: read_view(etcd, layout), settled)
 
 
 def run(settings: Settings, out: TextIO = sys.stdout) -> int:

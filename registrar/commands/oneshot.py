@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from registrar.core.store import EtcdRefused, EtcdUnavailable, Store, StoredKey
 from registrar.errors import FatalError
-from registrar.retry import GaveUp, retry_within
+from registrar.retry import GaveUp, poll_until, retry_within
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -48,6 +48,19 @@ class OneShot:
                                 timeout=self.left(), log=log)
         except GaveUp as exc:
             raise FatalError(str(exc)) from None
+
+
+def read_until(etcd: OneShot, read: Callable[[], T], settled: Callable[[T], object]) -> T:
+    """`read()` again every POLL_INTERVAL (retry.poll_until, the one poll) until `settled`
+    says so or the command's deadline has passed; the last read either way."""
+    last: list[T] = []
+
+    def look() -> bool:
+        last[:] = [read()]
+        return bool(settled(last[0]))
+
+    poll_until(look, etcd.left())
+    return last[0]
 
 
 def read_two(etcd: OneShot, first: str, second: str

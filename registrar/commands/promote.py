@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot, read_two
+from registrar.commands.oneshot import OneShot, read_two, read_until
 from registrar.commands.output import say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
 from registrar.core.layout import Layout
 from registrar.core.planner import json_object
 from registrar.errors import FatalError
-from registrar.retry import POLL_INTERVAL
 from registrar.settings import Settings
 
 
@@ -125,10 +123,8 @@ def promote_and_wait(etcd: OneShot, settings: Settings, before: Rotation, out: T
         etcd(lambda store: store.put(key, value))
     else:
         etcd(lambda store: store.delete(key))
-    after = read_rotation(etcd, settings, p.service)
-    while not after.settled(p.version) and etcd.left() > 0:
-        time.sleep(POLL_INTERVAL)
-        after = read_rotation(etcd, settings, p.service)
+    after = read_until(etcd, lambda: read_rotation(etcd, settings, p.service),
+                       lambda rotation: rotation.settled(p.version))
 
     what = f"promoted {p.version}" if p.version is not None else "promotion cleared"
     out.write(f"{p.service}: {what} ({len(after.active)} in rotation, "

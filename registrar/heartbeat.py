@@ -13,16 +13,15 @@ import threading
 from collections.abc import Callable
 
 from registrar.core.store import EtcdError, LeaseNotFound, Store
-from registrar.health import LoopHealth
 from registrar.metrics import Metrics
-from registrar.shutdown import start_thread
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_FAILURE = 0.5  # at most this long after a failed keepalive (and at most interval)
 
 
-class Heartbeat:
+class Heartbeat(Worker):
     def __init__(
         self,
         store: Store,
@@ -31,16 +30,14 @@ class Heartbeat:
         on_lost: Callable[[int, str], None],
     ) -> None:
         """`on_lost(lease, why)`: the lease expired or was revoked."""
+        super().__init__("heartbeat",
+                         lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         self._store = store
         self.interval = interval
         self._metrics = metrics
         self._on_lost = on_lost
         self._cond = threading.Condition()
         self._lease: int | None = None
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self.health = LoopHealth("heartbeat", self.alive,
-                                 lambda loop: metrics.internal_errors.labels(loop=loop).inc())
 
     def follow(self, lease: int | None) -> None:
         """Keep `lease` alive from now on (None: none to keep)."""
@@ -48,32 +45,20 @@ class Heartbeat:
             self._lease = lease
             self._cond.notify_all()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        start_thread(self._thread)
-
-    def request_stop(self) -> None:
+    def wake(self) -> None:
         with self._cond:
-            self._stop = True
             self._cond.notify_all()
 
-    def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(max(0.0, timeout))
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
+    def run(self) -> None:
         wait = self.interval
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stop, timeout=wait)
-                while self._lease is None and not self._stop:
+                self._cond.wait_for(lambda: self.stopping, timeout=wait)
+                while self._lease is None and not self.stopping:
                     self.health.progressed()
                     self._cond.wait(self.interval)
                 lease = self._lease
-                if self._stop or lease is None:
+                if self.stopping or lease is None:
                     return
             self.health.progressed()
             try:

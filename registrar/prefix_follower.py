@@ -9,21 +9,18 @@ was compacted, everything is read again. Used by the agents (promotions) and by 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 
 from registrar.core.store import EtcdError, KeyEvent, Store, StoredKey, Watch, WatchCompacted
-from registrar.health import LoopHealth
 from registrar.retry import retry_forever
-from registrar.shutdown import start_thread
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5  # the wait for events: the thread's progress beat
 
 
-class PrefixFollower:
+class PrefixFollower(Worker):
     def __init__(
         self,
         store: Store,
@@ -39,41 +36,21 @@ class PrefixFollower:
     ) -> None:
         """`prefix`: one, or two followed as one (one read at one revision, one watch, one
         thread); `revision`: the last one already read (0: read everything first)."""
+        super().__init__(name, on_internal_error)
         self._store = store
         self._prefixes = (prefix,) if isinstance(prefix, str) else prefix
         self._prefix = " and ".join(self._prefixes)
-        self._name = name
         self._on_snapshot = on_snapshot
         self._on_events = on_events
         self._on_failure = on_failure
         self._on_connected = on_connected or (lambda: None)
         self._revision = revision
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._watch: Watch | None = None
-        self.health = LoopHealth(name, self.alive, on_internal_error)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        start_thread(self._thread)
-
-    def request_stop(self) -> None:
-        self._stop.set()
+    def wake(self) -> None:
         watch = self._watch
         if watch is not None:
             watch.wake()
-
-    def join(self, deadline: float) -> None:
-        """Waits for the thread until `deadline` (time.monotonic())."""
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-
-    def stop(self, deadline: float) -> None:
-        self.request_stop()
-        self.join(deadline)
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     @property
     def revision(self) -> int:
@@ -86,11 +63,11 @@ class PrefixFollower:
         if self._on_failure is not None:
             self._on_failure(error)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
                 retry_forever(self._follow, what=f"watching {self._prefix}/",
-                              errors=(EtcdError,), stop=self._stop, log=log,
+                              errors=(EtcdError,), stop=self._stopping, log=log,
                               on_failure=self._failed)
             except EtcdError:
                 return  # stopping
@@ -98,7 +75,7 @@ class PrefixFollower:
                 log.exception("following %s/ failed", self._prefix)
                 self.health.internal_error()
                 self._revision = 0
-                self._stop.wait(1.0)
+                self.wait(1.0)
 
     def _follow(self) -> None:
         if not self._revision:
@@ -115,7 +92,7 @@ class PrefixFollower:
         self._on_connected()
         self._watch = watch
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 self.health.progressed()
                 try:
                     events = watch.get(POLL)

@@ -114,3 +114,25 @@ def test_a_stuck_lease_keeper_turns_healthz_503() -> None:
         store.release.set()
         keeper.shutdown(time.monotonic() + 2)
         server.stop()
+
+
+def test_a_worker_starts_stops_by_its_deadline_and_says_whether_it_runs() -> None:
+    from registrar.worker import Worker
+
+    woken = threading.Event()
+
+    class Sleeper(Worker):
+        def run(self) -> None:
+            while not self.wait(10):  # a stop ends the wait at once
+                pass
+
+        def wake(self) -> None:
+            woken.set()
+
+    worker = Sleeper("sleeper")
+    assert not worker.alive()
+    worker.start()
+    assert worker.alive() and worker.health.alive()
+    asked = time.monotonic()
+    worker.stop(asked + 2)
+    assert not worker.alive() and woken.is_set() and time.monotonic() - asked < 0.5

@@ -260,7 +260,7 @@ class LeaseKeeper:
         self.heartbeat.request_stop()  # both told at once, each joined within the deadline
         # what a step in flight may take (its request's timeout), leaving time to revoke
         joined_by = deadline - min(REVOKE_RESERVE, (deadline - time.monotonic()) / 2)
-        self.heartbeat.join(joined_by - time.monotonic())
+        self.heartbeat.join(joined_by)
         if self._thread is not None:
             self._thread.join(max(0.0, joined_by - time.monotonic()))
         lease, count = self._lease, len(instance_keys(self._held, self._layout))

@@ -21,10 +21,9 @@ from typing import Any
 
 from registrar.core import timestamps
 from registrar.core.store import EtcdError, EtcdRefused, LeaseNotFound, Store
-from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
-from registrar.shutdown import start_thread
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,11 @@ def report_value(services: Totals, at: datetime, more: Mapping[str, Any] | None 
                        **(more or {})}, sort_keys=True, separators=(",", ":"))
 
 
-class Reporter:
+class Reporter(Worker):
     def __init__(self, store: Store, key: str, ttl: int, metrics: Metrics,
                  totals: Callable[[], Totals],
                  more: Callable[[], Mapping[str, Any]] = dict) -> None:
+        super().__init__("reporter", lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         self._store = store
         self.key = key
         self._ttl = ttl
@@ -51,22 +51,14 @@ class Reporter:
         self._more = more
         self._wake = threading.Event()
         self._lease: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._metrics = metrics
         self.refused: str | None = None  # why etcd refuses the report, while it does
         self.heartbeat = Heartbeat(store, ttl / 3, metrics, self._lost)
-        self.health = LoopHealth("reporter", self.alive,
-                                 lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         self.reports = 0  # written so far
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
-        start_thread(self._thread)
+        super().start()
         self.heartbeat.start()
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _lost(self, lease: int, why: str) -> None:
         log.warning("report lease %x lost (%s)", lease, why, extra={"event": "lease_lost"})
@@ -77,12 +69,12 @@ class Reporter:
         """Write the report now, not at the next REPORT_EVERY (from any thread)."""
         self._wake.set()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             if self.reports:
                 self._wake.wait(REPORT_EVERY)
             self._wake.clear()
-            if self._stop.is_set():
+            if self.stopping:
                 break
             self.health.progressed()
             try:
@@ -128,12 +120,10 @@ class Reporter:
 
     def stop(self, deadline: float) -> None:
         """Stops reporting and revokes the lease: the report goes with it."""
-        self._stop.set()
-        self._wake.set()
+        self.request_stop()
         self.heartbeat.request_stop()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        self.heartbeat.join(deadline - time.monotonic())
+        self.join(deadline)
+        self.heartbeat.join(deadline)
         if self._lease is not None:
             try:
                 self._store.revoke(self._lease, timeout=max(0.1, deadline - time.monotonic()))

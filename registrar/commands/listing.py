@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.commands.output import printable, write_table
+from registrar.commands.output import say, write_table
 from registrar.core import timestamps
 from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
@@ -79,13 +79,7 @@ def render_promotions(
         return
     out.write("\n")
     write_table(table, out)
-    for entry in standby:
-        if "invalid" in entry:
-            continue
-        out.write(printable(
-            f"  standby: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
-            f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}"
-        ) + "\n")
+    _instance_lines(standby, "standby", out)
 
 
 def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextIO) -> None:
@@ -161,12 +155,16 @@ def render_drains(control: dict[str, StoredKey], drained: list[dict[str, Any]], 
         return
     out.write("\n")
     write_table(table, out)
-    for entry in drained:
+    _instance_lines(drained, "held out (draining)", out)
+
+
+def _instance_lines(entries: list[dict[str, Any]], label: str, out: TextIO) -> None:
+    """One line per instance under a table (on standby, held out by maintenance or a drain)."""
+    for entry in entries:
         if "invalid" not in entry:
-            out.write(printable(
-                f"  held out (draining): {entry.get('service', '?')} "
-                f"{entry['key'].rsplit('/', 1)[-1]} {entry.get('host', '?')}:"
-                f"{entry.get('port', '?')} {entry.get('version', '-')}") + "\n")
+            say(f"  {label}: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
+                f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}",
+                out)
 
 
 def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]],
@@ -181,12 +179,7 @@ def render_maintenance(control: dict[str, StoredKey], held: list[dict[str, Any]]
     table = [("MAINTENANCE", "REASON", "SINCE")]
     table += [(str(t), found[t]["reason"] or "-", found[t]["at"]) for t in shown]
     write_table(table, out)
-    for entry in held:
-        if "invalid" not in entry:
-            out.write(printable(
-                f"  held out (maintenance): {entry.get('service', '?')} "
-                f"{entry['key'].rsplit('/', 1)[-1]} {entry.get('host', '?')}:"
-                f"{entry.get('port', '?')} {entry.get('version', '-')}") + "\n")
+    _instance_lines(held, "held out (maintenance)", out)
 
 
 def render_canaries(control: dict[str, StoredKey], layout: Layout, service: str | None,

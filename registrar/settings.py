@@ -48,7 +48,7 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 OPTIONAL_FLAGS = frozenset({
     "--host-ip", "--node", "--docker", "--etcd-ca", "--etcd-cert", "--etcd-key", "--etcd-user",
     "--etcd-password", "--template", "--reload-cmd", "--catalog-user", "--catalog-password",
-    "--catalog-cert", "--catalog-key", "--network",
+    "--catalog-cert", "--catalog-key", "--network", "--bind-file",
 })
 
 
@@ -333,6 +333,10 @@ def _add_haproxy(sub: Any) -> None:
     haproxy.add_argument(
         "--bind", metavar="SERVICE=ADDR:PORT", action="append", default=argparse.SUPPRESS,
         help="a frontend for SERVICE on ADDR:PORT; repeat for several (env: comma-separated)",
+    )
+    haproxy.add_argument(
+        "--bind-file", metavar="PATH", default=argparse.SUPPRESS,
+        help="more binds, one SERVICE=ADDR:PORT a line (# comments): for hundreds of services",
     )
     haproxy.add_argument("--mode", metavar="MODE", default=argparse.SUPPRESS,
                          help="tcp or http (default tcp)")
@@ -799,19 +803,12 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
     raw_binds: list[str] = list(args.get("bind") or [])
     if not raw_binds:
         raw_binds = [b for b in (value("--bind", "") or "").split(",") if b.strip()]
-    if not raw_binds:
-        raise SettingsError("--bind: give at least one SERVICE=ADDR:PORT")
-    binds = []
-    for raw in raw_binds:
-        service, sep, addr = raw.strip().partition("=")
-        host, colon, port_text = addr.rpartition(":")
-        if not sep or not colon or not (port_text.isascii() and port_text.isdigit()) or not (
-            0 < int(port_text) < 65536
-        ):
-            raise SettingsError(f"--bind: must be SERVICE=ADDR:PORT, got {raw!r}")
-        if not NAME_RE.fullmatch(service):
-            raise SettingsError(f"--bind: bad service name {service!r}")
-        binds.append(Bind(service, host.strip("[]") or "0.0.0.0", int(port_text)))
+    binds = [_bind("--bind", raw) for raw in raw_binds]
+    bind_file = value("--bind-file", None) or None
+    if bind_file is not None:
+        binds += _bind_file(bind_file)
+    if not binds:
+        raise SettingsError("--bind: give at least one SERVICE=ADDR:PORT (or --bind-file)")
     mode = (value("--mode", "tcp") or "").lower()
     if mode not in HAPROXY_MODES:
         raise SettingsError(f"--mode: must be tcp or http, got {mode!r}")
@@ -830,6 +827,33 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         reload_cmd=value("--reload-cmd", None) or None,
         response_timeout=response_timeout,
     )
+
+
+def _bind(flag: str, raw: str) -> Bind:
+    service, sep, addr = raw.strip().partition("=")
+    host, colon, port_text = addr.rpartition(":")
+    if not sep or not colon or not (port_text.isascii() and port_text.isdigit()) or not (
+        0 < int(port_text) < 65536
+    ):
+        raise SettingsError(f"{flag}: must be SERVICE=ADDR:PORT, got {raw!r}")
+    if not NAME_RE.fullmatch(service):
+        raise SettingsError(f"{flag}: bad service name {service!r}")
+    return Bind(service, host.strip("[]") or "0.0.0.0", int(port_text))
+
+
+def _bind_file(path: str) -> list[Bind]:
+    """`--bind-file`: one SERVICE=ADDR:PORT a line; blank lines and `#` comments are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"--bind-file: cannot read {path}: {exc}") from None
+    binds = []
+    for number, line in enumerate(lines, 1):
+        text = line.partition("#")[0].strip()
+        if text:
+            binds.append(_bind(f"--bind-file {path} line {number}", text))
+    return binds
 
 
 def _promote(args: Mapping[str, Any], value: Callable[[str, str | None], str | None]) -> (

@@ -494,3 +494,26 @@ def test_response_timeout_of_the_router() -> None:
     for bad in ("0", "-1", "soon"):
         with pytest.raises(SettingsError, match="--response-timeout"):
             parse("haproxy", "--bind", "web=127.0.0.1:80", "--response-timeout", bad)
+
+
+def test_bind_file_adds_binds_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "binds"
+    path.write_text("# services of group a\napi=127.0.0.1:9001\n\nweb=[::1]:9002  # v6\n")
+    hp = parse("haproxy", "--bind", "db=127.0.0.1:9000", "--bind-file", str(path)).haproxy
+    assert hp is not None
+    assert [(b.service, b.host, b.port) for b in hp.binds] == [
+        ("db", "127.0.0.1", 9000), ("api", "127.0.0.1", 9001), ("web", "::1", 9002)]
+    hp = parse("haproxy", REGISTRAR_BIND_FILE=str(path)).haproxy
+    assert hp is not None and [b.service for b in hp.binds] == ["api", "web"]
+
+
+def test_bind_file_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "binds"
+    path.write_text("api=127.0.0.1:9001\nweb 127.0.0.1:9002\n")
+    with pytest.raises(SettingsError, match=r"--bind-file .*binds line 2: must be SERVICE=ADDR"):
+        parse("haproxy", "--bind-file", str(path))
+    with pytest.raises(SettingsError, match="--bind-file: cannot read"):
+        parse("haproxy", "--bind-file", str(tmp_path / "missing"))
+    path.write_text("# nothing\n")
+    with pytest.raises(SettingsError, match="give at least one"):
+        parse("haproxy", "--bind-file", str(path))

@@ -517,3 +517,13 @@ def test_bind_file_errors_name_the_line(tmp_path: Path) -> None:
     path.write_text("# nothing\n")
     with pytest.raises(SettingsError, match="give at least one"):
         parse("haproxy", "--bind-file", str(path))
+
+
+def test_check_interval() -> None:
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80").haproxy
+    assert hp is not None and hp.check_interval == 0.5
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", "--check-interval", "10").haproxy
+    assert hp is not None and hp.check_interval == 10
+    for bad in ("0", "0.05", "4000", "x"):
+        assert "--check-interval" in error("haproxy", "--bind", "web=127.0.0.1:80",
+                                           "--check-interval", bad)

@@ -328,7 +328,22 @@ class RenderContext:
     stats_socket: str | None = None  # where the built-in template puts HAProxy's stats socket
     response_timeout: float = 30.0  # http mode: HAProxy's `timeout server` (--response-timeout)
     log_socket: str | None = None  # http mode: where HAProxy sends a line per request
+    check_interval: float = 0.5  # HAProxy's `inter` (--check-interval)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def haproxy_duration(seconds: float) -> str:
+    """A duration as HAProxy reads it: whole seconds as `Ns`, else milliseconds."""
+    millis = round(seconds * 1000)
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+def check_timings(interval: float) -> dict[str, str]:
+    """`inter` (--check-interval), `fastinter` (while a server goes up or down: at most 200 ms)
+    and `downinter` (while it is down: twice the interval)."""
+    return {"check_inter": haproxy_duration(interval),
+            "check_fastinter": haproxy_duration(min(interval, 0.2)),
+            "check_downinter": haproxy_duration(2 * interval)}
 
 
 def render(
@@ -348,6 +363,7 @@ def render(
             hard_stop_after=HARD_STOP_AFTER,
             check_timeout=CHECK_TIMEOUT,
             response_timeout=f"{round(context.response_timeout * 1000)}ms",
+            **check_timings(context.check_interval),
             log_socket=context.log_socket,
             log_format=LOG_FORMAT,
             default_weight=DEFAULT_WEIGHT,

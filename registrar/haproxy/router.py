@@ -293,7 +293,7 @@ class Router:
         self.template = load_template(hp.template)
         self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket,
                                      response_timeout=hp.response_timeout,
-                                     log_socket=log_socket)
+                                     check_interval=hp.check_interval, log_socket=log_socket)
         self.installed_text: str | None = None  # what we last wrote to --config
         self.installed_backends: tuple[Backend, ...] | None = None
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from registrar.adapters.etcd_store import EtcdStore
@@ -47,6 +47,7 @@ from registrar.agent.watcher import ContainerWatcher
 from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
+from registrar.core.store import StoredKey
 from registrar.metrics import Metrics
 from registrar.settings import EtcdEndpoint, EtcdSettings
 from tests.fakes import FakeDocker
@@ -70,6 +71,15 @@ class TimedStore(EtcdStore):
         now = time.time()
         for key in puts:
             self.acked.setdefault(key, now)
+
+    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
+        # A write whose answer timed out (etcd busy) is not written again: the keeper finds
+        # it in its next read, which is then when it knows the key is in.
+        found, revision = super().list_starting(starts)
+        now = time.time()
+        for key in found:
+            self.acked.setdefault(key, now)
+        return found, revision
 
     def keepalive(self, lease: int) -> int:
         ttl = super().keepalive(lease)

@@ -79,6 +79,7 @@ from registrar.haproxy.traffic import (
 )
 from registrar.retry import Backoff
 from registrar.settings import HAProxySettings
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,58 @@ class Registrations:
             return self.version
 
 
+@dataclass(frozen=True)
+class FileWanted:
+    """A config file to install: its text, the backends it renders, the revision they hold."""
+
+    text: str
+    backends: tuple[Backend, ...]
+    revision: int
+
+
+class FileFollower(Worker):
+    """Installs the config file of a runtime-API change on a thread of its own: HAProxy
+    already serves the change, and `haproxy -c` of a thousand backends takes up to a second on
+    a busy machine, which the router's loop must not make the next change wait. Only the
+    latest file waits; one overtaken by a newer one is never written."""
+
+    def __init__(self, install: Callable[[FileWanted], None],
+                 on_internal_error: Callable[[str], None] | None = None) -> None:
+        super().__init__("config file", on_internal_error)
+        self._install = install
+        self._cond = threading.Condition()
+        self._wanted: FileWanted | None = None
+
+    def submit(self, wanted: FileWanted) -> None:
+        with self._cond:
+            self._wanted = wanted
+            self._cond.notify_all()
+        if self._thread is None:
+            self.start()
+
+    def cancel(self) -> None:
+        """A newer file is being installed by the caller itself."""
+        with self._cond:
+            self._wanted = None
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        while not self.stopping:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted is not None or self.stopping, 0.5)
+                wanted, self._wanted = self._wanted, None
+            self.health.progressed()
+            if wanted is not None and not self.stopping:
+                try:
+                    self._install(wanted)
+                except Exception:  # a bug: it must show, and must not stop the installs
+                    log.exception("installing the config file failed")
+                    self.health.internal_error()
+
+
 @dataclass
 class Gather:
     """When to reload: a reload is due QUIET after the last change that needs one, or
@@ -301,6 +354,10 @@ class Router:
         self.live: Live | None = None  # its server slots (None: unknown)
         self._live_for: dict[str, Backend] = {}  # the backends `live` serves, by service
         self._cache = BackendCache()
+        self._install_lock = threading.Lock()  # one install at a time (the loop's, the file's)
+        self.files = FileFollower(self._install_wanted)
+        self._file_rejected = False  # the file of a runtime change was refused: roll it back
+        self.last_refused = False  # the last install was refused by haproxy -c
         self.backends: tuple[Backend, ...] = ()  # what is wanted now
         self.can_run = False  # a config exists that HAProxy may be started with
         self.retry_at: float | None = None
@@ -394,11 +451,17 @@ class Router:
             self._routed(backends)
             self._served()
         elif decision.action is Action.RUNTIME:
-            if self._install(new_text, backends):
-                self._served()
-            elif self.installed_backends is not None:
-                self._roll_back(self.installed_backends)
+            self._served()  # HAProxy serves it; the file follows on its own thread
+            self.files.submit(FileWanted(new_text, tuple(backends), revision))
         return decision.action
+
+    def check_files(self) -> None:
+        """(the loop) The file of a runtime change was refused by haproxy -c: HAProxy goes
+        back to the servers of the file installed last."""
+        if self._file_rejected:
+            self._file_rejected = False
+            if self.installed_backends is not None and self.live is not None:
+                self._roll_back(self.installed_backends)
 
     def _served(self) -> None:
         """HAProxy serves the state of `_revision`: it counts as applied; when it took an
@@ -442,7 +505,22 @@ class Router:
             self._reload(text, backends, started)
 
     def _install(self, text: str, backends: Sequence[Backend]) -> bool:
-        """Writes the config unless it is already there; False when it was refused."""
+        """Writes the config unless it is already there; False when it was refused. (Now, on
+        the loop's thread: a waiting file of a runtime change is overtaken by this one.)"""
+        self.files.cancel()
+        with self._install_lock:
+            return self._install_now(FileWanted(text, tuple(backends), self._revision))
+
+    def _install_wanted(self, wanted: FileWanted) -> None:
+        """(the file thread) Installs a runtime change's file; a refusal is rolled back by the
+        loop (`check_files`)."""
+        with self._install_lock:
+            if not self._install_now(wanted) and self.last_refused:
+                self._file_rejected = True
+
+    def _install_now(self, wanted: FileWanted) -> bool:
+        text, backends = wanted.text, wanted.backends
+        self.last_refused = False
         if text == self.installed_text:
             return True
         try:
@@ -451,6 +529,7 @@ class Router:
             log.error("new config refused by haproxy -c, not installed; the current one "
                       "keeps serving:\n%s", exc, extra={"event": "config_rejected"})
             self.metrics.reload_failures.inc()
+            self.last_refused = True
             return False
         except OSError as exc:
             log.error("cannot write %s: %s", self.hp.config, exc,
@@ -459,7 +538,7 @@ class Router:
             self._schedule_retry()
             return False
         self.installed_text, self.installed_backends = text, tuple(backends)
-        self._installed_revision = self._revision
+        self._installed_revision = wanted.revision
         self.can_run = True
         return True
 

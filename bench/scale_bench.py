@@ -591,9 +591,17 @@ class ScaleRun:
         say(f"router restart at {total} servers")
         self.f["router_stop_s"] = router.restart()
         t0 = time.monotonic()
-        wait_for(f"{router.name} serving {total} again",
-                 lambda: self.total_up(router) >= total, 600, 0.1)
+        progress: list[tuple[float, int]] = []  # (seconds, servers up) whenever it moved
+
+        def serving_all() -> bool:
+            up = self.total_up(router)
+            if not progress or progress[-1][1] != up:
+                progress.append((round(time.monotonic() - t0, 2), up))
+            return up >= total
+
+        wait_for(f"{router.name} serving {total} again", serving_all, 600, 0.1)
         self.f["router_restart_s"] = time.monotonic() - t0
+        self.f["router_restart_progress"] = progress[:20]
         self.f["router_restart_servers"] = total
         say(f"router restart: stopped in {self.f['router_stop_s']:.1f} s, serving everything "
             f"again {self.f['router_restart_s']:.1f} s after its start")

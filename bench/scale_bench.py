@@ -69,9 +69,18 @@ def say(message: str) -> None:
     print(f"[scale {time.monotonic() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def raise_open_files() -> None:
+OPEN_FILES = 262_144  # HAProxy with 1,000 frontends and 10,000 servers asks for ~34,000
+
+
+def raise_open_files() -> int:
+    """The open-file limit of this process and of everything it starts (the simulated hosts,
+    etcd, the routers and their HAProxy): as high as root may set it, else the hard limit."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, OPEN_FILES),) * 2)
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.05) -> float:

@@ -129,6 +129,7 @@ class HAProxySettings:
     reload_cmd: str | None = None
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT  # http mode: HAProxy's timeout server
     check_interval: float = DEFAULT_CHECK_INTERVAL  # HAProxy's health checks of each server
+    spare_slots: int | None = None  # empty server slots per backend (None: auto)
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,11 @@ def _add_haproxy(sub: Any) -> None:
         help="how often HAProxy checks each server (default 0.5; a server that stops answering "
         "leaves rotation after 2 failed checks, sooner on failed traffic); raise it for "
         "thousands of servers (docs/scale.md)")
+    haproxy.add_argument(
+        "--spare-slots", metavar="N", default=argparse.SUPPRESS,
+        help="empty server slots per backend, filled through the runtime API without a reload "
+        "(default auto: as many as the backend has servers, at least 32); fewer for thousands "
+        "of servers, where each slot costs HAProxy memory and a file descriptor (docs/scale.md)")
     haproxy.add_argument("--response-timeout", metavar="SECONDS", default=argparse.SUPPRESS,
                          help="http mode: how long a server may take to send response headers "
                          "before an idempotent request is retried on another "
@@ -829,6 +835,8 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         "--check-interval", value("--check-interval", f"{DEFAULT_CHECK_INTERVAL:g}") or "")
     if not 0.1 <= check_interval <= 3600:
         raise SettingsError("--check-interval: must be between 0.1 and 3600 seconds")
+    raw_spares = (value("--spare-slots", "auto") or "").strip().lower()
+    spare_slots = None if raw_spares == "auto" else _int("--spare-slots", raw_spares, 1)
     return HAProxySettings(
         binds=tuple(binds),
         mode=mode,
@@ -838,6 +846,7 @@ def _haproxy(args: Mapping[str, Any], value: Callable[[str, str | None], str | N
         reload_cmd=value("--reload-cmd", None) or None,
         response_timeout=response_timeout,
         check_interval=check_interval,
+        spare_slots=spare_slots,
     )
 
 

@@ -390,3 +390,12 @@ def test_check_interval_sets_the_check_timings() -> None:
     fast = dataclasses.replace(ctx("tcp"), check_interval=0.15)
     assert "inter 150ms fastinter 150ms downinter 300ms" in render(
         load_template(None), build_backends(WEB, regs), regs, fast)
+
+
+def test_spare_slots_fixed_whatever_the_servers() -> None:
+    regs = [reg("web", f"n1:c{i}:8080", "10.0.0.7", 2000 + i) for i in range(40)]
+    (auto,) = build_backends(WEB, regs)
+    (fixed,) = build_backends(WEB, regs, spare_slots=4)
+    assert (auto.spares, fixed.spares) == (40, 4)
+    text = render(load_template(None), (fixed,), regs, ctx("tcp"))
+    assert "server-template _spare 1-4 " in text

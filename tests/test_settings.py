@@ -527,3 +527,15 @@ def test_check_interval() -> None:
     for bad in ("0", "0.05", "4000", "x"):
         assert "--check-interval" in error("haproxy", "--bind", "web=127.0.0.1:80",
                                            "--check-interval", bad)
+
+
+def test_spare_slots() -> None:
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80").haproxy
+    assert hp is not None and hp.spare_slots is None
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", "--spare-slots", "4").haproxy
+    assert hp is not None and hp.spare_slots == 4
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", REGISTRAR_SPARE_SLOTS="auto").haproxy
+    assert hp is not None and hp.spare_slots is None
+    for bad in ("0", "-1", "x"):
+        assert "--spare-slots" in error("haproxy", "--bind", "web=127.0.0.1:80",
+                                        "--spare-slots", bad)

@@ -89,6 +89,7 @@ class Backend:
     binds: tuple[str, ...]  # "127.0.0.1:8080", "[::1]:8080"
     servers: tuple[Server, ...]
     canary: Canary | None = None
+    spare_slots: int | None = None  # --spare-slots (None: auto, see `spare_count`)
 
     # --- a canary's --header and --sticky (http mode; see the built-in template) ----------
 
@@ -144,15 +145,17 @@ class Backend:
     @property
     def spares(self) -> int:
         """Empty server slots rendered after the servers, for the runtime API to fill."""
-        return spare_count(len(self.servers))
+        return spare_count(len(self.servers), self.spare_slots)
 
     @property
     def spare_prefix(self) -> str:
         return SPARE_PREFIX
 
 
-def spare_count(servers: int) -> int:
-    return max(MIN_SPARES, servers)
+def spare_count(servers: int, fixed: int | None = None) -> int:
+    """`fixed` (--spare-slots), else as many as the servers (a deploy of as many new instances
+    beside them needs no reload), and at least MIN_SPARES."""
+    return fixed if fixed is not None else max(MIN_SPARES, servers)
 
 
 # --- keys and values ----------------------------------------------------------------------
@@ -235,7 +238,7 @@ def server_weights(servers: Sequence[Server], canary: Canary | None) -> dict[str
 
 def build_backends(
     binds: Sequence[Bind], registrations: Iterable[Routed],
-    canaries: Mapping[str, Canary] | None = None,
+    canaries: Mapping[str, Canary] | None = None, spare_slots: int | None = None,
 ) -> tuple[Backend, ...]:
     """One backend per service of --bind (in the order given), with every instance's server;
     their weights follow the service's canary (`{control_prefix}/weights/SERVICE`), if any.
@@ -243,7 +246,7 @@ def build_backends(
     A service with no registration gets an empty backend (HAProxy answers 503 / closes): the
     frontend stays, so the first instance to appear needs no reload.
     """
-    return BackendCache().build(binds, registrations, canaries)
+    return BackendCache(spare_slots).build(binds, registrations, canaries)
 
 
 class BackendCache:
@@ -251,7 +254,8 @@ class BackendCache:
     change of one service builds that one again, the others are the same objects as before
     (so a router of a thousand services finds what changed by identity, in microseconds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spare_slots: int | None = None) -> None:
+        self.spare_slots = spare_slots
         self._memo: dict[str, tuple[tuple[Routed, ...], Canary | None, tuple[str, ...],
                                     Backend]] = {}
 
@@ -273,14 +277,15 @@ class BackendCache:
             regs, canary = tuple(groups[service]), (canaries or {}).get(service)
             made = self._memo.get(service)
             if made is None or made[0] != regs or made[1] != canary or made[2] != tuple(bound):
-                made = (regs, canary, tuple(bound), _backend(service, tuple(bound), regs, canary))
+                made = (regs, canary, tuple(bound),
+                        _backend(service, tuple(bound), regs, canary, self.spare_slots))
             memo[service] = made
         self._memo = memo
         return tuple(made[3] for made in memo.values())
 
 
 def _backend(service: str, binds: tuple[str, ...], registrations: Sequence[Routed],
-             canary: Canary | None) -> Backend:
+             canary: Canary | None, spare_slots: int | None) -> Backend:
     by_name: dict[str, Server] = {}
     for reg in registrations:
         server = reg.server
@@ -292,7 +297,7 @@ def _backend(service: str, binds: tuple[str, ...], registrations: Sequence[Route
     weights = server_weights(chosen, canary)
     weighted = tuple(s if s.weight == weights[s.name] else replace(s, weight=weights[s.name])
                      for s in chosen)
-    return Backend(service, binds, weighted, canary)
+    return Backend(service, binds, weighted, canary, spare_slots)
 
 
 def services_of(registrations: Iterable[Routed]) -> dict[str, list[Server]]:

@@ -354,7 +354,7 @@ class Router:
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)
         self.live: Live | None = None  # its server slots (None: unknown)
         self._live_for: dict[str, Backend] = {}  # the backends `live` serves, by service
-        self._cache = BackendCache()
+        self._cache = BackendCache(hp.spare_slots)
         self._install_lock = threading.Lock()  # one install at a time (the loop's, the file's)
         self.files = FileFollower(self._install_wanted)
         self._file_rejected = False  # the file of a runtime change was refused: roll it back

@@ -8,7 +8,8 @@ The hosts are the agents' own classes over the real etcd client, many per proces
 containers, of as many services as there are hosts (each service's 10 instances on 10 hosts).
 Every instance points at one of a few shared loopback listeners (bench/scale_listener.py), by
 version, so a router's `show servers state` says which version it serves. The routers bind
-every service through `--bind-file` and check each server every CHECK_INTERVAL seconds
+every service through `--bind-file`, keep SPARE_SLOTS empty slots a backend (`--spare-slots`)
+and check each server every CHECK_INTERVAL seconds
 (`--check-interval`: 10,000 servers x 2 routers at the default 0.5 s would be 40,000 checks a
 second into the few listeners of this one machine; across real hosts each server would see 4).
 
@@ -57,6 +58,9 @@ QUICK_SIZES = (30,)
 PER_HOST = 10
 HOSTS_PER_PROCESS = 125
 CHECK_INTERVAL = "10"
+# 1,000 backends x 32 slots (the default at least) needed 33,569 file descriptors, over this
+# machine's hard limit of 20,000: 4 a backend, and more instances than that are a reload.
+SPARE_SLOTS = 4
 PROBES = 10  # start-to-traffic samples, each a service of its own (bound, never served before)
 DEPLOYED = 100  # services in the rolling deploy
 PORT_A, PORT_B = 21000, 24000  # the routers' frontends: PORT + service index
@@ -158,6 +162,7 @@ class Router:
         self.metrics_port = free_port()
         self.args = ["haproxy", "--etcd", etcd, "--prefix", PREFIX, "--control-prefix", CONTROL,
                      "--bind-file", str(bind_file), "--check-interval", CHECK_INTERVAL,
+                     "--spare-slots", str(SPARE_SLOTS),
                      "--node", name, "--config", str(self.config), "--log-format", "json",
                      "--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
         self.stats_socket = socket_paths(str(work), str(self.config))[1]

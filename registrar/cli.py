@@ -6,6 +6,10 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from registrar.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -14,6 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = parse_settings(args, os.environ, socket.gethostname())
+        check_files(settings)
     except SettingsError as exc:
         print(f"registrar: error: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def check_files(settings: Settings) -> None:
+    """The files the flags name, read now by the adapters that use them (SettingsError naming
+    the flag); nothing is imported when no flag names a file (the sidecar's start)."""
+    if not settings.files:
+        return
+    from registrar.adapters.etcd_store import check_tls_files
+    from registrar.adapters.files import readable
+
+    check_tls_files(settings.etcd)
+    if settings.haproxy is not None:
+        readable("--template", settings.haproxy.template)
+    catalog = settings.catalog
+    if catalog is not None and catalog.cert is not None and catalog.key is not None:
+        from registrar.catalog.server import check_tls_files as check_catalog
+
+        check_catalog(catalog.cert, catalog.key)
 
 
 def entry() -> None:

@@ -76,12 +76,14 @@ def run(settings: Settings) -> int:
     store = EtcdStore(settings.etcd, metrics, log_health=True)
     docker = DockerSource(settings.docker_url)
     sidecar = settings.command == "register"
+    agent = settings.agent
+    assert agent is not None
 
     container_id = None
     ownership = Ownership(settings.node)
     if sidecar:
-        assert settings.container is not None
-        found = wait_for_container(docker, settings.container, settings.wait, stop)
+        assert agent.container is not None
+        found = wait_for_container(docker, agent.container, agent.wait, stop)
         if found is None:
             say_signal()
             return 0  # SIGTERM while waiting: nothing was registered
@@ -97,9 +99,9 @@ def run(settings: Settings) -> int:
         node=settings.node,
         host_ip=settings.host_ip,
         default_ip=primary_ipv4(),
-        explicit=settings.explicit,
+        explicit=agent.explicit,
         sidecar=sidecar,
-        network=settings.network,
+        network=agent.network,
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
@@ -134,7 +136,7 @@ def _announce(settings: Settings, sidecar: bool) -> None:
         "registrar %s: node %s, prefix %s, etcd %s, ttl %ds%s",
         settings.command, settings.node, settings.prefix,
         ",".join(str(ep) for ep in settings.etcd.endpoints), settings.ttl,
-        f", container {settings.container}" if sidecar else "",
+        f", container {settings.agent.container}" if sidecar and settings.agent else "",
         extra={"event": "start"},
     )
 

@@ -36,6 +36,22 @@ PATHS = ("/", "/v1/catalog", "/v1/sd/prometheus", "/metrics", "/healthz")
 SHUTDOWN_POLL = 0.1  # seconds: how late a shutdown of the server can be
 
 
+def check_tls_files(cert: str, key: str) -> None:
+    """`--catalog-cert` and `--catalog-key` at start (SettingsError naming the flag): PEM files
+    that make a server's certificate chain."""
+    import ssl
+
+    from registrar.adapters.files import pem
+    from registrar.flags import SettingsError
+
+    pem("--catalog-cert", cert, "cert")
+    pem("--catalog-key", key, "key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise SettingsError(f"--catalog-cert/--catalog-key: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Auth:
     user: str

@@ -35,10 +35,10 @@ from registrar.core.canary import (
 )
 from registrar.core.control import Control, parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
+from registrar.core.names import NAME_RE
 from registrar.core.naming import valid_metrics_path
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
-from registrar.settings import NAME_RE
 
 SHARE_WINDOW = 30.0
 STATES = ("draining", "maintenance", "standby", "rotation")

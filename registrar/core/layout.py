@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from registrar.settings import NAME_RE
+from registrar.core.names import NAME_RE
 
 
 def parse_key(prefix: str, key: str) -> tuple[str, str] | None:

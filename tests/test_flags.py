@@ -71,7 +71,8 @@ def test_each_default_is_the_documented_one(flag: Flag) -> None:
 def test_the_parser_is_the_table() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
+    assert isinstance(sub.choices, dict)
     for name, command in COMMANDS.items():
-        options = {o for a in sub.choices[name]._actions for o in a.option_strings}  # type: ignore[attr-defined]
+        options = {o for a in sub.choices[name]._actions for o in a.option_strings}
         assert options - {"-h", "--help"} == {f.name for f in FLAGS if f.takes(name)}, name
         assert {f.name for f in FLAGS if name in f.commands} <= options, command

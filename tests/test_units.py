@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 
 from registrar import __version__
-from registrar.agent.command import SHUTDOWN_BUDGET
 from registrar.settings import parse_settings
+from registrar.shutdown import SHUTDOWN_BUDGET
 from tests.helpers import healthz, value_of
 from tests.support.docker_env import BUSYBOX_IMAGE, ContainerFactory, docker
 from tests.support.etcd import EtcdServer

@@ -33,11 +33,14 @@ from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL
 from registrar.router_wait import read_reports, removal_revision, wait_for_routers
 from registrar.settings import Settings
-from registrar.shutdown import install_stop_signals, wait_for_stop
+from registrar.shutdown import (
+    SHUTDOWN_BUDGET,
+    StopReason,
+    install_stop_signals,
+    wait_for_stop,
+)
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN_BUDGET = 5.0  # from the signal to the lease revoked (or given up on)
 
 
 def wait_for_container(
@@ -121,7 +124,9 @@ def run(settings: Settings) -> int:
 
     wait_for_stop(stop)
     say_signal()
-    _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
+    reason = (StopReason.CONTAINER_GONE if sidecar and watcher.finished_reason
+              else StopReason.SIGNAL)
+    _shutdown(settings, reason,
               watcher=watcher, follower=follower, keeper=keeper, store=store)
     if server is not None:
         server.stop()
@@ -141,10 +146,11 @@ def _announce(settings: Settings, sidecar: bool) -> None:
     )
 
 
-def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
+def _shutdown(settings: Settings, reason: StopReason, *, watcher: ContainerWatcher,
               follower: PrefixFollower, keeper: LeaseKeeper, store: Store) -> None:
     """Stop intake, deregister (revoke the lease), drain: all but the drain within one
-    deadline."""
+    deadline (`registrar.shutdown` owns the budget and its split). Only a signal drains: a
+    sidecar whose container is gone has nothing left in flight to wait for."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
     watcher.request_stop()
     follower.request_stop()
@@ -156,7 +162,7 @@ def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
     revoked = keeper.shutdown(deadline)
     watcher.join(deadline)
     follower.join(deadline)
-    if settings.drain and signalled:
+    if settings.drain and reason is StopReason.SIGNAL:
         _drain(settings, store, keeper, seen if revoked else None)
 
 

@@ -30,7 +30,7 @@ from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
-from registrar.retry import POLL_INTERVAL
+from registrar.retry import POLL_INTERVAL, poll_until
 from registrar.router_wait import read_reports, removal_revision, wait_for_routers
 from registrar.settings import Settings
 from registrar.shutdown import (
@@ -49,25 +49,27 @@ def wait_for_container(
     """Container `name` once it runs (None: stopped while waiting); FatalError when it did not
     run within `wait`."""
     deadline = time.monotonic() + wait
-    announced = False
-    state = "does not exist"
-    while not stop.is_set():
+    seen = {"state": "does not exist", "announced": False}  # why not yet, as last seen
+
+    def running() -> ContainerInfo | None:
         try:
             info = docker.inspect(name)
         except DockerUnavailable as exc:
-            info, state = None, f"docker unreachable ({exc})"
+            info, seen["state"] = None, f"docker unreachable ({exc})"
         if info is not None and info.running:
             return info
         if info is not None:
-            state = "exists but is not running"
-        if time.monotonic() >= deadline:
-            raise FatalError(f"container {name!r} {state} after waiting {wait:g}s (--wait)")
-        if not announced:
-            log.info("waiting up to %gs for container %s (%s)", wait, name, state,
+            seen["state"] = "exists but is not running"
+        if not seen["announced"] and time.monotonic() < deadline:
+            log.info("waiting up to %gs for container %s (%s)", wait, name, seen["state"],
                      extra={"event": "wait", "container": name})
-            announced = True
-        stop.wait(POLL_INTERVAL)
-    return None
+            seen["announced"] = True
+        return None
+
+    found = poll_until(running, wait, interval=POLL_INTERVAL, stop=stop)
+    if found is not None or stop.is_set():
+        return found
+    raise FatalError(f"container {name!r} {seen['state']} after waiting {wait:g}s (--wait)")
 
 
 def run(settings: Settings) -> int:

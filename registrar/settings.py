@@ -23,6 +23,7 @@ from registrar.core.names import (
     HEADER_RE,
     NAME_RE,
     TRUE_WORDS,
+    host_port,
     valid_instance,
 )
 from registrar.flags import (
@@ -61,8 +62,7 @@ class EtcdEndpoint:
 
     def __str__(self) -> str:
         scheme = "https" if self.secure else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}"
+        return f"{scheme}://{host_port(self.host, self.port)}"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.commands.output import say, write_table
+from registrar.commands.output import address, say, write_table
 from registrar.core import timestamps
 from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
@@ -97,7 +97,7 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
             continue
         table.append((
             str(entry.get("service", parsed[0])), parsed[1],
-            f"{entry.get('host', '?')}:{entry.get('port', '?')}",
+            address(entry),
             str(entry.get("version", "-")), str(entry.get("node", "-")),
             _age(entry.get("registered_at"), now),
         ))
@@ -166,7 +166,7 @@ def _instance_lines(entries: list[dict[str, Any]], label: str, out: TextIO) -> N
     for entry in entries:
         if "invalid" not in entry:
             say(f"  {label}: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
-                f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}",
+                f"{address(entry)} {entry.get('version', '-')}",
                 out)
 
 

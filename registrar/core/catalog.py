@@ -35,7 +35,7 @@ from registrar.core.canary import (
 )
 from registrar.core.control import Control, parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
-from registrar.core.names import NAME_RE
+from registrar.core.names import NAME_RE, host_port
 from registrar.core.naming import valid_metrics_path
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
@@ -406,7 +406,7 @@ def reports_of(layout: Layout, control: Mapping[str, str]) -> dict[str, Report]:
 
 
 def target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def target_group(e: Entry, state: str) -> dict[str, Any] | None:

@@ -15,6 +15,12 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
+def host_port(host: str, port: object) -> str:
+    """`host:port`, an IPv6 address in brackets (`[fd00::5]:8080`): the one way an address is
+    written for a connection, a config or a discovery target."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def split_instance(instance: str) -> tuple[str, str, str] | None:
     """An instance id's node, container and port (`{node}:{container}:{port}[:udp]`), or None
     when it has not that shape. The parts are not checked: each caller has its own rule."""

@@ -1,8 +1,8 @@
 """The one retry policy: exponential backoff with full jitter, one poll, interruptible waits.
 
 - `Backoff`: the delays (a random wait up to min(max, 0.1 s * 2^attempt)), for loops that keep
-  their own clock (the router's reloads, HAProxy's restarts); `RetryClock`: when such a loop
-  tries again (the lease keeper's steps).
+  their own clock (HAProxy's restarts); `RetryClock`: when such a loop tries again (the lease
+  keeper's steps, the router's reloads).
 - `retry_forever`: calls a function until it succeeds or `stop` is set (the long-running loops).
 - `retry_within`: the same within a deadline, for one-shot commands (`ls`, `promote`, `maint`).
 - `poll_until`: waits for a condition, checked every `interval`.
@@ -66,7 +66,15 @@ class RetryClock:
         return delay
 
     def succeeded(self) -> None:
+        self.reset()
+        self.cancel()
+
+    def reset(self) -> None:
+        """The failures in a row start again from 0 (the next delay is the shortest)."""
         self._backoff.reset()
+
+    def cancel(self) -> None:
+        """No attempt pending (the failures in a row still count)."""
         self.at = None
 
     def after(self, seconds: float) -> None:

@@ -30,6 +30,7 @@ DEFAULT_WAIT = 60.0
 DEFAULT_LS_TIMEOUT = 10.0
 DEFAULT_HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
 DEFAULT_RESPONSE_TIMEOUT = 30.0
+DEFAULT_CHECK_INTERVAL = 0.5
 DEFAULT_CATALOG_LISTEN = "127.0.0.1:9479"
 STEERING = ("pause", "resume", "abort")  # promote SERVICE --pause | --resume | --abort
 
@@ -118,6 +119,8 @@ FLAGS: tuple[Flag, ...] = (
     # --- haproxy ---
     Flag("--bind", "a frontend for SERVICE on ADDR:PORT; repeat for several (env: "
          "comma-separated)", ("haproxy",), metavar="SERVICE=ADDR:PORT", kind="append"),
+    Flag("--bind-file", "more binds, one SERVICE=ADDR:PORT a line (# comments): for hundreds "
+         "of services", ("haproxy",), metavar="PATH", optional=True),
     Flag("--mode", "tcp or http (default tcp)", ("haproxy",), metavar="MODE", default="tcp"),
     Flag("--config", f"where the rendered config is written (default {DEFAULT_HAPROXY_CONFIG})",
          ("haproxy",), metavar="PATH", default=DEFAULT_HAPROXY_CONFIG),
@@ -127,6 +130,11 @@ FLAGS: tuple[Flag, ...] = (
          metavar="PATH", default="haproxy"),
     Flag("--reload-cmd", "do not run HAProxy; run CMD after each new config", ("haproxy",),
          metavar="CMD", optional=True),
+    Flag("--check-interval", f"how often HAProxy checks each server (default "
+         f"{DEFAULT_CHECK_INTERVAL:g}; a server that stops answering leaves rotation after 2 "
+         "failed checks, sooner on failed traffic); raise it for thousands of servers "
+         "(docs/scale.md)", ("haproxy",), metavar="SECONDS",
+         default=f"{DEFAULT_CHECK_INTERVAL:g}"),
     Flag("--response-timeout", "http mode: how long a server may take to send response headers "
          f"before an idempotent request is retried on another (default "
          f"{DEFAULT_RESPONSE_TIMEOUT:g})", ("haproxy",), metavar="SECONDS",

@@ -24,7 +24,7 @@ class PrefixFollower(Worker):
     def __init__(
         self,
         store: Store,
-        prefix: str | tuple[str, str],
+        prefix: str | tuple[str, ...],
         *,
         name: str,
         on_snapshot: Callable[[dict[str, StoredKey]], None],
@@ -34,7 +34,7 @@ class PrefixFollower(Worker):
         revision: int = 0,
         on_internal_error: Callable[[str], None] | None = None,
     ) -> None:
-        """`prefix`: one, or two followed as one (one read at one revision, one watch, one
+        """`prefix`: one, or several followed as one (one read at one revision, one watch, one
         thread); `revision`: the last one already read (0: read everything first)."""
         super().__init__(name, on_internal_error)
         self._store = store
@@ -109,8 +109,7 @@ class PrefixFollower(Worker):
     def _read(self) -> tuple[dict[str, StoredKey], int]:
         if len(self._prefixes) == 1:
             return self._store.list_prefix(self._prefixes[0])
-        first, second, revision = self._store.list_two(*self._prefixes)
-        return {**first, **second}, revision
+        return self._store.list_starting([prefix + "/" for prefix in self._prefixes])
 
     def _compacted(self, exc: WatchCompacted) -> None:
         log.warning("%s/: revision %d is compacted (%s): reading everything again",

@@ -7,7 +7,7 @@ shares and, in its command's own slot, one small settings type for the command t
 `MaintSettings`, `DrainSettings`, `CatalogSettings`). Every value is validated here, once; a bad
 one raises `SettingsError` naming the flag, which the CLI prints as a single line before exiting
 with status 2. The files that flags name (TLS, the template) are read by the adapters that use
-them (`registrar.cli.check_files`): this module does no I/O.
+them (`registrar.cli.read_files`): this module does no I/O.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from registrar.core.names import (
 )
 from registrar.flags import (
     COMMON,
+    DEFAULT_CHECK_INTERVAL,
     DEFAULT_DOCKER,
     DEFAULT_HAPROXY_CONFIG,
     DEFAULT_LS_TIMEOUT,
@@ -112,6 +113,9 @@ class HAProxySettings:
     haproxy_bin: str = "haproxy"
     reload_cmd: str | None = None
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT  # http mode: HAProxy's timeout server
+    check_interval: float = DEFAULT_CHECK_INTERVAL  # HAProxy's health checks of each server
+    # --bind-file: its binds are added to `binds` when the file is read (`cli.read_files`)
+    bind_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,8 @@ class Settings:
         named = [("--etcd-ca", self.etcd.ca), ("--etcd-cert", self.etcd.cert),
                  ("--etcd-key", self.etcd.key)]
         if self.haproxy is not None:
-            named.append(("--template", self.haproxy.template))
+            named += [("--template", self.haproxy.template),
+                      ("--bind-file", self.haproxy.bind_file)]
         if self.catalog is not None:
             named += [("--catalog-cert", self.catalog.cert), ("--catalog-key", self.catalog.key)]
         return tuple((flag, path) for flag, path in named if path is not None)
@@ -362,25 +367,19 @@ def _haproxy(args: Args, hostname: str) -> dict[str, Any]:
     raw_binds: list[str] = list(args.parsed.get("bind") or [])
     if not raw_binds:
         raw_binds = [b for b in (args.get("--bind") or "").split(",") if b.strip()]
-    if not raw_binds:
-        raise SettingsError("--bind: give at least one SERVICE=ADDR:PORT")
-    binds = []
-    for raw in raw_binds:
-        service, sep, addr = raw.strip().partition("=")
-        host, colon, port_text = addr.rpartition(":")
-        if not sep or not colon or not (port_text.isascii() and port_text.isdigit()) or not (
-            0 < int(port_text) < 65536
-        ):
-            raise SettingsError(f"--bind: must be SERVICE=ADDR:PORT, got {raw!r}")
-        if not NAME_RE.fullmatch(service):
-            raise SettingsError(f"--bind: bad service name {service!r}")
-        binds.append(Bind(service, host.strip("[]") or "0.0.0.0", int(port_text)))
+    binds = [parse_bind("--bind", raw) for raw in raw_binds]
+    bind_file = args.get("--bind-file")
+    if not binds and bind_file is None:
+        raise SettingsError(NO_BIND)
     mode = args.text("--mode").lower()
     if mode not in HAPROXY_MODES:
         raise SettingsError(f"--mode: must be tcp or http, got {mode!r}")
     response_timeout = _seconds("--response-timeout", args.text("--response-timeout"))
     if response_timeout <= 0:
         raise SettingsError("--response-timeout: must be above 0 seconds")
+    check_interval = _seconds("--check-interval", args.text("--check-interval"))
+    if not 0.1 <= check_interval <= 3600:
+        raise SettingsError("--check-interval: must be between 0.1 and 3600 seconds")
     return {"haproxy": HAProxySettings(
         binds=tuple(binds),
         mode=mode,
@@ -389,7 +388,25 @@ def _haproxy(args: Args, hostname: str) -> dict[str, Any]:
         haproxy_bin=args.get("--haproxy-bin") or "haproxy",
         reload_cmd=args.get("--reload-cmd"),
         response_timeout=response_timeout,
+        check_interval=check_interval,
+        bind_file=bind_file,
     )}
+
+
+NO_BIND = "--bind: give at least one SERVICE=ADDR:PORT (or --bind-file)"
+
+
+def parse_bind(flag: str, raw: str) -> Bind:
+    """`SERVICE=ADDR:PORT` (of --bind, or a line of --bind-file: `flag` names it)."""
+    service, sep, addr = raw.strip().partition("=")
+    host, colon, port_text = addr.rpartition(":")
+    if not sep or not colon or not (port_text.isascii() and port_text.isdigit()) or not (
+        0 < int(port_text) < 65536
+    ):
+        raise SettingsError(f"{flag}: must be SERVICE=ADDR:PORT, got {raw!r}")
+    if not NAME_RE.fullmatch(service):
+        raise SettingsError(f"{flag}: bad service name {service!r}")
+    return Bind(service, host.strip("[]") or "0.0.0.0", int(port_text))
 
 
 def _promote(args: Args, hostname: str) -> dict[str, Any]:

@@ -171,6 +171,13 @@ class FakeEtcd:
                     {k: v for k, v in self.kv.items() if k.startswith(second + "/")},
                     self.revision)
 
+    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
+        with self.lock:
+            self._check()
+            self.reads += 1
+            return ({k: v for k, v in self.kv.items() if k.startswith(tuple(starts))},
+                    self.revision)
+
     def put_if_absent(self, key: str, value: str) -> bool:
         with self.lock:
             if key in self.kv:

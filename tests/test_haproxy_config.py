@@ -3,6 +3,7 @@ plan, and the debounce of `Registrations` (with a fake clock)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -375,3 +376,17 @@ def test_sockets_go_next_to_the_config_unless_the_path_is_too_long(tmp_path: Pat
         assert temporary and len(socket_paths(directory, str(deep))[0]) < 100
     finally:
         os.rmdir(directory)
+
+
+def test_check_interval_sets_the_check_timings() -> None:
+    regs = [reg("web", "n1:a:8080", "10.0.0.5", 32768)]
+    default = render(load_template(None), build_backends(WEB, regs), regs, ctx("tcp"))
+    assert "check inter 500ms fastinter 200ms downinter 1s " in default
+    slow = render(load_template(None), build_backends(WEB, regs), regs,
+                  dataclasses.replace(ctx("tcp"), check_interval=10))
+    assert "check inter 10s fastinter 200ms downinter 20s " in slow
+    assert slow.replace("inter 10s", "inter 500ms").replace("downinter 20s", "downinter 1s") \
+        == default
+    fast = dataclasses.replace(ctx("tcp"), check_interval=0.15)
+    assert "inter 150ms fastinter 150ms downinter 300ms" in render(
+        load_template(None), build_backends(WEB, regs), regs, fast)

@@ -51,6 +51,32 @@ def test_the_report_carries_applied_and_in_flight_and_is_written_at_once_when_wo
         r.stop(time.monotonic() + 2)
 
 
+def test_an_unchanged_report_is_not_written_again_until_its_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only "at" would change: no new revision for etcd to keep (a report of a thousand
+    services is hundreds of KB), except once every REFRESH_EVERY."""
+    fake, metrics, applied = FakeEtcd(), Metrics(), [5]
+    r = reporter(fake, metrics, applied)
+    r.start()
+    try:
+        wait_until(lambda: r.reports == 1, timeout=2)
+        r.wake()
+        wait_until(lambda: r.unchanged >= 1, timeout=1, interval=0.01)
+        r.wake()
+        wait_until(lambda: r.unchanged >= 2, timeout=1, interval=0.01)
+        assert r.reports == 1 and fake.puts_of(KEY) == 1
+        applied.append(6)  # a change is written at once when woken
+        r.wake()
+        wait_until(lambda: r.reports == 2, timeout=2, interval=0.01)
+        monkeypatch.setattr("registrar.haproxy.report.REFRESH_EVERY", 0.0)
+        r.wake()  # unchanged, but its refresh is due
+        wait_until(lambda: r.reports == 3, timeout=2, interval=0.01)
+        assert fake.puts_of(KEY) == 3
+    finally:
+        r.stop(time.monotonic() + 2)
+
+
 def test_a_refused_report_is_logged_once_counted_and_unhealthy_until_written_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from registrar.core.control import Canary
 from registrar.core.layout import Layout
 from registrar.core.store import KeyEvent, StoredKey
-from registrar.haproxy.config import MIN_SPARES, Routed, Server, build_backends, parse_registration
+from registrar.haproxy.config import (
+    MIN_SPARES,
+    Backend,
+    Routed,
+    Server,
+    build_backends,
+    parse_registration,
+)
 from registrar.haproxy.router import Gather, Registrations
 from registrar.haproxy.runtime import (
     OPEN_SESSIONS,
     Action,
+    Decision,
     ProcInfo,
     SlotState,
     check_slots,
@@ -105,20 +114,34 @@ def test_decide() -> None:
     one = build_backends(WEB, [reg("n:a:1", 1)])
     two = build_backends(WEB, [reg("n:a:1", 1), reg("n:b:1", 2)])
     live = fresh_layout(one)
-    args = {"running": True, "runtime_api": True, "live": live, "running_text": "x"}
-    assert decide(one, "x", **args).action is Action.NOTHING  # type: ignore[arg-type]
-    runtime = decide(two, "y", **args)  # type: ignore[arg-type]
+
+    def text(value: str) -> Callable[[], str]:
+        return lambda: value
+
+    def runtime_decision(backends: Sequence[Backend], changed: set[str] | None = None,
+                         ) -> Decision:
+        def unasked() -> str:
+            raise AssertionError("the runtime API decides without the rendered text")
+
+        return decide(backends, unasked, running=True, runtime_api=True, live=live,
+                      running_text="x", changed=changed)
+
+    assert runtime_decision(one).action is Action.NOTHING
+    runtime = runtime_decision(two)
     assert runtime.action is Action.RUNTIME and runtime.plan is not None
+    # only the services said to have changed are planned: the others are what `live` serves
+    assert runtime_decision(two, changed=set()).action is Action.NOTHING
+    assert runtime_decision(two, changed={"web"}).action is Action.RUNTIME
     many = build_backends(WEB, [reg(f"n:c{i}:1", i + 1) for i in range(MIN_SPARES + 2)])
-    assert decide(many, "z", **args).action is Action.RELOAD  # type: ignore[arg-type]
-    assert decide(two, "y", running=True, runtime_api=True, live=None,
+    assert runtime_decision(many).action is Action.RELOAD
+    assert decide(two, text("y"), running=True, runtime_api=True, live=None,
                   running_text="x").action is Action.RELOAD  # slots unknown
-    assert decide(two, "y", running=False, runtime_api=True, live=live,
+    assert decide(two, text("y"), running=False, runtime_api=True, live=live,
                   running_text="x").action is Action.INSTALL
     # an operator's template (or --reload-cmd): the text decides
-    assert decide(two, "y", running=True, runtime_api=False, live=None,
+    assert decide(two, text("y"), running=True, runtime_api=False, live=None,
                   running_text="y").action is Action.NOTHING
-    assert decide(two, "y", running=True, runtime_api=False, live=None,
+    assert decide(two, text("y"), running=True, runtime_api=False, live=None,
                   running_text="x").action is Action.RELOAD
 
 

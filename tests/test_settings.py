@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from registrar import __version__
-from registrar.cli import check_files, main
+from registrar.cli import main, read_files
 from registrar.settings import (
     AgentSettings,
     EtcdEndpoint,
@@ -35,9 +35,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def parse(*argv: str, **env: str) -> Settings:
     """The settings, and the files they name read (the TLS files, the template), as `main`."""
-    settings = parse_settings(list(argv), env, socket.gethostname())
-    check_files(settings)
-    return settings
+    return read_files(parse_settings(list(argv), env, socket.gethostname()))
 
 
 def agent(s: Settings) -> AgentSettings:
@@ -52,7 +50,7 @@ def listing(s: Settings) -> ListSettings:
 
 def error(*argv: str, **env: str) -> str:
     with pytest.raises(SettingsError) as info:
-        check_files(parse_settings(list(argv), env, socket.gethostname()))
+        read_files(parse_settings(list(argv), env, socket.gethostname()))
     return str(info.value)
 
 
@@ -514,3 +512,36 @@ def test_response_timeout_of_the_router() -> None:
     for bad in ("0", "-1", "soon"):
         with pytest.raises(SettingsError, match="--response-timeout"):
             parse("haproxy", "--bind", "web=127.0.0.1:80", "--response-timeout", bad)
+
+
+def test_bind_file_adds_binds_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "binds"
+    path.write_text("# services of group a\napi=127.0.0.1:9001\n\nweb=[::1]:9002  # v6\n")
+    hp = parse("haproxy", "--bind", "db=127.0.0.1:9000", "--bind-file", str(path)).haproxy
+    assert hp is not None
+    assert [(b.service, b.host, b.port) for b in hp.binds] == [
+        ("db", "127.0.0.1", 9000), ("api", "127.0.0.1", 9001), ("web", "::1", 9002)]
+    hp = parse("haproxy", REGISTRAR_BIND_FILE=str(path)).haproxy
+    assert hp is not None and [b.service for b in hp.binds] == ["api", "web"]
+
+
+def test_bind_file_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "binds"
+    path.write_text("api=127.0.0.1:9001\nweb 127.0.0.1:9002\n")
+    with pytest.raises(SettingsError, match=r"--bind-file .*binds line 2: must be SERVICE=ADDR"):
+        parse("haproxy", "--bind-file", str(path))
+    with pytest.raises(SettingsError, match="--bind-file: cannot read"):
+        parse("haproxy", "--bind-file", str(tmp_path / "missing"))
+    path.write_text("# nothing\n")
+    with pytest.raises(SettingsError, match="give at least one"):
+        parse("haproxy", "--bind-file", str(path))
+
+
+def test_check_interval() -> None:
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80").haproxy
+    assert hp is not None and hp.check_interval == 0.5
+    hp = parse("haproxy", "--bind", "web=127.0.0.1:80", "--check-interval", "10").haproxy
+    assert hp is not None and hp.check_interval == 10
+    for bad in ("0", "0.05", "4000", "x"):
+        assert "--check-interval" in error("haproxy", "--bind", "web=127.0.0.1:80",
+                                           "--check-interval", bad)

@@ -129,10 +129,15 @@ def unb64(field: Any) -> str:
 
 
 def prefix_range(prefix: str) -> dict[str, str]:
-    """The range of every key under `prefix/` (the prefix's last byte plus one ends it)."""
-    start = (prefix + "/").encode("utf-8")
-    end = start[:-1] + bytes([start[-1] + 1])
-    return {"key": base64.b64encode(start).decode("ascii"),
+    """The range of every key under `prefix/`."""
+    return starting_range(prefix + "/")
+
+
+def starting_range(start: str) -> dict[str, str]:
+    """The range of every key that starts with `start` (its last byte plus one ends it)."""
+    first = start.encode("utf-8")
+    end = first[:-1] + bytes([first[-1] + 1])
+    return {"key": base64.b64encode(first).decode("ascii"),
             "range_end": base64.b64encode(end).decode("ascii")}
 
 
@@ -555,6 +560,16 @@ class EtcdStore:
         ]})
         a, b = (self._keys(r.get("response_range", {})) for r in answer["responses"])
         return a, b, int(answer["header"]["revision"])
+
+    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
+        """Every key starting with one of `starts`, as of one revision (one transaction of a
+        range each), and that revision."""
+        answer = self._call("range", "/v3/kv/txn", {"success": [
+            {"request_range": starting_range(start)} for start in starts]})
+        found: dict[str, StoredKey] = {}
+        for response in answer.get("responses") or ():
+            found.update(self._keys(response.get("response_range", {})))
+        return found, int(answer["header"]["revision"])
 
     @staticmethod
     def _put_op(key: str, value: str, lease: int) -> dict[str, str]:

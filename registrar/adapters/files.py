@@ -1,12 +1,24 @@
 """The files the command line names, read once at start by the adapters that use them (etcd's
 and the catalog's TLS files, HAProxy's template): a bad one is one line and exit status 2 then,
-not a vaguer failure at every connection later. `registrar.cli.check_files` calls them."""
+not a vaguer failure at every connection later. `registrar.cli.read_files` calls them."""
 
 from __future__ import annotations
 
 import re
 
 from registrar.flags import SettingsError
+
+
+def lines(flag: str, path: str) -> list[tuple[int, str]]:
+    """The lines of a text file with something on them, numbered from 1, without blank lines
+    and `#` comments (`--bind-file`)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{flag}: cannot read {path}: {exc}") from None
+    return [(number, kept) for number, line in enumerate(text, 1)
+            if (kept := line.partition("#")[0].strip())]
 
 
 def readable(flag: str, path: str | None) -> str | None:

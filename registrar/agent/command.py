@@ -157,10 +157,9 @@ def _shutdown(settings: Settings, reason: StopReason, *, watcher: ContainerWatch
     watcher.request_stop()
     follower.request_stop()
     # A revision before the revoke, for a watch that replays its deletes: the latest the
-    # follower saw (it follows the control prefix too, which moves with the routers' reports
-    # every 2 s, so it is not compacted away on a cluster that compacts while the prefix itself
-    # is quiet).
-    seen = follower.revision
+    # follower saw or the keeper read (it reads again at each resync, so it is not compacted
+    # away on a cluster that compacts while the prefix itself is quiet).
+    seen = max(follower.revision, keeper.read_revision)
     revoked = keeper.shutdown(deadline)
     watcher.join(deadline)
     follower.join(deadline)

@@ -1,11 +1,15 @@
-"""Following `{control_prefix}/` (promotions, canary weights, maintenance, drains) and the
-keeper's own keys under `{prefix}/`, for the keeper.
+"""Following the control entries (promotions, canary weights, maintenance, drains) and the
+standby keys, for the keeper.
 
-One watch over both prefixes. The keeper itself reads the control state (with this node's
-keys) before it writes, so it is the one place where the state is applied; the follower only
-makes it re-read as soon as something that matters changed (a watch resumed after an outage
-delivers what changed meanwhile). Standby keys and routers' reports, which live under the
-same prefix and change often, are not a reason to read again.
+One watch over those prefixes of `{control_prefix}/` (Layout.rules and standby), one thread.
+The keeper itself reads the control state (with this node's keys) before it writes, so it is
+the one place where the state is applied; the follower only makes it re-read as soon as
+something that matters changed (a watch resumed after an outage delivers what changed
+meanwhile). Standby keys of other instances are not a reason to read again. Neither `{prefix}/`
+nor the routers' reports are followed: on a cluster of hundreds of agents, every registration
+and every report delivered to every agent was most of etcd's work (docs/scale.md); a key of
+this node's changed by someone else is put right by the periodic resync, which reads this
+node's keys again.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
 
 def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
              ) -> PrefixFollower:
-    """`{prefix}/` and `{control_prefix}/`, followed as one (one read, one watch, one thread):
-    a control entry that concerns the keeper's instances makes it read again; so does a key
-    of its own changed by someone else (so a periodic resync need not read etcd)."""
+    """The control entries and standby keys, followed as one (one read, one watch, one
+    thread): an entry that concerns the keeper's instances makes it read again; so does a
+    standby key of its own changed by someone else."""
     def on_events(events: list[KeyEvent]) -> None:
         keeper.notice(events)  # its keys, and its standby keys under the control prefix
         if relevant(layout, keeper, (event.key for event in events)):
@@ -41,7 +45,7 @@ def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
 
     return PrefixFollower(
         store,
-        (layout.prefix, layout.control),
+        (layout.standby, *layout.rules),
         name="etcd follower",
         on_snapshot=lambda _stored: keeper.request_reread(),
         on_events=on_events,

@@ -128,6 +128,8 @@ class LeaseKeeper(Worker):
         self._applying: Mapping[str, StoredKey] = {}  # what etcd holds once a write is in
         self._refused: str | None = None  # why etcd refuses our writes, while it does
         self._grants = 0
+        self._read_all = True  # the first read looks at every key (a run before this one's)
+        self.read_revision = 0  # the revision of the last read (for the shutdown's drain)
         self._etcd_back = False  # etcd answered again: retry at once, not after the backoff
         store.add_listener(self._etcd_answers)
         self.synced = threading.Event()  # everything told so far is written
@@ -169,8 +171,8 @@ class LeaseKeeper(Worker):
                     sidecars: frozenset[str] | None = None, reread: bool = True,
                     runs: Mapping[str, Run] | None = None) -> None:
         """A full reconcile: this is everything that should exist; diff it with what etcd
-        holds (read again when `reread`: at start and after Docker came back; a periodic
-        resync trusts what the keeper holds, which the prefix watches keep honest).
+        holds (read again when `reread`: at start, after Docker came back and at each periodic
+        resync: this node's keys only, see `_read`).
         `sidecars`: the containers whose own sidecar owns their keys (watch); `runs`: cid ->
         run of every container running and not stopping (None: as before)."""
         with self._cond:
@@ -459,21 +461,33 @@ class LeaseKeeper(Worker):
         self._metrics.standby.set(0)
 
     def _read(self) -> None:
-        """This node's keys (in rotation and on standby) and the control state, from etcd:
-        two reads, whatever the number of services."""
+        """This node's keys (in rotation and on standby) and the control entries, from etcd in
+        one request (`_read_keys`)."""
         with self._cond:
             self._inputs.reread = False  # a change from now on is read again
-            ownership = self._ownership
+            ownership, desired = self._ownership, self._inputs.flat()
         try:
-            self._read_both(ownership)
+            self._read_keys(ownership, desired)
         except BaseException:
             with self._cond:
                 self._inputs.reread = True
             raise
 
-    def _read_both(self, ownership: Ownership) -> None:
-        stored, _revision = self._store.list_prefix(self._layout.prefix)
-        control_keys, _revision = self._store.list_prefix(self._layout.control)
+    def _read_keys(self, ownership: Ownership, desired: Mapping[str, str]) -> None:
+        """The first read takes every key under the prefix and standby, to find what a run
+        before this one left (its keys of services no container runs any more); later ones
+        only this node's keys of the services it holds or wants."""
+        layout = self._layout
+        rules = [rule + "/" for rule in layout.rules]
+        if self._read_all:
+            starts = [layout.prefix + "/", layout.standby + "/", *rules]
+        else:
+            services = self._services_of(desired) | self._services_of(self._held)
+            starts = [*layout.own_starts(ownership.node, services), *rules]
+        found, self.read_revision = self._store.list_starting(starts)
+        self._read_all = False
+        stored = {k: v for k, v in found.items() if layout.in_rotation(k)}
+        control_keys = {k: v for k, v in found.items() if not layout.in_rotation(k)}
         for key, value in self._kept_drains.items():
             control_keys.setdefault(key, StoredKey(value, 0))  # bound to no lease: put again
         held = {**stored, **{k: v for k, v in control_keys.items()

@@ -17,6 +17,7 @@ place (pure).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from registrar.core.names import NAME_RE
@@ -71,6 +72,21 @@ class Layout:
     @property
     def draining(self) -> str:
         return f"{self.control}/draining"
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The control entries that can move an agent's instances (promotions, canary weights,
+        maintenance, drains): what an agent reads and follows of `{control}/`, and nothing
+        of the routers' reports, the canaries' claims or other nodes' standby keys, which
+        change often and concern it not (on a cluster of a thousand agents, every report
+        sent to every agent would be most of etcd's work)."""
+        return (self.promoted, self.weights, self.maintenance, self.draining)
+
+    def own_starts(self, node: str, services: Iterable[str]) -> list[str]:
+        """Where `node`'s instances of `services` are, in rotation and on standby: the start of
+        each of their keys (`{prefix}/{service}/{node}:`; instance ids begin with the node)."""
+        return [f"{base}/{service}/{node}:" for service in sorted(services)
+                for base in (self.prefix, self.standby)]
 
     def drain_key(self, node: str, container: str) -> str:
         return f"{self.draining}/{node}/{container}"

@@ -121,6 +121,11 @@ class Store(Protocol):
         """Every key under `first/` and under `second/`, as of one revision, and that revision."""
         ...
 
+    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
+        """Every key that starts with one of `starts` (taken as they are: `/s/web/n1:` is the
+        instances of node n1 in service web), as of one revision, and that revision."""
+        ...
+
     def put(self, key: str, value: str, lease: int = 0) -> None: ...
 
     def put_if_absent(self, key: str, value: str) -> bool:

@@ -141,6 +141,7 @@ def _loop(router: Router, registrations: Registrations, stop: threading.Event,
         elif (registrations.loaded and router.retry_due(now)
               and router.apply(*registrations.state()) is Action.RELOAD):
             gather.note(now)
+        router.check_files()
         if router.poll(now) and registrations.loaded:
             router.apply(*registrations.state())  # put right what the reload undid
         router.supervise(time.monotonic())
@@ -225,6 +226,7 @@ def run(settings: Settings) -> int:
         _loop(router, registrations, stop, main_loop)
     finally:
         say_signal()
+        router.files.request_stop()  # a file not yet installed: the next start renders anew
         _shutdown(watchers, reporter, haproxy)
         if reader is not None:
             reader.stop()

@@ -244,33 +244,56 @@ def build_backends(
     A service with no registration gets an empty backend (HAProxy answers 503 / closes): the
     frontend stays, so the first instance to appear needs no reload.
     """
-    order: list[str] = []
-    addresses: dict[str, list[str]] = {}
-    for bind in binds:
-        if bind.service not in addresses:
-            order.append(bind.service)
-            addresses[bind.service] = []
-        address = _bind_address(bind)
-        if address not in addresses[bind.service]:
-            addresses[bind.service].append(address)
-    servers: dict[str, dict[str, Server]] = {service: {} for service in order}
+    return BackendCache().build(binds, registrations, canaries)
+
+
+class BackendCache:
+    """`build_backends` that remembers each service's backend and what it was built from: a
+    change of one service builds that one again, the others are the same objects as before
+    (so a router of a thousand services finds what changed by identity, in microseconds)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[tuple[Routed, ...], Canary | None, tuple[str, ...],
+                                    Backend]] = {}
+
+    def build(self, binds: Sequence[Bind], registrations: Iterable[Routed],
+              canaries: Mapping[str, Canary] | None = None) -> tuple[Backend, ...]:
+        addresses: dict[str, list[str]] = {}
+        for bind in binds:
+            bound = addresses.setdefault(bind.service, [])
+            address = _bind_address(bind)
+            if address not in bound:
+                bound.append(address)
+        groups: dict[str, list[Routed]] = {service: [] for service in addresses}
+        for reg in registrations:
+            group = groups.get(reg.service)
+            if group is not None:
+                group.append(reg)
+        memo = {}
+        for service, bound in addresses.items():
+            regs, canary = tuple(groups[service]), (canaries or {}).get(service)
+            made = self._memo.get(service)
+            if made is None or made[0] != regs or made[1] != canary or made[2] != tuple(bound):
+                made = (regs, canary, tuple(bound), _backend(service, tuple(bound), regs, canary))
+            memo[service] = made
+        self._memo = memo
+        return tuple(made[3] for made in memo.values())
+
+
+def _backend(service: str, binds: tuple[str, ...], registrations: Sequence[Routed],
+             canary: Canary | None) -> Backend:
+    by_name: dict[str, Server] = {}
     for reg in registrations:
-        if reg.service not in servers:
-            continue
-        by_name = servers[reg.service]
-        name = reg.server.name
-        if name in by_name and by_name[name].instance != reg.server.instance:
+        server = reg.server
+        if server.name in by_name and by_name[server.name].instance != server.instance:
             # cannot happen short of a hash collision; keep both anyway
-            name = f"{name}-{len(by_name)}"
-        by_name[name] = replace(reg.server, name=name)
-    backends = []
-    for service in order:
-        chosen = sorted(servers[service].values())
-        canary = (canaries or {}).get(service)
-        weights = server_weights(chosen, canary)
-        weighted = tuple(replace(s, weight=weights[s.name]) for s in chosen)
-        backends.append(Backend(service, tuple(addresses[service]), weighted, canary))
-    return tuple(backends)
+            server = replace(server, name=f"{server.name}-{len(by_name)}")
+        by_name[server.name] = server
+    chosen = sorted(by_name.values())
+    weights = server_weights(chosen, canary)
+    weighted = tuple(s if s.weight == weights[s.name] else replace(s, weight=weights[s.name])
+                     for s in chosen)
+    return Backend(service, binds, weighted, canary)
 
 
 def services_of(registrations: Iterable[Routed]) -> dict[str, list[Server]]:
@@ -329,7 +352,22 @@ class RenderContext:
     stats_socket: str | None = None  # where the built-in template puts HAProxy's stats socket
     response_timeout: float = 30.0  # http mode: HAProxy's `timeout server` (--response-timeout)
     log_socket: str | None = None  # http mode: where HAProxy sends a line per request
+    check_interval: float = 0.5  # HAProxy's `inter` (--check-interval)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def haproxy_duration(seconds: float) -> str:
+    """A duration as HAProxy reads it: whole seconds as `Ns`, else milliseconds."""
+    millis = round(seconds * 1000)
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+def check_timings(interval: float) -> dict[str, str]:
+    """`inter` (--check-interval), `fastinter` (while a server goes up or down: at most 200 ms)
+    and `downinter` (while it is down: twice the interval)."""
+    return {"check_inter": haproxy_duration(interval),
+            "check_fastinter": haproxy_duration(min(interval, 0.2)),
+            "check_downinter": haproxy_duration(2 * interval)}
 
 
 def render(
@@ -349,6 +387,7 @@ def render(
             hard_stop_after=HARD_STOP_AFTER,
             check_timeout=CHECK_TIMEOUT,
             response_timeout=f"{round(context.response_timeout * 1000)}ms",
+            **check_timings(context.check_interval),
             log_socket=context.log_socket,
             log_format=LOG_FORMAT,
             default_weight=DEFAULT_WEIGHT,

@@ -349,9 +349,9 @@ class HAProxyMaster:
             raise HAProxyError(f"master CLI: {exc}") from None
         log.debug("runtime API: %s -> %s", lines, answer.strip())
 
-    def servers_state(self) -> str:
-        """`show servers state` of the current worker."""
-        return self._ask("@1 show servers state")
+    def servers_state(self, backend: str | None = None) -> str:
+        """`show servers state [BACKEND]` of the current worker."""
+        return self._ask("@1 show servers state" + (f" {backend}" if backend else ""))
 
     def stat(self, worker: int | None = None) -> str:
         """`show stat` of one worker (by pid; None: the current one), its servers only (type

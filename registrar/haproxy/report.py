@@ -1,5 +1,6 @@
 """The router's report: every REPORT_EVERY its traffic totals by service and version, what
-it has applied and what is still open on instances that left rotation, at
+it has applied and what is still open on instances that left rotation (written when any of
+it changed, and at least every REFRESH_EVERY; never only to move its "at"), at
 `{control_prefix}/routers/{NODE}`, bound to a lease of its own (TTL --ttl) kept alive by a
 `Heartbeat`: a router that dies takes its report with it, so a canary judges by the routers
 that are alive. `wake()` writes it at once (a drain waits on it). One thread; etcd failures
@@ -28,6 +29,10 @@ from registrar.worker import Worker
 log = logging.getLogger(__name__)
 
 REPORT_EVERY = 2.0
+# A report that did not change is not written again before this (only its "at" would move): each
+# write is a revision etcd keeps until it compacts, and a router of a thousand services writes
+# hundreds of KB (docs/scale.md).
+REFRESH_EVERY = 60.0
 
 Totals = dict[str, dict[str, dict[str, int]]]
 
@@ -55,6 +60,8 @@ class Reporter(Worker):
         self.refused: str | None = None  # why etcd refuses the report, while it does
         self.heartbeat = Heartbeat(store, ttl / 3, metrics, self._lost)
         self.reports = 0  # written so far
+        self.unchanged = 0  # not written: nothing but "at" would have changed
+        self._written: tuple[str, float] | None = None  # the last content written, and when
 
     def start(self) -> None:
         super().start()
@@ -92,12 +99,20 @@ class Reporter(Worker):
         if self._lease is None:
             self._lease = self._store.grant(self._ttl)
             self.heartbeat.follow(self._lease)
-        value = report_value(self._totals(), datetime.now(UTC), self._more())
+            self._written = None
+        totals, more, now = self._totals(), self._more(), time.monotonic()
+        content = json.dumps({"services": totals, **more}, sort_keys=True)
+        if (self._written is not None and self._written[0] == content
+                and now - self._written[1] < REFRESH_EVERY):
+            self.unchanged += 1
+            return
+        value = report_value(totals, datetime.now(UTC), more)
         try:
             self._store.put(self.key, value, self._lease)
         except LeaseNotFound:
             self._lease = None
             raise EtcdError("report lease expired: granting a new one") from None
+        self._written = (content, now)
         self.reports += 1
         if self.refused is not None:
             log.info("the router's report is written again", extra={"event": "report_written"})

@@ -22,7 +22,7 @@ import logging
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -32,11 +32,11 @@ from registrar.core.layout import Layout
 from registrar.core.store import KeyEvent, StoredKey
 from registrar.haproxy.config import (
     Backend,
+    BackendCache,
     Rejected,
     RenderContext,
     Routed,
     TemplateError,
-    build_backends,
     load_template,
     parse_registration,
     render,
@@ -79,11 +79,13 @@ from registrar.haproxy.traffic import (
 )
 from registrar.retry import RetryClock
 from registrar.settings import HAProxySettings
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
 QUIET = 0.1  # changes that need a reload, this close together, are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
+FEW_BACKENDS = 20  # a runtime change touching at most these is checked backend by backend
 POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic)
 POLL_IN_FLIGHT = 0.2  # ... this often while requests are open on instances that left rotation
 RELOAD_CMD_TIMEOUT = 60.0
@@ -245,6 +247,58 @@ class Registrations:
             return self.version
 
 
+@dataclass(frozen=True)
+class FileWanted:
+    """A config file to install: its text, the backends it renders, the revision they hold."""
+
+    text: str
+    backends: tuple[Backend, ...]
+    revision: int
+
+
+class FileFollower(Worker):
+    """Installs the config file of a runtime-API change on a thread of its own: HAProxy
+    already serves the change, and `haproxy -c` of a thousand backends takes up to a second on
+    a busy machine, which the router's loop must not make the next change wait. Only the
+    latest file waits; one overtaken by a newer one is never written."""
+
+    def __init__(self, install: Callable[[FileWanted], None],
+                 on_internal_error: Callable[[str], None] | None = None) -> None:
+        super().__init__("config file", on_internal_error)
+        self._install = install
+        self._cond = threading.Condition()
+        self._wanted: FileWanted | None = None
+
+    def submit(self, wanted: FileWanted) -> None:
+        with self._cond:
+            self._wanted = wanted
+            self._cond.notify_all()
+        if self._thread is None:
+            self.start()
+
+    def cancel(self) -> None:
+        """A newer file is being installed by the caller itself."""
+        with self._cond:
+            self._wanted = None
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        while not self.stopping:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted is not None or self.stopping, 0.5)
+                wanted, self._wanted = self._wanted, None
+            self.health.progressed()
+            if wanted is not None and not self.stopping:
+                try:
+                    self._install(wanted)
+                except Exception:  # a bug: it must show, and must not stop the installs
+                    log.exception("installing the config file failed")
+                    self.health.internal_error()
+
+
 @dataclass
 class Gather:
     """When to reload: a reload is due QUIET after the last change that needs one, or
@@ -293,11 +347,17 @@ class Router:
         self.template = load_template(hp.template)
         self.context = RenderContext(mode=hp.mode, prefix=prefix, stats_socket=stats_socket,
                                      response_timeout=hp.response_timeout,
-                                     log_socket=log_socket)
+                                     check_interval=hp.check_interval, log_socket=log_socket)
         self.installed_text: str | None = None  # what we last wrote to --config
         self.installed_backends: tuple[Backend, ...] | None = None
         self.running_text: str | None = None  # what HAProxy runs (None: unknown)
         self.live: Live | None = None  # its server slots (None: unknown)
+        self._live_for: dict[str, Backend] = {}  # the backends `live` serves, by service
+        self._cache = BackendCache()
+        self._install_lock = threading.Lock()  # one install at a time (the loop's, the file's)
+        self.files = FileFollower(self._install_wanted)
+        self._file_rejected = False  # the file of a runtime change was refused: roll it back
+        self.last_refused = False  # the last install was refused by haproxy -c
         self.backends: tuple[Backend, ...] = ()  # what is wanted now
         self.can_run = False  # a config exists that HAProxy may be started with
         self._retry = RetryClock()  # failed reloads in a row, and when to try again
@@ -329,14 +389,24 @@ class Router:
 
     def _render(self, routed: Sequence[Routed], canaries: Mapping[str, Canary]
                 ) -> tuple[tuple[Backend, ...], str] | None:
-        backends = build_backends(self.hp.binds, routed, canaries)
+        backends = self._cache.build(self.hp.binds, routed, canaries)
+        text = self._text(backends, routed)
+        return None if text is None else (backends, text)
+
+    def _text(self, backends: Sequence[Backend], routed: Sequence[Routed]) -> str | None:
         try:
-            return backends, render(self.template, backends, routed, self.context)
+            return render(self.template, backends, routed, self.context)
         except TemplateError as exc:
             log.error("template %s failed to render: %s; keeping the current config",
                       self.template.name, exc, extra={"event": "template_error"})
             self.metrics.reload_failures.inc()
             return None
+
+    def _set_live(self, live: Live | None, backends: Sequence[Backend] = ()) -> None:
+        """What HAProxy's slots serve now, and the backends that was planned from (none: read
+        from HAProxy, or unknown): a later change is planned for the backends that differ."""
+        self.live = live
+        self._live_for = {b.service: b for b in backends} if live is not None else {}
 
     def apply(self, routed: Sequence[Routed], canaries: Mapping[str, Canary],
               revision: int = 0) -> Action:
@@ -347,32 +417,50 @@ class Router:
         self.in_step = False
         self._revision = revision
         started = time.monotonic()
-        rendered = self._render(routed, canaries)
-        if rendered is None:
-            return Action.NOTHING
-        backends, text = rendered
+        backends = self._cache.build(self.hp.binds, routed, canaries)
+        rendered: list[str | None] = []
+
+        def text() -> str | None:  # rendered once, and only when needed
+            if not rendered:
+                rendered.append(self._text(backends, routed))
+            return rendered[0]
+
+        if not self.builtin and text() is None:
+            return Action.NOTHING  # the operator's template failed: logged and counted
         self.backends = backends
         running = self.haproxy.running() if self.haproxy is not None else True
-        decision = decide(backends, text, running=running,
+        changed = {b.service for b in backends if self._live_for.get(b.service) is not b}
+        decision = decide(backends, lambda: text() or "", running=running,
                           runtime_api=self.builtin and self.haproxy is not None,
                           live=self.live if self.haproxy is not None else None,
-                          running_text=self.running_text)
+                          running_text=self.running_text, changed=changed)
+        if decision.action is Action.RUNTIME:
+            # HAProxy first (the new servers take traffic now), then the file follows
+            assert decision.plan is not None
+            if not self._runtime_update(decision.plan, backends, started, changed):
+                return Action.RELOAD
+        new_text = text()
+        if new_text is None:
+            return Action.NOTHING  # the template failed: logged and counted
         if decision.action is Action.INSTALL:
-            self._install(text, backends)  # the supervisor starts HAProxy on it
+            self._install(new_text, backends)  # the supervisor starts HAProxy on it
         elif decision.action is Action.NOTHING:
             if self.haproxy is not None:
-                self._install(text, backends)
+                self._install(new_text, backends)
             self._routed(backends)
             self._served()
         elif decision.action is Action.RUNTIME:
-            assert decision.plan is not None
-            if not self._runtime_update(decision.plan, backends, started):
-                return Action.RELOAD
-            if self._install(text, backends):
-                self._served()
-            elif self.installed_backends is not None:
-                self._roll_back(self.installed_backends)
+            self._served()  # HAProxy serves it; the file follows on its own thread
+            self.files.submit(FileWanted(new_text, tuple(backends), revision))
         return decision.action
+
+    def check_files(self) -> None:
+        """(the loop) The file of a runtime change was refused by haproxy -c: HAProxy goes
+        back to the servers of the file installed last."""
+        if self._file_rejected:
+            self._file_rejected = False
+            if self.installed_backends is not None and self.live is not None:
+                self._roll_back(self.installed_backends)
 
     def _served(self) -> None:
         """HAProxy serves the state of `_revision`: it counts as applied; when it took an
@@ -416,7 +504,22 @@ class Router:
             self._reload(text, backends, started)
 
     def _install(self, text: str, backends: Sequence[Backend]) -> bool:
-        """Writes the config unless it is already there; False when it was refused."""
+        """Writes the config unless it is already there; False when it was refused. (Now, on
+        the loop's thread: a waiting file of a runtime change is overtaken by this one.)"""
+        self.files.cancel()
+        with self._install_lock:
+            return self._install_now(FileWanted(text, tuple(backends), self._revision))
+
+    def _install_wanted(self, wanted: FileWanted) -> None:
+        """(the file thread) Installs a runtime change's file; a refusal is rolled back by the
+        loop (`check_files`)."""
+        with self._install_lock:
+            if not self._install_now(wanted) and self.last_refused:
+                self._file_rejected = True
+
+    def _install_now(self, wanted: FileWanted) -> bool:
+        text, backends = wanted.text, wanted.backends
+        self.last_refused = False
         if text == self.installed_text:
             return True
         try:
@@ -425,6 +528,7 @@ class Router:
             log.error("new config refused by haproxy -c, not installed; the current one "
                       "keeps serving:\n%s", exc, extra={"event": "config_rejected"})
             self.metrics.reload_failures.inc()
+            self.last_refused = True
             return False
         except OSError as exc:
             log.error("cannot write %s: %s", self.hp.config, exc,
@@ -433,20 +537,22 @@ class Router:
             self._schedule_retry()
             return False
         self.installed_text, self.installed_backends = text, tuple(backends)
-        self._installed_revision = self._revision
+        self._installed_revision = wanted.revision
         self.can_run = True
         return True
 
     def _runtime_update(self, plan: RuntimePlan, backends: Sequence[Backend],
-                        started: float) -> bool:
+                        started: float, changed: Collection[str] | None = None) -> bool:
         assert self.haproxy is not None and self.live is not None
-        before = live_model(self.live)
+        before = live_model({s: lb for s, lb in self.live.items()
+                             if changed is None or s in changed})
         if self._reassigns(plan):
             self.poll_traffic()  # what the slots served so far goes to who served it
         if not self._run_plan(plan):
             return False
-        self._describe("runtime API", before, backends, started)
-        self.live = plan.live
+        self._describe("runtime API", before,
+                       [b for b in backends if changed is None or b.service in changed], started)
+        self._set_live(plan.live, backends)
         self.holders.update(self._holders_of(plan.live))
         self.metrics.runtime_updates.inc()
         self._routed(backends)
@@ -454,21 +560,26 @@ class Router:
 
     def _reassigns(self, plan: RuntimePlan) -> bool:
         assert self.live is not None
-        owners = self._owners()
-        return any(self._owner_in(plan.live, slot) != owners.get(slot)
+        owners, after = self._owners(), self._owners_of(plan.live)  # once each, not per slot
+        return any(after.get(slot) != owners.get(slot)
                    for slot in plan.touched() if slot in owners)
 
     def _run_plan(self, plan: RuntimePlan) -> bool:
         assert self.haproxy is not None
+        touched = sorted({want.backend for want in plan.expect})
         try:
             self.haproxy.runtime(plan.commands)
-            problems = check_slots(self.haproxy.servers_state(), plan.expect)
+            if len(touched) <= FEW_BACKENDS:  # those backends' slots only, not thousands
+                state = "".join(self.haproxy.servers_state(b) for b in touched)
+            else:
+                state = self.haproxy.servers_state()
+            problems = check_slots(state, plan.expect)
         except HAProxyError as exc:
             problems = [str(exc)]
         if problems:
             log.warning("runtime API update incomplete (%s): reloading instead",
                         "; ".join(problems[:5]), extra={"event": "runtime_failed"})
-            self.live = None  # unknown now: the next step is a reload
+            self._set_live(None)  # unknown now: the next step is a reload
         return not problems
 
     def _roll_back(self, backends: Sequence[Backend]) -> None:
@@ -476,12 +587,12 @@ class Router:
         assert self.live is not None
         plan = plan_runtime(self.live, backends)
         if plan is not None and self._run_plan(plan):
-            self.live = plan.live
+            self._set_live(plan.live, backends)
             self._routed(backends)
             log.warning("runtime change rolled back to the installed config",
                         extra={"event": "rolled_back"})
             return
-        self.live = None
+        self._set_live(None)
         self._schedule_retry()
 
     def _reload(self, text: str, backends: Sequence[Backend], started: float) -> None:
@@ -494,12 +605,13 @@ class Router:
         except HAProxyError as exc:
             log.error("reload failed: %s", exc, extra={"event": "reload_failed"})
             self.metrics.reload_failures.inc()
-            self.live, self.running_text = None, None
+            self._set_live(None)
+            self.running_text = None
             self._schedule_retry()
             return
         self._retry.reset()
         self.running_text = text
-        self.live = fresh_layout(backends) if self.builtin else None
+        self._set_live(fresh_layout(backends) if self.builtin else None, backends)
         self._new_worker()
         self._describe("reload", before, backends, started)
         self._routed(backends)
@@ -585,9 +697,6 @@ class Router:
             for server in b.servers:
                 owners[(b.backend, server.name)] = (b.service, server.version or UNVERSIONED)
         return owners
-
-    def _owner_in(self, live: Live, slot: Slot) -> Owner | None:
-        return self._owners_of(live).get(slot)
 
     def _holders_of(self, live: Live | None) -> dict[Slot, Holder]:
         """Which instance each slot serves (for what is still open on it once it left)."""
@@ -743,9 +852,9 @@ class Router:
         try:
             state = parse_servers_state(self.haproxy.servers_state())
         except HAProxyError:
-            self.live = None
+            self._set_live(None)
             return True
-        self.live = live_from_state(state, self.backends)
+        self._set_live(live_from_state(state, self.backends))  # planned anew: none known
         self.holders = self._holders_of(self.live)
         self._publish_owners()
         return True
@@ -785,10 +894,9 @@ class Router:
             with self.traffic_lock:
                 self.applied = max(self.applied, self._installed_revision)
             self.running_text = self.installed_text
-            self.live = (
-                fresh_layout(self.installed_backends)
-                if self.builtin and self.installed_backends is not None else None
-            )
+            installed = self.installed_backends
+            self._set_live(fresh_layout(installed) if self.builtin and installed is not None
+                           else None, installed or ())
             self._new_worker()
             if self.haproxy.restarts:
                 self.metrics.restarts.inc()

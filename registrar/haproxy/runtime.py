@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from registrar.haproxy.config import SPARE_PREFIX, Backend, Server, ip_of
@@ -132,16 +132,20 @@ def _plan_backend(current: LiveBackend, wanted: Backend
     return adds, removals, expect, LiveBackend(be, slots, tuple(free + freed), current.routing)
 
 
-def plan_runtime(live: Live, backends: Sequence[Backend]) -> RuntimePlan | None:
+def plan_runtime(live: Live, backends: Sequence[Backend],
+                 changed: Collection[str] | None = None) -> RuntimePlan | None:
     """Commands that turn `live` into `backends` without a reload; None when a reload is needed
-    (a backend added or removed, or not enough free slots)."""
-    if set(live) != {b.service for b in backends}:
+    (a backend added or removed, or not enough free slots). `changed`: the only services
+    whose backend may differ from what `live` serves (None: any)."""
+    if len(live) != len(backends) or any(b.service not in live for b in backends):
         return None
     adds: list[str] = []
     removals: list[str] = []
     expect: list[SlotState] = []
-    new_live: dict[str, LiveBackend] = {}
+    new_live: dict[str, LiveBackend] = dict(live)
     for b in backends:
+        if changed is not None and b.service not in changed:
+            continue
         planned = _plan_backend(live[b.service], b)
         if planned is None:
             return None
@@ -170,24 +174,26 @@ class Decision:
 
 def decide(
     backends: Sequence[Backend],
-    text: str,
+    text: Callable[[], str],
     *,
     running: bool,
     runtime_api: bool,
     live: Live | None,
     running_text: str | None,
+    changed: Collection[str] | None = None,
 ) -> Decision:
-    """What to do to make HAProxy serve `backends` (rendered as `text`). `runtime_api`: the
-    built-in template with its spare slots, driven through the master CLI; `live`: its slots
-    (None: unknown); `running_text`: the config it runs (None: unknown)."""
+    """What to do to make HAProxy serve `backends` (rendered by `text()`, called only when the
+    runtime API cannot say). `runtime_api`: the built-in template with its spare slots, driven
+    through the master CLI; `live`: its slots (None: unknown); `running_text`: the config it
+    runs (None: unknown); `changed`: the services whose backends may differ from `live`."""
     if not running:
         return Decision(Action.INSTALL)
     if runtime_api and live is not None:
-        plan = plan_runtime(live, backends)
+        plan = plan_runtime(live, backends, changed)
         if plan is not None:
             return Decision(Action.NOTHING if plan.empty else Action.RUNTIME, plan)
         return Decision(Action.RELOAD)
-    return Decision(Action.NOTHING if running_text == text else Action.RELOAD)
+    return Decision(Action.NOTHING if running_text == text() else Action.RELOAD)
 
 
 # --- what HAProxy says --------------------------------------------------------------------

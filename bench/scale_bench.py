@@ -1,0 +1,722 @@
+"""`make bench`, the scale part: 100, 300 and 1,000 simulated hosts x 10 instances against a
+real 3-member etcd, two real `registrar haproxy` routers and one `registrar catalog`.
+
+    .venv/bin/python -m bench.scale_bench [--quick] [--sizes 100,300,1000] [--out PATH]
+
+The hosts are the agents' own classes over the real etcd client, many per process
+(bench/scale_hosts.py; Docker replaced by the in-memory source of the fast tier); each runs 10
+containers, of as many services as there are hosts (each service's 10 instances on 10 hosts).
+Every instance points at one of a few shared loopback listeners (bench/scale_listener.py), by
+version, so a router's `show servers state` says which version it serves. The routers bind
+every service through `--bind-file` and check each server every CHECK_INTERVAL seconds
+(`--check-interval`: 10,000 servers x 2 routers at the default 0.5 s would be 40,000 checks a
+second into the few listeners of this one machine; across real hosts each server would see 4).
+
+For each size, on a fresh cluster: bring-up; etcd at rest; start-to-traffic (a new instance
+of a service nobody served before, until a request through each router reaches it); one
+promotion; a rolling deploy of up to 100 services under client load; a router restarted; the
+etcd leader killed (under client load). Run alone, a full run replaces the section in
+bench/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.observe import cpu_seconds, process_tree, rss_kib, scrape
+from bench.report import add_section, median, ms, p95
+from registrar.haproxy.process import cli, socket_paths
+from tests.cluster.load import LoadStats
+from tests.support.etcd import EtcdCluster
+from tests.support.etcd_reader import EtcdReader
+from tests.support.proc import RegistrarProcess, free_port
+
+RESULTS = Path(__file__).with_name("results.md")
+HEADING = "## Past the seed: 1,000 hosts simulated (bench/scale_bench.py)"
+PREFIX, CONTROL = "/scale", "/scale-ctl"
+SIZES = (100, 300, 1000)
+QUICK_SIZES = (30,)
+PER_HOST = 10
+HOSTS_PER_PROCESS = 125
+CHECK_INTERVAL = "10"
+PROBES = 10  # start-to-traffic samples, each a service of its own (bound, never served before)
+DEPLOYED = 100  # services in the rolling deploy
+PORT_A, PORT_B = 21000, 24000  # the routers' frontends: PORT + service index
+LISTEN_V1, LISTEN_V2, LISTEN_PROBE = (27000, 27001), (27002, 27003), 27010
+LOAD_RATE = 200.0
+T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[scale {time.monotonic() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def raise_open_files() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.05) -> float:
+    """Seconds until `check()` held; TimeoutError naming `what`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:g} s")
+        time.sleep(every)
+    return time.monotonic() - start
+
+
+# --- the simulated hosts ----------------------------------------------------------------------
+
+
+class SimProcess:
+    """One `python -m bench.scale_hosts`: requests in, answers out, matched by id."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, etcd: str, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.scale_hosts", "--etcd", etcd, "--prefix", PREFIX,
+             "--control-prefix", CONTROL],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"),  # noqa: SIM115
+            text=True, bufsize=1)
+        self._waiting: dict[int, Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            answer = json.loads(line)
+            with self._lock:
+                future = self._waiting.pop(answer.get("id"), None)
+            if future is not None:
+                future.set_result(answer)
+        with self._lock:
+            for future in self._waiting.values():
+                future.set_exception(RuntimeError(f"simulated hosts exited: see {self.log}"))
+
+    def send(self, op: str, **fields: Any) -> Future[dict[str, Any]]:
+        request_id = next(self._ids)
+        future: Future[dict[str, Any]] = Future()
+        with self._lock:
+            self._waiting[request_id] = future
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"id": request_id, "op": op, **fields}) + "\n")
+        self.proc.stdin.flush()
+        return future
+
+    def ask(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        return self.send(op, **fields).result(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask("quit", timeout=30)
+        with contextlib.suppress(Exception):
+            self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+# --- a router ---------------------------------------------------------------------------------
+
+
+class Router:
+    def __init__(self, name: str, work: Path, etcd: str, bind_file: Path) -> None:
+        self.name = name
+        self.work = work
+        self.config = work / f"{name}.cfg"
+        self.metrics_port = free_port()
+        self.args = ["haproxy", "--etcd", etcd, "--prefix", PREFIX, "--control-prefix", CONTROL,
+                     "--bind-file", str(bind_file), "--check-interval", CHECK_INTERVAL,
+                     "--node", name, "--config", str(self.config), "--log-format", "json",
+                     "--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
+        self.stats_socket = socket_paths(str(work), str(self.config))[1]
+        self.reloads_before = 0.0  # of the processes before a restart
+        self.proc = self._start()
+
+    def _start(self) -> RegistrarProcess:
+        return RegistrarProcess(self.args, log_dir=self.work / f"logs-{self.name}")
+
+    def restart(self) -> None:
+        self.reloads_before += self.metric("registrar_haproxy_reloads_total")
+        self.proc.stop(30)
+        self.proc = self._start()
+
+    def metric(self, name: str) -> float:
+        with contextlib.suppress(OSError):
+            return sum(v for n, _labels, v in scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+                       if n == name)
+        return 0.0
+
+    def rows(self, backend: str | None = None) -> list[list[str]]:
+        """`show servers state [BACKEND]`: fields 1 backend, 3 server name, 5 op_state (2 up),
+        6 admin_state (1, 4, 5: in maintenance), 17 address... 18 port."""
+        try:
+            text = cli(self.stats_socket, "show servers state" + (f" be_{backend}"
+                                                                  if backend else ""), 10.0)
+        except OSError:
+            return []
+        return [f for line in text.splitlines() if len(f := line.split()) > 18
+                and f[0].isdigit()]
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def haproxy_pids(self) -> list[int]:
+        return [p for p in process_tree([self.proc.pid]) if p != self.proc.pid]
+
+
+def up_ports(rows: Iterable[list[str]]) -> list[int]:
+    """The ports of the servers that take traffic: up (op 2) and not in maintenance."""
+    return [int(f[18]) for f in rows if f[5] == "2" and int(f[6]) & 1 == 0 and f[18] != "0"]
+
+
+# --- one size ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeResult:
+    hosts: int
+    services: int
+    instances: int
+    figures: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class ScaleRun:
+    def __init__(self, hosts: int, work: Path) -> None:
+        self.n = hosts
+        self.work = work
+        self.services = [f"s{i:04d}" for i in range(hosts)]
+        self.probes = [f"probe{i}" for i in range(PROBES)]
+        self.nodes = [f"h{i:04d}" for i in range(hosts)]
+        self.result = SizeResult(hosts, hosts, hosts * PER_HOST)
+        self.f = self.result.figures
+        self.placement: dict[str, str] = {}  # container name -> node
+        self.procs: list[SimProcess] = []
+        self.by_node: dict[str, SimProcess] = {}
+        self.etcd = EtcdCluster(work / "etcd", 3)
+        for member in self.etcd.members:  # a busy 2-core machine: no elections for nothing
+            member.heartbeat_ms, member.election_ms = 100, 1000
+            member.extra_args += ["--quota-backend-bytes", str(8 * 1024**3)]
+        self.routers: list[Router] = []
+        self.catalog: RegistrarProcess | None = None
+        self.listeners: subprocess.Popen[bytes] | None = None
+        self.reader: EtcdReader | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def start(self) -> None:
+        say(f"{self.n} hosts: etcd, listeners, routers, catalog")
+        self.etcd.start()
+        endpoints = self.etcd.endpoints
+        self.reader = EtcdReader(self.etcd.urls[0])
+        labels = [f"{p}=v1" for p in LISTEN_V1] + [f"{p}=v2" for p in LISTEN_V2] + [
+            f"{LISTEN_PROBE + i}=probe{i}" for i in range(PROBES)]
+        self.listeners = subprocess.Popen([sys.executable, "-m", "bench.scale_listener",
+                                           *labels], stdout=subprocess.PIPE)
+        assert self.listeners.stdout is not None
+        self.listeners.stdout.readline()
+        for name, base in (("router-a", PORT_A), ("router-b", PORT_B)):
+            bind_file = self.work / f"{name}.binds"
+            bind_file.write_text("".join(
+                f"{s}=127.0.0.1:{base + i}\n" for i, s in enumerate(self.services + self.probes)))
+            self.routers.append(Router(name, self.work, endpoints, bind_file))
+        self.catalog_port = free_port()
+        self.catalog = RegistrarProcess(
+            ["catalog", "--etcd", endpoints, "--prefix", PREFIX, "--control-prefix", CONTROL,
+             "--listen", f"127.0.0.1:{self.catalog_port}", "--log-format", "json"],
+            log_dir=self.work / "logs-catalog")
+        for router in self.routers:
+            router.proc.wait_for_log("haproxy started", timeout=120)
+        urls = self.etcd.urls
+        for i in range(0, self.n, HOSTS_PER_PROCESS):
+            # each process's hosts talk to the members in their own order (spread like a fleet)
+            order = urls[len(self.procs) % 3:] + urls[:len(self.procs) % 3]
+            sim = SimProcess(",".join(order), self.work / f"hosts-{len(self.procs)}.log")
+            self.procs.append(sim)
+            for node in self.nodes[i:i + HOSTS_PER_PROCESS]:
+                self.by_node[node] = sim
+
+    def close(self) -> None:
+        for sim in self.procs:
+            sim.close()
+        for router in self.routers:
+            with contextlib.suppress(Exception):
+                router.proc.stop(30)
+            router.proc.kill()
+        if self.catalog is not None:
+            with contextlib.suppress(Exception):
+                self.catalog.stop(10)
+            self.catalog.kill()
+        if self.listeners is not None:
+            self.listeners.kill()
+            self.listeners.wait(10)
+        if self.reader is not None:
+            self.reader.close()
+        self.etcd.destroy()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def ask_all(self, op: str, timeout: float = 120.0, **fields: Any) -> list[dict[str, Any]]:
+        futures = [sim.send(op, **fields) for sim in self.procs]
+        return [f.result(timeout) for f in futures]
+
+    def start_containers(self, specs: Sequence[tuple[str, str, str, str, int]]
+                         ) -> dict[str, float]:
+        """(node, name, service, version, port) each: wall time of each `start` event."""
+        futures = {}
+        for node, name, service, version, port in specs:
+            self.placement[name] = node
+            futures[name] = self.by_node[node].send("start", node=node, name=name,
+                                                     service=service, version=version, port=port)
+        return {name: f.result(60)["t"] for name, f in futures.items()}
+
+    def stop_containers(self, names: Iterable[str]) -> None:
+        futures = [self.by_node[self.placement.pop(n)].send("stop", name=n) for n in names]
+        for f in futures:
+            f.result(60)
+
+    def acked(self, names: Sequence[str]) -> dict[str, float | None]:
+        got: dict[str, float | None] = {}
+        for sim in self.procs:
+            got.update(sim.ask("acked", names=list(names))["t"])
+        return got
+
+    def etcd_figures(self) -> dict[str, Any]:
+        """Requests by gRPC method summed over the members, the revision, the largest DB."""
+        requests: dict[str, int] = {}
+        revision, db, db_in_use = 0, 0, 0
+        for url in self.etcd.urls:
+            with contextlib.suppress(OSError):
+                for name, labels, value in scrape(f"{url}/metrics"):
+                    if name == "grpc_server_started_total":
+                        method = labels.get("grpc_method", "?")
+                        requests[method] = requests.get(method, 0) + int(value)
+                    elif name == "etcd_debugging_mvcc_current_revision":
+                        revision = max(revision, int(value))
+                    elif name == "etcd_mvcc_db_total_size_in_bytes":
+                        db = max(db, int(value))
+                    elif name == "etcd_mvcc_db_total_size_in_use_in_bytes":
+                        db_in_use = max(db_in_use, int(value))
+        return {"requests": requests, "revision": revision, "db": db, "db_in_use": db_in_use}
+
+    def placements(self, version: str, services: Sequence[str], shift: int = 0
+                   ) -> list[tuple[str, str, str, str, int]]:
+        """10 instances of each service on 10 different hosts (spread evenly)."""
+        step = max(1, self.n // PER_HOST)
+        ports = LISTEN_V1 if version == "v1" else LISTEN_V2
+        specs = []
+        for s in services:
+            index = self.services.index(s)
+            for k in range(PER_HOST):
+                node = self.nodes[(index + k * step + shift) % self.n]
+                specs.append((node, f"{s}-{version}-{k}", s, version, ports[k % len(ports)]))
+        return specs
+
+    def total_up(self, router: Router) -> int:
+        return len(up_ports(router.rows()))
+
+    def has_up(self, router: Router, count: int, service: str | None = None,
+               ports: Sequence[int] | None = None) -> bool:
+        """Whether `router` has at least `count` servers up (of `service`, on `ports`)."""
+        up = up_ports(router.rows(service))
+        return sum(1 for p in up if ports is None or p in ports) >= count
+
+    # -- the phases ----------------------------------------------------------------------------
+    def bring_up(self) -> None:
+        say(f"{self.n} hosts: agents starting")
+        started = time.monotonic()
+        futures = [self.by_node[self.nodes[i]].send("hosts", nodes=self.nodes[i:i + 25])
+                   for i in range(0, self.n, 25)]
+        ready = sum(f.result(600)["ready"] for f in futures)
+        self.f["agents_ready_s"] = time.monotonic() - started
+        say(f"{ready} agents with a lease in {self.f['agents_ready_s']:.1f} s; "
+            f"{self.n * PER_HOST} containers starting")
+        specs = self.placement_v1 = self.placements("v1", self.services)
+        t0 = time.time()
+        starts = self.start_containers(specs)
+        names = list(starts)
+        total = len(names)
+
+        def all_acked() -> bool:
+            return all(v is not None for v in self.acked(names).values())
+
+        wait_for("every key in etcd", all_acked, 600, every=0.5)
+        acked = self.acked(names)
+        self.f["bring_up_keys_s"] = max(v for v in acked.values() if v is not None) - t0
+        keys = len(self.reader.keys(PREFIX + "/")) if self.reader else 0
+        self.f["keys"] = keys
+        lasts = []
+        for router in self.routers:
+            wait_for(f"{router.name} serving all {total}",
+                     functools.partial(self.has_up, router, total), 600, every=0.5)
+            lasts.append(time.time() - t0)
+        self.f["bring_up_routers_s"] = max(lasts)
+        say(f"bring-up: keys {self.f['bring_up_keys_s']:.1f} s, routers serving "
+            f"{self.f['bring_up_routers_s']:.1f} s")
+
+    def at_rest(self, window: float) -> None:
+        say(f"at rest: settling, then {window:g} s measured")
+        time.sleep(10)
+        before = self.etcd_figures()
+        cpu0 = self._cpu()
+        t = time.monotonic()
+        time.sleep(window)
+        elapsed = time.monotonic() - t
+        after = self.etcd_figures()
+        cpu1 = self._cpu()
+        by_method = {m: (after["requests"].get(m, 0) - before["requests"].get(m, 0)) / elapsed
+                     for m in after["requests"]}
+        self.f["rest_requests_per_s"] = sum(by_method.values())
+        self.f["rest_by_method"] = {m: round(v, 1) for m, v in sorted(
+            by_method.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        self.f["rest_writes_per_s"] = (after["revision"] - before["revision"]) / elapsed
+        self.f["db_bytes"] = after["db"]
+        self.f["db_in_use_bytes"] = after["db_in_use"]
+        self.f["db_growth_per_hour"] = (after["db"] - before["db"]) / elapsed * 3600
+        self.f["cpu"] = {role: (cpu1[role] - cpu0[role]) / elapsed for role in cpu1}
+        self.f["rss_mib"] = self._rss()
+        report = self.reader.get(f"{CONTROL}/routers/router-a") if self.reader else None
+        self.f["report_bytes"] = len(report or "")
+        say(f"at rest: {self.f['rest_requests_per_s']:.0f} etcd requests/s "
+            f"({self.f['rest_by_method']}), {self.f['rest_writes_per_s']:.1f} writes/s, "
+            f"report {self.f['report_bytes']} B, cpu {self.f['cpu']}, rss {self.f['rss_mib']}")
+
+    def _roles(self) -> dict[str, list[int]]:
+        roles = {"routers": [p for r in self.routers for p in r.pids()],
+                 "haproxy": [p for r in self.routers for p in r.haproxy_pids()],
+                 "catalog": [self.catalog.pid] if self.catalog else [],
+                 "etcd": [m.pid for m in self.etcd.members if m.pid],
+                 "hosts": [s.proc.pid for s in self.procs]}
+        return roles
+
+    def _cpu(self) -> dict[str, float]:
+        return {role: cpu_seconds(pids) for role, pids in self._roles().items()}
+
+    def _rss(self) -> dict[str, float]:
+        roles = self._roles()
+        return {"router": max(rss_kib(p) for p in roles["routers"]) / 1024,
+                "haproxy": max(sum(rss_kib(p) for p in r.haproxy_pids())
+                               for r in self.routers) / 1024,
+                "catalog": rss_kib(roles["catalog"][0]) / 1024,
+                "hosts_per_process": max(rss_kib(p) for p in roles["hosts"]) / 1024}
+
+    def start_to_traffic(self) -> None:
+        """A new instance of a service no router served before, on some host; the time from
+        its `start` event to the first request through each router that it answered."""
+        say("start to traffic")
+        samples: list[float] = []
+        to_key: list[float] = []
+        for i, probe in enumerate(self.probes):
+            node = self.nodes[(i * 37) % self.n]
+            index = len(self.services) + i
+            got: dict[str, float] = {}
+            done = threading.Event()
+
+            def poll(router: str, port: int, got: dict[str, float] = got,
+                     done: threading.Event = done) -> None:
+                deadline = time.monotonic() + 20
+                while not done.is_set() and time.monotonic() < deadline:
+                    if _answers(port):
+                        got[router] = time.time()
+                        return
+                    time.sleep(0.001)
+
+            pollers = [threading.Thread(target=poll, args=(r.name, base + index))
+                       for r, base in zip(self.routers, (PORT_A, PORT_B), strict=True)]
+            for p in pollers:
+                p.start()
+            started = self.start_containers([(node, f"{probe}-v1-0", probe, "v1",
+                                              LISTEN_PROBE + i)])[f"{probe}-v1-0"]
+            for p in pollers:
+                p.join(25)
+            done.set()
+            acked = self.acked([f"{probe}-v1-0"]).get(f"{probe}-v1-0")
+            if acked is not None:
+                to_key.append(acked - started)
+            if len(got) == len(self.routers):
+                samples.append(max(got.values()) - started)
+            else:
+                self.result.notes.append(f"probe {probe} not served by both routers in 20 s")
+        self.f["start_to_traffic"] = samples
+        self.f["start_to_key"] = to_key
+        say(f"start to traffic: p50 {ms(median(samples))} ms p95 {ms(p95(samples))} ms "
+            f"(to the key: p50 {ms(median(to_key))} ms)")
+
+    def promotion(self) -> None:
+        """v2 of one service beside its v1; `registrar promote`; until every agent saw it and
+        both routers serve only v2."""
+        service = self.services[1]
+        say(f"one promotion ({service})")
+        specs = self.placements("v2", [service], shift=1)
+        names = [s[1] for s in specs]
+        self.start_containers(specs)
+        wait_for("v2 keys", lambda: all(v is not None for v in self.acked(names).values()), 60)
+        for router in self.routers:
+            wait_for(f"{router.name}: v1 and v2 serve",
+                     functools.partial(self.has_up, router, 2 * PER_HOST, service), 60, 0.1)
+        before = self.etcd_figures()
+        stop = threading.Event()
+        only_v2: dict[str, float] = {}
+
+        def watch(router: Router) -> None:
+            while not stop.is_set():
+                ports = up_ports(router.rows(service))
+                if ports and set(ports) <= set(LISTEN_V2):
+                    only_v2[router.name] = time.time()
+                    return
+                time.sleep(0.002)
+
+        watchers = [threading.Thread(target=watch, args=(r,)) for r in self.routers]
+        for w in watchers:
+            w.start()
+        t0 = time.time()
+        promote = RegistrarProcess(["promote", service, "v2", "--etcd", self.etcd.endpoints,
+                                    "--prefix", PREFIX, "--control-prefix", CONTROL],
+                                   log_dir=self.work / "logs-promote")
+        code = promote.wait(120)
+        self.f["promote_command_s"] = time.time() - t0
+        for w in watchers:
+            w.join(30)
+        stop.set()
+        meta = self.reader.get_meta(f"{CONTROL}/promoted/{service}") if self.reader else None
+        revision = meta[1].mod_revision if meta else 0
+        seen: dict[str, float | None] = {}
+        for sim in self.procs:
+            seen.update(sim.ask("seen", revision=revision)["t"])
+        times = [t for t in seen.values() if t is not None]
+        first = min(times) if times else t0
+        self.f["promote_exit"] = code
+        self.f["promote_agents_missing"] = sum(1 for t in seen.values() if t is None)
+        self.f["promote_agents_s"] = max(times) - first if times else None
+        self.f["promote_routers_s"] = (max(only_v2.values()) - first
+                                       if len(only_v2) == len(self.routers) else None)
+        after = self.etcd_figures()
+        self.f["promote_etcd_requests"] = sum(after["requests"].values()) - sum(
+            before["requests"].values())
+        self.f["promote_etcd_writes"] = after["revision"] - before["revision"]
+        say(f"promotion: command {self.f['promote_command_s']:.2f} s (exit {code}); every "
+            f"agent saw it {self.f['promote_agents_s']} s after the first; both routers only "
+            f"v2 {self.f['promote_routers_s']} s; etcd {self.f['promote_etcd_requests']} "
+            f"requests, {self.f['promote_etcd_writes']} writes")
+
+    def rolling_deploy(self) -> None:
+        """Up to DEPLOYED services v1 -> v2 at once, under client load through both routers:
+        start v2, promote each, stop v1."""
+        services = self.services[2:2 + min(DEPLOYED, self.n - 2)]
+        say(f"rolling deploy of {len(services)} services under load")
+        targets = [f"{s}=127.0.0.1:{base + self.services.index(s)}"
+                   for s in services for base in (PORT_A, PORT_B)]
+        with Load(self.work / "load-deploy.json", targets) as load:
+            time.sleep(3)
+            t0 = time.monotonic()
+            specs = self.placements("v2", services, shift=1)
+            names = [s[1] for s in specs]
+            self.start_containers(specs)
+            wait_for("v2 keys", lambda: all(v is not None for v in self.acked(names).values()),
+                     300, 0.5)
+            for router in self.routers:  # v2 takes traffic before v1 goes
+                wait_for(f"{router.name}: v2 serving", functools.partial(
+                    self.has_up, router, len(names), None, LISTEN_V2), 300, 0.5)
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(self._promote, services))
+            old = [s[1] for s in self.placements("v1", services)]
+            self.stop_containers(old)
+            for router in self.routers:
+                wait_for(f"{router.name}: v1 gone", functools.partial(
+                    self.v1_gone, router, services), 300, 0.5)
+            self.f["deploy_s"] = time.monotonic() - t0
+            time.sleep(2)
+        stats = load.stats
+        self.f["deploy_promote_failures"] = sum(1 for c in codes if c != 0)
+        self.f["deploy_requests"] = stats.sent if stats else 0
+        self.f["deploy_failed"] = stats.failed if stats else None
+        self.f["deploy_reasons"] = stats.reasons if stats else {}
+        say(f"rolling deploy: {self.f['deploy_s']:.1f} s, {self.f['deploy_failed']} of "
+            f"{self.f['deploy_requests']} requests failed {self.f['deploy_reasons']}")
+
+    def v1_gone(self, router: Router, services: Sequence[str]) -> bool:
+        names = {f"be_{s}" for s in services}
+        return not any(p in LISTEN_V1 for p in up_ports(f for f in router.rows()
+                                                          if f[1] in names))
+
+    def _promote(self, service: str) -> int:
+        proc = RegistrarProcess(["promote", service, "v2", "--etcd", self.etcd.endpoints,
+                                 "--prefix", PREFIX, "--control-prefix", CONTROL,
+                                 "--timeout", "120"], log_dir=self.work / "logs-promote")
+        return proc.wait(180)
+
+    def router_restart(self) -> None:
+        router = self.routers[0]
+        total = self.total_up(self.routers[1])
+        say(f"router restart at {total} servers")
+        t0 = time.monotonic()
+        router.restart()
+        wait_for(f"{router.name} serving {total} again",
+                 lambda: self.total_up(router) >= total, 600, 0.2)
+        self.f["router_restart_s"] = time.monotonic() - t0
+        self.f["router_restart_servers"] = total
+        say(f"router restart: serving everything again after {self.f['router_restart_s']:.1f} s")
+
+    def leader_kill(self) -> None:
+        """Under client load over a few services of both routers."""
+        say("etcd leader killed")
+        keys_before = len(self.reader.keys(PREFIX + "/")) if self.reader else 0
+        services = self.services[:20]
+        targets = [f"{s}=127.0.0.1:{base + self.services.index(s)}"
+                   for s in services for base in (PORT_A, PORT_B)]
+        with Load(self.work / "load-leader.json", targets) as load:
+            time.sleep(3)
+            leader = self.etcd.leader_index(30)
+            killed_at = time.time()
+            self.etcd.kill(leader)
+            after = killed_at + 0.001
+
+            def beats_back() -> bool:
+                for sim in self.procs:
+                    if any(t is None for t in sim.ask("beats", after=after)["t"].values()):
+                        return False
+                return True
+
+            wait_for("every agent's heartbeat", beats_back, 120, 0.5)
+            beats: dict[str, float | None] = {}
+            lost = 0
+            for sim in self.procs:
+                answer = sim.ask("beats", after=after)
+                beats.update(answer["t"])
+                lost += answer["lost"]
+            self.f["leader_heartbeats_back_s"] = max(
+                t for t in beats.values() if t is not None) - killed_at
+            self.f["leader_leases_lost"] = lost
+            time.sleep(5)
+        reader = EtcdReader(self.etcd.urls[(leader + 1) % 3])
+        keys_after = len(reader.keys(PREFIX + "/"))
+        reader.close()
+        self.f["leader_keys_lost"] = keys_before - keys_after
+        stats = load.stats
+        self.f["leader_requests"] = stats.sent if stats else 0
+        self.f["leader_failed"] = stats.failed if stats else None
+        self.etcd.start_member(leader)
+        say(f"leader kill: heartbeats back {self.f['leader_heartbeats_back_s']:.2f} s, keys "
+            f"lost {self.f['leader_keys_lost']}, leases lost {lost}, "
+            f"{self.f['leader_failed']} of {self.f['leader_requests']} requests failed")
+
+    def totals(self) -> None:
+        self.f["reloads"] = {r.name: r.reloads_before + r.metric(
+            "registrar_haproxy_reloads_total") for r in self.routers}
+        self.f["router_rss_mib_end"] = max(rss_kib(p) for r in self.routers
+                                           for p in r.pids()) / 1024
+        threads = fds = 0
+        for sim in self.procs:
+            st = sim.ask("stats")
+            threads += st["threads"]
+            fds += st["fds"]
+        self.f["sim_threads"] = threads
+        self.f["sim_fds"] = fds
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.0 200")
+    except OSError:
+        return False
+
+
+class Load:
+    """tests/cluster/load.py as a plain subprocess over the given frontends."""
+
+    def __init__(self, stats: Path, targets: Sequence[str]) -> None:
+        self.path = stats
+        args = [a for t in targets for a in ("--target", t)]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent.parent / "tests/cluster/load.py"), *args,
+             "--rate", str(LOAD_RATE), "--stats", str(stats), "--timeout", "5"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.stats: LoadStats | None = None
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        with contextlib.suppress(OSError, ValueError):
+            self.stats = LoadStats(json.loads(self.path.read_text()))
+
+
+def run_size(hosts: int, quick: bool, keep: bool = False) -> SizeResult:
+    work = Path(tempfile.mkdtemp(prefix=f"scale-{hosts}-"))
+    run = ScaleRun(hosts, work)
+    try:
+        run.start()
+        run.bring_up()
+        run.at_rest(10 if quick else 30)
+        run.start_to_traffic()
+        run.promotion()
+        run.rolling_deploy()
+        run.router_restart()
+        run.leader_kill()
+        run.totals()
+    except (TimeoutError, RuntimeError, AssertionError) as exc:
+        run.result.notes.append(f"stopped: {exc}")
+        say(f"{hosts} hosts: stopped: {exc} (logs in {work})")
+        keep = True
+    finally:
+        run.close()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return run.result
+
+
+def section(results: Sequence[SizeResult]) -> str:
+    lines = [HEADING, "", json.dumps([r.__dict__ for r in results], default=str, indent=1)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.scale_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, short windows")
+    p.add_argument("--sizes", default=None, help="comma-separated host counts")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep each size's work directory")
+    args = p.parse_args(argv)
+    raise_open_files()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        QUICK_SIZES if args.quick else SIZES)
+    results = [run_size(n, args.quick, args.keep) for n in sizes]
+    block = section(results)
+    print(block)
+    if args.out is not None:
+        args.out.write_text(block)
+    elif not args.quick and not args.sizes:
+        RESULTS.write_text(add_section(RESULTS.read_text(), HEADING, block))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -85,8 +85,8 @@ def test_anything_else_stops_it_naming_the_gate(gate: Gate, status: int) -> None
 def test_no_answer_in_time_stops_it(gate: Gate) -> None:
     gate.delay = 2.0
     started = time.monotonic()
-    assert ask_gate(gate.url, PAYLOAD, never, timeout=0.5) == (
-        f"gate {gate.url} did not answer within 0.5s")
+    assert ask_gate(gate.url, PAYLOAD, never, timeout=0.2) == (
+        f"gate {gate.url} did not answer within 0.2s")
     assert time.monotonic() - started < 1.0
 
 
@@ -99,7 +99,7 @@ def test_no_server_stops_it() -> None:
 def test_a_signal_while_waiting_returns_at_once(gate: Gate) -> None:
     gate.delay = 2.0
     told = threading.Event()
-    threading.Timer(0.3, told.set).start()
+    threading.Timer(0.1, told.set).start()
     started = time.monotonic()
     assert ask_gate(gate.url, PAYLOAD, told.wait) == INTERRUPTED
     assert time.monotonic() - started < 1.0

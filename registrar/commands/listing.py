@@ -65,11 +65,11 @@ def render_promotions(
     out: TextIO,
 ) -> None:
     """After the table: `SERVICE PROMOTED SINCE`, a row a promoted service, and its standby."""
-    base = Layout("/", control_prefix).promoted + "/"
+    base = Layout("/", control_prefix).promoted
     table = [("SERVICE", "PROMOTED", "SINCE")]
     for key in sorted(promoted):
-        name = key[len(base):]
-        if service is not None and name != service:
+        name = child_name(base, key)  # what agents take for a promotion, and nothing else
+        if name is None or (service is not None and name != service):
             continue
         value = json_object(promoted[key].value)
         if value is None:

@@ -60,6 +60,11 @@ class RetryClock:
         self._clock = clock
         self.at: float | None = None
 
+    @property
+    def failures(self) -> int:
+        """Failures in a row so far."""
+        return self._backoff.attempts
+
     def failed(self, maximum: float | None = None) -> float:
         delay = self._backoff.next(maximum)
         self.at = self._clock() + delay

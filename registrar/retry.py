@@ -1,8 +1,8 @@
 """The one retry policy: exponential backoff with full jitter, one poll, interruptible waits.
 
-- `Backoff`: the delays (a random wait up to min(max, 0.1 s * 2^attempt)), for loops that keep
-  their own clock (HAProxy's restarts); `RetryClock`: when such a loop tries again (the lease
-  keeper's steps, the router's reloads).
+- `Backoff`: the delays (a random wait up to min(max, 0.1 s * 2^attempt)).
+- `RetryClock`: when a loop that keeps its own clock tries again (the lease keeper's steps,
+  the router's reloads, HAProxy's restarts).
 - `retry_forever`: calls a function until it succeeds or `stop` is set (the long-running loops).
 - `retry_within`: the same within a deadline, for one-shot commands (`ls`, `promote`, `maint`).
 - `poll_until`: waits for a condition, checked every `interval`.

@@ -23,42 +23,63 @@ class KeeperView:
     stopping: bool = False
 
 
-@dataclass(frozen=True)
-class Stop:
-    pass
+class _Step:
+    """One answer of `next_step`: equal to another of the same kind with the same fields.
+    Plain classes, not dataclasses: a sidecar imports this at start, and each dataclass costs
+    it the compiling of its methods."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._fields() == self._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self._fields()))})"
 
 
-@dataclass(frozen=True)
-class Wait:
-    until: float | None  # None: until told (a change, a lost lease, a stop)
+class Stop(_Step):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Forget:
+class Wait(_Step):
+    __slots__ = ("until",)
+
+    def __init__(self, until: float | None) -> None:
+        self.until = until  # None: until told (a change, a lost lease, a stop)
+
+
+class Forget(_Step):
     """The heartbeat lost `lease`: when it is the one in use, its keys went with it."""
 
-    lease: int
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: int) -> None:
+        self.lease = lease
 
 
-@dataclass(frozen=True)
-class Idle:
+class Idle(_Step):
     """Told something before the first full picture of what runs: nothing may be written yet
     (a restarted agent must not delete its node's keys before it knows what runs)."""
 
-
-@dataclass(frozen=True)
-class Grant:
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Read:
-    pass
+class Grant(_Step):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Write:
-    pass
+class Read(_Step):
+    __slots__ = ()
+
+
+class Write(_Step):
+    __slots__ = ()
 
 
 Step = Stop | Wait | Forget | Idle | Grant | Read | Write

@@ -7,7 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import canary_bench, checks_bench, cluster_bench, drain_bench, haproxy_bench
+from bench import (
+    canary_bench,
+    checks_bench,
+    cluster_bench,
+    drain_bench,
+    haproxy_bench,
+    scale_bench,
+)
 from bench.report import add_section, section_of, write_section
 
 __all__ = ["PARTS", "Part", "add_section", "section_of", "write_section"]
@@ -33,4 +40,8 @@ PARTS = (
     Part("cluster", cluster_bench.HEADING,
          "18 hosts x 70 services x 2, two routers (bench/cluster_bench.py; needs root)",
          lambda quick: cluster_bench.section(cluster_bench.run(quick))),
+    Part("scale", scale_bench.HEADING,
+         "100, 300 and 1,000 simulated hosts x 10 instances, a 3-member etcd, two routers "
+         "and a catalog (bench/scale_bench.py)",
+         lambda quick: scale_bench.section(scale_bench.run(quick))),
 )

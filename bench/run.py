@@ -15,7 +15,8 @@ Phases, each subject on its own private etcd so that revisions and request count
    start to every key visible, and the etcd requests it took;
 5. the parts of bench/parts.py, each its own section: routing (bench/haproxy_bench.py), health
    checks (bench/checks_bench.py), canary (bench/canary_bench.py), the seed's cluster
-   (bench/cluster_bench.py). `--only NAME` runs one phase or part.
+   (bench/cluster_bench.py), past the seed (bench/scale_bench.py: 100 to 1,000 simulated
+   hosts). `--only NAME` runs one phase or part.
 Every container is named `rgbench-<run>-...` and removed by that name at the end.
 """
 

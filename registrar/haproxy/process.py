@@ -350,12 +350,13 @@ class HAProxyMaster:
         """`show servers state [BACKEND]` of the current worker."""
         return self._ask("@1 show servers state" + (f" {backend}" if backend else ""))
 
-    def stat(self, worker: int | None = None) -> str:
+    def stat(self, worker: int | None = None, backend: str | None = None) -> str:
         """`show stat` of one worker (by pid; None: the current one), its servers only (type
-        4). Asking a worker by pid ties the counters to the worker `show proc` named, so a
-        reload between the two questions cannot mix two workers' counters."""
+        4), of every backend or of one. Asking a worker by pid ties the counters to the worker
+        `show proc` named, so a reload between the two questions cannot mix two workers'
+        counters."""
         target = f"@!{worker}" if worker is not None else "@1"
-        return self._ask(f"{target} show stat -1 4 -1")
+        return self._ask(f"{target} show stat {backend or -1} 4 -1")
 
     def info(self, worker: int) -> str:
         """`show info` of one worker (by pid)."""

@@ -50,6 +50,7 @@ from registrar.haproxy.process import (
     install_config,
 )
 from registrar.haproxy.runtime import (
+    COUNTERS,
     OPEN_SESSIONS,
     Action,
     Live,
@@ -371,7 +372,7 @@ class Router:
         self._revision = 0  # the revision of the state being applied now
         self._installed_revision = 0  # ... of the config file installed last
         self.serving: frozenset[Holder] = frozenset()  # the instances in rotation
-        self._removed = False  # the change being applied took an instance out of rotation
+        self._removed: set[str] = set()  # backends the change being applied took servers from
         self.holders: dict[Slot, Holder] = {}  # current worker: slot -> instance it served
         self.old_holders: dict[int, dict[Slot, Holder]] = {}  # a reload's old workers' slots
         self._current_open: dict[Slot, int] = {}  # current worker's scur, as last read
@@ -469,8 +470,8 @@ class Router:
             self.applied = max(self.applied, self._revision)
         self.in_step = True
         if self._removed:
-            self._removed = False
-            self.poll_traffic()
+            removed, self._removed = self._removed, set()
+            self.poll_traffic(backends=removed)
             self._refresh_in_flight()
             self.report_now()
 
@@ -546,8 +547,8 @@ class Router:
         assert self.haproxy is not None and self.live is not None
         before = live_model({s: lb for s, lb in self.live.items()
                              if changed is None or s in changed})
-        if self._reassigns(plan):
-            self.poll_traffic()  # what the slots served so far goes to who served it
+        if self._reassigns(plan):  # what the slots served so far goes to who served it
+            self.poll_traffic(backends={backend for backend, _slot in plan.touched()})
         if not self._run_plan(plan):
             return False
         self._describe("runtime API", before,
@@ -560,9 +561,11 @@ class Router:
 
     def _reassigns(self, plan: RuntimePlan) -> bool:
         assert self.live is not None
-        owners, after = self._owners(), self._owners_of(plan.live)  # once each, not per slot
+        touched = plan.touched()
+        backends = {backend for backend, _slot in touched}
+        owners, after = self._owners(backends), self._owners_of(plan.live, backends)
         return any(after.get(slot) != owners.get(slot)
-                   for slot in plan.touched() if slot in owners)
+                   for slot in touched if slot in owners)
 
     def _run_plan(self, plan: RuntimePlan) -> bool:
         assert self.haproxy is not None
@@ -652,7 +655,8 @@ class Router:
         for b in backends:
             self.metrics.backend_servers.labels(service=b.service).set(len(b.servers))
         serving = frozenset((b.service, s.instance) for b in backends for s in b.servers)
-        self._removed |= bool(self.serving - serving)
+        gone = {service for service, _instance in self.serving - serving}
+        self._removed |= {b.backend for b in backends if b.service in gone}
         self.serving = serving
 
     def _describe(self, how: str, before: Model | None, backends: Sequence[Backend],
@@ -675,11 +679,13 @@ class Router:
 
     # --- what HAProxy does meanwhile -----------------------------------------------------
 
-    def _owners(self) -> dict[Slot, Owner]:
-        return self._owners_of(self.live)
+    def _owners(self, backends: Collection[str] | None = None) -> dict[Slot, Owner]:
+        return self._owners_of(self.live, backends)
 
-    def _owners_of(self, live: Live | None) -> dict[Slot, Owner]:
-        """Which service and version each slot serves (for counting its traffic)."""
+    def _owners_of(self, live: Live | None, backends: Collection[str] | None = None
+                   ) -> dict[Slot, Owner]:
+        """Which service and version each slot serves (for counting its traffic), of every
+        backend or of `backends` (HAProxy's names)."""
         owners: dict[Slot, Owner] = {}
         for b in self.backends:  # a canary's --header backends: what testers get is counted
             if b.header is not None:
@@ -689,6 +695,8 @@ class Router:
                             b.service, member.version or UNVERSIONED)
         if live is not None:
             for service, lb in live.items():
+                if backends is not None and lb.backend not in backends:
+                    continue
                 for slot, server in lb.slots.items():
                     if server is not None:
                         owners[(lb.backend, slot)] = (service, server.version or UNVERSIONED)
@@ -762,26 +770,39 @@ class Router:
         if fell(before, now):
             self.report_now()
 
-    def poll_traffic(self, worker: int | None = None) -> None:
-        """Reads `show stat` (of `worker`; None: the one we know runs, else the current one)
-        and adds what each slot served since the last reading."""
+    def poll_traffic(self, worker: int | None = None,
+                     backends: Collection[str] | None = None) -> None:
+        """Reads `show stat` (of `worker`; None: the one we know runs, else the current one),
+        of every backend or of a few (`backends`, HAProxy's names: those a change touches, so
+        that a change among a thousand backends does not read them all), and adds what each
+        slot served since the last reading."""
         if self.haproxy is None or not self.haproxy.running():
             return
         if worker is None and self._workers:
             worker = self._workers[0]
+        few = backends is not None and len(backends) <= FEW_BACKENDS
         try:
-            text = self.haproxy.stat(worker)
+            texts = ([self.haproxy.stat(worker, b) for b in sorted(backends or ())] if few
+                     else [self.haproxy.stat(worker)])
         except HAProxyError as exc:
             log.debug("show stat failed: %s", exc)
             return
-        counters = parse_stat(text)
+        counters: dict[Slot, dict[str, int]] = {}
+        for text in texts:
+            counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS)))
         if not counters:  # a worker that has gone meanwhile answers nothing
             return
         if not self._workers or worker == self._workers[0]:
-            self._current_open = {slot: v["scur"]
-                                  for slot, v in parse_stat(text, OPEN_SESSIONS).items()}
+            current = {slot: v.pop("scur") for slot, v in counters.items()}
+            if few:
+                self._current_open.update(current)
+            else:
+                self._current_open = current
+        else:
+            for v in counters.values():
+                v.pop("scur")
         with self.traffic_lock:
-            added = self.traffic.observe(counters, self._owners())
+            added = self.traffic.observe(counters, self._owners(backends if few else None))
         self._count(added)
 
     def _count(self, added: Mapping[Owner, Mapping[str, int]]) -> None:

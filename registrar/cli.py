@@ -6,6 +6,10 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from registrar.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -13,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = parse_settings(args, os.environ, socket.gethostname())
+        settings = read_files(parse_settings(args, os.environ, socket.gethostname()))
     except SettingsError as exc:
         print(f"registrar: error: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +65,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def read_files(settings: Settings) -> Settings:
+    """The files the flags name, read now by the adapters that use them (SettingsError naming
+    the flag): the TLS files and the template checked, --bind-file's binds added. Nothing is
+    imported when no flag names a file (the sidecar's start)."""
+    if not settings.files:
+        return settings
+    import dataclasses
+
+    from registrar.adapters.etcd_store import check_tls_files
+    from registrar.adapters.files import lines, readable
+    from registrar.settings import NO_BIND, SettingsError, parse_bind
+
+    check_tls_files(settings.etcd)
+    hp = settings.haproxy
+    if hp is not None:
+        readable("--template", hp.template)
+        if hp.bind_file is not None:
+            path = hp.bind_file
+            more = [parse_bind(f"--bind-file {path} line {number}", text)
+                    for number, text in lines("--bind-file", path)]
+            if not hp.binds and not more:
+                raise SettingsError(NO_BIND)
+            settings = dataclasses.replace(
+                settings, haproxy=dataclasses.replace(hp, binds=hp.binds + tuple(more)))
+    catalog = settings.catalog
+    if catalog is not None and catalog.cert is not None and catalog.key is not None:
+        from registrar.catalog.server import check_tls_files as check_catalog
+
+        check_catalog(catalog.cert, catalog.key)
+    return settings
 
 
 def entry() -> None:

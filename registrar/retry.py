@@ -1,7 +1,8 @@
 """The one retry policy: exponential backoff with full jitter, one poll, interruptible waits.
 
-- `Backoff`: the delays (a random wait up to min(max, 0.1 s * 2^attempt)), for loops that keep
-  their own clock (the keeper's writes, the router's reloads, HAProxy's restarts).
+- `Backoff`: the delays (a random wait up to min(max, 0.1 s * 2^attempt)).
+- `RetryClock`: when a loop that keeps its own clock tries again (the lease keeper's steps,
+  the router's reloads, HAProxy's restarts).
 - `retry_forever`: calls a function until it succeeds or `stop` is set (the long-running loops).
 - `retry_within`: the same within a deadline, for one-shot commands (`ls`, `promote`, `maint`).
 - `poll_until`: waits for a condition, checked every `interval`.
@@ -37,14 +38,53 @@ class Backoff:
         self._rng = rng
         self.attempts = 0
 
-    def next(self) -> float:
-        """The wait before the next attempt (and counts this failure)."""
-        ceiling = min(self.maximum, self.initial * 2 ** min(self.attempts, 20))
+    def next(self, maximum: float | None = None) -> float:
+        """The wait before the next attempt (and counts this failure); `maximum`: a ceiling
+        for this one (a refused request is tried again sooner than an unreachable etcd)."""
+        top = self.maximum if maximum is None else min(maximum, self.maximum)
+        ceiling = min(top, self.initial * 2 ** min(self.attempts, 20))
         self.attempts += 1
         return float(max(self.initial / 10, ceiling * self._rng()))
 
     def reset(self) -> None:
         self.attempts = 0
+
+
+class RetryClock:
+    """For a loop that keeps its own clock: after a failure, the next attempt is due a
+    `Backoff` delay later (`at`); after a success, at once (`at` None)."""
+
+    def __init__(self, backoff: Backoff | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._backoff = backoff or Backoff()
+        self._clock = clock
+        self.at: float | None = None
+
+    @property
+    def failures(self) -> int:
+        """Failures in a row so far."""
+        return self._backoff.attempts
+
+    def failed(self, maximum: float | None = None) -> float:
+        delay = self._backoff.next(maximum)
+        self.at = self._clock() + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.reset()
+        self.cancel()
+
+    def reset(self) -> None:
+        """The failures in a row start again from 0 (the next delay is the shortest)."""
+        self._backoff.reset()
+
+    def cancel(self) -> None:
+        """No attempt pending (the failures in a row still count)."""
+        self.at = None
+
+    def after(self, seconds: float) -> None:
+        """Not before `seconds` from now, whatever the backoff (a bug's fixed pause)."""
+        self.at = self._clock() + seconds
 
 
 def _log_attempt(log: logging.Logger, what: str, attempt: int, delay: float,
@@ -105,12 +145,13 @@ def retry_within(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     quiet: bool = True,
+    backoff: Backoff | None = None,
 ) -> T:
     """`fn()`, with `errors` retried with backoff until `timeout` seconds have passed; then
     GaveUp (carrying the last error). A timeout of 0 tries once. `quiet`: the retries are
     logged at debug level only (a one-shot command prints one line: the last)."""
     started = clock()
-    policy = Backoff()
+    policy = backoff or Backoff()
     while True:
         try:
             return fn()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from registrar.core.drain import Report, reports, still_waiting, unversioned
 from registrar.core.layout import Layout
 from registrar.core.store import Store
+from registrar.retry import poll_until
 
 POLL = 0.05  # between two reads of the reports: small beside a router's 0.5 s to report
 
@@ -70,12 +71,15 @@ def wait_for_routers(
     With no router saying what it applied, nothing confirms the removal: `done` only when
     `vacuous` (the commands: no router, nothing to wait for; an agent's drain waits instead)."""
     started = time.monotonic()
-    while True:
+    last: list[Waited] = []
+
+    def look() -> bool:
         found = read()
         waiting = still_waiting(found, revision, instances)
         versioned = any(r.applied is not None for r in found)
-        waited = Waited((versioned or vacuous) and not waiting, time.monotonic() - started,
-                        waiting, unversioned(found), [r.node for r in found])
-        if waited.done or time.monotonic() >= deadline or stopped():
-            return waited
-        time.sleep(max(0.0, min(POLL, deadline - time.monotonic())))
+        last[:] = [Waited((versioned or vacuous) and not waiting, time.monotonic() - started,
+                          waiting, unversioned(found), [r.node for r in found])]
+        return last[0].done or stopped()
+
+    poll_until(look, max(0.0, deadline - started), interval=POLL)
+    return last[0]

@@ -18,6 +18,7 @@ came once it is woken, with the function `install_stop_signals` returns.
 
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import threading
@@ -69,3 +70,22 @@ def start_thread(thread: threading.Thread) -> None:
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+# --- the agent's shutdown budget: one owner ------------------------------------------------
+
+SHUTDOWN_BUDGET = 5.0  # from the signal to the lease revoked (or given up on)
+LAST_REQUEST_RESERVE = 2.0  # of the time left, kept for the last request (the lease's revoke)
+
+
+class StopReason(enum.Enum):
+    """Why an agent or a sidecar stops: the two end differently (only a signal drains)."""
+
+    SIGNAL = "signal"  # SIGTERM or SIGINT
+    CONTAINER_GONE = "container gone"  # a sidecar's container stopped, died or was removed
+
+
+def stop_threads_by(deadline: float, now: float) -> float:
+    """When the threads must have stopped (a step in flight may take its request's timeout)
+    for the last request to keep its reserve before `deadline`."""
+    return deadline - min(LAST_REQUEST_RESERVE, (deadline - now) / 2)

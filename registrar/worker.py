@@ -17,9 +17,11 @@ from registrar.shutdown import start_thread
 
 
 class Worker:
-    def __init__(self, name: str, on_internal_error: Callable[[str], None] | None = None
-                 ) -> None:
+    def __init__(self, name: str, on_internal_error: Callable[[str], None] | None = None,
+                 target: Callable[[], None] | None = None) -> None:
+        """`target`: what the thread runs, for a worker that is not a subclass (else `run`)."""
         self.name = name
+        self._target = target
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.health = LoopHealth(name, self.alive, on_internal_error)
@@ -33,7 +35,9 @@ class Worker:
         start_thread(self._thread)
 
     def run(self) -> None:
-        raise NotImplementedError
+        if self._target is None:
+            raise NotImplementedError
+        self._target()
 
     def wake(self) -> None:
         """Makes a waiting `run()` look at `stopping` now (a subclass's own wait)."""

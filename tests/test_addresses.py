@@ -84,8 +84,10 @@ def test_a_bad_address_rejects_the_container(labels: dict[str, str],
 def test_the_network_flag_and_its_environment() -> None:
     from registrar.settings import SettingsError, parse_settings
 
-    assert parse_settings(["watch", "--network", "ov"], {}, "n").network == "ov"
-    assert parse_settings(["register", "web-1"], {"REGISTRAR_NETWORK": "ov"}, "n").network == "ov"
-    assert parse_settings(["ls"], {"REGISTRAR_NETWORK": "ov"}, "n").network is None
+    watch = parse_settings(["watch", "--network", "ov"], {}, "n").agent
+    assert watch is not None and watch.network == "ov"
+    sidecar = parse_settings(["register", "web-1"], {"REGISTRAR_NETWORK": "ov"}, "n").agent
+    assert sidecar is not None and sidecar.network == "ov"
+    assert parse_settings(["ls"], {"REGISTRAR_NETWORK": "ov"}, "n").agent is None  # no network
     with pytest.raises(SettingsError, match=r"^--network"):
         parse_settings(["watch", "--network", "a/b"], {}, "n")

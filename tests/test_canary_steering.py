@@ -95,22 +95,33 @@ def test_nothing_to_do_says_so() -> None:
                                          " to do\n")
 
 
-def test_a_request_nobody_acknowledges_is_withdrawn_and_fails() -> None:
+def test_a_request_nobody_acknowledges_is_withdrawn_and_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from registrar.commands import steer as steer_module
+
+    monkeypatch.setattr(steer_module, "ACK_WITHIN", 0.4)  # 2 s in earnest
     store = Store({WEIGHTS: weights()})
     store.put(OWNER, "{}", store.grant(3))
     started = time.monotonic()
-    with pytest.raises(FatalError, match="did not acknowledge --pause within 2s"):
+    with pytest.raises(FatalError, match=r"did not acknowledge --pause within 0\.4s"):
         steer(store, "pause")
-    assert 2.0 <= time.monotonic() - started < 3.5
+    assert 0.4 <= time.monotonic() - started < 1.9
     assert f"{CTL}/canary/web/request" not in store.kv
 
 
 @pytest.fixture
-def canary() -> Iterator[tuple[Store, Callable[[], int]]]:
+def canary(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Store, Callable[[], int]]]:
+    from registrar.commands import canary as canary_module
+
+    # requests looked at every 0.1 s and signals every 0.05 s (0.5 s and 0.2 s in earnest)
+    monkeypatch.setattr(canary_module, "STEER_EVERY", 0.1)
+    monkeypatch.setattr(canary_module, "SLICE", 0.05)
     store = Store()
     out = io.StringIO()
     command = CanaryCommand(cast(EtcdStore, store),
-                            settings("v2", "--canary", "10", "--interval", "1", "--timeout", "60",
+                            settings("v2", "--canary", "10", "--interval", "0.3",
+                                     "--timeout", "60",
                                      "--min-requests", "1000"), out)
 
     def run() -> int:
@@ -149,7 +160,7 @@ def test_pause_resume_abort_are_acknowledged_by_the_running_canary(
         wait_for(lambda: WEIGHTS in store.kv)
         said.append(steer(store, "pause"))
         assert json.loads(store.kv[WEIGHTS].value).get("paused") is True
-        time.sleep(1.5)  # past the 1 s interval: held, not judged, no deadline
+        time.sleep(0.5)  # past the 0.3 s interval: held, not judged, no deadline
         said.append(steer(store, "resume"))
         assert "paused" not in json.loads(store.kv[WEIGHTS].value)
         said.append(steer(store, "abort"))

@@ -107,18 +107,24 @@ def test_a_blocking_query_answers_at_the_next_revision(served: Served) -> None:
         assert served.get("/v1/catalog?" + bad)[0] == 400
 
 
-def test_stale_while_etcd_is_away_and_a_waiting_query_hears_of_it(served: Served) -> None:
+def test_stale_while_etcd_is_away_and_a_waiting_query_hears_of_it(
+    served: Served, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from registrar.catalog import state as state_module
+
+    monkeypatch.setattr(state_module, "STALE_WAIT", 0.4)  # 1 s in earnest
+
     def down_later() -> None:
-        time.sleep(0.3)
+        time.sleep(0.2)
         served.state.etcd_up(False)
 
     threading.Thread(target=down_later).start()
     answer = served.json("/v1/catalog?index=10&wait=5")
     assert answer["stale"] is True and answer["stale_seconds"] >= 0
     assert answer["services"]["web"]["instances"]  # the last catalog, still served
-    started = time.monotonic()  # already stale when it begins: it waits a second at most
+    started = time.monotonic()  # already stale when it begins: it waits STALE_WAIT at most
     assert served.json("/v1/catalog?index=10&wait=5")["stale"] is True
-    assert 0.9 < time.monotonic() - started < 2.0
+    assert 0.35 < time.monotonic() - started < 1.4
     served.state.etcd_up(True)
     assert served.json("/v1/catalog")["stale"] is False
 

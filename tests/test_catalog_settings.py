@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from registrar.cli import main
+from registrar.cli import main, read_files
 from registrar.settings import CatalogSettings, SettingsError, parse_settings
 
 
 def parse(*argv: str, **env: str) -> CatalogSettings:
-    settings = parse_settings(["catalog", *argv], env, "core-01")
+    """The settings, and the files they name read (the catalog's TLS files)."""
+    settings = read_files(parse_settings(["catalog", *argv], env, "core-01"))
     assert settings.command == "catalog" and settings.catalog is not None
     return settings.catalog
 
 
 def error(*argv: str, **env: str) -> str:
     with pytest.raises(SettingsError) as info:
-        parse_settings(["catalog", *argv], env, "core-01")
+        read_files(parse_settings(["catalog", *argv], env, "core-01"))
     return str(info.value)
 
 

@@ -100,6 +100,16 @@ def checker(changes: Changes, metrics: Metrics) -> Iterator[Checker]:
     assert not checker.alive()
 
 
+@pytest.fixture
+def fast(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Checks every 0.1 s, below the 0.2 s a label may ask for: the tests that count many
+    results take half as long, and each check keeps its 0.1 s timeout."""
+    from registrar.core import checks
+
+    monkeypatch.setattr(checks, "MIN_INTERVAL", 0.1)
+    return 0.1
+
+
 def status(checker: Checker, key: str) -> CheckStatus:
     found = checker.status(key)
     assert found is not None, f"no target {key}"
@@ -299,11 +309,13 @@ def test_a_port_number_out_of_range_fails(checker: Checker) -> None:
 
 
 def test_no_socket_to_check_with_is_no_result(
-    checker: Checker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    checker: Checker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fast: float,
 ) -> None:
     """Out of file descriptors is registrar's trouble: the port is not taken out for it."""
+    spec = CheckSpec("tcp", None, interval=fast, timeout=0.1, rise=1, fall=1)
     with listener() as sock:
-        checker.set_targets("a", {"k": Target(LOCAL, sock.getsockname()[1], TCP)})
+        checker.set_targets("a", {"k": Target(LOCAL, sock.getsockname()[1], spec)})
         wait_until(lambda: checker.passing("k"))
         attempts = []
 
@@ -326,9 +338,9 @@ def test_no_socket_to_check_with_is_no_result(
 
 
 def test_http_rise_and_fall_counts(
-    checker: Checker, changes: Changes, caplog: pytest.LogCaptureFixture
+    checker: Checker, changes: Changes, caplog: pytest.LogCaptureFixture, fast: float
 ) -> None:
-    spec = CheckSpec("http", "/health?deep=1", interval=0.2, timeout=0.1, rise=2, fall=2)
+    spec = CheckSpec("http", "/health?deep=1", interval=fast, timeout=0.1, rise=2, fall=2)
     caplog.set_level(logging.INFO, logger="registrar.agent.checker")
     with http_server() as server:
         # P P F P F F F P P: in after the 2nd result, out after the 6th, in after the 9th
@@ -350,9 +362,9 @@ def test_http_rise_and_fall_counts(
 
 
 def test_http_passing_then_failing_then_passing(
-    checker: Checker, changes: Changes, metrics: Metrics
+    checker: Checker, changes: Changes, metrics: Metrics, fast: float
 ) -> None:
-    spec = CheckSpec("http", "/", interval=0.2, timeout=0.1, rise=1, fall=2)
+    spec = CheckSpec("http", "/", interval=fast, timeout=0.1, rise=1, fall=2)
     with http_server() as server:
         checker.set_targets("a", {"k": Target(LOCAL, server.port, spec)})
         changes.wait("a", 1)
@@ -434,12 +446,13 @@ def test_many_ports_one_thread(checker: Checker, changes: Changes) -> None:
 
 
 def test_forget_stops_the_checks_at_once(
-    checker: Checker, changes: Changes, metrics: Metrics
+    checker: Checker, changes: Changes, metrics: Metrics, fast: float
 ) -> None:
+    tcp = CheckSpec("tcp", None, interval=fast, timeout=0.1, rise=1, fall=1)
     with acceptor() as server, listener() as other:
-        checker.set_targets("a", {"k": Target(LOCAL, server.port, TCP)})
+        checker.set_targets("a", {"k": Target(LOCAL, server.port, tcp)})
         server.wait(lambda: server.accepted >= 2)
-        checker.set_targets("b", {"s": Target(LOCAL, closed_port(), TCP)})
+        checker.set_targets("b", {"s": Target(LOCAL, closed_port(), tcp)})
         wait_until(lambda: results(checker, "s") >= 1)
         assert sample(metrics, "registrar_failing_checks") == 1
         checker.forget("a")
@@ -448,7 +461,7 @@ def test_forget_stops_the_checks_at_once(
         with server.cond:
             at_forget = server.accepted
         # a sentinel with the same interval: after 3 of its checks, "a" would have had 2
-        checker.set_targets("c", {"c": Target(LOCAL, other.getsockname()[1], TCP)})
+        checker.set_targets("c", {"c": Target(LOCAL, other.getsockname()[1], tcp)})
         wait_until(lambda: results(checker, "c") >= 3)
         with server.cond:
             assert server.accepted <= at_forget + 1  # at most one connect was under way
@@ -458,9 +471,9 @@ def test_forget_stops_the_checks_at_once(
 
 
 def test_set_targets_keeps_the_state_of_unchanged_targets(
-    checker: Checker, changes: Changes
+    checker: Checker, changes: Changes, fast: float
 ) -> None:
-    spec = CheckSpec("tcp", None, interval=0.2, timeout=0.1, rise=3, fall=1)
+    spec = CheckSpec("tcp", None, interval=fast, timeout=0.1, rise=3, fall=1)
     with listener() as one, listener() as two:
         port1, port2 = one.getsockname()[1], two.getsockname()[1]
         checker.set_targets("a", {"k1": Target(LOCAL, port1, spec)})
@@ -468,7 +481,7 @@ def test_set_targets_keeps_the_state_of_unchanged_targets(
         before = results(checker, "k1")
         assert before >= 3
         # a resync: equal targets (new objects) and one more: k1 stays in rotation
-        checker.set_targets("a", {"k1": Target(LOCAL, port1, CheckSpec("tcp", None, 0.2, 0.1,
+        checker.set_targets("a", {"k1": Target(LOCAL, port1, CheckSpec("tcp", None, fast, 0.1,
                                                                          3, 1)),
                                   "k2": Target(LOCAL, port2, spec)})
         assert checker.passing("k1") and results(checker, "k1") >= before
@@ -477,7 +490,7 @@ def test_set_targets_keeps_the_state_of_unchanged_targets(
         assert checker.passing("k2") and checker.passing("k1")
         # a changed spec starts over; a key left out is dropped
         checker.set_targets("a", {"k1": Target(LOCAL, port1, spec), "k2": Target(
-            LOCAL, port2, CheckSpec("tcp", None, 0.25, 0.1, 3, 1))})
+            LOCAL, port2, CheckSpec("tcp", None, fast + 0.05, 0.1, 3, 1))})
         assert checker.passing("k1") and not checker.passing("k2")
         restarted = checker.status("k2")  # its first check may have run already
         assert restarted is not None and not restarted.in_rotation and restarted.results < 3

@@ -15,7 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "registrar"
 
 PURE = sorted(
-    [*PACKAGE.glob("core/*.py"), PACKAGE / "settings.py", PACKAGE / "haproxy" / "config.py",
+    [*PACKAGE.glob("core/*.py"), PACKAGE / "settings.py", PACKAGE / "flags.py",
+     PACKAGE / "haproxy" / "config.py",
      *PACKAGE.glob("haproxy/runtime.py")]
 )
 FORBIDDEN = (
@@ -51,7 +52,8 @@ def test_pure_modules_import_no_io(path: Path) -> None:
 
 def test_the_contract_sees_the_core() -> None:
     names = {str(p.relative_to(PACKAGE)) for p in PURE}
-    assert {"core/naming.py", "core/planner.py", "settings.py", "haproxy/config.py"} <= names
+    assert {"core/naming.py", "core/planner.py", "settings.py", "flags.py",
+            "haproxy/config.py"} <= names
     assert forbidden("pyetcd.client") and forbidden("registrar.adapters.etcd_store")
     assert not forbidden("registrar.core.naming")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -95,3 +96,24 @@ def test_one_shot_retries_transient_errors_and_stops_at_a_lasting_one() -> None:
     assert refused.calls == 1
     with pytest.raises(FatalError, match="gave up after 1 attempt"):
         OneShot(FakeEtcd(), timeout=0)(Flaky(5, EtcdUnavailable("down")))
+
+
+def test_a_haproxy_that_fails_to_start_is_started_again_after_the_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HAProxyMaster.supervise through its RetryClock: no start before the delay, one after."""
+    from registrar.haproxy import process
+
+    master = process.HAProxyMaster("haproxy", "/nonexistent.cfg", "/nonexistent.sock")
+    starts: list[float] = []
+
+    def fail() -> None:
+        starts.append(time.monotonic())
+        raise process.HAProxyError("did not start")
+
+    monkeypatch.setattr(master, "running", lambda: False)
+    monkeypatch.setattr(master, "start", fail)
+    assert master.supervise(time.monotonic()) is False and len(starts) == 1
+    assert master.supervise(time.monotonic()) is False and len(starts) == 1  # backing off
+    assert "did not start" in (master.problem() or "")
+    assert master.supervise(time.monotonic() + 60) is False and len(starts) == 2

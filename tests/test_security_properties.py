@@ -350,7 +350,7 @@ def test_a_deeply_nested_value_is_just_not_json(where: str) -> None:
     elif where == "promotions":
         assert parse_promotions(stored, LAYOUT) == {}
     else:
-        assert _instances(stored, f"{PREFIX}/web") == {}
+        assert _instances(stored, PREFIX, "web") == {}
 
 
 control_text = st.text(alphabet=st.characters(categories=["Cc"]), min_size=1, max_size=3)

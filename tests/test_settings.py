@@ -12,8 +12,15 @@ from typing import Any
 import pytest
 
 from registrar import __version__
-from registrar.cli import main
-from registrar.settings import EtcdEndpoint, Settings, SettingsError, parse_settings
+from registrar.cli import main, read_files
+from registrar.settings import (
+    AgentSettings,
+    EtcdEndpoint,
+    ListSettings,
+    Settings,
+    SettingsError,
+    parse_settings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -27,12 +34,23 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def parse(*argv: str, **env: str) -> Settings:
-    return parse_settings(list(argv), env, socket.gethostname())
+    """The settings, and the files they name read (the TLS files, the template), as `main`."""
+    return read_files(parse_settings(list(argv), env, socket.gethostname()))
+
+
+def agent(s: Settings) -> AgentSettings:
+    assert s.agent is not None
+    return s.agent
+
+
+def listing(s: Settings) -> ListSettings:
+    assert s.ls is not None
+    return s.ls
 
 
 def error(*argv: str, **env: str) -> str:
     with pytest.raises(SettingsError) as info:
-        parse_settings(list(argv), env, socket.gethostname())
+        read_files(parse_settings(list(argv), env, socket.gethostname()))
     return str(info.value)
 
 
@@ -66,26 +84,26 @@ def test_watch_defaults() -> None:
     assert s.metrics_addr is not None  # the host agent serves /metrics by default
     assert s.drain == 0
     assert s.resync == 30
-    assert s.explicit is False
+    assert agent(s).explicit is False
     assert (s.log_format, s.log_level) == ("text", "info")
 
 
 def test_register_defaults_metrics_off() -> None:
     s = parse("register", "web-1")
     assert s.command == "register"
-    assert s.container == "web-1"
+    assert agent(s).container == "web-1"
     assert s.metrics_addr is None  # sidecars share the host network: no fixed port
-    assert s.wait == 60
+    assert agent(s).wait == 60
     s = parse("register", "web-1", "--metrics-addr", "127.0.0.1:9500", "--wait", "5")
     assert s.metrics_addr == ("127.0.0.1", 9500)
-    assert s.wait == 5
+    assert agent(s).wait == 5
 
 
 def test_ls_service_and_json() -> None:
     s = parse("ls")
-    assert s.service is None and s.json is False
+    assert listing(s).service is None and listing(s).json is False
     s = parse("ls", "web", "--json")
-    assert s.service == "web" and s.json is True
+    assert listing(s).service == "web" and listing(s).json is True
 
 
 # --- precedence: flag > REGISTRAR_* > default ----------------------------------------------
@@ -131,10 +149,10 @@ def test_precedence(
 
 
 def test_explicit_flag_env_default() -> None:
-    assert parse("watch", "--explicit", REGISTRAR_EXPLICIT="false").explicit is True
-    assert parse("watch", REGISTRAR_EXPLICIT="yes").explicit is True
-    assert parse("watch", REGISTRAR_EXPLICIT="0").explicit is False
-    assert parse("watch").explicit is False
+    assert agent(parse("watch", "--explicit", REGISTRAR_EXPLICIT="false")).explicit is True
+    assert agent(parse("watch", REGISTRAR_EXPLICIT="yes")).explicit is True
+    assert agent(parse("watch", REGISTRAR_EXPLICIT="0")).explicit is False
+    assert agent(parse("watch")).explicit is False
     assert "--explicit" in error("watch", REGISTRAR_EXPLICIT="maybe")
 
 
@@ -416,8 +434,8 @@ def test_an_empty_value_counts_as_not_given() -> None:
 
 def test_environment_of_another_command_is_not_validated() -> None:
     env = {"REGISTRAR_WAIT": "soon", "REGISTRAR_JSON": "maybe", "REGISTRAR_EXPLICIT": "kind of"}
-    assert parse_settings(["watch"], {**env, "REGISTRAR_EXPLICIT": "1"}).explicit
-    assert parse_settings(["ls"], {**env, "REGISTRAR_JSON": "yes"}).json
+    assert agent(parse_settings(["watch"], {**env, "REGISTRAR_EXPLICIT": "1"})).explicit
+    assert listing(parse_settings(["ls"], {**env, "REGISTRAR_JSON": "yes"})).json
     with pytest.raises(SettingsError, match="--wait"):
         parse_settings(["register", "c1"], env)
 

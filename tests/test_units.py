@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 
 from registrar import __version__
-from registrar.agent.command import SHUTDOWN_BUDGET
 from registrar.settings import parse_settings
+from registrar.shutdown import SHUTDOWN_BUDGET
 from tests.helpers import healthz, value_of
 from tests.support.docker_env import BUSYBOX_IMAGE, ContainerFactory, docker
 from tests.support.etcd import EtcdServer
@@ -367,7 +367,7 @@ def test_unit_commands_use_only_flags_registrar_accepts(variant: str, path: Path
         assert not any(a.startswith("--host-ip") for a in args)
         assert {"REGISTRAR_HOST_IP", "COREOS_PRIVATE_IPV4"} <= set(passed)
     if command == "register":
-        assert settings.container == "web-1"
+        assert settings.agent is not None and settings.agent.container == "web-1"
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from registrar.core.names import host_port
+
 if TYPE_CHECKING:
     import ssl
 
@@ -50,8 +52,7 @@ class Address:
     def host_header(self) -> str:
         if self.path:
             return "localhost"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def __str__(self) -> str:
         if self.path:

@@ -64,9 +64,8 @@ from registrar.core.checks import (
     in_rotation,
 )
 from registrar.core.naming import Registration
-from registrar.health import LoopHealth
 from registrar.metrics import Metrics
-from registrar.shutdown import start_thread
+from registrar.worker import Worker
 
 __all__ = ["CheckStatus", "Checker", "Target", "targets_of"]
 
@@ -144,17 +143,17 @@ def _reason(code: int) -> str:
     return _REASONS.get(code) or os.strerror(code).lower()
 
 
-class Checker:
+class Checker(Worker):
     def __init__(self, on_change: Callable[[str], None], metrics: Metrics | None = None) -> None:
-        self._on_change = on_change
         self._metrics = metrics
+        super().__init__("checker", self._count_error)
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._ports: dict[str, _Port] = {}  # key -> port
         self._by_container: dict[str, dict[str, _Port]] = {}
         self._heap: list[tuple[float, int, _Port]] = []
         self._seq = itertools.count()
         self._dropped = False  # a port was forgotten or replaced: close its probe, if any
-        self._stopping = False
         self._probes: dict[int, _Probe] = {}  # fd -> probe; the thread's alone
         self._shortage = False  # out of sockets: said once, until one opens again
         self._selector = selectors.DefaultSelector()
@@ -162,9 +161,8 @@ class Checker:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._thread: threading.Thread | None = None
         self._may_start = False  # start() was called: the thread starts with the first port
-        self.health = LoopHealth("checker", self.alive, self._count_error)
+        self._started = False  # its thread was started (it is started once)
 
     # --- the interface ------------------------------------------------------------------
 
@@ -229,25 +227,19 @@ class Checker:
 
     def _start_thread(self) -> None:
         with self._lock:
-            if self._thread is not None or not self._may_start or self._stopping:
+            if self._started or not self._may_start or self.stopping:
                 return
-            self._thread = threading.Thread(target=self._run, name="checker", daemon=True)
-        start_thread(self._thread)
+            self._started = True
+        super().start()
 
-    def request_stop(self) -> None:
+    def wake(self) -> None:
         with self._lock:
-            self._stopping = True
             self._wake()
-
-    def join(self, deadline: float) -> None:
-        """Waits for the thread until `deadline` (time.monotonic())."""
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
         """Running, or started and not needed yet (no port to check so far)."""
         if self._thread is None:
-            return self._may_start and not self._stopping
+            return self._may_start and not self.stopping
         return self._thread.is_alive()
 
     def _count_error(self, loop: str) -> None:
@@ -275,7 +267,7 @@ class Checker:
 
     # --- the thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             while True:
                 try:
@@ -293,7 +285,7 @@ class Checker:
         """One round: reap, time out, start what is due, wait for sockets. False: stop."""
         now = time.monotonic()
         with self._lock:
-            if self._stopping:
+            if self.stopping:
                 return False
             if self._dropped:
                 self._dropped = False
@@ -497,7 +489,7 @@ class Checker:
         for probe in list(self._probes.values()):
             self._close_probe(probe)
         with self._lock:
-            self._stopping = True
+            self._stopping.set()  # ended: never started again
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()

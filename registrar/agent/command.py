@@ -30,14 +30,17 @@ from registrar.health import health_problem
 from registrar.hostip import primary_ipv4
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
-from registrar.retry import POLL_INTERVAL
+from registrar.retry import POLL_INTERVAL, poll_until
 from registrar.router_wait import read_reports, removal_revision, wait_for_routers
 from registrar.settings import Settings
-from registrar.shutdown import install_stop_signals, wait_for_stop
+from registrar.shutdown import (
+    SHUTDOWN_BUDGET,
+    StopReason,
+    install_stop_signals,
+    wait_for_stop,
+)
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN_BUDGET = 5.0  # from the signal to the lease revoked (or given up on)
 
 
 def wait_for_container(
@@ -46,25 +49,27 @@ def wait_for_container(
     """Container `name` once it runs (None: stopped while waiting); FatalError when it did not
     run within `wait`."""
     deadline = time.monotonic() + wait
-    announced = False
-    state = "does not exist"
-    while not stop.is_set():
+    seen = {"state": "does not exist", "announced": False}  # why not yet, as last seen
+
+    def running() -> ContainerInfo | None:
         try:
             info = docker.inspect(name)
         except DockerUnavailable as exc:
-            info, state = None, f"docker unreachable ({exc})"
+            info, seen["state"] = None, f"docker unreachable ({exc})"
         if info is not None and info.running:
             return info
         if info is not None:
-            state = "exists but is not running"
-        if time.monotonic() >= deadline:
-            raise FatalError(f"container {name!r} {state} after waiting {wait:g}s (--wait)")
-        if not announced:
-            log.info("waiting up to %gs for container %s (%s)", wait, name, state,
+            seen["state"] = "exists but is not running"
+        if not seen["announced"] and time.monotonic() < deadline:
+            log.info("waiting up to %gs for container %s (%s)", wait, name, seen["state"],
                      extra={"event": "wait", "container": name})
-            announced = True
-        stop.wait(POLL_INTERVAL)
-    return None
+            seen["announced"] = True
+        return None
+
+    found = poll_until(running, wait, interval=POLL_INTERVAL, stop=stop)
+    if found is not None or stop.is_set():
+        return found
+    raise FatalError(f"container {name!r} {seen['state']} after waiting {wait:g}s (--wait)")
 
 
 def run(settings: Settings) -> int:
@@ -76,12 +81,14 @@ def run(settings: Settings) -> int:
     store = EtcdStore(settings.etcd, metrics, log_health=True)
     docker = DockerSource(settings.docker_url)
     sidecar = settings.command == "register"
+    agent = settings.agent
+    assert agent is not None
 
     container_id = None
     ownership = Ownership(settings.node)
     if sidecar:
-        assert settings.container is not None
-        found = wait_for_container(docker, settings.container, settings.wait, stop)
+        assert agent.container is not None
+        found = wait_for_container(docker, agent.container, agent.wait, stop)
         if found is None:
             say_signal()
             return 0  # SIGTERM while waiting: nothing was registered
@@ -97,9 +104,9 @@ def run(settings: Settings) -> int:
         node=settings.node,
         host_ip=settings.host_ip,
         default_ip=primary_ipv4(),
-        explicit=settings.explicit,
+        explicit=agent.explicit,
         sidecar=sidecar,
-        network=settings.network,
+        network=agent.network,
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
@@ -119,7 +126,9 @@ def run(settings: Settings) -> int:
 
     wait_for_stop(stop)
     say_signal()
-    _shutdown(settings, signalled=not (sidecar and watcher.finished_reason),
+    reason = (StopReason.CONTAINER_GONE if sidecar and watcher.finished_reason
+              else StopReason.SIGNAL)
+    _shutdown(settings, reason,
               watcher=watcher, follower=follower, keeper=keeper, store=store)
     if server is not None:
         server.stop()
@@ -134,15 +143,16 @@ def _announce(settings: Settings, sidecar: bool) -> None:
         "registrar %s: node %s, prefix %s, etcd %s, ttl %ds%s",
         settings.command, settings.node, settings.prefix,
         ",".join(str(ep) for ep in settings.etcd.endpoints), settings.ttl,
-        f", container {settings.container}" if sidecar else "",
+        f", container {settings.agent.container}" if sidecar and settings.agent else "",
         extra={"event": "start"},
     )
 
 
-def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
+def _shutdown(settings: Settings, reason: StopReason, *, watcher: ContainerWatcher,
               follower: PrefixFollower, keeper: LeaseKeeper, store: Store) -> None:
     """Stop intake, deregister (revoke the lease), drain: all but the drain within one
-    deadline."""
+    deadline (`registrar.shutdown` owns the budget and its split). Only a signal drains: a
+    sidecar whose container is gone has nothing left in flight to wait for."""
     deadline = time.monotonic() + SHUTDOWN_BUDGET
     watcher.request_stop()
     follower.request_stop()
@@ -153,7 +163,7 @@ def _shutdown(settings: Settings, *, signalled: bool, watcher: ContainerWatcher,
     revoked = keeper.shutdown(deadline)
     watcher.join(deadline)
     follower.join(deadline)
-    if settings.drain and signalled:
+    if settings.drain and reason is StopReason.SIGNAL:
         _drain(settings, store, keeper, seen if revoked else None)
 
 

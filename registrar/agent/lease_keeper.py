@@ -1,8 +1,10 @@
 """LeaseKeeper: owns one lease and every key bound to it.
 
-Callers say what should be registered (per container); the keeper's thread gathers the inputs
-(what should run, what etcd holds, what `{control_prefix}/` says), asks the pure decision
-(`core.reconcile.plan`) what to write, applies it, and records what etcd acknowledged. The
+Callers say what should be registered (per container); the keeper's thread asks the pure
+`core.keeper.next_step` what to do next (wait, forget a lost lease, grant, read, write: one
+request each, retried through `retry.RetryClock`), gathers the inputs (what should run, what
+etcd holds, what `{control_prefix}/` says), asks the pure decision (`core.reconcile.plan`)
+what to write, applies it, and records what etcd acknowledged. The
 lease is kept alive by a `Heartbeat` on its own thread and clock; when it is lost (expired
 during a partition) the keeper grants a new one and puts every key again.
 
@@ -28,6 +30,17 @@ from collections.abc import Iterable, Mapping
 
 from registrar.core.control import Control, describe_changes, parse_control
 from registrar.core.drain import DRAIN_TTL, Run
+from registrar.core.keeper import (
+    Forget,
+    Grant,
+    Idle,
+    KeeperView,
+    Read,
+    Stop,
+    Wait,
+    Write,
+    next_step,
+)
 from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
 from registrar.core.planner import Changes
@@ -40,17 +53,17 @@ from registrar.core.reconcile import (
     split_deletes,
 )
 from registrar.core.store import EtcdError, EtcdRefused, KeyEvent, LeaseNotFound, Store, StoredKey
-from registrar.health import LoopHealth
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
-from registrar.retry import Backoff
-from registrar.shutdown import start_thread
+from registrar.retry import Backoff, GaveUp, RetryClock, retry_within
+from registrar.shutdown import LAST_REQUEST_RESERVE, stop_threads_by
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
 REFUSED_MAX_BACKOFF = 2.0  # a refused write is tried again at least this often
-REVOKE_RESERVE = 2.0  # of the shutdown's deadline, kept for revoking the lease
+AFTER_A_BUG = 1.0  # seconds before a step that raised something unexpected is tried again
 _MESSAGES = {
     Happened.REGISTER: "registered %s %s",
     Happened.REGISTER_STANDBY: "registered %s %s on standby (held out of rotation)",
@@ -81,7 +94,7 @@ class _Inputs:
         return {run.name: run for run in self.runs.values()}
 
 
-class LeaseKeeper:
+class LeaseKeeper(Worker):
     def __init__(
         self,
         store: Store,
@@ -94,6 +107,8 @@ class LeaseKeeper:
     ) -> None:
         """`ownership` says which keys are this keeper's to reconcile; heartbeats every
         `heartbeat_interval` (default TTL/3)."""
+        super().__init__("lease keeper",
+                         lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         self._store = store
         self._ttl = ttl
         self._layout = layout
@@ -101,11 +116,8 @@ class LeaseKeeper:
         self._metrics = metrics
         self._cond = threading.Condition()
         self._inputs = _Inputs()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._retry = RetryClock()
         self.heartbeat = Heartbeat(store, heartbeat_interval or ttl / 3, metrics, self._lost)
-        self.health = LoopHealth("lease keeper", self.alive,
-                                 lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         # Only the keeper's thread touches these (and shutdown, after joining it).
         self._lease: int | None = None
         self._lost_lease: int | None = None  # set by the heartbeat's thread (under _cond)
@@ -246,42 +258,37 @@ class LeaseKeeper:
         return self._control
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-        start_thread(self._thread)
+        super().start()
         self.heartbeat.start()
 
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def shutdown(self, deadline: float) -> bool:
         """Stops both threads and revokes the lease (every key at once), giving up at
-        `deadline` (time.monotonic()). False when etcd could not be told."""
-        self._stopping.set()
-        with self._cond:
-            self._cond.notify_all()
+        `deadline` (time.monotonic()), whose split is `registrar.shutdown`'s. False when etcd
+        could not be told."""
+        self.request_stop()
         self.heartbeat.request_stop()  # both told at once, each joined within the deadline
         # what a step in flight may take (its request's timeout), leaving time to revoke
-        joined_by = deadline - min(REVOKE_RESERVE, (deadline - time.monotonic()) / 2)
+        joined_by = stop_threads_by(deadline, time.monotonic())
         self.heartbeat.join(joined_by)
-        if self._thread is not None:
-            self._thread.join(max(0.0, joined_by - time.monotonic()))
+        self.join(joined_by)
         lease, count = self._lease, len(instance_keys(self._held, self._layout))
         if lease is None:
             return True
         self._hand_over_drains(deadline)
-        backoff = Backoff(maximum=0.5)
-        while True:
-            try:
-                self._store.revoke(lease, timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except EtcdError as exc:
-                wait = backoff.next()
-                if time.monotonic() + wait >= deadline:
-                    log.warning("could not revoke lease %x: %s; its %d keys expire within %ds",
-                                lease, exc, count, self._ttl,
-                                extra={"event": "revoke_failed"})
-                    return False
-                time.sleep(wait)
+        try:
+            retry_within(
+                lambda: self._store.revoke(lease, timeout=max(0.1, deadline - time.monotonic())),
+                what=f"revoking lease {lease:x}", errors=(EtcdError,),
+                timeout=max(0.0, deadline - time.monotonic()), log=log,
+                backoff=Backoff(maximum=0.5))
+        except GaveUp as exc:
+            log.warning("could not revoke lease %x: %s; its %d keys expire within %ds",
+                        lease, exc.last, count, self._ttl, extra={"event": "revoke_failed"})
+            return False
         self.revoked = instance_keys(self._held, self._layout)
         self._metrics.deregistrations.inc(count)
         self._metrics.registered.set(0)
@@ -298,7 +305,7 @@ class LeaseKeeper:
         minute. Best effort within the deadline: without it the instances come back at the
         next start instead of staying out."""
         entries = {k: v.value for k, v in self._held.items() if self._layout.parse_drain(k)}
-        if not entries or deadline - time.monotonic() < REVOKE_RESERVE:
+        if not entries or deadline - time.monotonic() < LAST_REQUEST_RESERVE:
             return
         try:
             lease = self._store.grant(DRAIN_TTL)
@@ -330,61 +337,62 @@ class LeaseKeeper:
                 self._etcd_back = True
                 self._cond.notify_all()
 
-    def _wait_for_work(self, retry_at: float | None) -> None:
-        """Until something changed (and any backoff is over, or etcd is back) or the lease
-        was lost."""
-        with self._cond:
-            while not self._stopping.is_set():
+    def _view(self) -> KeeperView:
+        """(under the lock) what the next step depends on."""
+        return KeeperView(lease=self._lease, lost_lease=self._lost_lease,
+                          ready=self._inputs.ready, dirty=self._inputs.dirty,
+                          reread=self._inputs.reread, retry_at=self._retry.at,
+                          etcd_back=self._etcd_back, stopping=self.stopping)
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
                 self.health.progressed()
                 now = time.monotonic()
-                due = retry_at is None or now >= retry_at or self._etcd_back
-                if self._lost_lease is not None or (self._inputs.dirty and due):
-                    self._etcd_back = False
+                step = next_step(self._view(), now)
+                if isinstance(step, Stop):
                     return
-                timeout = 1.0 if retry_at is None else min(1.0, max(0.0, retry_at - now))
-                self._cond.wait(timeout)
-
-    def _run(self) -> None:
-        retry_at: float | None = None
-        backoff = Backoff()
-        while not self._stopping.is_set():
-            self._wait_for_work(retry_at)
-            if self._stopping.is_set():
-                return
+                if isinstance(step, Wait):
+                    self._cond.wait(1.0 if step.until is None
+                                    else min(1.0, max(0.0, step.until - now)))
+                    continue
+                self._etcd_back = False
+                if isinstance(step, Forget):
+                    if step.lease == self._lease:
+                        self._drop_lease()
+                        self._inputs.dirty = True  # every key put again under a new lease
+                    self._lost_lease = None
+                    continue
+                if isinstance(step, Idle):
+                    self._inputs.dirty = False
             try:
-                self._step()
+                if isinstance(step, Grant):
+                    self._grant()
+                elif isinstance(step, Read):
+                    self._read()
+                elif isinstance(step, Write):
+                    self._write()
             except EtcdRefused as exc:
-                backoff.maximum = REFUSED_MAX_BACKOFF
-                retry_at = time.monotonic() + backoff.next()
+                self._retry.failed(REFUSED_MAX_BACKOFF)
                 self._writes_refused(exc)
             except EtcdError:
-                backoff.maximum = Backoff().maximum
-                retry_at = time.monotonic() + backoff.next()
+                self._retry.failed()
             except Exception:  # a bug: it must show, and must not stop the keeper
                 log.exception("lease keeper step failed")
                 self.health.internal_error()
-                retry_at = time.monotonic() + 1.0
+                self._retry.after(AFTER_A_BUG)
             else:
-                backoff.reset()
-                retry_at = None
+                self._retry.succeeded()
                 self.health.succeeded()
             finally:
                 self.steps += 1
 
-    def _take(self) -> tuple[dict[str, str], dict[str, float], bool, Ownership,
-                             dict[str, Run]] | None:
-        """The inputs of one write (None before the first full picture of what runs)."""
+    def _take(self) -> tuple[dict[str, str], dict[str, float], Ownership, dict[str, Run]]:
+        """The inputs of one write."""
         with self._cond:
-            if self._lost_lease is not None:
-                if self._lost_lease == self._lease:
-                    self._drop_lease()
-                self._lost_lease = None
-            if not self._inputs.ready:
-                self._inputs.dirty = False
-                return None
-            taken = (self._inputs.flat(), self._inputs.since, self._inputs.reread,
-                     self._ownership, self._inputs.runs_by_name())
-            self._inputs.since, self._inputs.dirty, self._inputs.reread = {}, False, False
+            taken = (self._inputs.flat(), self._inputs.since, self._ownership,
+                     self._inputs.runs_by_name())
+            self._inputs.since, self._inputs.dirty = {}, False
             return taken
 
     def _give_back(self, since: dict[str, float], reread: bool) -> None:
@@ -393,18 +401,12 @@ class LeaseKeeper:
             self._inputs.reread = self._inputs.reread or reread
             self._inputs.dirty = True
 
-    def _step(self) -> None:
-        taken = self._take()
-        if taken is None:
-            return
-        desired, since, reread, ownership, runs = taken
+    def _write(self) -> None:
+        """Plans the writes from what runs, what etcd holds and the control state, and makes
+        them: one request."""
+        desired, since, ownership, runs = self._take()
+        assert self._lease is not None
         try:
-            if self._lease is None:
-                self._grant()
-                reread = True
-            if reread:
-                self._read(ownership, desired)
-            assert self._lease is not None
             decided = plan(desired, self._held, self._control, self._layout, ownership,
                            self._lease, self._known, runs)
             if decided.changes:
@@ -413,13 +415,14 @@ class LeaseKeeper:
             self._give_back(since, True)
             log.warning("lease %x lost (%s)", self._lease or 0, exc,
                         extra={"event": "lease_lost"})
-            self._drop_lease()
-            return  # dirty again: the next step grants a new lease and puts every key
+            with self._cond:
+                self._drop_lease()
+            return  # dirty again: the next steps grant a new lease and put every key
         except EtcdError:
             self._give_back(since, True)  # whatever changed meanwhile is read before writing
             raise
         except BaseException:
-            self._give_back(since, reread)
+            self._give_back(since, False)
             raise
         self._account(decided, since)
         if self._refused is not None:
@@ -431,8 +434,12 @@ class LeaseKeeper:
                 self.synced.set()
 
     def _grant(self) -> None:
+        """A new lease; what etcd holds is read again before the first write under it."""
         regrant = self._grants > 0
-        self._lease = self._store.grant(self._ttl)
+        lease = self._store.grant(self._ttl)
+        with self._cond:
+            self._lease = lease
+            self._inputs.reread = True
         self._grants += 1
         self.heartbeat.follow(self._lease)
         if regrant:
@@ -453,11 +460,23 @@ class LeaseKeeper:
         self._metrics.registered.set(0)
         self._metrics.standby.set(0)
 
-    def _read(self, ownership: Ownership, desired: Mapping[str, str]) -> None:
+    def _read(self) -> None:
         """This node's keys (in rotation and on standby) and the control entries, from etcd in
-        one request. The first read takes every key under the prefix and standby, to find
-        what a run before this one left (its keys of services no container runs any more);
-        later ones only this node's keys of the services it holds or wants."""
+        one request (`_read_keys`)."""
+        with self._cond:
+            self._inputs.reread = False  # a change from now on is read again
+            ownership, desired = self._ownership, self._inputs.flat()
+        try:
+            self._read_keys(ownership, desired)
+        except BaseException:
+            with self._cond:
+                self._inputs.reread = True
+            raise
+
+    def _read_keys(self, ownership: Ownership, desired: Mapping[str, str]) -> None:
+        """The first read takes every key under the prefix and standby, to find what a run
+        before this one left (its keys of services no container runs any more); later ones
+        only this node's keys of the services it holds or wants."""
         layout = self._layout
         rules = [rule + "/" for rule in layout.rules]
         if self._read_all:

@@ -26,10 +26,9 @@ from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrat
 from registrar.core.planner import json_object
 from registrar.core.replay import ReplayFilter, event_time_nano
 from registrar.core.source import ContainerSource, DockerUnavailable
-from registrar.health import LoopHealth
 from registrar.metrics import Metrics
 from registrar.retry import INITIAL_BACKOFF, retry_forever
-from registrar.shutdown import start_thread
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,10 @@ def event_label(action: str, attributes: dict[str, Any] | None = None) -> str:
     return f"health_status:{status.strip()}" if status.strip() else "health_status"
 
 
-class ContainerWatcher:
+class ContainerWatcher(Worker):
+    """Two threads: the reader (Docker's events into a queue) and this worker's own, the one
+    consumer of the queue (the event loop)."""
+
     def __init__(
         self,
         docker: ContainerSource,
@@ -96,6 +98,8 @@ class ContainerWatcher:
         `checker` runs registrar's own checks (`registrar.check` labels) on a thread of its
         own: a checked port is registered only while its check holds; a change comes back
         to the one consumer as a `_Recheck`."""
+        super().__init__("event loop",
+                         lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         self._docker = docker
         self.checker = Checker(self.recheck, metrics)
         self._keeper = keeper
@@ -104,56 +108,50 @@ class ContainerWatcher:
         self._resync = resync
         self._only = only
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._stop = threading.Event()
         self._tracked: dict[str, _Tracked] = {}
         self._sidecars: frozenset[str] = frozenset()
         self._replay = ReplayFilter()
-        self._threads: list[threading.Thread] = []
+        self._reader = Worker("docker-events", target=self._read)
         self._docker_ok: bool | None = None
         self.finished = finished if finished is not None else threading.Event()
         self.finished_reason: str | None = None
-        self.health = LoopHealth("event loop", self.alive,
-                                 lambda loop: metrics.internal_errors.labels(loop=loop).inc())
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         self.checker.start()
-        for target, name in ((self._read, "docker-events"), (self._consume, "event-consumer")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            start_thread(thread)
-            self._threads.append(thread)
+        self._reader.start()
+        super().start()
 
     def recheck(self, container_id: str) -> None:
         """From the checker's thread: a check result changed a port's rotation."""
         self._queue.put(_Recheck(container_id))
 
-    def request_stop(self) -> None:
+    def wake(self) -> None:
         """Stops taking events: ends the stream; both threads end (see `join`)."""
-        self._stop.set()
         self._docker.close_events()
         self.checker.request_stop()
         self._queue.put(None)
 
     def join(self, deadline: float) -> None:
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._reader.join(deadline)
+        super().join(deadline)
         self.checker.join(deadline)
 
     def alive(self) -> bool:
-        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+        return self._reader.alive() and super().alive()
 
     # --- reader thread ------------------------------------------------------------------
 
     def _read(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping:
             try:
                 retry_forever(self._read_once, what="docker events", errors=(DockerUnavailable,),
-                              stop=self._stop, log=log, on_failure=self._docker_failed)
+                              stop=self._stopping, log=log, on_failure=self._docker_failed)
             except DockerUnavailable:
                 return  # stopping
             # A stream that was open has ended: reconnect with a fresh backoff.
-            self._stop.wait(INITIAL_BACKOFF)
+            self.wait(INITIAL_BACKOFF)
 
     def _read_once(self) -> None:
         filters = {"container": self._only} if self._only else None
@@ -167,7 +165,7 @@ class ContainerWatcher:
         self._queue.put(_StreamOpened())
         for event in events:
             self._queue.put(event)
-        if not self._stop.is_set():
+        if not self.stopping:
             self._queue.put(_StreamLost("the events stream ended"))
 
     def _docker_failed(self, error: BaseException) -> None:
@@ -175,9 +173,9 @@ class ContainerWatcher:
 
     # --- consumer thread ----------------------------------------------------------------
 
-    def _consume(self) -> None:
+    def run(self) -> None:  # the consumer
         next_resync = time.monotonic() + self._resync if self._resync else None
-        while not self._stop.is_set():
+        while not self.stopping:
             timeout = QUEUE_POLL
             if next_resync is not None:
                 timeout = max(0.0, min(timeout, next_resync - time.monotonic()))
@@ -186,7 +184,7 @@ class ContainerWatcher:
             except queue.Empty:
                 item = None
             self.health.progressed()
-            if self._stop.is_set():
+            if self.stopping:
                 return
             try:
                 self._handle(item)

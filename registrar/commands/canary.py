@@ -62,6 +62,7 @@ from registrar.core.store import EtcdError, Store, StoredKey
 from registrar.errors import FatalError
 from registrar.retry import GaveUp, retry_within
 from registrar.settings import CanarySettings, Settings
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 LIFT_WITHIN = 5.0  # how long a rollback tries to delete the weights key through etcd errors
@@ -104,24 +105,25 @@ class Renewed(OneShot):
         return super().__call__(fn)
 
 
-class OwnerLease:
+class OwnerLease(Worker):
     """`{control}/canary/{SERVICE}/owner`, bound to a lease kept alive every second on its own
     thread (the main loop may wait on a gate); granted again if it was lost."""
 
     def __init__(self, store: Store, key: str, value: str) -> None:
+        super().__init__("canary owner")
         self._store, self.key, self._value = store, key, value
         self._lease: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="canary owner", daemon=True)
 
-    def start(self, etcd: OneShot) -> None:
+    def take(self, etcd: OneShot) -> None:
+        """Grants the lease and puts the key through `etcd` (retried within its budget),
+        then keeps it alive."""
         lease = etcd(lambda store: store.grant(OWNER_TTL))
         etcd(lambda store: store.put(self.key, self._value, lease))
         self._lease = lease
-        self._thread.start()
+        super().start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
+    def run(self) -> None:
+        while not self.wait(1.0):
             try:
                 if self._lease is None or self._store.keepalive(self._lease) == 0:
                     self._lease = self._store.grant(OWNER_TTL)
@@ -129,11 +131,9 @@ class OwnerLease:
             except EtcdError as exc:  # tried again in a second; the TTL covers two misses
                 log.debug("canary owner keepalive failed: %s", exc)
 
-    def stop(self) -> None:
-        """Revokes the lease: the owner key goes at once."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2.0)
+    def stop(self, deadline: float | None = None) -> None:
+        """Revokes the lease: the owner key goes at once (the thread joined within 2 s)."""
+        super().stop(time.monotonic() + 2.0 if deadline is None else deadline)
         if self._lease is not None:
             with contextlib.suppress(EtcdError):
                 self._store.revoke(self._lease, timeout=2.0)
@@ -251,7 +251,7 @@ class CanaryCommand:
         self.in_force = step.percent
         # the owner key only once the weights key is ours: a canary refused here must not
         # take (and, ending, delete) the owner key of the one in progress
-        self.owner.start(self.etcd)
+        self.owner.take(self.etcd)
         self.say(f"{step.message} ({len(before.active)} in rotation)")
         self.canary.decide(time.monotonic(), baseline)
         return None

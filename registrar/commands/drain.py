@@ -18,7 +18,7 @@ from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_until
-from registrar.commands.output import say
+from registrar.commands.output import address, say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
 from registrar.core.drain import DRAIN_TTL, Report, entry_value, reports
@@ -62,8 +62,7 @@ def snapshot(etcd: OneShot, layout: Layout) -> Snapshot:
 
 def describe(service: str, instance: str, raw: str) -> str:
     value = json_object(raw) or {}
-    return (f"{service} {instance} {value.get('host', '?')}:{value.get('port', '?')} "
-            f"{version_of(raw) or '-'}")
+    return f"{service} {instance} {address(value)} {version_of(raw) or '-'}"
 
 
 def run(settings: Settings, out: TextIO = sys.stdout) -> int:

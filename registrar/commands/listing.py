@@ -7,13 +7,14 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from registrar.commands.output import say, write_table
+from registrar.commands.output import address, say, write_table
 from registrar.core import timestamps
 from registrar.core.control import parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
 from registrar.core.maintenance import entries
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
+from registrar.settings import Settings
 
 
 def _age(registered_at: Any, now: datetime) -> str:
@@ -64,11 +65,11 @@ def render_promotions(
     out: TextIO,
 ) -> None:
     """After the table: `SERVICE PROMOTED SINCE`, a row a promoted service, and its standby."""
-    base = Layout("/", control_prefix).promoted + "/"
+    base = Layout("/", control_prefix).promoted
     table = [("SERVICE", "PROMOTED", "SINCE")]
     for key in sorted(promoted):
-        name = key[len(base):]
-        if service is not None and name != service:
+        name = child_name(base, key)  # what agents take for a promotion, and nothing else
+        if name is None or (service is not None and name != service):
             continue
         value = json_object(promoted[key].value)
         if value is None:
@@ -96,20 +97,22 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
             continue
         table.append((
             str(entry.get("service", parsed[0])), parsed[1],
-            f"{entry.get('host', '?')}:{entry.get('port', '?')}",
+            address(entry),
             str(entry.get("version", "-")), str(entry.get("node", "-")),
             _age(entry.get("registered_at"), now),
         ))
     write_table(table, out)
 
 
-def run(settings: Any, out: TextIO = sys.stdout) -> int:
+def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     from registrar.adapters.etcd_store import EtcdStore
     from registrar.commands.oneshot import OneShot, read_two
 
+    ls = settings.ls
+    assert ls is not None
     layout = Layout(settings.prefix, settings.control_prefix)
     store = EtcdStore(settings.etcd)
-    etcd = OneShot(store, settings.timeout, f"cannot read {settings.prefix}/ from etcd")
+    etcd = OneShot(store, ls.timeout, f"cannot read {settings.prefix}/ from etcd")
     try:
         stored, control = read_two(etcd, settings.prefix, settings.control_prefix)
     finally:
@@ -122,23 +125,23 @@ def run(settings: Any, out: TextIO = sys.stdout) -> int:
     drained = {k: v for k, v in standby.items()
                if (p := parse_key(layout.standby, k)) is not None and state.drained(p[1])}
     promotions = parse_promotions(promoted, layout)
-    entries = rows(settings.prefix, stored, settings.service, promotions)
-    if settings.json:
+    entries = rows(settings.prefix, stored, ls.service, promotions)
+    if ls.json:
         out_rows = [{**row, **({"maintenance": True} if row["key"] in held else {}),
                      **({"draining": True} if row["key"] in drained else {})}
-                    for row in rows(layout.standby, {**held, **drained}, settings.service,
+                    for row in rows(layout.standby, {**held, **drained}, ls.service,
                                     promotions)]
         render([*entries, *out_rows], settings.prefix, True, out)
         return 0
     render(entries, settings.prefix, False, out)
     standby_rows = rows(layout.standby, {k: v for k, v in standby.items()
                                          if k not in held and k not in drained},
-                        settings.service)
-    render_promotions(promoted, standby_rows, settings.control_prefix, settings.service, out)
-    render_maintenance(control, rows(layout.standby, held, settings.service), layout,
-                       settings.service, out)
-    render_drains(control, rows(layout.standby, drained, settings.service), layout, out)
-    render_canaries(control, layout, settings.service, out)
+                        ls.service)
+    render_promotions(promoted, standby_rows, settings.control_prefix, ls.service, out)
+    render_maintenance(control, rows(layout.standby, held, ls.service), layout,
+                       ls.service, out)
+    render_drains(control, rows(layout.standby, drained, ls.service), layout, out)
+    render_canaries(control, layout, ls.service, out)
     return 0
 
 
@@ -163,7 +166,7 @@ def _instance_lines(entries: list[dict[str, Any]], label: str, out: TextIO) -> N
     for entry in entries:
         if "invalid" not in entry:
             say(f"  {label}: {entry.get('service', '?')} {entry['key'].rsplit('/', 1)[-1]} "
-                f"{entry.get('host', '?')}:{entry.get('port', '?')} {entry.get('version', '-')}",
+                f"{address(entry)} {entry.get('version', '-')}",
                 out)
 
 

@@ -20,7 +20,7 @@ from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two, read_until
-from registrar.commands.output import say, write_table
+from registrar.commands.output import address, say, write_table
 from registrar.core import timestamps
 from registrar.core.control import Control, parse_control
 from registrar.core.layout import Layout
@@ -61,7 +61,7 @@ def read_view(etcd: OneShot, layout: Layout) -> View:
 
 def _address(raw: str) -> str:
     value = json_object(raw) or {}
-    return f"{value.get('host', '?')}:{value.get('port', '?')} {version_of(raw) or '-'}"
+    return f"{address(value)} {version_of(raw) or '-'}"
 
 
 def _wait(etcd: OneShot, layout: Layout, settled: Callable[[View], object]) -> View:

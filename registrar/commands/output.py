@@ -4,8 +4,8 @@ theirs reaches the terminal: it could forge rows or drive the terminal)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
 
 
 def printable(text: str) -> str:
@@ -20,6 +20,12 @@ def write_table(table: Sequence[tuple[str, ...]], out: TextIO) -> None:
     for row in table:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         out.write("  ".join(cells).rstrip() + "\n")
+
+
+def address(value: Mapping[str, Any]) -> str:
+    """A stored value's `host:port` as the commands show it: as written, `?` for what is
+    missing (printed through `say` or `write_table`, which make it printable)."""
+    return f"{value.get('host', '?')}:{value.get('port', '?')}"
 
 
 def say(line: str, out: TextIO) -> None:

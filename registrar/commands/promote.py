@@ -14,10 +14,10 @@ from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.commands.oneshot import OneShot, read_two, read_until
-from registrar.commands.output import say
+from registrar.commands.output import address, say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
-from registrar.core.layout import Layout
+from registrar.core.layout import Layout, parse_key
 from registrar.core.planner import json_object
 from registrar.errors import FatalError
 from registrar.settings import Settings
@@ -55,34 +55,34 @@ class Rotation:
         )
 
 
-def _instances(stored: dict[str, Any], base: str) -> dict[str, Instance]:
+def _instances(stored: dict[str, Any], prefix: str, service: str) -> dict[str, Instance]:
+    """The instances of `service` among the keys under `{prefix}/{service}/`."""
     found = {}
     for key, item in stored.items():
-        instance = key[len(base) + 1 :]
+        parsed = parse_key(prefix, key)
         value = json_object(item.value)
-        if value is None or "/" in instance:
+        if value is None or parsed is None or parsed[0] != service:
             continue
+        instance = parsed[1]
         version = value.get("version")
         found[instance] = Instance(
             instance=instance,
             version=version if isinstance(version, str) else None,
-            address=f"{value.get('host', '?')}:{value.get('port', '?')}",
+            address=address(value),
         )
     return found
 
 
 def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
-    active_base = f"{settings.prefix}/{service}"
-    standby_base = f"{Layout(settings.prefix, settings.control_prefix).standby}/{service}"
-    active, standby = read_two(etcd, active_base, standby_base)
     layout = Layout(settings.prefix, settings.control_prefix)
+    active, standby = read_two(etcd, f"{layout.prefix}/{service}", f"{layout.standby}/{service}")
     holding, _rev = etcd(lambda store: store.list_prefix(layout.maintenance))
     drains, _rev = etcd(lambda store: store.list_prefix(layout.draining))
     control = parse_control({**holding, **drains}, layout)
-    on_standby = _instances(standby, standby_base)
+    on_standby = _instances(standby, layout.standby, service)
     held = frozenset(name for name in on_standby
                      if control.in_maintenance(service, name) or control.drained(name))
-    return Rotation(_instances(active, active_base), on_standby, held)
+    return Rotation(_instances(active, settings.prefix, service), on_standby, held)
 
 
 def refuse_unless_registered(before: Rotation, service: str, version: str, minimum: int) -> None:

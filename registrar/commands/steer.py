@@ -23,6 +23,7 @@ from registrar.core.canary import SteeringRequest
 from registrar.core.control import Canary, parse_canaries
 from registrar.core.layout import Layout
 from registrar.errors import FatalError
+from registrar.retry import poll_until
 from registrar.settings import Settings
 
 ACK_WITHIN = 2.0  # the running canary acknowledges within 2 s (README, Canary)
@@ -84,21 +85,15 @@ class Steering:
     def _acknowledged(self, request: SteeringRequest, within: float) -> float | None:
         """Seconds until the canary acknowledged `request` (None: not within `within`)."""
         asked = time.monotonic()
-        while time.monotonic() < asked + within:
-            time.sleep(POLL)
+
+        def acted_on() -> bool:  # the canary acted on it and deleted it
             _followed, waiting = self.steering_keys()
-            if waiting is None or waiting.id != request.id:
-                return time.monotonic() - asked  # the canary acted on it and deleted it
-        return None
+            return waiting is None or waiting.id != request.id
+
+        return time.monotonic() - asked if poll_until(acted_on, within, interval=POLL) else None
 
     def _owner_gone(self, within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            followed, _waiting = self.steering_keys()
-            if not followed:
-                return True
-            time.sleep(POLL * 2)
-        return False
+        return poll_until(lambda: not self.steering_keys()[0], within, interval=POLL * 2)
 
     def _withdraw(self, request: SteeringRequest) -> None:
         _followed, waiting = self.steering_keys()

@@ -35,10 +35,10 @@ from registrar.core.canary import (
 )
 from registrar.core.control import Control, parse_control, parse_promotions
 from registrar.core.layout import Layout, child_name, parse_key
+from registrar.core.names import NAME_RE, host_port
 from registrar.core.naming import valid_metrics_path
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
-from registrar.settings import NAME_RE
 
 SHARE_WINDOW = 30.0
 STATES = ("draining", "maintenance", "standby", "rotation")
@@ -406,7 +406,7 @@ def reports_of(layout: Layout, control: Mapping[str, str]) -> dict[str, Report]:
 
 
 def target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def target_group(e: Entry, state: str) -> dict[str, Any] | None:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from registrar.core.names import host_port
+
 CHECK_LABEL = "registrar.check"
 NUMBER_LABELS = ("interval", "timeout", "rise", "fall")  # registrar.check.<word>
 DEFAULT_INTERVAL = 2.0
@@ -261,9 +263,7 @@ NOT_HTTP = 0  # http_status: the answer is not an HTTP status line
 
 
 def _host_header(host: str, port: int) -> str:
-    if ":" in host:  # IPv6: bracketed, a zone's "%" escaped (RFC 6874)
-        return f"[{host.replace('%', '%25')}]:{port}"
-    return f"{host}:{port}"
+    return host_port(host.replace("%", "%25"), port)  # IPv6: a zone's "%" escaped (RFC 6874)
 
 
 def http_request(host: str, port: int, path: str) -> bytes:

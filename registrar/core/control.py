@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from registrar.core.drain import Drain, parse_drain
 from registrar.core.layout import Layout, child_name, parse_key
+from registrar.core.names import HEADER_RE
 from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
-from registrar.settings import HEADER_RE
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from registrar.settings import NAME_RE
+from registrar.core.names import NAME_RE
 
 
 def parse_key(prefix: str, key: str) -> tuple[str, str] | None:

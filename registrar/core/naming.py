@@ -18,7 +18,7 @@ from typing import Any
 
 from registrar.core.checks import CheckSpec, InvalidCheck, parse_checks
 from registrar.core.containers import UNSPECIFIED_IPS, ContainerInfo
-from registrar.settings import NAME_RE, TRUE_WORDS
+from registrar.core.names import NAME_RE, TRUE_WORDS
 
 MAX_TAGS = 32
 MAX_VALUE_BYTES = 4096

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from registrar.core.names import split_instance
+
 
 def owned_by(node: str, instance: str) -> bool:
     """Whether an instance id was written by `node` (`{node}:{container}:{port}[:udp]`)."""
-    parts = instance.split(":")
-    return len(parts) in (3, 4) and parts[0] == node and parts[2].isdigit() and (
-        len(parts) == 3 or parts[3] == "udp"
-    )
+    parts = split_instance(instance)
+    return parts is not None and parts[0] == node and parts[2].isdigit()
 
 
 @dataclass(frozen=True)

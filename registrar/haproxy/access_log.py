@@ -12,13 +12,14 @@ import contextlib
 import logging
 import os
 import socket
-import threading
+import time
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.registry import CollectorRegistry
 
 from registrar.haproxy.latency import BUCKETS, Latency, parse_line
 from registrar.haproxy.traffic import Owner
+from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,12 @@ class LatencyMetrics:
         child.observe(seconds)
 
 
-class AccessLogReader:
+class AccessLogReader(Worker):
     """Binds `path` (a unix datagram socket) and counts every line into `latency` and the
     histogram, until `stop()`."""
 
     def __init__(self, path: str, latency: Latency, metrics: LatencyMetrics) -> None:
+        super().__init__("access log")
         self.path = path
         self._latency = latency
         self._metrics = metrics
@@ -69,25 +71,17 @@ class AccessLogReader:
         with contextlib.suppress(OSError):  # capped by net.core.rmem_max: best effort
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self._sock.settimeout(READ_TIMEOUT)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="access log", daemon=True)
         self.lines = 0  # counted so far (for tests and the bench)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
+    def run(self) -> None:
         recv, observe, parse = self._sock.recv, self._latency.observe, parse_line
-        while not self._stop.is_set():
+        while not self.stopping:
             try:
                 data = recv(4096)
             except TimeoutError:
                 continue
             except OSError as exc:
-                if not self._stop.is_set():
+                if not self.stopping:
                     log.error("reading HAProxy's log socket failed: %s", exc)
                 return
             record = parse(data)
@@ -95,9 +89,10 @@ class AccessLogReader:
                 observe(record)
                 self.lines += 1
 
-    def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+    def stop(self, deadline: float | None = None) -> None:
+        """Stops reading (within READ_TIMEOUT, by `deadline`: 1 s from now when not given)
+        and removes the socket."""
+        super().stop(time.monotonic() + 1.0 if deadline is None else deadline)
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -186,25 +186,7 @@ def run(settings: Settings) -> int:
     revision = _first_read(store, settings.prefix, registrations, router)
     watchers = _followers(store, layout, registrations, metrics, revision)
 
-    def totals() -> dict[str, dict[str, dict[str, int]]]:
-        with router.traffic_lock:
-            return router.traffic.report()
-
-    def more() -> dict[str, object]:
-        with router.traffic_lock:
-            done: dict[str, object] = {
-                "applied": router.applied,
-                "in_flight": {service: dict(by_instance)
-                              for service, by_instance in router.in_flight.items()}}
-        done["latency"] = router.latency.report()
-        # a canary with latency rules, --header or --sticky needs a router in http mode, and a
-        # router that has served nothing yet shows its mode nowhere else
-        done["mode"] = hp.mode
-        return done
-
-    reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
-                        totals, more)
-    router.report_now = reporter.wake
+    reporter = _reporter(store, settings, layout, metrics, router)
     loops = (*(w.health for w in watchers), main_loop, reporter.health)
 
     def health() -> str | None:
@@ -237,6 +219,35 @@ def run(settings: Settings) -> int:
             shutil.rmtree(sock_dir, ignore_errors=True)
     log.info("stopped", extra={"event": "stop"})
     return 0
+
+
+def _reporter(store: Store, settings: Settings, layout: Layout, metrics: Metrics,
+              router: Router) -> Reporter:
+    """The router's report under `{control_prefix}/routers/{node}`: its traffic by version,
+    what it applied, what is in flight, response times and its mode."""
+    hp = settings.haproxy
+    assert hp is not None
+
+    def totals() -> dict[str, dict[str, dict[str, int]]]:
+        with router.traffic_lock:
+            return router.traffic.report()
+
+    def more() -> dict[str, object]:
+        with router.traffic_lock:
+            done: dict[str, object] = {
+                "applied": router.applied,
+                "in_flight": {service: dict(by_instance)
+                              for service, by_instance in router.in_flight.items()}}
+        done["latency"] = router.latency.report()
+        # a canary with latency rules, --header or --sticky needs a router in http mode, and a
+        # router that has served nothing yet shows its mode nowhere else
+        done["mode"] = hp.mode
+        return done
+
+    reporter = Reporter(store, f"{layout.routers}/{settings.node}", settings.ttl, metrics,
+                        totals, more)
+    router.report_now = reporter.wake
+    return reporter
 
 
 def _shutdown(watchers: tuple[PrefixFollower, ...], reporter: Reporter,

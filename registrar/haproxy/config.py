@@ -25,6 +25,7 @@ import jinja2
 from registrar import __version__
 from registrar.core.control import Canary
 from registrar.core.layout import parse_key
+from registrar.core.names import host_port
 from registrar.core.planner import json_object
 from registrar.haproxy.latency import LOG_FORMAT
 from registrar.settings import Bind
@@ -63,7 +64,7 @@ class Server:
     @property
     def address(self) -> str:
         """`host:port`, with IPv6 addresses in brackets (as HAProxy's config wants them)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ def parse_registration(prefix: str, key: str, value: str) -> Routed | Rejected:
 
 
 def _bind_address(bind: Bind) -> str:
-    return f"[{bind.host}]:{bind.port}" if ":" in bind.host else f"{bind.host}:{bind.port}"
+    return host_port(bind.host, bind.port)
 
 
 def server_weights(servers: Sequence[Server], canary: Canary | None) -> dict[str, int]:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 
 from registrar.haproxy.runtime import ProcInfo, parse_show_proc
-from registrar.retry import Backoff
+from registrar.retry import RetryClock
 from registrar.shutdown import start_thread
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ class HAProxyMaster:
         self.master_socket = master_socket
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
-        self._backoff = Backoff()  # failed starts / deaths in a row
-        self._next_start = 0.0
+        self._restart = RetryClock()  # failed starts / deaths in a row, and the next start
         self._state = ProcState.NOT_STARTED
         self._why = ""  # what went wrong last, for /healthz
         self._ever_started = False
@@ -274,24 +273,22 @@ class HAProxyMaster:
         """Notices a dead HAProxy and starts it again, with backoff. True when it (re)started
         right now (the caller must then assume the config file's layout)."""
         if self.running():
-            if self._backoff.attempts and now - self._started_at > STABLE_AFTER:
-                self._backoff.reset()
+            if self._restart.failures and now - self._started_at > STABLE_AFTER:
+                self._restart.reset()
             return False
         if self._proc is not None:
             code = self._proc.poll()
             self._proc = None
-            delay = self._backoff.next()
-            self._next_start = now + delay
+            delay = self._restart.failed()
             self._state, self._why = ProcState.RESTARTING, f"exited with status {code}"
             log.error("haproxy exited with status %s; restarting in %.1fs", code, delay,
                       extra={"event": "haproxy_died", "status": code})
-        if now < self._next_start:
+        if self._restart.at is not None and now < self._restart.at:
             return False
         try:
             self.start()
         except HAProxyError as exc:
-            delay = self._backoff.next()
-            self._next_start = time.monotonic() + delay
+            delay = self._restart.failed()
             self._state, self._why = ProcState.FAILED, str(exc)
             log.error("%s; retrying in %.1fs", exc, delay, extra={"event": "haproxy_start_failed"})
             return False

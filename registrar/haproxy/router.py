@@ -78,7 +78,7 @@ from registrar.haproxy.traffic import (
     in_flight,
     merge_in_flight,
 )
-from registrar.retry import Backoff
+from registrar.retry import RetryClock
 from registrar.settings import HAProxySettings
 from registrar.worker import Worker
 
@@ -361,8 +361,7 @@ class Router:
         self.last_refused = False  # the last install was refused by haproxy -c
         self.backends: tuple[Backend, ...] = ()  # what is wanted now
         self.can_run = False  # a config exists that HAProxy may be started with
-        self.retry_at: float | None = None
-        self._backoff = Backoff()  # failed reloads in a row, for the retry
+        self._retry = RetryClock()  # failed reloads in a row, and when to try again
         self.traffic = Traffic(hp.mode)
         self.traffic_lock = threading.Lock()  # the reporter reads the totals from its thread
         self._workers: tuple[int, ...] | None = None  # the workers we know of
@@ -415,7 +414,7 @@ class Router:
         """Applies what the runtime API can carry at once; RELOAD: a reload is needed (the
         caller gathers, then calls `reload`). `revision`: the etcd revision `routed` holds
         everything up to (`applied` once HAProxy serves it)."""
-        self.retry_at = None
+        self._retry.cancel()
         self.in_step = False
         self._revision = revision
         started = time.monotonic()
@@ -613,7 +612,7 @@ class Router:
             self.running_text = None
             self._schedule_retry()
             return
-        self._backoff.reset()
+        self._retry.reset()
         self.running_text = text
         self._set_live(fresh_layout(backends) if self.builtin else None, backends)
         self._new_worker()
@@ -639,17 +638,17 @@ class Router:
             self.metrics.reload_failures.inc()
             self._schedule_retry()
             return
-        self._backoff.reset()
+        self._retry.reset()
         self.running_text = text
         self._describe("--reload-cmd", None, backends, started)
         self._routed(backends)
         self._served()
 
     def _schedule_retry(self) -> None:
-        self.retry_at = time.monotonic() + self._backoff.next()
+        self._retry.failed()
 
     def retry_due(self, now: float) -> bool:
-        return self.retry_at is not None and now >= self.retry_at
+        return self._retry.at is not None and now >= self._retry.at
 
     def _routed(self, backends: Sequence[Backend]) -> None:
         self._publish_owners()
@@ -924,4 +923,4 @@ class Router:
                 self.metrics.restarts.inc()
             if self.installed_backends is not None:
                 self._routed(self.installed_backends)
-            self.retry_at = now  # catch up with anything that changed meanwhile
+            self._retry.after(0.0)  # catch up with anything that changed meanwhile

@@ -103,14 +103,14 @@ def run(settings: Settings) -> int:
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
-    loops = (keeper.health, keeper.heartbeat.health, watcher.health, watcher.checker.health,
-             follower.health)
+    loops = (keeper.health, keeper.heartbeat.health, watcher.health, follower.health)
     server = None
     if settings.metrics_addr is not None:
         from registrar.http_server import serve_metrics
 
         server = serve_metrics(settings.metrics_addr, metrics.registry,
-                               lambda: health_problem(loops, time.monotonic()))
+                               lambda: health_problem((*loops, *watcher.checker_loops()),
+                                                     time.monotonic()))
 
     _announce(settings, sidecar)
     keeper.start()

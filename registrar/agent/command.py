@@ -31,7 +31,6 @@ from registrar.hostip import primary_ipv4
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL
-from registrar.router_wait import read_reports, removal_revision, wait_for_routers
 from registrar.settings import Settings
 from registrar.shutdown import install_stop_signals, wait_for_stop
 
@@ -161,6 +160,8 @@ def _drain(settings: Settings, store: Store, keeper: LeaseKeeper, seen: int | No
     """Waits at most --drain until every live router has applied the revoke and has nothing in
     flight on the instances it removed. `seen`: a revision before the revoke (None: the revoke
     was not confirmed, so nothing can be: the whole --drain)."""
+    from registrar.router_wait import read_reports, removal_revision, wait_for_routers
+
     started = time.monotonic()
     until = started + settings.drain
     layout = Layout(settings.prefix, settings.control_prefix)

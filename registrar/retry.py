@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -31,8 +30,10 @@ class Backoff:
         self,
         initial: float = INITIAL_BACKOFF,
         maximum: float = MAX_BACKOFF,
-        rng: Callable[[], float] = random.random,
+        rng: Callable[[], float] | None = None,
     ) -> None:
+        """`rng`: uniform in [0, 1) (default `random.random`, imported at the first failure:
+        most processes never back off, and a sidecar starts 1 ms sooner without it)."""
         self.initial = initial
         self.maximum = maximum
         self._rng = rng
@@ -44,6 +45,10 @@ class Backoff:
         top = self.maximum if maximum is None else min(maximum, self.maximum)
         ceiling = min(top, self.initial * 2 ** min(self.attempts, 20))
         self.attempts += 1
+        if self._rng is None:
+            import random
+
+            self._rng = random.random
         return float(max(self.initial / 10, ceiling * self._rng()))
 
     def reset(self) -> None:

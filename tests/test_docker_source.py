@@ -35,7 +35,8 @@ Answer = tuple[int, Any] | list[bytes | None]
 
 class FakeEngine:
     """A unix-socket HTTP/1.1 server answering `routes[path without query]` (a callable of the
-    full path), keeping connections alive; every request's path is recorded."""
+    full path), keeping connections alive; every request's path is recorded. `/_ping` says the
+    API version in its `Api-Version` header, as Docker's and Podman's do (`ping_header`)."""
 
     def __init__(self, path: Path, api: str = "1.41", min_api: str = "1.12") -> None:
         self.path = str(path)
@@ -46,6 +47,7 @@ class FakeEngine:
                                          "MinAPIVersion": min_api}),
             "/_ping": lambda _: (200, "OK"),
         }
+        self.ping_header: str | None = api
         engine = self
 
         self.connections: list[Any] = []
@@ -74,8 +76,12 @@ class FakeEngine:
                         return  # the daemon drops the stream
                     status, body = answer
                     data = json.dumps(body).encode()
+                    extra = b""
+                    if urlsplit(target).path == "/_ping" and engine.ping_header is not None:
+                        extra = b"Api-Version: %s\r\n" % engine.ping_header.encode()
                     self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                                     b"Content-Length: %d\r\n\r\n%s" % (status, len(data), data))
+                                     b"%sContent-Length: %d\r\n\r\n%s"
+                                     % (status, extra, len(data), data))
 
         self.server = socketserver.ThreadingUnixStreamServer(self.path, Handler)
         self.server.daemon_threads = True
@@ -160,7 +166,19 @@ def test_version_negotiated_once_and_capped(engine: FakeEngine) -> None:
     for _ in range(3):
         info = source.inspect("abc")
         assert info is not None and info.id == "abc" * 8
-    assert engine.requests == ["/version"] + ["/v1.41/containers/abc/json"] * 3
+    assert engine.requests == ["/_ping"] + ["/v1.41/containers/abc/json"] * 3
+    source.close()
+
+
+def test_version_from_version_when_ping_cannot_settle_it(engine: FakeEngine) -> None:
+    """No `Api-Version` header, or a server newer than ours (its minimum then matters): the
+    `/version` document decides, once."""
+    engine.ping_header = None
+    engine.routes["/v1.41/containers/abc/json"] = lambda _: (200, container("abc" * 8))
+    source = DockerSource(engine.url, env={})
+    for _ in range(2):
+        assert source.inspect("abc") is not None
+    assert engine.requests == ["/_ping", "/version"] + ["/v1.41/containers/abc/json"] * 2
     source.close()
 
 

@@ -23,6 +23,7 @@ from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
 from registrar.core.store import StoredKey
+from registrar.health import health_problem
 from registrar.metrics import Metrics
 from tests.fakes import NOSPACE, FakeDocker, FakeEtcd
 from tests.inspect_data import inspect_doc, published
@@ -723,6 +724,24 @@ def test_a_checked_port_follows_its_check(rig_factory: Callable[..., Rig]) -> No
         assert sample(rig.metrics, "registrar_check_results_total", result="fail") >= 1
     finally:
         back.close()
+
+
+def test_the_checker_counts_in_health_once_a_port_is_checked(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    """Without a checked port there is no checker (and nothing of it to go stale in /healthz:
+    an idle, never-started checker used to read as stalled after STALL_LIMIT); the first
+    checked port makes one, running, whose loop /healthz then follows."""
+    rig = rig_factory(host_ip="127.0.0.1")
+    rig.start()
+    rig.sentinel("plain")
+    assert rig.watcher.checker_loops() == ()
+    cid = rig.docker.add(container("web-1", labels={"registrar.service": "web",
+                                                    "registrar.check": "tcp"}))
+    rig.docker.emit("start", cid)
+    loops = wait_until(rig.watcher.checker_loops, what="a checker for the checked port")
+    assert [loop.name for loop in loops] == ["checker"]
+    assert health_problem(loops, time.monotonic()) is None
 
 
 def test_a_bad_check_label_rejects_the_container(rig_factory: Callable[..., Rig]) -> None:

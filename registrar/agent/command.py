@@ -31,7 +31,6 @@ from registrar.hostip import primary_ipv4
 from registrar.metrics import Metrics
 from registrar.prefix_follower import PrefixFollower
 from registrar.retry import POLL_INTERVAL, poll_until
-from registrar.router_wait import read_reports, removal_revision, wait_for_routers
 from registrar.settings import Settings
 from registrar.shutdown import (
     SHUTDOWN_BUDGET,
@@ -110,14 +109,14 @@ def run(settings: Settings) -> int:
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
                                only=container_id, finished=stop)
-    loops = (keeper.health, keeper.heartbeat.health, watcher.health, watcher.checker.health,
-             follower.health)
+    loops = (keeper.health, keeper.heartbeat.health, watcher.health, follower.health)
     server = None
     if settings.metrics_addr is not None:
         from registrar.http_server import serve_metrics
 
         server = serve_metrics(settings.metrics_addr, metrics.registry,
-                               lambda: health_problem(loops, time.monotonic()))
+                               lambda: health_problem((*loops, *watcher.checker_loops()),
+                                                     time.monotonic()))
 
     _announce(settings, sidecar)
     keeper.start()
@@ -171,6 +170,8 @@ def _drain(settings: Settings, store: Store, keeper: LeaseKeeper, seen: int | No
     """Waits at most --drain until every live router has applied the revoke and has nothing in
     flight on the instances it removed. `seen`: a revision before the revoke (None: the revoke
     was not confirmed, so nothing can be: the whole --drain)."""
+    from registrar.router_wait import read_reports, removal_revision, wait_for_routers
+
     started = time.monotonic()
     until = started + settings.drain
     layout = Layout(settings.prefix, settings.control_prefix)

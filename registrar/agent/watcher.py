@@ -14,9 +14,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from registrar.agent.checker import Checker, targets_of
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core import timestamps
 from registrar.core.containers import ContainerInfo
@@ -26,30 +25,39 @@ from registrar.core.naming import NamingContext, Outcome, has_sidecar, registrat
 from registrar.core.planner import json_object
 from registrar.core.replay import ReplayFilter, event_time_nano
 from registrar.core.source import ContainerSource, DockerUnavailable
+from registrar.health import LoopHealth
 from registrar.metrics import Metrics
 from registrar.retry import INITIAL_BACKOFF, retry_forever
 from registrar.worker import Worker
+
+if TYPE_CHECKING:
+    from registrar.agent.checker import Checker
 
 log = logging.getLogger(__name__)
 
 QUEUE_POLL = 0.5
 
 
-@dataclass(frozen=True)
+# The consumer's messages besides Docker's events (plain classes: a dataclass costs ~0.5 ms to
+# build at import, and these are only ever told apart by their type).
 class _StreamOpened:
-    pass
+    """The events stream is open: what runs may be listed now."""
 
 
-@dataclass(frozen=True)
 class _StreamLost:
-    reason: str
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-@dataclass(frozen=True)
 class _Recheck:
     """A port of this container entered or left rotation by registrar's own check."""
 
-    container_id: str
+    __slots__ = ("container_id",)
+
+    def __init__(self, container_id: str) -> None:
+        self.container_id = container_id
 
 
 @dataclass
@@ -95,13 +103,15 @@ class ContainerWatcher(Worker):
         finished: threading.Event | None = None,
     ) -> None:
         """`only`: a sidecar's container id; `finished` is set when that container is gone.
-        `checker` runs registrar's own checks (`registrar.check` labels) on a thread of its
+        A `Checker` runs registrar's own checks (`registrar.check` labels) on a thread of its
         own: a checked port is registered only while its check holds; a change comes back
-        to the one consumer as a `_Recheck`."""
+        to the one consumer as a `_Recheck`. It is made (and its module imported) with the
+        first checked port: most containers have none, and a sidecar starts sooner without."""
         super().__init__("event loop",
                          lambda loop: metrics.internal_errors.labels(loop=loop).inc())
         self._docker = docker
-        self.checker = Checker(self.recheck, metrics)
+        self._checker: Checker | None = None  # the consumer's alone to create
+        self._started = False
         self._keeper = keeper
         self._naming = naming
         self._metrics = metrics
@@ -119,7 +129,7 @@ class ContainerWatcher(Worker):
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.checker.start()
+        self._started = True
         self._reader.start()
         super().start()
 
@@ -130,13 +140,31 @@ class ContainerWatcher(Worker):
     def wake(self) -> None:
         """Stops taking events: ends the stream; both threads end (see `join`)."""
         self._docker.close_events()
-        self.checker.request_stop()
+        if self._checker is not None:
+            self._checker.request_stop()
         self._queue.put(None)
 
     def join(self, deadline: float) -> None:
         self._reader.join(deadline)
         super().join(deadline)
-        self.checker.join(deadline)
+        if self._checker is not None:
+            self._checker.join(deadline)
+
+    def checker_loops(self) -> tuple[LoopHealth, ...]:
+        """The checker's health for /healthz, once there is a checker (a port to check)."""
+        checker = self._checker
+        return () if checker is None else (checker.health,)
+
+    def _checks(self) -> Checker:
+        """The checker, made and started with the first checked port (consumer thread)."""
+        if self._checker is None:
+            from registrar.agent.checker import Checker
+
+            checker = Checker(self.recheck, self._metrics)
+            if self._started and not self.stopping:
+                checker.start()
+            self._checker = checker
+        return self._checker
 
     def alive(self) -> bool:
         return self._reader.alive() and super().alive()
@@ -334,12 +362,15 @@ class ContainerWatcher(Worker):
             outcome = registrations_for(info, self._naming, timestamps.now())
             self._note_outcome(tracked, outcome)
             registrations = outcome.registrations
-            if outcome.rejected is None:
+            if outcome.rejected is None and any(r.check is not None for r in registrations):
+                from registrar.agent.checker import targets_of
+
                 targets = targets_of(registrations)
                 checked = bool(targets)
-                self.checker.set_targets(info.id, targets)
+                checker = self._checks()
+                checker.set_targets(info.id, targets)
                 registrations = tuple(r for r in registrations
-                                      if r.check is None or self.checker.passing(r.key))
+                                      if r.check is None or checker.passing(r.key))
             for registration in registrations:
                 encoded = registration.encoded()
                 old = tracked.values.get(registration.key)
@@ -380,7 +411,8 @@ class ContainerWatcher(Worker):
         self._keeper.drop_container(cid)
 
     def _unchecked(self, cid: str) -> None:
-        self.checker.forget(cid)
+        if self._checker is not None:
+            self._checker.forget(cid)
 
     def _container_gone(self, cid: str, why: str) -> None:
         log.info("container %s %s: deregistering and exiting", cid[:12], why,

@@ -14,11 +14,13 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from registrar.core.checks import CheckSpec, InvalidCheck, parse_checks
 from registrar.core.containers import UNSPECIFIED_IPS, ContainerInfo
 from registrar.core.names import NAME_RE, TRUE_WORDS
+
+if TYPE_CHECKING:
+    from registrar.core.checks import Checks, CheckSpec
 
 MAX_TAGS = 32
 MAX_VALUE_BYTES = 4096
@@ -238,6 +240,15 @@ def _service_name(container: ContainerInfo, ctx: NamingContext, private_port: in
     return derived
 
 
+def may_ask_for_checks(labels: Mapping[str, str]) -> bool:
+    """Whether a label could ask for a check (`registrar.check`, `registrar.<port>.check`;
+    `core.checks` reads them). Most containers have none: `core.checks` is imported only for
+    one that does, which keeps it (3 ms) off a sidecar's way to its first put. Without such a
+    label `parse_checks` asks for nothing (the `registrar.check.<number>` labels alone are
+    ignored), so this looser test decides nothing of its own."""
+    return any(name.startswith("registrar.") and name.endswith(".check") for name in labels)
+
+
 def registrations_for(
     container: ContainerInfo, ctx: NamingContext, registered_at: str
 ) -> Outcome:
@@ -263,10 +274,14 @@ def registrations_for(
     version, version_error = _version(container)
     if version_error:
         return Outcome(rejected="invalid_version", detail=version_error)
-    try:
-        checks = parse_checks(container.labels)
-    except InvalidCheck as exc:
-        return Outcome(rejected="invalid_check", detail=str(exc))
+    checks: Checks | None = None
+    if may_ask_for_checks(container.labels):
+        from registrar.core.checks import InvalidCheck, parse_checks
+
+        try:
+            checks = parse_checks(container.labels)
+        except InvalidCheck as exc:
+            return Outcome(rejected="invalid_check", detail=str(exc))
     metrics_paths, metrics_error = _metrics_paths(container)
     if metrics_error:
         return Outcome(rejected="invalid_metrics", detail=metrics_error)
@@ -292,7 +307,8 @@ def registrations_for(
         if metrics_path is not None:
             value["metrics_path"] = metrics_path
         registration = Registration(f"{ctx.prefix}/{service}/{instance}", service, instance,
-                                    value, checks.for_port(private_port, proto))
+                                    value,
+                                    checks.for_port(private_port, proto) if checks else None)
         if len(registration.encoded()) > MAX_VALUE_BYTES:
             return Outcome(rejected="value_too_large", detail=f"port {private_port}")
         registrations.append(registration)

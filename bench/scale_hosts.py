@@ -54,7 +54,7 @@ from tests.fakes import FakeDocker
 from tests.inspect_data import inspect_doc, published
 
 RESYNC = 30.0  # the agents' default --resync
-SAMPLE = 0.005  # how often the followers' revisions are looked at
+SAMPLE = 0.01  # how often the followers' revisions are looked at
 
 
 class TimedStore(EtcdStore):

@@ -368,8 +368,10 @@ class ScaleRun:
     def bring_up(self) -> None:
         say(f"{self.n} hosts: agents starting")
         started = time.monotonic()
-        futures = [self.by_node[self.nodes[i]].send("hosts", nodes=self.nodes[i:i + 25])
-                   for i in range(0, self.n, 25)]
+        futures = []
+        for sim in self.procs:  # in batches of 25, each to the process that holds them
+            nodes = [node for node in self.nodes if self.by_node[node] is sim]
+            futures += [sim.send("hosts", nodes=nodes[i:i + 25]) for i in range(0, len(nodes), 25)]
         ready = sum(f.result(600)["ready"] for f in futures)
         self.f["agents_ready_s"] = time.monotonic() - started
         say(f"{ready} agents with a lease in {self.f['agents_ready_s']:.1f} s; "

@@ -56,6 +56,7 @@ PREFIX, CONTROL = "/scale", "/scale-ctl"
 SIZES = (100, 300, 1000)
 QUICK_SIZES = (30,)
 PER_HOST = 10
+START_WAVE = 100  # hosts started at once (bring-up)
 HOSTS_PER_PROCESS = 63  # 16 processes at 1,000 hosts: less waiting on each one's GIL
 CHECK_INTERVAL = "10"
 # 1,000 backends x 32 slots (the default at least) needed 33,569 file descriptors, over this
@@ -368,11 +369,16 @@ class ScaleRun:
     def bring_up(self) -> None:
         say(f"{self.n} hosts: agents starting")
         started = time.monotonic()
-        futures = []
-        for sim in self.procs:  # in batches of 25, each to the process that holds them
-            nodes = [node for node in self.nodes if self.by_node[node] is sim]
-            futures += [sim.send("hosts", nodes=nodes[i:i + 25]) for i in range(0, len(nodes), 25)]
-        ready = sum(f.result(600)["ready"] for f in futures)
+        # As a fleet starts: in waves of up to START_WAVE hosts (spread over the processes), each
+        # once the one before has its leases; a thousand agents connecting in the same second
+        # to one etcd on this 2-core machine time out and retry together (docs/scale.md).
+        per_process = {sim: [n for n in self.nodes if self.by_node[n] is sim] for sim in self.procs}
+        step = max(1, START_WAVE // len(self.procs))
+        ready = 0
+        for i in range(0, max(len(v) for v in per_process.values()), step):
+            futures = [sim.send("hosts", nodes=nodes[i:i + step])
+                       for sim, nodes in per_process.items() if nodes[i:i + step]]
+            ready += sum(f.result(600)["ready"] for f in futures)
         self.f["agents_ready_s"] = time.monotonic() - started
         say(f"{ready} agents with a lease in {self.f['agents_ready_s']:.1f} s; "
             f"{self.n * PER_HOST} containers starting")
@@ -730,7 +736,7 @@ def run_size(hosts: int, quick: bool, keep: bool = False) -> SizeResult:
         run.router_restart()
         run.leader_kill()
         run.totals()
-    except (TimeoutError, RuntimeError, AssertionError) as exc:
+    except (TimeoutError, RuntimeError, AssertionError, OSError) as exc:
         run.result.notes.append(f"stopped: {exc}")
         say(f"{hosts} hosts: stopped: {exc} (logs in {work})")
         keep = True

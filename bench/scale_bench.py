@@ -322,8 +322,11 @@ class ScaleRun:
     def acked(self, names: Sequence[str]) -> dict[str, float | None]:
         got: dict[str, float | None] = {}
         for sim in self.procs:
-            got.update(sim.ask("acked", names=list(names))["t"])
+            got.update(sim.ask("acked", timeout=300, names=list(names))["t"])
         return got
+
+    def all_acked(self, names: Sequence[str]) -> bool:
+        return all(v is not None for v in self.acked(names).values())
 
     def etcd_figures(self) -> dict[str, Any]:
         """Requests by gRPC method summed over the members, the revision, the largest DB."""
@@ -384,14 +387,14 @@ class ScaleRun:
             f"{self.n * PER_HOST} containers starting")
         specs = self.placement_v1 = self.placements("v1", self.services)
         t0 = time.time()
-        starts = self.start_containers(specs)
-        names = list(starts)
+        names: list[str] = []
+        # the containers too, a wave of START_WAVE * PER_HOST at a time, each once the one
+        # before is in etcd
+        for i in range(0, len(specs), START_WAVE * PER_HOST):
+            wave = list(self.start_containers(specs[i:i + START_WAVE * PER_HOST]))
+            names += wave
+            wait_for("every key in etcd", functools.partial(self.all_acked, wave), 600, 0.5)
         total = len(names)
-
-        def all_acked() -> bool:
-            return all(v is not None for v in self.acked(names).values())
-
-        wait_for("every key in etcd", all_acked, 600, every=0.5)
         acked = self.acked(names)
         self.f["bring_up_keys_s"] = max(v for v in acked.values() if v is not None) - t0
         keys = len(self.reader.keys(PREFIX + "/")) if self.reader else 0
@@ -844,9 +847,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help="comma-separated host counts")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep each size's work directory")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--render", type=Path, nargs="*", default=None,
+                   help="run nothing: the section from figures written by --json (sizes run "
+                   "apart, one at a time), into bench/results.md")
     args = p.parse_args(argv)
+    if args.render is not None:
+        results = [SizeResult(**r) for path in args.render for r in json.loads(path.read_text())]
+        block = section(sorted(results, key=lambda r: r.hosts))
+        print(block)
+        RESULTS.write_text(add_section(RESULTS.read_text(), HEADING, block))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     results = run(args.quick, sizes, args.keep)
+    if args.json is not None:
+        args.json.write_text(json.dumps([r.__dict__ for r in results], default=str, indent=1))
     block = section(results)
     print(block)
     if args.out is not None:

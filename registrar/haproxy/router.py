@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import subprocess
 import threading
@@ -250,18 +251,22 @@ class Registrations:
 
 @dataclass(frozen=True)
 class FileWanted:
-    """A config file to install: its text, the backends it renders, the revision they hold."""
+    """A config file to install: the backends it renders, the revision they hold, and its text
+    (None: rendered from `routed` by whoever installs it)."""
 
-    text: str
+    text: str | None
     backends: tuple[Backend, ...]
     revision: int
+    routed: tuple[Routed, ...] = ()
+    order: int = 0  # later wanted files have higher numbers: an older one is never installed
 
 
 class FileFollower(Worker):
-    """Installs the config file of a runtime-API change on a thread of its own: HAProxy
-    already serves the change, and `haproxy -c` of a thousand backends takes up to a second on
-    a busy machine, which the router's loop must not make the next change wait. Only the
-    latest file waits; one overtaken by a newer one is never written."""
+    """Renders and installs the config file of a runtime-API change on a thread of its own:
+    HAProxy already serves the change, and rendering a thousand backends (~50 ms) and `haproxy
+    -c` of them (up to a second on a busy machine) must not make the router's loop keep the
+    next change waiting. Only the latest file waits; one overtaken by a newer one is never
+    rendered."""
 
     def __init__(self, install: Callable[[FileWanted], None],
                  on_internal_error: Callable[[str], None] | None = None) -> None:
@@ -356,6 +361,8 @@ class Router:
         self._live_for: dict[str, Backend] = {}  # the backends `live` serves, by service
         self._cache = BackendCache(hp.spare_slots)
         self._install_lock = threading.Lock()  # one install at a time (the loop's, the file's)
+        self._file_order = itertools.count(1)
+        self._installed_order = 0
         self.files = FileFollower(self._install_wanted)
         self._file_rejected = False  # the file of a runtime change was refused: roll it back
         self.last_refused = False  # the last install was refused by haproxy -c
@@ -440,6 +447,10 @@ class Router:
             assert decision.plan is not None
             if not self._runtime_update(decision.plan, backends, started, changed):
                 return Action.RELOAD
+            self._served()
+            self.files.submit(FileWanted(None, tuple(backends), revision, tuple(routed),
+                                         next(self._file_order)))
+            return decision.action
         new_text = text()
         if new_text is None:
             return Action.NOTHING  # the template failed: logged and counted
@@ -450,9 +461,6 @@ class Router:
                 self._install(new_text, backends)
             self._routed(backends)
             self._served()
-        elif decision.action is Action.RUNTIME:
-            self._served()  # HAProxy serves it; the file follows on its own thread
-            self.files.submit(FileWanted(new_text, tuple(backends), revision))
         return decision.action
 
     def check_files(self) -> None:
@@ -508,18 +516,28 @@ class Router:
         """Writes the config unless it is already there; False when it was refused. (Now, on
         the loop's thread: a waiting file of a runtime change is overtaken by this one.)"""
         self.files.cancel()
+        wanted = FileWanted(text, tuple(backends), self._revision, order=next(self._file_order))
         with self._install_lock:
-            return self._install_now(FileWanted(text, tuple(backends), self._revision))
+            return self._install_now(wanted)
 
     def _install_wanted(self, wanted: FileWanted) -> None:
-        """(the file thread) Installs a runtime change's file; a refusal is rolled back by the
-        loop (`check_files`)."""
+        """(the file thread) Renders and installs a runtime change's file; a refusal is rolled
+        back by the loop (`check_files`)."""
+        if wanted.text is None:
+            text = self._text(wanted.backends, wanted.routed)
+            if text is None:
+                return  # the template failed: logged and counted
+            wanted = FileWanted(text, wanted.backends, wanted.revision, order=wanted.order)
         with self._install_lock:
             if not self._install_now(wanted) and self.last_refused:
                 self._file_rejected = True
 
     def _install_now(self, wanted: FileWanted) -> bool:
         text, backends = wanted.text, wanted.backends
+        assert text is not None
+        if wanted.order < self._installed_order:
+            return True  # overtaken by a newer file, installed meanwhile
+        self._installed_order = wanted.order
         self.last_refused = False
         if text == self.installed_text:
             return True

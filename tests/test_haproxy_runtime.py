@@ -349,3 +349,11 @@ def test_an_old_worker_keeps_its_own_readings_and_what_it_answers_late_is_counte
     traffic.observe(parse_stat(STAT_HEADER + stat_line("n:a:80", 1, 1, 0)), owners,
                     worker=4242)
     assert traffic.report()["web"]["v1"]["2xx"] == 14
+
+
+def test_show_stat_can_leave_out_idle_slots() -> None:
+    """A thousand backends' empty slots: nothing to count, so not read into counters."""
+    text = STAT_HEADER + stat_line("n:a:1", 10, 8, 2) + stat_line("_spare1", 0, 0, 0)
+    assert set(parse_stat(text)) == {("be_web", "n:a:1"), ("be_web", "_spare1")}
+    assert set(parse_stat(text, skip_idle=True)) == {("be_web", "n:a:1")}
+    assert parse_stat(STAT_HEADER + "be_web,short,0\n") == {}  # a cut line is no server

@@ -807,9 +807,9 @@ class Router:
             return
         counters: dict[Slot, dict[str, int]] = {}
         for text in texts:
-            counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS)))
-        if not counters:  # a worker that has gone meanwhile answers nothing
-            return
+            counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS), skip_idle=True))
+        if not any(text.startswith("# ") for text in texts):
+            return  # a worker that has gone meanwhile answers nothing
         if not self._workers or worker == self._workers[0]:
             current = {slot: v.pop("scur") for slot, v in counters.items()}
             if few:

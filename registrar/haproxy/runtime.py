@@ -317,9 +317,11 @@ COUNTERS = ("stot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", 
             "econ")
 
 
-def parse_stat(text: str, names: Sequence[str] = COUNTERS
+def parse_stat(text: str, names: Sequence[str] = COUNTERS, *, skip_idle: bool = False
                ) -> dict[tuple[str, str], dict[str, int]]:
-    """`show stat` (CSV): the counters `names` of every server, by (backend, server)."""
+    """`show stat` (CSV): the counters `names` of every server, by (backend, server);
+    `skip_idle`: without the servers whose counters are all 0 (the empty slots of a thousand
+    backends: a reading of them adds nothing)."""
     lines = text.splitlines()
     if not lines or not lines[0].startswith("# "):
         return {}
@@ -327,16 +329,21 @@ def parse_stat(text: str, names: Sequence[str] = COUNTERS
     index = {name: i for i, name in enumerate(header)}
     if "pxname" not in index or "svname" not in index or any(c not in index for c in names):
         return {}
+    px, sv = index["pxname"], index["svname"]
+    wanted = [index[name] for name in names]
+    # only the fields up to the last one read are split (a line has ~150)
+    last = max(px, sv, *wanted) + 1
     out = {}
     for line in lines[1:]:
-        fields = line.split(",")
-        if len(fields) < len(header) or fields[index["svname"]] in ("FRONTEND", "BACKEND"):
+        fields = line.split(",", last)
+        if len(fields) < last or fields[sv] in ("FRONTEND", "BACKEND"):
             continue
-        counts = {}
-        for name in names:
-            raw = fields[index[name]]
-            counts[name] = int(raw) if raw.isdigit() else 0
-        out[(fields[index["pxname"]], fields[index["svname"]])] = counts
+        raw = [fields[i] for i in wanted]
+        if skip_idle and all(value in ("0", "") for value in raw):
+            continue
+        out[(fields[px], fields[sv])] = {
+            name: int(value) if value.isdigit() else 0 for name, value in zip(names, raw,
+                                                                              strict=True)}
     return out
 
 

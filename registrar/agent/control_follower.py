@@ -1,15 +1,14 @@
-"""Following the control entries (promotions, canary weights, maintenance, drains) and the
-standby keys, for the keeper.
+"""Following the control entries (promotions, canary weights, maintenance, drains), for the
+keeper.
 
-One watch over those prefixes of `{control_prefix}/` (Layout.rules and standby), one thread.
-The keeper itself reads the control state (with this node's keys) before it writes, so it is
-the one place where the state is applied; the follower only makes it re-read as soon as
-something that matters changed (a watch resumed after an outage delivers what changed
-meanwhile). Standby keys of other instances are not a reason to read again. Neither `{prefix}/`
-nor the routers' reports are followed: on a cluster of hundreds of agents, every registration
-and every report delivered to every agent was most of etcd's work (docs/scale.md); a key of
-this node's changed by someone else is put right by the periodic resync, which reads this
-node's keys again.
+One watch over those prefixes of `{control_prefix}/` (Layout.rules), one thread. The keeper
+itself reads the control state (with this node's keys) before it writes, so it is the one
+place where the state is applied; the follower only makes it re-read as soon as something that
+matters changed (a watch resumed after an outage delivers what changed meanwhile). Neither
+`{prefix}/`, nor standby, nor the routers' reports are followed: on a cluster of hundreds of
+agents, every registration, every instance moved to standby by a promotion and every report
+delivered to every agent was most of etcd's work (docs/scale.md); a key of this node's changed
+by someone else is put right by the periodic resync, which reads this node's keys again.
 """
 
 from __future__ import annotations
@@ -35,17 +34,15 @@ def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
 
 def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
              ) -> PrefixFollower:
-    """The control entries and standby keys, followed as one (one read, one watch, one
-    thread): an entry that concerns the keeper's instances makes it read again; so does a
-    standby key of its own changed by someone else."""
+    """The control entries, followed as one (one read, one watch, one thread): an entry that
+    concerns the keeper's instances makes it read again."""
     def on_events(events: list[KeyEvent]) -> None:
-        keeper.notice(events)  # its keys, and its standby keys under the control prefix
         if relevant(layout, keeper, (event.key for event in events)):
             keeper.request_reread()
 
     return PrefixFollower(
         store,
-        (layout.standby, *layout.rules),
+        layout.rules,
         name="etcd follower",
         on_snapshot=lambda _stored: keeper.request_reread(),
         on_events=on_events,

@@ -52,7 +52,7 @@ from registrar.core.reconcile import (
     plan,
     split_deletes,
 )
-from registrar.core.store import EtcdError, EtcdRefused, KeyEvent, LeaseNotFound, Store, StoredKey
+from registrar.core.store import EtcdError, EtcdRefused, LeaseNotFound, Store, StoredKey
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
 from registrar.retry import Backoff, GaveUp, RetryClock, retry_within
@@ -125,7 +125,6 @@ class LeaseKeeper(Worker):
         self._known: frozenset[str] = frozenset()
         self._kept_drains: dict[str, str] = {}  # drain entries held when the lease was lost
         self._control = Control()
-        self._applying: Mapping[str, StoredKey] = {}  # what etcd holds once a write is in
         self._refused: str | None = None  # why etcd refuses our writes, while it does
         self._grants = 0
         self._read_all = True  # the first read looks at every key (a run before this one's)
@@ -213,25 +212,6 @@ class LeaseKeeper(Worker):
         """(under the lock) whether `keys` bring a service this keeper had no instance of: the
         control state it holds may be stale for it, so it is read again before the write."""
         return not self._services_of(keys) <= self._services()
-
-    def notice(self, events: Iterable[KeyEvent]) -> None:
-        """Events under the prefix or standby: re-read before the next write when one touches
-        a key of this keeper and is not what it wrote (someone else deleted or changed it)."""
-        held, expected = self._held, self._applying
-        for event in events:
-            parsed = self._layout.parse(event.key)
-            if parsed is None or not self._ownership.owns(parsed[1]):
-                continue
-            mine, meant = held.get(event.key), expected.get(event.key)
-            if event.value is None:
-                foreign = meant is not None  # we meant it to stay
-            else:
-                foreign = event.value not in {m.value for m in (mine, meant) if m is not None}
-            if foreign:
-                log.info("%s changed in etcd by someone else: reading again", event.key,
-                         extra={"event": "outside_change"})
-                self.request_reread()
-                return
 
     def set_sidecars(self, sidecars: frozenset[str]) -> None:
         with self._cond:
@@ -504,7 +484,6 @@ class LeaseKeeper(Worker):
 
     def _apply(self, decided: Plan) -> None:
         assert self._lease is not None
-        self._applying = decided.held
         try:
             self._store.apply(decided.changes.puts, decided.changes.deletes, self._lease)
         except EtcdRefused:

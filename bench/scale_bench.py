@@ -776,8 +776,10 @@ def section(results: Sequence[SizeResult]) -> str:
     out = [HEADING, "",
            f"Simulated hosts x {PER_HOST} instances (as many services as hosts), a 3-member "
            "etcd 3.4, two `registrar haproxy` (tcp, `--bind-file`, "
-           f"`--check-interval {CHECK_INTERVAL}`) and one `registrar catalog`, on this one "
-           "2-core machine (bench/scale_bench.py). Targets (at 1,000 hosts): promotion applied "
+           f"`--check-interval {CHECK_INTERVAL}`, `--spare-slots {SPARE_SLOTS}`) and one "
+           "`registrar catalog`, on this one 2-core machine; hosts and their containers start "
+           f"in waves of {START_WAVE} hosts (docs/scale.md says why and what each figure means). "
+           "Targets (at 1,000 hosts): promotion applied "
            "everywhere <= 2 s, router RSS <= 200 MiB, start to traffic p50 <= 50 ms, etcd at "
            "rest <= 250 requests/s.", "",
            "| hosts | instances | agents with a lease | every key in etcd | both routers "

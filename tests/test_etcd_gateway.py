@@ -231,6 +231,34 @@ def test_a_watch_whose_stream_ends_says_so_and_etcd_is_down(servers: list[Server
     assert store.up is False and downs == [True, False]
 
 
+def test_events_that_come_among_the_created_answers_are_not_lost(servers: list[Server]) -> None:
+    """Several watches on one stream: the first, created, replays its events (from its start
+    revision) before etcd answers the creation of the next one. They are delivered."""
+    def line(result: dict[str, Any]) -> bytes:
+        return json.dumps({"result": {"header": HEADER, **result}}).encode() + b"\n"
+
+    put = {"kv": {"key": b64("/p/a"), "value": b64("1"), "mod_revision": "6"}}
+    stream = (line({"created": True, "watch_id": "0"}) + line({"events": [put]})
+              + line({"created": True, "watch_id": "1"}))
+    release = threading.Event()
+
+    def answer(conn: socket.socket, _: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(stream), stream))
+        release.wait(5)
+
+    server = Server(answer)
+    servers.append(server)
+    store = EtcdStore(EtcdSettings((EtcdEndpoint("127.0.0.1", server.address.port, False),)))
+    watch = store.watch_prefixes(("/p", "/q"), 5)
+    try:
+        assert watch.get(2) == [KeyEvent("/p/a", "1", 6)]
+        assert watch.get(0.2) == []
+    finally:
+        release.set()
+        watch.cancel()
+
+
 @pytest.mark.parametrize(("error", "words", "lasting"), [
     (GatewayError(3, "etcdserver: authentication failed, invalid user ID or password"),
      ["etcd refused user 'u'", "--etcd-user"], True),

@@ -227,6 +227,27 @@ class WatchRefused(EtcdUnavailable):
     """etcd would not start a watch (no permission there, or a token it no longer takes)."""
 
 
+def _first_answers(stream: http1.Stream, watches: int) -> tuple[list[bytes | None], list[Any]]:
+    """The first answer of each of the stream's `watches` ("created", or why not), and the
+    messages of events that came among them: with several watches on one stream, the first
+    one created can replay its events (from its start revision) before etcd has answered the
+    creation of the next, and those events must not be taken for an answer and lost."""
+    firsts: list[bytes | None] = []
+    early: list[Any] = []
+    while len(firsts) < watches:
+        line = stream.read_line()
+        try:
+            message = json.loads(line) if line else None
+        except ValueError:
+            message = None
+        result = message.get("result") if isinstance(message, dict) else None
+        if isinstance(result, dict) and not result.get("created") and result.get("events"):
+            early.append(message)
+            continue
+        firsts.append(line)
+    return firsts, early
+
+
 class PrefixWatch:
     """Events under a prefix, from a revision on, read with `get()` on the caller's own
     thread (the follower's): one HTTP connection, no thread of its own.
@@ -236,10 +257,12 @@ class PrefixWatch:
     """
 
     def __init__(self, prefix: str, stream: http1.Stream,
-                 on_answer: Callable[[bool, str], None]) -> None:
-        """`on_answer(up, why)`: told of every message (True) and of the stream's end."""
+                 on_answer: Callable[[bool, str], None], early: Sequence[Any] = ()) -> None:
+        """`on_answer(up, why)`: told of every message (True) and of the stream's end; `early`:
+        messages of events that came while the stream's watches were still being created."""
         self._prefix = prefix
         self._stream = stream
+        self._early = list(early)
         self._on_answer = on_answer
         self._woken = False
         self._cancelled = False
@@ -256,6 +279,8 @@ class PrefixWatch:
             raise self._over
         if self._woken:
             return []
+        if self._early:
+            return self._deliver(self._early.pop(0))
         try:
             line = self._stream.read_line(timeout)
         except TimeoutError:
@@ -662,16 +687,18 @@ class EtcdStore:
                         timeout=self._settings.timeout, body=body,
                         headers=headers, ssl_context=self._ssl_context(),
                         keepalive=WATCH_KEEPALIVE, read_timeout=self._settings.timeout)
-                    firsts = [stream.read_line() for _ in prefixes]  # "created", or why not
+                    firsts, early = _first_answers(stream, len(prefixes))
                 except OSError as exc:
                     if stream is not None:
                         stream.close()
                     failure = exc
                     continue
                 self._preferred = index
+                early_events.extend(early)
                 return stream, self._created(stream, firsts)
             raise failure or ConnectionError("no etcd endpoint answered the watch")
 
+        early_events: list[Any] = []
         started = time.perf_counter()
         try:
             stream, created = self._call_watch(open_stream)
@@ -689,7 +716,7 @@ class EtcdStore:
             )
         # From now on, silence is normal (each get() waits its own time); TCP keepalive
         # notices a peer that died.
-        return PrefixWatch(prefix, stream, self._watch_answer)
+        return PrefixWatch(prefix, stream, self._watch_answer, early_events)
 
     @staticmethod
     def _created(stream: http1.Stream, firsts: list[bytes | None]) -> Any:

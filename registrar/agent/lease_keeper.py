@@ -127,8 +127,9 @@ class LeaseKeeper(Worker):
         self._control = Control()
         self._refused: str | None = None  # why etcd refuses our writes, while it does
         self._grants = 0
-        self._read_all = True  # the first read looks at every key (a run before this one's)
-        self.read_revision = 0  # the revision of the last read (for the shutdown's drain)
+        # the revision of the last read (0: none yet, the first reads every key; the shutdown's
+        # drain watches from it)
+        self.read_revision = 0
         self._etcd_back = False  # etcd answered again: retry at once, not after the backoff
         store.add_listener(self._etcd_answers)
         self.synced = threading.Event()  # everything told so far is written
@@ -445,27 +446,25 @@ class LeaseKeeper(Worker):
         one request (`_read_keys`)."""
         with self._cond:
             self._inputs.reread = False  # a change from now on is read again
-            ownership, desired = self._ownership, self._inputs.flat()
+            ownership, services = self._ownership, self._services()
         try:
-            self._read_keys(ownership, desired)
+            self._read_keys(ownership, services)
         except BaseException:
             with self._cond:
                 self._inputs.reread = True
             raise
 
-    def _read_keys(self, ownership: Ownership, desired: Mapping[str, str]) -> None:
+    def _read_keys(self, ownership: Ownership, services: Iterable[str]) -> None:
         """The first read takes every key under the prefix and standby, to find what a run
         before this one left (its keys of services no container runs any more); later ones
         only this node's keys of the services it holds or wants."""
         layout = self._layout
         rules = [rule + "/" for rule in layout.rules]
-        if self._read_all:
+        if not self.read_revision:
             starts = [layout.prefix + "/", layout.standby + "/", *rules]
         else:
-            services = self._services_of(desired) | self._services_of(self._held)
             starts = [*layout.own_starts(ownership.node, services), *rules]
         found, self.read_revision = self._store.list_starting(starts)
-        self._read_all = False
         stored = {k: v for k, v in found.items() if layout.in_rotation(k)}
         control_keys = {k: v for k, v in found.items() if not layout.in_rotation(k)}
         for key, value in self._kept_drains.items():

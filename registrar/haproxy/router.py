@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import logging
 import subprocess
@@ -87,7 +88,7 @@ log = logging.getLogger(__name__)
 
 QUIET = 0.1  # changes that need a reload, this close together, are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
-FEW_BACKENDS = 20  # a runtime change touching at most these is checked backend by backend
+FEW_BACKENDS = 20  # a change touching at most these is checked and counted backend by backend
 POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic)
 POLL_IN_FLIGHT = 0.2  # ... this often while requests are open on instances that left rotation
 RELOAD_CMD_TIMEOUT = 60.0
@@ -249,6 +250,22 @@ class Registrations:
             return self.version
 
 
+class Installed(enum.Enum):
+    """What came of installing a config file."""
+
+    YES = "yes"  # it is the file now (or one newer than it is)
+    REFUSED = "refused"  # haproxy -c refused it
+    FAILED = "failed"  # it could not be written (retried)
+
+
+def few_backends(backends: Collection[str] | None) -> list[str] | None:
+    """`backends` (HAProxy's names), sorted, when they are few enough to ask HAProxy about one
+    by one (a change among a thousand); None: ask about every backend at once."""
+    if backends is None or len(backends) > FEW_BACKENDS:
+        return None
+    return sorted(backends)
+
+
 @dataclass(frozen=True)
 class FileWanted:
     """A config file to install: the backends it renders, the revision they hold, and its text
@@ -365,7 +382,6 @@ class Router:
         self._installed_order = 0
         self.files = FileFollower(self._install_wanted)
         self._file_rejected = False  # the file of a runtime change was refused: roll it back
-        self.last_refused = False  # the last install was refused by haproxy -c
         self.backends: tuple[Backend, ...] = ()  # what is wanted now
         self.can_run = False  # a config exists that HAProxy may be started with
         self._retry = RetryClock()  # failed reloads in a row, and when to try again
@@ -518,7 +534,7 @@ class Router:
         self.files.cancel()
         wanted = FileWanted(text, tuple(backends), self._revision, order=next(self._file_order))
         with self._install_lock:
-            return self._install_now(wanted)
+            return self._install_now(wanted) is Installed.YES
 
     def _install_wanted(self, wanted: FileWanted) -> None:
         """(the file thread) Renders and installs a runtime change's file; a refusal is rolled
@@ -529,36 +545,34 @@ class Router:
                 return  # the template failed: logged and counted
             wanted = FileWanted(text, wanted.backends, wanted.revision, order=wanted.order)
         with self._install_lock:
-            if not self._install_now(wanted) and self.last_refused:
+            if self._install_now(wanted) is Installed.REFUSED:
                 self._file_rejected = True
 
-    def _install_now(self, wanted: FileWanted) -> bool:
+    def _install_now(self, wanted: FileWanted) -> Installed:
         text, backends = wanted.text, wanted.backends
         assert text is not None
         if wanted.order < self._installed_order:
-            return True  # overtaken by a newer file, installed meanwhile
+            return Installed.YES  # overtaken by a newer file, installed meanwhile
         self._installed_order = wanted.order
-        self.last_refused = False
         if text == self.installed_text:
-            return True
+            return Installed.YES
         try:
             install_config(self.hp.haproxy_bin, self.hp.config, text)
         except ConfigRejected as exc:
             log.error("new config refused by haproxy -c, not installed; the current one "
                       "keeps serving:\n%s", exc, extra={"event": "config_rejected"})
             self.metrics.reload_failures.inc()
-            self.last_refused = True
-            return False
+            return Installed.REFUSED
         except OSError as exc:
             log.error("cannot write %s: %s", self.hp.config, exc,
                       extra={"event": "config_write_failed"})
             self.metrics.reload_failures.inc()
             self._schedule_retry()
-            return False
+            return Installed.FAILED
         self.installed_text, self.installed_backends = text, tuple(backends)
         self._installed_revision = wanted.revision
         self.can_run = True
-        return True
+        return Installed.YES
 
     def _runtime_update(self, plan: RuntimePlan, backends: Sequence[Backend],
                         started: float, changed: Collection[str] | None = None) -> bool:
@@ -587,11 +601,11 @@ class Router:
 
     def _run_plan(self, plan: RuntimePlan) -> bool:
         assert self.haproxy is not None
-        touched = sorted({want.backend for want in plan.expect})
+        few = few_backends({want.backend for want in plan.expect})
         try:
             self.haproxy.runtime(plan.commands)
-            if len(touched) <= FEW_BACKENDS:  # those backends' slots only, not thousands
-                state = "".join(self.haproxy.servers_state(b) for b in touched)
+            if few is not None:  # those backends' slots only, not thousands
+                state = "".join(self.haproxy.servers_state(b) for b in few)
             else:
                 state = self.haproxy.servers_state()
             problems = check_slots(state, plan.expect)
@@ -798,9 +812,9 @@ class Router:
             return
         if worker is None and self._workers:
             worker = self._workers[0]
-        few = backends is not None and len(backends) <= FEW_BACKENDS
+        few = few_backends(backends)
         try:
-            texts = ([self.haproxy.stat(worker, b) for b in sorted(backends or ())] if few
+            texts = ([self.haproxy.stat(worker, b) for b in few] if few is not None
                      else [self.haproxy.stat(worker)])
         except HAProxyError as exc:
             log.debug("show stat failed: %s", exc)
@@ -812,7 +826,7 @@ class Router:
             return  # a worker that has gone meanwhile answers nothing
         if not self._workers or worker == self._workers[0]:
             current = {slot: v.pop("scur") for slot, v in counters.items()}
-            if few:
+            if few is not None:
                 self._current_open.update(current)
             else:
                 self._current_open = current
@@ -820,7 +834,7 @@ class Router:
             for v in counters.values():
                 v.pop("scur")
         with self.traffic_lock:
-            added = self.traffic.observe(counters, self._owners(backends if few else None))
+            added = self.traffic.observe(counters, self._owners(few))
         self._count(added)
 
     def _count(self, added: Mapping[Owner, Mapping[str, int]]) -> None:

@@ -28,9 +28,9 @@ import functools
 import itertools
 import json
 import os
-import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +44,7 @@ from typing import Any
 
 from bench.observe import cpu_seconds, process_tree, rss_kib, scrape
 from bench.report import add_section, median, ms, p95
+from bench.scale_listener import raise_open_files
 from registrar.haproxy.process import cli, socket_paths
 from tests.cluster.load import LoadStats
 from tests.support.etcd import EtcdCluster
@@ -72,20 +73,6 @@ T0 = time.monotonic()
 
 def say(message: str) -> None:
     print(f"[scale {time.monotonic() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-OPEN_FILES = 262_144  # HAProxy with 1,000 frontends and 10,000 servers asks for ~34,000
-
-
-def raise_open_files() -> int:
-    """The open-file limit of this process and of everything it starts (the simulated hosts,
-    etcd, the routers and their HAProxy): as high as root may set it, else the hard limit."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, OPEN_FILES),) * 2)
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.05) -> float:
@@ -515,7 +502,7 @@ class ScaleRun:
         specs = self.placements("v2", [service], shift=1)
         names = [s[1] for s in specs]
         self.start_containers(specs)
-        wait_for("v2 keys", lambda: all(v is not None for v in self.acked(names).values()), 60)
+        wait_for("v2 keys", functools.partial(self.all_acked, names), 60)
         for router in self.routers:
             wait_for(f"{router.name}: v1 and v2 serve",
                      functools.partial(self.has_up, router, 2 * PER_HOST, service), 60, 0.1)
@@ -577,7 +564,7 @@ class ScaleRun:
             specs = self.placements("v2", services, shift=1)
             names = [s[1] for s in specs]
             self.start_containers(specs)
-            wait_for("v2 keys", lambda: all(v is not None for v in self.acked(names).values()),
+            wait_for("v2 keys", functools.partial(self.all_acked, names),
                      300, 0.5)
             for router in self.routers:  # v2 takes traffic before v1 goes
                 wait_for(f"{router.name}: v2 serving", functools.partial(
@@ -702,8 +689,6 @@ def _outside() -> None:
 
 
 def _answers(port: int) -> bool:
-    import socket
-
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"GET / HTTP/1.0\r\n\r\n")

@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from bench.scale_listener import raise_open_files
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.agent.control_follower import follower as etcd_follower
 from registrar.agent.lease_keeper import LeaseKeeper
@@ -233,13 +233,6 @@ def stats(hosts: int, containers: int) -> dict[str, Any]:
     return {"hosts": hosts, "containers": containers, "threads": threading.active_count(),
             "rss_kib": int(status["VmRSS"].split()[0]),
             "fds": len(os.listdir("/proc/self/fd"))}
-
-
-def raise_open_files() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,9 +42,23 @@ async def _serve(labels: dict[int, str]) -> None:
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
-def main(argv: list[str]) -> int:
+OPEN_FILES = 262_144  # HAProxy with 1,000 frontends and 10,000 servers asks for ~34,000
+
+
+def raise_open_files() -> int:
+    """The open-file limit of this process and of everything it starts (the scale part's
+    simulated hosts, etcd, the routers and their HAProxy, these listeners): as high as root may
+    set it, else the hard limit. The new soft limit."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, OPEN_FILES),) * 2)
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main(argv: list[str]) -> int:
+    raise_open_files()
     labels = {int(port): label for port, _, label in (a.partition("=") for a in argv)}
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(labels))

@@ -61,7 +61,7 @@ class TimedStore(EtcdStore):
     """The real client, noting when etcd acknowledged what (the bench's only addition)."""
 
     def __init__(self, settings: EtcdSettings) -> None:
-        super().__init__(settings, Metrics(served=False))
+        super().__init__(settings, Metrics())
         self.acked: dict[str, float] = {}  # key -> wall time of the write that put it
         self.beats: deque[float] = deque(maxlen=64)  # wall times of successful keepalives
         self.lost = 0
@@ -95,7 +95,7 @@ class Host:
         self.node = node
         self.docker = FakeDocker()
         self.store = TimedStore(etcd)
-        metrics = Metrics(served=False)
+        metrics = Metrics()
         self.keeper = LeaseKeeper(self.store, ttl=ttl, layout=layout,
                                   ownership=Ownership(node), metrics=metrics)
         self.follower = etcd_follower(self.store, self.keeper, layout, metrics)

@@ -1,81 +1,42 @@
 """The Prometheus metrics (README, "Metrics and health"), on a registry owned by one agent
-(never the global one).
+(never a global one).
 
-`Metrics(served=False)` is for a process that serves no metrics (a sidecar's default): every
-instrument is then a no-op, and prometheus_client is never imported (measured: 12 MiB of RSS
-and tens of milliseconds at every start, a third of a sidecar's footprint).
+Every process has them (a sidecar too: they cost it well under a millisecond and a few KiB);
+only one given --metrics-addr serves them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
 
 from registrar import __version__
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from registrar.exposition import Counter, Gauge, Histogram, Registry
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _ETCD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-class _Unserved:
-    """An instrument nobody reads: every call does nothing."""
-
-    def inc(self, amount: float = 1) -> None:
-        pass
-
-    def dec(self, amount: float = 1) -> None:
-        pass
-
-    def set(self, value: float) -> None:
-        pass
-
-    def observe(self, amount: float) -> None:
-        pass
-
-    def labels(self, *values: str, **labels: str) -> _Unserved:
-        return self
-
-
 class _Instruments:
-    """Makes the instruments: real ones on `registry`, or no-ops when it is None."""
+    """Makes the instruments on one registry."""
 
-    def __init__(self, registry: CollectorRegistry | None) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
     def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-        if self.registry is None:
-            return cast("Counter", _Unserved())
-        from prometheus_client import Counter
-
         return Counter(name, doc, labels, registry=self.registry)
 
     def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
-        if self.registry is None:
-            return cast("Gauge", _Unserved())
-        from prometheus_client import Gauge
-
         return Gauge(name, doc, labels, registry=self.registry)
 
     def histogram(self, name: str, doc: str, buckets: Sequence[float],
                   labels: Sequence[str] = ()) -> Histogram:
-        if self.registry is None:
-            return cast("Histogram", _Unserved())
-        from prometheus_client import Histogram
-
         return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, served: bool = True) -> None:
-        if served and registry is None:
-            from prometheus_client import CollectorRegistry
-
-            registry = CollectorRegistry(auto_describe=True)
-        self._registry = registry if served else None
-        r = _Instruments(self._registry)
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = registry if registry is not None else Registry()
+        r = _Instruments(self.registry)
         self.registrations = r.counter(
             "registrar_registrations_total", "Keys written for new registrations.")
         self.deregistrations = r.counter(
@@ -105,13 +66,6 @@ class Metrics:
         self.build_info = r.gauge("registrar_build_info", "Build information.", ["version"])
         self.build_info.labels(version=__version__).set(1)
         self._add_checks(r)
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        """The registry the metrics are on (only for metrics that are served)."""
-        if self._registry is None:
-            raise RuntimeError("these metrics are not served: they have no registry")
-        return self._registry
 
     def _add_failures(self, r: _Instruments) -> None:
         self.writes_refused = r.gauge(

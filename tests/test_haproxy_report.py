@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from registrar.adapters.etcd_store import EtcdStore
+from registrar.exposition import Registry
 from registrar.haproxy.config import Routed, parse_registration
 from registrar.haproxy.report import Reporter
 from registrar.haproxy.router import Router, RoutingMetrics
@@ -118,7 +118,7 @@ def test_applied_moves_only_once_haproxy_serves_the_change(tmp_path: Path) -> No
     hp = HAProxySettings(binds=(Bind("web", "127.0.0.1", 8080),), mode="http",
                          config=str(tmp_path / "haproxy.cfg"), haproxy_bin=haproxy,
                          reload_cmd=f"test ! -e {marker}")
-    router = Router(hp, "/services", RoutingMetrics(CollectorRegistry()), None, None)
+    router = Router(hp, "/services", RoutingMetrics(Registry()), None, None)
     written: list[int] = []
     router.report_now = lambda: written.append(router.applied)
     a, b = routed("n:a:80", 1), routed("n:b:80", 2)

@@ -48,7 +48,7 @@ from registrar.core.store import (
     WatchCompacted,
 )
 
-if TYPE_CHECKING:  # types only: the sidecar imports neither prometheus_client nor ssl for etcd
+if TYPE_CHECKING:  # types only: the sidecar imports no ssl for etcd
     import ssl
 
     from registrar.metrics import Metrics

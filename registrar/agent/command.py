@@ -74,7 +74,7 @@ def wait_for_container(
 def run(settings: Settings) -> int:
     stop = threading.Event()
     say_signal = install_stop_signals(stop)
-    metrics = Metrics(served=settings.metrics_addr is not None)
+    metrics = Metrics()
     metrics.etcd_up.set(0)
     metrics.docker_up.set(0)
     store = EtcdStore(settings.etcd, metrics, log_health=True)

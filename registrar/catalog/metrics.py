@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from registrar import __version__
 from registrar.catalog.state import CatalogState
+from registrar.exposition import Counter, Gauge, Histogram, Registry
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class CatalogMetrics:
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.registry = r = Registry()
         self.etcd_up = Gauge("registrar_etcd_up", "Whether etcd answers (0/1).", registry=r)
         self.requests = Counter(
             "registrar_catalog_requests_total", "HTTP requests answered, by path and status.",

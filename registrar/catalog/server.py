@@ -20,10 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from registrar.catalog.metrics import CatalogMetrics
 from registrar.catalog.state import CatalogState
+from registrar.exposition import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
                               {"Content-Security-Policy": CSP})
         if path == "/metrics":
             self.site.metrics.observe(self.site.state)
-            return self._send(200, generate_latest(self.site.metrics.registry),
-                              CONTENT_TYPE_LATEST)
+            return self._send(200, self.site.metrics.registry.render(),
+                              CONTENT_TYPE)
         return self._send(404, b"not found: try / or /v1/catalog\n",
                           "text/plain; charset=utf-8")
 

@@ -14,9 +14,7 @@ import os
 import socket
 import time
 
-from prometheus_client import Counter, Histogram
-from prometheus_client.registry import CollectorRegistry
-
+from registrar.exposition import Counter, Histogram, HistogramChild, Registry
 from registrar.haproxy.latency import BUCKETS, Latency, parse_line
 from registrar.haproxy.traffic import Owner
 from registrar.worker import Worker
@@ -30,7 +28,7 @@ READ_TIMEOUT = 0.5  # how soon the thread sees a stop
 class LatencyMetrics:
     """The histogram by service and version, and the lines HAProxy dropped."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.response_seconds = Histogram(
             "registrar_haproxy_response_seconds",
             "Time from a request sent to its server to the response headers received "
@@ -43,7 +41,7 @@ class LatencyMetrics:
             "time): responses missing from registrar_haproxy_response_seconds.",
             registry=registry,
         )
-        self._children: dict[Owner, Histogram] = {}
+        self._children: dict[Owner, HistogramChild] = {}
 
     def observe(self, owner: Owner, seconds: float) -> None:
         """One response into the histogram (`Latency.on_counted`: the reader's thread, or the

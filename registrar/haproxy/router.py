@@ -27,11 +27,10 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from registrar.core.control import Canary, parse_canaries
 from registrar.core.layout import Layout
 from registrar.core.store import KeyEvent, StoredKey
+from registrar.exposition import Counter, Gauge, Registry
 from registrar.haproxy.config import (
     Backend,
     BackendCache,
@@ -97,7 +96,7 @@ RELOAD_CMD_TIMEOUT = 60.0
 class RoutingMetrics:
     """The metrics of `registrar haproxy`, on the agent's registry (next to etcd_up, build_info)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Registry) -> None:
         r = registry
         self.reloads = Counter(
             "registrar_haproxy_reloads_total",

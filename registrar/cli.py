@@ -73,8 +73,6 @@ def read_files(settings: Settings) -> Settings:
     imported when no flag names a file (the sidecar's start)."""
     if not settings.files:
         return settings
-    import dataclasses
-
     from registrar.adapters.etcd_store import check_tls_files
     from registrar.adapters.files import lines, readable
     from registrar.settings import NO_BIND, SettingsError, parse_bind
@@ -89,8 +87,7 @@ def read_files(settings: Settings) -> Settings:
                     for number, text in lines("--bind-file", path)]
             if not hp.binds and not more:
                 raise SettingsError(NO_BIND)
-            settings = dataclasses.replace(
-                settings, haproxy=dataclasses.replace(hp, binds=hp.binds + tuple(more)))
+            settings = settings._replace(haproxy=hp._replace(binds=hp.binds + tuple(more)))
     catalog = settings.catalog
     if catalog is not None and catalog.cert is not None and catalog.key is not None:
         from registrar.catalog.server import check_tls_files as check_catalog

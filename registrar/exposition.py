@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -25,15 +25,13 @@ DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 Labels = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
     name: str
     labels: dict[str, str]
     value: float
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     name: str  # a counter's without `_total`, as Prometheus' text format names it
     kind: str  # "counter", "gauge" or "histogram"
     documentation: str

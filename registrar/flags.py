@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from registrar import __version__
 
@@ -41,8 +40,7 @@ class SettingsError(Exception):
     """A bad flag or environment value; the message names the flag."""
 
 
-@dataclass(frozen=True)
-class Flag:
+class Flag(NamedTuple):
     name: str  # "--etcd"
     help: str
     commands: tuple[str, ...] = (COMMON,)
@@ -221,16 +219,14 @@ def flag(command: str, name: str) -> Flag:
     return next(f for f in flags_of(command) if f.name == name)
 
 
-@dataclass(frozen=True)
-class Positional:
+class Positional(NamedTuple):
     dest: str
     metavar: str
     help: str
     optional: bool = False
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     name: str
     help: str
     description: str

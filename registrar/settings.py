@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from registrar.core.names import (
@@ -55,8 +54,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
 
-@dataclass(frozen=True)
-class EtcdEndpoint:
+def _repr_without_password(record: EtcdSettings | CatalogSettings) -> str:
+    shown = (f"{name}={value!r}" for name, value in zip(record._fields, record, strict=True)
+             if name != "password")
+    return f"{type(record).__name__}({', '.join(shown)})"
+
+
+class EtcdEndpoint(NamedTuple):
     host: str
     port: int
     secure: bool
@@ -66,22 +70,23 @@ class EtcdEndpoint:
         return f"{scheme}://{host_port(self.host, self.port)}"
 
 
-@dataclass(frozen=True)
-class EtcdSettings:
+class EtcdSettings(NamedTuple):
     endpoints: tuple[EtcdEndpoint, ...]
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
     user: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None  # never in the repr
     timeout: float = 2.0
+
+    def __repr__(self) -> str:
+        return _repr_without_password(self)
 
 
 # --- one settings type per command --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AgentSettings:
+class AgentSettings(NamedTuple):
     """`watch` (the host agent) and `register CONTAINER` (a sidecar)."""
 
     container: str | None = None  # register: the container, by name or id
@@ -90,22 +95,19 @@ class AgentSettings:
     network: str | None = None  # as if every container had registrar.network
 
 
-@dataclass(frozen=True)
-class ListSettings:
+class ListSettings(NamedTuple):
     service: str | None = None
     json: bool = False
     timeout: float = DEFAULT_LS_TIMEOUT  # how long to retry etcd through transient errors
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(NamedTuple):
     service: str
     host: str
     port: int
 
 
-@dataclass(frozen=True)
-class HAProxySettings:
+class HAProxySettings(NamedTuple):
     binds: tuple[Bind, ...]
     mode: str = "tcp"
     config: str = DEFAULT_HAPROXY_CONFIG
@@ -119,8 +121,7 @@ class HAProxySettings:
     bind_file: str | None = None
 
 
-@dataclass(frozen=True)
-class CanarySettings:
+class CanarySettings(NamedTuple):
     steps: tuple[int, ...]  # percentages, increasing, each 1..99
     interval: float = 30.0
     max_error_rate: float = 0.01
@@ -142,8 +143,7 @@ class CanarySettings:
         return None
 
 
-@dataclass(frozen=True)
-class PromoteSettings:
+class PromoteSettings(NamedTuple):
     service: str
     version: str | None  # None with --clear and with --pause/--resume/--abort
     clear: bool = False
@@ -153,8 +153,7 @@ class PromoteSettings:
     steer: str | None = None  # "pause", "resume" or "abort": the canary of SERVICE in progress
 
 
-@dataclass(frozen=True)
-class MaintSettings:
+class MaintSettings(NamedTuple):
     action: str  # "enable", "disable" or "list"
     service: str | None = None
     instance: str | None = None  # as in its key: node:container:port[:udp]
@@ -163,25 +162,25 @@ class MaintSettings:
     timeout: float = 30.0
 
 
-@dataclass(frozen=True)
-class DrainSettings:
+class DrainSettings(NamedTuple):
     container: str  # as in its instances' keys: the container's name
     node: str
     timeout: float = 30.0
     undo: bool = False
 
 
-@dataclass(frozen=True)
-class CatalogSettings:
+class CatalogSettings(NamedTuple):
     listen: tuple[str, int] = ("127.0.0.1", 9479)
     user: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None  # never in the repr
     cert: str | None = None
     key: str | None = None
 
+    def __repr__(self) -> str:
+        return _repr_without_password(self)
 
-@dataclass(frozen=True)
-class Settings:
+
+class Settings(NamedTuple):
     """What every command shares, and the running command's own settings in its slot (the
     others are None)."""
 

@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -220,7 +219,7 @@ def test_a_canary_s_header_or_cookie_needs_a_reload_its_weights_do_not() -> None
         wanted = build_backends(WEB, regs, {"web": canary})
         assert plan_runtime(live, wanted) is None  # a reload at the canary's start ...
         assert plan_runtime(fresh_layout(wanted), plain) is None  # ... and at its end
-        steps = build_backends(WEB, regs, {"web": replace(canary, percent=50)})
+        steps = build_backends(WEB, regs, {"web": canary._replace(percent=50)})
         assert plan_runtime(fresh_layout(wanted), steps) is not None  # steps: runtime API
     # with a header, a server joining a side changes the rendered backends: a reload
     header = {"web": Canary("v2", 10, header="X-C")}

@@ -170,7 +170,7 @@ def test_a_stream_closed_from_another_thread_ends_its_reader_quietly(
 
     server = serve(one_line_then_silence)
     stream = http1.open_stream(server.address, "POST", "/v3/watch", timeout=2,
-                               keepalive=http1.KeepAlive(idle=1, interval=1, count=1))
+                               keepalive=http1.KeepAlive(idle=1, interval=1, probes=1))
     seen: list[bytes] = []
     reader = threading.Thread(target=lambda: seen.extend(stream.lines()))
     reader.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ SETTLED = KeeperView(lease=7, lost_lease=None, ready=True, dirty=False, reread=F
 
 
 def step(now: float = 100.0, **changes: Any) -> Step:
-    return next_step(dataclasses.replace(SETTLED, **changes), now)
+    return next_step(SETTLED._replace(**changes), now)
 
 
 def test_nothing_changed_waits_until_told() -> None:
@@ -67,7 +66,7 @@ def test_after_a_failure_it_waits_for_the_backoff_unless_etcd_is_back() -> None:
 
 def test_the_keeper_walks_from_nothing_to_written_and_back_after_a_lost_lease() -> None:
     """The steps in order, each applied as the keeper's thread applies it."""
-    view = dataclasses.replace(SETTLED, lease=None, dirty=True, reread=True)
+    view = SETTLED._replace(lease=None, dirty=True, reread=True)
     walked = []
     for _ in range(10):
         taken = next_step(view, 0.0)
@@ -75,12 +74,12 @@ def test_the_keeper_walks_from_nothing_to_written_and_back_after_a_lost_lease() 
         if isinstance(taken, Wait):
             break
         if isinstance(taken, Grant):
-            view = dataclasses.replace(view, lease=8, reread=True)
+            view = view._replace(lease=8, reread=True)
         elif isinstance(taken, Read):
-            view = dataclasses.replace(view, reread=False)
+            view = view._replace(reread=False)
         elif isinstance(taken, Write):
-            view = dataclasses.replace(view, dirty=False)
-    view = dataclasses.replace(view, lost_lease=8)
+            view = view._replace(dirty=False)
+    view = view._replace(lost_lease=8)
     taken = next_step(view, 0.0)
     assert isinstance(taken, Forget) and taken.lease == 8
     assert walked == ["Grant", "Read", "Write", "Wait"]

@@ -115,3 +115,21 @@ def test_no_module_imports_another_that_imports_it_back() -> None:
 def test_the_circle_finder_finds_one() -> None:
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
+
+
+SIDECAR_NEVER = ("dataclasses", "inspect", "prometheus_client", "http.server", "http.client",
+                 "ssl", "jinja2", "random")
+
+
+def test_a_sidecar_start_imports_none_of_the_heavy_modules() -> None:
+    """What `registrar register` imports before its first put (README, "Why no gRPC and no
+    Docker SDK": each of these cost a sidecar milliseconds or MiB at every start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, registrar.cli, registrar.agent.command, registrar.settings; "
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True, timeout=30).stdout.split())
+    assert "registrar.agent.lease_keeper" in loaded  # the check sees the sidecar's modules
+    assert not loaded & set(SIDECAR_NEVER), sorted(loaded & set(SIDECAR_NEVER))

@@ -27,8 +27,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registrar.adapters import http1
 from registrar.core.containers import ContainerInfo, exposed_ports, parse_inspect
@@ -47,12 +46,11 @@ DEFAULT_TCP_HOST = "127.0.0.1"  # `tcp://:2375`, as the docker SDK read it
 API_VERSION = (1, 41)  # Docker 20.10 and Podman 4.3's compatible service, checked here
 # A TCP daemon that stops answering mid-stream (host gone, link cut) ends the events stream
 # after ~30 s; a unix socket ends with its daemon.
-EVENTS_KEEPALIVE = http1.KeepAlive(idle=15, interval=5, count=3)
+EVENTS_KEEPALIVE = http1.KeepAlive(idle=15, interval=5, probes=3)
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-@dataclass(frozen=True)
-class DockerEndpoint:
+class DockerEndpoint(NamedTuple):
     """Where Docker listens, and the TLS files when it is reached over TLS."""
 
     address: http1.Address
@@ -256,7 +254,7 @@ class DockerSource:
             raise DockerUnavailable(f"{what}: not an inspect document")
         info = parse_inspect(data)
         if info.host_network and not info.exposed:
-            info = replace(info, exposed=self._image_exposed(str(data.get("Image") or "")))
+            info = info._replace(exposed=self._image_exposed(str(data.get("Image") or "")))
         return info
 
     def _image_exposed(self, image: str) -> tuple[tuple[int, str], ...]:

@@ -67,7 +67,7 @@ TXN_MAX_OPS = 128
 # (a host powered off, a dropped route) is noticed by TCP keepalive alone: probed after 1 s of
 # silence, given up after one more second without an answer. `registrar_etcd_up` then turns 0
 # about 2 s after etcd went silent (a closed or reset connection is seen at once).
-WATCH_KEEPALIVE = http1.KeepAlive(idle=1, interval=1, count=1)
+WATCH_KEEPALIVE = http1.KeepAlive(idle=1, interval=1, probes=1)
 IDLE_CONNECTIONS = 4  # kept per endpoint: the keeper, heartbeats and readers do not queue
 
 # gRPC status codes, as the gateway's error bodies give them.

@@ -22,8 +22,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registrar.core.names import host_port
 
@@ -39,8 +38,7 @@ class ProtocolError(OSError):
     """The peer's answer is not HTTP/1.1 as we know it (or it closed mid-answer)."""
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
     """Where to connect: a unix socket (`path`) or host and port, TLS when `tls`."""
 
     host: str = ""
@@ -60,21 +58,19 @@ class Address:
         return f"{'https' if self.tls else 'http'}://{self.host_header}"
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     status: int
     headers: Mapping[str, str]  # names in lower case
     body: bytes
 
 
-@dataclass(frozen=True)
-class KeepAlive:
+class KeepAlive(NamedTuple):
     """TCP keepalive for long-lived streams: a peer silent for `idle` seconds is probed every
-    `interval` and given up after `count` unanswered probes."""
+    `interval` and given up after `probes` unanswered probes."""
 
     idle: int
     interval: int
-    count: int
+    probes: int
 
 
 def connect(address: Address, timeout: float, ssl_context: ssl.SSLContext | None = None,
@@ -96,7 +92,7 @@ def connect(address: Address, timeout: float, ssl_context: ssl.SSLContext | None
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.probes)
         if address.tls:
             if ssl_context is None:
                 raise ValueError(f"{address}: TLS without an SSL context")

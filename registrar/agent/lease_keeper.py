@@ -22,7 +22,6 @@ them and keeps holding the same run; nobody taking them over, they are gone with
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -76,16 +75,16 @@ _MESSAGES = {
 }
 
 
-@dataclasses.dataclass
 class _Inputs:
     """What callers told the keeper (guarded by the keeper's condition)."""
 
-    desired: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # cid -> keys
-    runs: dict[str, Run] = dataclasses.field(default_factory=dict)  # cid -> running, not stopping
-    since: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> event time
-    ready: bool = False  # the first full picture of what runs arrived: writing may begin
-    dirty: bool = True  # something changed since the last write
-    reread: bool = True  # read this node's keys and the control state before writing
+    def __init__(self) -> None:
+        self.desired: dict[str, dict[str, str]] = {}  # cid -> keys
+        self.runs: dict[str, Run] = {}  # cid -> running, not stopping
+        self.since: dict[str, float] = {}  # key -> event time
+        self.ready = False  # the first full picture of what runs arrived: writing may begin
+        self.dirty = True  # something changed since the last write
+        self.reread = True  # read this node's keys and the control state before writing
 
     def flat(self) -> dict[str, str]:
         return {key: value for keys in self.desired.values() for key, value in keys.items()}
@@ -186,7 +185,7 @@ class LeaseKeeper(Worker):
             self._inputs.desired = desired_now
             self._inputs.runs = runs_now
             if sidecars is not None:
-                self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
+                self._ownership = self._ownership._replace(sidecars=sidecars)
             self._inputs.ready = True
             self._inputs.reread = self._inputs.reread or reread
             self._changed()
@@ -217,7 +216,7 @@ class LeaseKeeper(Worker):
     def set_sidecars(self, sidecars: frozenset[str]) -> None:
         with self._cond:
             if sidecars != self._ownership.sidecars:
-                self._ownership = dataclasses.replace(self._ownership, sidecars=sidecars)
+                self._ownership = self._ownership._replace(sidecars=sidecars)
                 self._changed()
 
     def request_reread(self) -> None:
@@ -520,7 +519,7 @@ class LeaseKeeper(Worker):
         self._kept_drains = {}  # put again (or ended): held like the others from now on
         ended = {d for key in decided.changes.deletes if (d := self._layout.parse_drain(key))}
         if ended:  # not read again before the next write: a stale entry must not hold
-            self._control = dataclasses.replace(self._control, draining={
+            self._control = self._control._replace(draining={
                 d: v for d, v in self._control.draining.items() if d not in ended})
         registered, deregistered = decided.counts()
         self._metrics.registrations.inc(registered)

@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from registrar.agent.lease_keeper import LeaseKeeper
@@ -60,14 +59,14 @@ class _Recheck:
         self.container_id = container_id
 
 
-@dataclass
 class _Tracked:
     """What the consumer knows of one container."""
 
-    info: ContainerInfo
-    stopping: bool = False  # a kill/stop was seen: out of rotation until it starts again
-    rejected: str | None = None
-    values: dict[str, str] = field(default_factory=dict)  # key -> encoded value
+    def __init__(self, info: ContainerInfo) -> None:
+        self.info = info
+        self.stopping = False  # a kill/stop was seen: out of rotation until it starts again
+        self.rejected: str | None = None
+        self.values: dict[str, str] = {}  # key -> encoded value
 
     def run(self) -> Run | None:
         """This run of the container while it runs and is not stopping: what a drain holds
@@ -329,7 +328,7 @@ class ContainerWatcher(Worker):
             self._withdraw(cid)
         elif effect in (Effect.OUT, Effect.DIED):
             if effect is Effect.DIED and tracked is not None:
-                tracked.info = replace(tracked.info, running=False)
+                tracked.info = tracked.info._replace(running=False)
             self._withdraw(cid)
             if effect is Effect.DIED and self._only:
                 self._container_gone(cid, action)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # Signals that end a process (INT, QUIT, KILL, TERM), as normalize_signal() gives them: a
 # `kill` event with one of these (or the container's own StopSignal) means "starts stopping".
@@ -12,21 +11,19 @@ ENDING_SIGNALS = frozenset({"2", "3", "9", "15"})
 UNSPECIFIED_IPS = frozenset({"", "0.0.0.0", "::"})
 
 
-@dataclass(frozen=True)
-class PortBinding:
+class PortBinding(NamedTuple):
     private_port: int
     protocol: str  # "tcp" or "udp"
     host_port: int
     host_ip: str  # as Docker reports it; "" / 0.0.0.0 / :: mean all interfaces
 
 
-@dataclass(frozen=True)
-class ContainerInfo:
+class ContainerInfo(NamedTuple):
     id: str
     name: str
     image: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = {}
+    env: Mapping[str, str] = {}
     ports: tuple[PortBinding, ...] = ()
     exposed: tuple[tuple[int, str], ...] = ()  # (port, protocol) from EXPOSE / --expose
     host_network: bool = False
@@ -37,7 +34,7 @@ class ContainerInfo:
     stop_signal: str = "SIGTERM"
     started_at: str = ""  # State.StartedAt: tells one run of the container from the next
     # name -> (IPv4 address, global IPv6 address) on each network it is attached to ("" if none)
-    networks: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    networks: Mapping[str, tuple[str, str]] = {}
 
     @property
     def serving(self) -> bool:

@@ -14,7 +14,7 @@ An instance comes back only when nothing holds it out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from registrar.core.drain import Drain, parse_drain
 from registrar.core.layout import Layout, child_name, parse_key
@@ -23,8 +23,7 @@ from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
 
 
-@dataclass(frozen=True)
-class Canary:
+class Canary(NamedTuple):
     """A weights key: VERSION gets `percent` % of new requests; `header` (requests whose
     header NAME is `always` go to VERSION, `never` to the others) and `sticky` (a cookie keeps
     each client on its version) for the routers; `paused` for people (ls, the catalog)."""
@@ -36,14 +35,13 @@ class Canary:
     paused: bool = False
 
 
-@dataclass(frozen=True)
-class Control:
-    promotions: Mapping[str, str] = field(default_factory=dict)  # service -> version
-    canaries: Mapping[str, Canary] = field(default_factory=dict)  # service -> weights key
+class Control(NamedTuple):
+    promotions: Mapping[str, str] = {}  # service -> version
+    canaries: Mapping[str, Canary] = {}  # service -> weights key
     held_services: frozenset[str] = frozenset()
     held_instances: frozenset[tuple[str, str]] = frozenset()  # (service, instance)
     held_nodes: frozenset[str] = frozenset()
-    draining: Mapping[tuple[str, str], Drain] = field(default_factory=dict)  # (node, container)
+    draining: Mapping[tuple[str, str], Drain] = {}  # (node, container)
 
     def drained(self, instance: str) -> bool:
         """Whether a drain entry holds the container of `instance` (`node:container:port`)."""

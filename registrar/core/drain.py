@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from registrar.core.layout import child_name
 from registrar.core.planner import json_object
@@ -26,8 +26,7 @@ from registrar.core.store import StoredKey
 DRAIN_TTL = 60  # the command's own lease: an entry nobody takes over is gone within a minute
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """One run of a container: a restart (same id) or a new container (same name) is another."""
 
     name: str
@@ -38,8 +37,7 @@ class Run:
         return (self.container_id, self.started_at) == (other.container_id, other.started_at)
 
 
-@dataclass(frozen=True)
-class Drain:
+class Drain(NamedTuple):
     """One drain entry as stored; `run` is None until an owner took it over."""
 
     at: str
@@ -69,12 +67,11 @@ def entry_value(at: str, run: Run | None = None) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-@dataclass(frozen=True)
-class Holding:
+class Holding(NamedTuple):
     """What an owner does with the drain entries of its containers."""
 
     held: frozenset[tuple[str, str]]  # (node, container) whose instances stay out
-    entries: Mapping[str, str] = field(default_factory=dict)  # drain key -> value to hold
+    entries: Mapping[str, str] = {}  # drain key -> value to hold
 
 
 def hold(
@@ -100,13 +97,12 @@ def hold(
 # --- the routers --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
     """What a router's report says of its progress (None: an older release that does not)."""
 
     node: str
     applied: int | None
-    in_flight: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    in_flight: Mapping[str, Mapping[str, int]] = {}
 
 
 def parse_report(node: str, raw: str) -> Report:

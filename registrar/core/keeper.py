@@ -8,11 +8,10 @@ etcd at most, so a failure is retried from where it stopped (`registrar.retry.Re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class KeeperView:
+class KeeperView(NamedTuple):
     lease: int | None  # the lease the keys are bound to (None: none granted yet, or lost)
     lost_lease: int | None  # a lease the heartbeat says is gone, not yet forgotten
     ready: bool  # the first full picture of what runs arrived: writing may begin
@@ -25,8 +24,8 @@ class KeeperView:
 
 class _Step:
     """One answer of `next_step`: equal to another of the same kind with the same fields.
-    Plain classes, not dataclasses: a sidecar imports this at start, and each dataclass costs
-    it the compiling of its methods."""
+    Plain classes: a sidecar imports no dataclasses (README, "Why no gRPC and no Docker SDK"),
+    and NamedTuples of two kinds with equal fields would be equal (`Wait(None) == Forget(None)`)."""
 
     __slots__: tuple[str, ...] = ()
 

@@ -18,7 +18,7 @@ place (pure).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from registrar.core.names import NAME_RE
 
@@ -40,8 +40,7 @@ def child_name(base: str, key: str) -> str | None:
     return name if NAME_RE.fullmatch(name) else None
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     prefix: str
     control: str
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registrar.core.containers import UNSPECIFIED_IPS, ContainerInfo
 from registrar.core.names import NAME_RE, TRUE_WORDS
@@ -32,8 +31,7 @@ _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
                         "/-._~%!$&'()*+,;=:@")
 
 
-@dataclass(frozen=True)
-class Registration:
+class Registration(NamedTuple):
     key: str
     service: str
     instance: str
@@ -44,8 +42,7 @@ class Registration:
         return json.dumps(self.value, sort_keys=True, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What to register for one container; `rejected` is a reason when it is refused."""
 
     registrations: tuple[Registration, ...] = ()
@@ -54,8 +51,7 @@ class Outcome:
     skipped: str | None = None  # not an error: ignored, no port, not explicit...
 
 
-@dataclass(frozen=True)
-class NamingContext:
+class NamingContext(NamedTuple):
     prefix: str
     node: str
     host_ip: str | None  # --host-ip / $COREOS_PRIVATE_IPV4
@@ -128,8 +124,7 @@ def _version(container: ContainerInfo) -> tuple[str, str | None]:
     return version, None
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
     """Where a container's ports are dialled, from its labels: `registrar.network` (its own
     address on that network, the private ports) or `registrar.ip` (this host for every port)."""
 

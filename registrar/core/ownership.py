@@ -8,7 +8,7 @@ Nothing else is ever deleted, whatever is stored under the prefix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from registrar.core.names import split_instance
 
@@ -19,8 +19,7 @@ def owned_by(node: str, instance: str) -> bool:
     return parts is not None and parts[0] == node and parts[2].isdigit()
 
 
-@dataclass(frozen=True)
-class Ownership:
+class Ownership(NamedTuple):
     node: str
     container: str | None = None  # a sidecar's container name: only its keys
     sidecars: frozenset[str] = frozenset()  # watch: containers whose own sidecar owns their keys

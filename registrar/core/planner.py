@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from registrar.core.store import StoredKey
 
 
-@dataclass(frozen=True)
-class Changes:
-    puts: Mapping[str, str] = field(default_factory=dict)
+class Changes(NamedTuple):
+    puts: Mapping[str, str] = {}
     deletes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:

@@ -10,10 +10,9 @@ etcd acknowledged them, records `Plan.held` and reports `Plan.notes`.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from registrar.core.control import Control, place
 from registrar.core.drain import Run, hold, parse_drain
@@ -37,19 +36,17 @@ class Happened(enum.Enum):
 NEW = frozenset({Happened.REGISTER, Happened.REGISTER_STANDBY})
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(NamedTuple):
     happened: Happened
     service: str
     instance: str
     key: str
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     changes: Changes
     notes: tuple[Note, ...] = ()
-    held: Mapping[str, StoredKey] = field(default_factory=dict)  # ours, once applied
+    held: Mapping[str, StoredKey] = {}  # ours, once applied
     known: frozenset[str] = frozenset()  # "service/instance" registered and not withdrawn
 
     def counts(self) -> tuple[int, int]:
@@ -101,8 +98,8 @@ def plan(
         drained: parse_drain(drained[1], item) for key, item in ours.items()
         if (drained := layout.parse_drain(key)) is not None}}
     holding = hold(drains, runs or {}, ownership.owns_container, layout.drain_key)
-    effective = dataclasses.replace(
-        control, draining={d: v for d, v in drains.items() if d in holding.held})
+    effective = control._replace(
+        draining={d: v for d, v in drains.items() if d in holding.held})
     wanted = {
         key: value for key, value in place(desired, effective, layout).items()
         if (parsed := layout.parse(key)) is not None and ownership.owns(parsed[1])

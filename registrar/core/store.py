@@ -9,8 +9,7 @@ so a call the fake lacks, or one the real store answers differently, shows in `m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # Status codes (gRPC's, which the gateway's error bodies carry) with which etcd answers a
 # request it will not carry out while it is up.
@@ -23,16 +22,14 @@ REFUSAL_CODES = frozenset({
 })
 
 
-@dataclass(frozen=True)
-class StoredKey:
+class StoredKey(NamedTuple):
     """One key as etcd holds it (or as we last wrote it)."""
 
     value: str
     lease: int
 
 
-@dataclass(frozen=True)
-class KeyEvent:
+class KeyEvent(NamedTuple):
     key: str
     value: str | None  # None: deleted (or expired with its lease)
     revision: int

@@ -9,6 +9,8 @@ checks the README's option tables against it.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any, NamedTuple, NoReturn
 
@@ -295,6 +297,27 @@ class _Parser(argparse.ArgumentParser):
         raise SettingsError(message)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, given the terminal's width. Left to itself it imports shutil
+    (and bz2, lzma and zlib with it: 3 ms of a sidecar's start) to ask, at every add_argument."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it: $COLUMNS, stdout's, 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):  # not a terminal, or closed
+        return 80
+
+
 def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
     if flag.kind == "action":
         parser.add_argument(flag.name, dest=flag.attr, action="store_true", help=flag.help)
@@ -309,7 +332,8 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
 
 
 def _add_command(sub: Any, command: Command) -> None:
-    parser = sub.add_parser(command.name, help=command.help, description=command.description)
+    parser = sub.add_parser(command.name, help=command.help, description=command.description,
+                            formatter_class=_Formatter)
     for positional in command.positionals:
         parser.add_argument(positional.dest, metavar=positional.metavar, help=positional.help,
                             **({"nargs": "?"} if positional.optional else {}))
@@ -325,6 +349,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sidecar starts once per container, and building every command's parser cost it ~10 ms."""
     parser = _Parser(
         prog="registrar",
+        formatter_class=_Formatter,
         description=(
             "Registers the published ports of Docker containers in etcd v3, each key bound to a "
             "lease kept alive by heartbeats, and removes them the moment a container stops. "

@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.observe import DockerEvents
+from bench.observe import DockerEvents, rss_kib
 from bench.report import part_main, ratio
 from registrar.core.control import Canary
 from registrar.haproxy.config import Server, builtin_template_text, server_weights
@@ -701,6 +701,16 @@ class Bench:
             f"without pause: {failed} of {total} requests failed",
             baseline=0, baseline_note=BEFORE,
         ))
+        if not template:
+            rss = rss_kib(stack.router.pid) / 1024
+            rows.append(Row(
+                "RSS of `registrar haproxy` (its own process)", rounded(rss), "MiB",
+                "<= 25 MiB (issue 21)", le(rss, 25.0),
+                f"VmRSS of the router's process after the deploy of {deploy_n} and the rolling "
+                "replace (HAProxy's processes apart)",
+                baseline=29.5, baseline_note="issue 21's probe before prometheus-client and "
+                "`http.server` left (registrar's own exposition and server)",
+            ))
         return rows
 
     def fault_rows(self, stack: Stack, n: int) -> list[Row]:

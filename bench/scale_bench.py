@@ -63,7 +63,7 @@ CHECK_INTERVAL = "10"
 # 1,000 backends x 32 slots (the default at least) needed 33,569 file descriptors, over this
 # machine's hard limit of 20,000: 4 a backend, and more instances than that are a reload.
 SPARE_SLOTS = 4
-PROBES = 10  # start-to-traffic samples, each a service of its own (bound, never served before)
+PROBES = 30  # start-to-traffic samples, each a service of its own (bound, never served before)
 DEPLOYED = 100  # services in the rolling deploy
 PORT_A, PORT_B = 21000, 24000  # the routers' frontends: PORT + service index
 LISTEN_V1, LISTEN_V2, LISTEN_PROBE = (27000, 27001), (27002, 27003), 27010

@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 
 QUIET = 0.1  # changes that need a reload, this close together, are applied together ...
 MAX_DELAY = 1.0  # ... and none later than this after it arrived
+FILE_QUIET = 0.5  # the file of runtime-API changes: written once they are this quiet ...
+FILE_MAX_DELAY = 2.0  # ... and at most this long after the first
 FEW_BACKENDS = 20  # a change touching at most these is checked and counted backend by backend
 POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic)
 POLL_IN_FLIGHT = 0.2  # ... this often while requests are open on instances that left rotation
@@ -278,10 +280,13 @@ class FileWanted:
 
 
 class FileFollower(Worker):
-    """Renders and installs the config file of a runtime-API change on a thread of its own:
-    HAProxy already serves the change, and rendering a thousand backends (~50 ms) and `haproxy
-    -c` of them (up to a second on a busy machine) must not make the router's loop keep the
-    next change waiting. Only the latest file waits; one overtaken by a newer one is never
+    """Renders and installs the config file of runtime-API changes on a thread of its own:
+    HAProxy already serves them, and rendering a thousand backends (~50 ms) and `haproxy -c`
+    of them (up to a second on a busy machine) must not make the router's loop keep the next
+    change waiting. The file is written once the changes have been quiet for FILE_QUIET, at
+    most FILE_MAX_DELAY after the first: a deploy of a hundred instances renders it a few
+    times, not a hundred (at 1,000 backends each render took the CPU the loop needed,
+    docs/scale.md). Only the latest file waits; one overtaken by a newer one is never
     rendered."""
 
     def __init__(self, install: Callable[[FileWanted], None],
@@ -290,10 +295,12 @@ class FileFollower(Worker):
         self._install = install
         self._cond = threading.Condition()
         self._wanted: FileWanted | None = None
+        self._gather = Gather(FILE_QUIET, FILE_MAX_DELAY)
 
     def submit(self, wanted: FileWanted) -> None:
         with self._cond:
             self._wanted = wanted
+            self._gather.note(time.monotonic())
             self._cond.notify_all()
         if self._thread is None:
             self.start()
@@ -302,6 +309,7 @@ class FileFollower(Worker):
         """A newer file is being installed by the caller itself."""
         with self._cond:
             self._wanted = None
+            self._gather.clear()
 
     def wake(self) -> None:
         with self._cond:
@@ -309,10 +317,15 @@ class FileFollower(Worker):
 
     def run(self) -> None:
         while not self.stopping:
-            with self._cond:
-                self._cond.wait_for(lambda: self._wanted is not None or self.stopping, 0.5)
-                wanted, self._wanted = self._wanted, None
             self.health.progressed()
+            with self._cond:
+                due = self._gather.due_at() if self._wanted is not None else None
+                now = time.monotonic()
+                if due is None or now < due:
+                    self._cond.wait(0.5 if due is None else min(0.5, due - now))
+                    continue
+                wanted, self._wanted = self._wanted, None
+                self._gather.clear()
             if wanted is not None and not self.stopping:
                 try:
                     self._install(wanted)

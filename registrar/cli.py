@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from registrar.settings import Settings
@@ -17,7 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = read_files(parse_settings(args, os.environ, socket.gethostname()))
+        settings = parse_settings(args, os.environ, socket.gethostname())
+        if settings.command == "haproxy":
+            without_openssl_hashes()
+        settings = read_files(settings)
     except SettingsError as exc:
         print(f"registrar: error: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def without_openssl_hashes() -> None:
+    """Before the router imports jinja2: jinja2 imports hashlib for a template bytecode cache
+    registrar never uses, and hashlib loads OpenSSL's libcrypto for it, 3.1 MiB of the
+    router's RSS (its budget is 25, README "Why no gRPC and no Docker SDK"). Told there is no
+    `_hashlib`, hashlib serves the same algorithms from Python's own modules. Nothing happens
+    when it is already loaded (and TLS to etcd loads libcrypto through `ssl` anyway)."""
+    modules: Any = sys.modules  # None there means "cannot be imported" (the import system's rule)
+    modules.setdefault("_hashlib", None)
 
 
 def read_files(settings: Settings) -> Settings:

@@ -134,3 +134,19 @@ def test_a_sidecar_start_imports_none_of_the_heavy_modules() -> None:
                                 check=True, timeout=30).stdout.split())
     assert "registrar.agent.lease_keeper" in loaded  # the check sees the sidecar's modules
     assert not loaded & set(SIDECAR_NEVER), sorted(loaded & set(SIDECAR_NEVER))
+
+
+def test_the_router_imports_jinja2_without_openssls_hashes() -> None:
+    """`registrar haproxy` tells hashlib there is no `_hashlib` before jinja2 imports it (3.1
+    MiB of libcrypto for a bytecode cache it never uses); hashlib still hashes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; "
+            "from registrar.cli import without_openssl_hashes; without_openssl_hashes(); "
+            "import registrar.haproxy.command, hashlib, hmac; "
+            "print(sys.modules.get('_hashlib') is None, hashlib.sha256(b'a').hexdigest()[:8], "
+            "hmac.new(b'k', b'm', 'sha256').hexdigest()[:8])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=30).stdout.split()
+    assert out == ["True", "ca978112", "b60090e3"]

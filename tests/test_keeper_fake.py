@@ -793,3 +793,43 @@ def test_network_connect_and_disconnect_re_register_at_the_new_address(
     value = json.loads(rig.fake_etcd.stored()[key("web-1")])
     assert (value["host"], value["port"]) == ("10.20.0.9", 8080)
     assert sample(rig.metrics, "registrar_docker_events_total", action="network_connect") == 1
+
+
+def test_a_key_someone_else_changes_is_put_right_at_once_and_a_resync_reads_nothing(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    """The follower watches this node's keys (service by service, made again for a service new
+    to the keeper): a key deleted or changed by someone else is put right at once, the
+    keeper's own writes make it read nothing, and a periodic resync asks etcd nothing."""
+    from registrar.agent.control_follower import follower
+
+    rig = rig_factory(resync=0.05)
+    following = follower(rig.fake_etcd, rig.keeper, Layout(PREFIX, CONTROL), rig.metrics)
+    rig.docker.add(container("web-1"))
+    rig.start()
+    following.start()
+    api = key("api-1", service="api")
+    try:
+        wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+        mine = rig.fake_etcd.stored()[key("web-1")]
+        # a service new to the keeper: the watch is made again, with its keys
+        cid = rig.docker.add(container("api-1", labels={"registrar.service": "api"}))
+        rig.docker.emit("start", cid)
+        wait_until(lambda: api in rig.fake_etcd.stored(), what="api-1 registered")
+        wait_until(lambda: any(api.startswith(start) for watch in rig.fake_etcd.watches
+                               if not watch.cancelled for start in watch.starts),
+                   what="api-1's keys watched")
+        reads = rig.fake_etcd.reads
+        rig.resyncs(4)
+        assert rig.fake_etcd.reads == reads  # the resyncs read nothing, nor did our own writes
+
+        rig.fake_etcd.delete(key("web-1"))  # someone else
+        wait_until(lambda: rig.fake_etcd.stored().get(key("web-1")) == mine,
+                   what="the deleted key put back")
+        theirs = rig.fake_etcd.kv[api]
+        rig.fake_etcd.put(api, '{"host": "elsewhere"}', theirs.lease)
+        wait_until(lambda: rig.fake_etcd.stored().get(api) == theirs.value,
+                   what="the changed key put right")
+        assert rig.fake_etcd.reads > reads  # each read again before its repair
+    finally:
+        following.stop(time.monotonic() + 2)

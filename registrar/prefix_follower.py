@@ -33,12 +33,9 @@ class PrefixFollower(Worker):
         on_connected: Callable[[], None] | None = None,
         revision: int = 0,
         on_internal_error: Callable[[str], None] | None = None,
-        also: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
         """`prefix`: one, or several followed as one (one read at one revision, one watch, one
-        thread); `revision`: the last one already read (0: read everything first); `also`:
-        the starts of more keys to watch on the same stream, never read (whoever follows them
-        reads them itself), asked again at each new watch (`refollow`)."""
+        thread); `revision`: the last one already read (0: read everything first)."""
         super().__init__(name, on_internal_error)
         self._store = store
         self._prefixes = (prefix,) if isinstance(prefix, str) else prefix
@@ -48,15 +45,7 @@ class PrefixFollower(Worker):
         self._on_failure = on_failure
         self._on_connected = on_connected or (lambda: None)
         self._revision = revision
-        self._also = also
-        self._refollow = False
         self._watch: Watch | None = None
-
-    def refollow(self) -> None:
-        """`also` answers something new: the watch is made again, from the last revision seen
-        (nothing is read again, nothing is missed)."""
-        self._refollow = True
-        self.wake()
 
     def wake(self) -> None:
         watch = self._watch
@@ -95,17 +84,15 @@ class PrefixFollower(Worker):
             self._on_connected()
             log.info("read %d keys under %s/ (revision %d)", len(stored), self._prefix,
                      self._revision, extra={"event": "read", "revision": self._revision})
-        self._refollow = False  # before `also` is asked: a later change makes a new watch
-        starts = (*(prefix + "/" for prefix in self._prefixes), *self._also())
         try:
-            watch = self._store.watch_starting(starts, self._revision + 1)
+            watch = self._store.watch_prefixes(self._prefixes, self._revision + 1)
         except WatchCompacted as exc:
             self._compacted(exc)
             return
         self._on_connected()
         self._watch = watch
         try:
-            while not self.stopping and not self._refollow:
+            while not self.stopping:
                 self.health.progressed()
                 try:
                     events = watch.get(POLL)

@@ -34,9 +34,8 @@ NOSPACE = "etcdserver: mvcc: database space exceeded"
 class FakeWatch:
     """A watch on a FakeEtcd: every write under its prefixes, as one batch."""
 
-    def __init__(self, *prefixes: str, starts: tuple[str, ...] | None = None) -> None:
+    def __init__(self, *prefixes: str) -> None:
         self.prefixes = prefixes
-        self.starts = starts if starts is not None else tuple(p + "/" for p in prefixes)
         self.events: queue.Queue[list[KeyEvent]] = queue.Queue()
         self.cancelled = False
 
@@ -191,14 +190,9 @@ class FakeEtcd:
         return self.watch_prefixes((prefix,), start_revision)
 
     def watch_prefixes(self, prefixes: Sequence[str], start_revision: int) -> FakeWatch:
-        return self._watch(FakeWatch(*prefixes))
-
-    def watch_starting(self, starts: Sequence[str], start_revision: int) -> FakeWatch:
-        return self._watch(FakeWatch(starts=tuple(starts)))
-
-    def _watch(self, watch: FakeWatch) -> FakeWatch:
         with self.lock:
             self._check()
+            watch = FakeWatch(*prefixes)
             self.watches.append(watch)
             return watch
 
@@ -221,7 +215,7 @@ class FakeEtcd:
                 events.append(KeyEvent(key, value, self.revision))
             for watch in self.watches:
                 mine = [e for e in events
-                        if e.key.startswith(watch.starts)]
+                        if any(e.key.startswith(p + "/") for p in watch.prefixes)]
                 if mine and not watch.cancelled:
                     watch.events.put(mine)
 

@@ -258,23 +258,6 @@ def test_stale_keys_of_this_node_go_at_start_and_other_nodes_stay(
     assert etcd_reader.get(other) is not None
 
 
-def test_a_key_someone_else_deletes_or_changes_is_put_right_at_once(
-    scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
-) -> None:
-    """The agent watches its own keys: no waiting for a --resync (0: none at all), and the
-    repair is the one read and one write it logs."""
-    c = containers(labels={"registrar.service": "web"})
-    proc, _port = agent(resync=0)
-    key = scope.key("web", c.name)
-    wait_until(lambda: etcd_reader.get(key), timeout=10)
-    mine = etcd_reader.get(key)
-    etcd_reader.delete(key)
-    wait_until(lambda: etcd_reader.get(key) == mine, timeout=3, message=proc.logs)
-    etcd_reader.put(key, '{"host": "elsewhere"}')
-    wait_until(lambda: etcd_reader.get(key) == mine, timeout=3, message=proc.logs)
-    assert proc.logs().count("changed in etcd by someone else") >= 2
-
-
 def test_sigterm_removes_every_key_of_this_node_and_exits_0(
     scope: Scope, agent: StartAgent, containers: ContainerFactory, etcd_reader: EtcdReader
 ) -> None:

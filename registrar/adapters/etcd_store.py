@@ -656,26 +656,22 @@ class EtcdStore:
         """Every one of `prefixes`, from `start_revision` on, on one connection: the gateway
         takes several create requests in one request body, one watch each, and the answers
         of all come on the one stream."""
-        return self.watch_starting([prefix + "/" for prefix in prefixes], start_revision)
-
-    def watch_starting(self, starts: Sequence[str], start_revision: int) -> PrefixWatch:
-        """Every key that begins with one of `starts`, as `watch_prefixes`."""
         try:
-            return self._open_watch(tuple(starts), start_revision)
+            return self._open_watch(tuple(prefixes), start_revision)
         except WatchRefused:
             if not self._settings.user:
                 raise
         # etcd refuses a watch (created and canceled at once) when the token has expired:
         # authenticate anew and try once more.
         self._renew_token(self._token)
-        return self._open_watch(tuple(starts), start_revision)
+        return self._open_watch(tuple(prefixes), start_revision)
 
-    def _open_watch(self, starts: tuple[str, ...], start_revision: int) -> PrefixWatch:
+    def _open_watch(self, prefixes: tuple[str, ...], start_revision: int) -> PrefixWatch:
         body = "\n".join(
-            json.dumps({"create_request": {**starting_range(start),
+            json.dumps({"create_request": {**prefix_range(prefix),
                                            "start_revision": str(start_revision)}})
-            for start in starts).encode()
-        prefix = ", ".join(start.removesuffix("/") for start in starts)
+            for prefix in prefixes).encode()
+        prefix = ", ".join(prefixes)
 
         def open_stream() -> tuple[http1.Stream, Any]:
             token = self._current_token()
@@ -691,7 +687,7 @@ class EtcdStore:
                         timeout=self._settings.timeout, body=body,
                         headers=headers, ssl_context=self._ssl_context(),
                         keepalive=WATCH_KEEPALIVE, read_timeout=self._settings.timeout)
-                    firsts, early = _first_answers(stream, len(starts))
+                    firsts, early = _first_answers(stream, len(prefixes))
                 except OSError as exc:
                     if stream is not None:
                         stream.close()

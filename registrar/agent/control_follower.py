@@ -1,16 +1,14 @@
 """Following the control entries (promotions, canary weights, maintenance, drains), for the
 keeper.
 
-One watch over those prefixes of `{control_prefix}/` (Layout.rules) and over this node's own
-keys (`{prefix}/{service}/{node}:` and standby's, for each service it has instances of; the
-watch is made again when a service is new to it), one thread. The keeper itself reads the
-control state (with this node's keys) before it writes, so it is the one place where the state
-is applied; the follower only makes it re-read as soon as something that matters changed (a
-watch resumed after an outage delivers what changed meanwhile), or a key of its own was
-changed by someone else. Neither the whole of `{prefix}/`, nor other nodes' standby keys, nor
-the routers' reports are followed: on a cluster of hundreds of agents, every registration,
-every instance moved to standby by a promotion and every report delivered to every agent was
-most of etcd's work (docs/scale.md). The periodic resync reads nothing from etcd.
+One watch over those prefixes of `{control_prefix}/` (Layout.rules), one thread. The keeper
+itself reads the control state (with this node's keys) before it writes, so it is the one
+place where the state is applied; the follower only makes it re-read as soon as something that
+matters changed (a watch resumed after an outage delivers what changed meanwhile). Neither
+`{prefix}/`, nor standby, nor the routers' reports are followed: on a cluster of hundreds of
+agents, every registration, every instance moved to standby by a promotion and every report
+delivered to every agent was most of etcd's work (docs/scale.md); a key of this node's changed
+by someone else is put right by the periodic resync, which reads this node's keys again.
 """
 
 from __future__ import annotations
@@ -36,22 +34,17 @@ def relevant(layout: Layout, keeper: LeaseKeeper, keys: Iterable[str]) -> bool:
 
 def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
              ) -> PrefixFollower:
-    """The control entries and this node's own keys, followed as one (one watch, one thread):
-    an entry that concerns the keeper's instances, or a key of its own that someone else
-    changed, makes it read again."""
+    """The control entries, followed as one (one read, one watch, one thread): an entry that
+    concerns the keeper's instances makes it read again."""
     def on_events(events: list[KeyEvent]) -> None:
         if relevant(layout, keeper, (event.key for event in events)):
             keeper.request_reread()
-        keeper.notice(events)
 
-    found = PrefixFollower(
+    return PrefixFollower(
         store,
         layout.rules,
         name="etcd follower",
         on_snapshot=lambda _stored: keeper.request_reread(),
         on_events=on_events,
         on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
-        also=keeper.own_starts,
     )
-    keeper.on_new_services = found.refollow
-    return found

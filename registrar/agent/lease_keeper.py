@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from registrar.core.control import Control, describe_changes, parse_control
 from registrar.core.drain import DRAIN_TTL, Run
@@ -51,14 +51,7 @@ from registrar.core.reconcile import (
     plan,
     split_deletes,
 )
-from registrar.core.store import (
-    EtcdError,
-    EtcdRefused,
-    KeyEvent,
-    LeaseNotFound,
-    Store,
-    StoredKey,
-)
+from registrar.core.store import EtcdError, EtcdRefused, LeaseNotFound, Store, StoredKey
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
 from registrar.retry import Backoff, GaveUp, RetryClock, retry_within
@@ -128,10 +121,6 @@ class LeaseKeeper(Worker):
         self._lease: int | None = None
         self._lost_lease: int | None = None  # set by the heartbeat's thread (under _cond)
         self._held: dict[str, StoredKey] = {}
-        self._applying: Mapping[str, StoredKey] = {}  # what etcd holds once a write is in
-        # told when the keeper has instances of a service it had none of (the follower then
-        # follows that service's keys of this node too)
-        self.on_new_services: Callable[[], None] = lambda: None
         self._known: frozenset[str] = frozenset()
         self._kept_drains: dict[str, str] = {}  # drain entries held when the lease was lost
         self._control = Control()
@@ -166,16 +155,13 @@ class LeaseKeeper(Worker):
                 for key, value in keys.items():
                     if old.get(key) != value:
                         self._inputs.since[key] = event_time
-            new_service = bool(keys) and self._new_service(keys)
-            if new_service:
+            if keys and self._new_service(keys):
                 self._inputs.reread = True
             if keys:
                 self._inputs.desired[container_id] = dict(keys)
             else:
                 self._inputs.desired.pop(container_id, None)
             self._changed()
-        if new_service:
-            self.on_new_services()
 
     def drop_container(self, container_id: str) -> None:
         self.set_container(container_id, {})
@@ -184,8 +170,8 @@ class LeaseKeeper(Worker):
                     sidecars: frozenset[str] | None = None, reread: bool = True,
                     runs: Mapping[str, Run] | None = None) -> None:
         """A full reconcile: this is everything that should exist; diff it with what etcd
-        holds (read again when `reread`: at start and after Docker came back: this node's keys
-        only, see `_read`).
+        holds (read again when `reread`: at start, after Docker came back and at each periodic
+        resync: this node's keys only, see `_read`).
         `sidecars`: the containers whose own sidecar owns their keys (watch); `runs`: cid ->
         run of every container running and not stopping (None: as before)."""
         with self._cond:
@@ -195,8 +181,7 @@ class LeaseKeeper(Worker):
                     and runs_now == self._inputs.runs
                     and sidecars in (None, self._ownership.sidecars)):
                 return  # nothing changed: not even a wake-up
-            new_service = self._new_service(k for keys in desired_now.values() for k in keys)
-            reread = reread or new_service
+            reread = reread or self._new_service(k for keys in desired_now.values() for k in keys)
             self._inputs.desired = desired_now
             self._inputs.runs = runs_now
             if sidecars is not None:
@@ -204,8 +189,6 @@ class LeaseKeeper(Worker):
             self._inputs.ready = True
             self._inputs.reread = self._inputs.reread or reread
             self._changed()
-        if new_service:
-            self.on_new_services()
 
     def concerns(self, service: str | None = None, node: str | None = None) -> bool:
         """Whether a control entry for `service` (or `node`) can move one of this keeper's
@@ -224,32 +207,6 @@ class LeaseKeeper(Worker):
 
     def _services_of(self, keys: Iterable[str]) -> set[str]:
         return {parsed[0] for key in keys if (parsed := self._layout.parse(key))}
-
-    def own_starts(self) -> tuple[str, ...]:
-        """Where this keeper's keys are, service by service (`{prefix}/{service}/{node}:` and
-        its standby twin): what the follower watches besides the control entries."""
-        with self._cond:
-            services = self._services()
-        return tuple(self._layout.own_starts(self._ownership.node, services))
-
-    def notice(self, events: Iterable[KeyEvent]) -> None:
-        """Events on this node's keys: read again before the next write when one touches a key
-        of this keeper and is not what it wrote (someone else deleted or changed it)."""
-        held, expected = self._held, self._applying
-        for event in events:
-            parsed = self._layout.parse(event.key)
-            if parsed is None or not self._ownership.owns(parsed[1]):
-                continue
-            mine, meant = held.get(event.key), expected.get(event.key)
-            if event.value is None:
-                foreign = meant is not None  # we meant it to stay
-            else:
-                foreign = event.value not in {m.value for m in (mine, meant) if m is not None}
-            if foreign:
-                log.info("%s changed in etcd by someone else: reading again", event.key,
-                         extra={"event": "outside_change"})
-                self.request_reread()
-                return
 
     def _new_service(self, keys: Iterable[str]) -> bool:
         """(under the lock) whether `keys` bring a service this keeper had no instance of: the
@@ -525,7 +482,6 @@ class LeaseKeeper(Worker):
 
     def _apply(self, decided: Plan) -> None:
         assert self._lease is not None
-        self._applying = decided.held
         try:
             self._store.apply(decided.changes.puts, decided.changes.deletes, self._lease)
         except EtcdRefused:

@@ -218,7 +218,7 @@ class ContainerWatcher(Worker):
                 if next_resync is not None and time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self._resync
                     if self._docker_ok:
-                        self.reconcile()  # Docker only: etcd's side is followed
+                        self.reconcile(reread=True)
             except DockerUnavailable as exc:
                 # Make the reader reconnect (it may not have noticed: a timed-out inspect on a
                 # live stream); the full reconcile after it catches up on what we missed.
@@ -255,9 +255,8 @@ class ContainerWatcher(Worker):
 
     def reconcile(self, reread: bool = False) -> None:
         """Re-reads every running container (or the one) and hands the whole set to the keeper
-        (`reread`: and makes it read this node's keys in etcd again: at start and after Docker
-        came back; a key someone else changed is seen by the follower, which watches this
-        node's keys, and read again then)."""
+        (`reread`: and makes it read this node's keys in etcd again: at start, after Docker
+        came back and at each periodic resync, which so puts right what someone else changed)."""
         self._metrics.reconciles.inc()
         if self._only:
             info = self._docker.inspect(self._only)

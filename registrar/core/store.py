@@ -144,8 +144,3 @@ class Store(Protocol):
         """Watches every one of `prefixes` from `start_revision` on, as one watch (one
         connection: a process that follows two prefixes needs one thread, not two)."""
         ...
-
-    def watch_starting(self, starts: Sequence[str], start_revision: int) -> Watch:
-        """As `watch_prefixes`, of every key that begins with one of `starts` (an agent's own
-        keys: `{prefix}/{service}/{node}:`)."""
-        ...

@@ -33,9 +33,12 @@ class PrefixFollower(Worker):
         on_connected: Callable[[], None] | None = None,
         revision: int = 0,
         on_internal_error: Callable[[str], None] | None = None,
+        watch_ranges: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """`prefix`: one, or several followed as one (one read at one revision, one watch, one
-        thread); `revision`: the last one already read (0: read everything first)."""
+        thread); `revision`: the last one already read (0: read everything first);
+        `watch_ranges`: what the watch takes instead, when fewer ranges cover the prefixes
+        (`Layout.rules_ranges`); the events are then theirs to sort."""
         super().__init__(name, on_internal_error)
         self._store = store
         self._prefixes = (prefix,) if isinstance(prefix, str) else prefix
@@ -45,6 +48,7 @@ class PrefixFollower(Worker):
         self._on_failure = on_failure
         self._on_connected = on_connected or (lambda: None)
         self._revision = revision
+        self._watch_ranges = watch_ranges
         self._watch: Watch | None = None
 
     def wake(self) -> None:
@@ -85,7 +89,9 @@ class PrefixFollower(Worker):
             log.info("read %d keys under %s/ (revision %d)", len(stored), self._prefix,
                      self._revision, extra={"event": "read", "revision": self._revision})
         try:
-            watch = self._store.watch_prefixes(self._prefixes, self._revision + 1)
+            watch = (self._store.watch_ranges(self._watch_ranges, self._revision + 1)
+                     if self._watch_ranges else
+                     self._store.watch_prefixes(self._prefixes, self._revision + 1))
         except WatchCompacted as exc:
             self._compacted(exc)
             return

@@ -34,8 +34,9 @@ NOSPACE = "etcdserver: mvcc: database space exceeded"
 class FakeWatch:
     """A watch on a FakeEtcd: every write under its prefixes, as one batch."""
 
-    def __init__(self, *prefixes: str) -> None:
+    def __init__(self, *prefixes: str, ranges: Sequence[tuple[str, str]] = ()) -> None:
         self.prefixes = prefixes
+        self.ranges = (*((p + "/", p + "0") for p in prefixes), *ranges)
         self.events: queue.Queue[list[KeyEvent]] = queue.Queue()
         self.cancelled = False
 
@@ -189,6 +190,14 @@ class FakeEtcd:
     def watch_prefix(self, prefix: str, start_revision: int) -> FakeWatch:
         return self.watch_prefixes((prefix,), start_revision)
 
+    def watch_ranges(self, ranges: Sequence[tuple[str, str]], start_revision: int
+                     ) -> FakeWatch:
+        with self.lock:
+            self._check()
+            watch = FakeWatch(ranges=ranges)
+            self.watches.append(watch)
+            return watch
+
     def watch_prefixes(self, prefixes: Sequence[str], start_revision: int) -> FakeWatch:
         with self.lock:
             self._check()
@@ -215,7 +224,7 @@ class FakeEtcd:
                 events.append(KeyEvent(key, value, self.revision))
             for watch in self.watches:
                 mine = [e for e in events
-                        if any(e.key.startswith(p + "/") for p in watch.prefixes)]
+                        if any(start <= e.key < end for start, end in watch.ranges)]
                 if mine and not watch.cancelled:
                     watch.events.put(mine)
 

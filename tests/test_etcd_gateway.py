@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from registrar.adapters.etcd_store import EtcdStore, GatewayError, b64, diagnose
+from registrar.adapters.etcd_store import (
+    GATEWAY_WATCH_BODY,
+    EtcdStore,
+    GatewayError,
+    b64,
+    diagnose,
+)
+from registrar.core.layout import _CONTROL_KINDS, Layout
 from registrar.core.store import (
     EtcdRefused,
     EtcdUnavailable,
@@ -231,12 +238,14 @@ def test_a_watch_whose_stream_ends_says_so_and_etcd_is_down(servers: list[Server
     assert store.up is False and downs == [True, False]
 
 
+def line(result: dict[str, Any]) -> bytes:
+    """One message of a watch stream, as the gateway writes it."""
+    return json.dumps({"result": {"header": HEADER, **result}}).encode() + b"\n"
+
+
 def test_events_that_come_among_the_created_answers_are_not_lost(servers: list[Server]) -> None:
     """Several watches on one stream: the first, created, replays its events (from its start
     revision) before etcd answers the creation of the next one. They are delivered."""
-    def line(result: dict[str, Any]) -> bytes:
-        return json.dumps({"result": {"header": HEADER, **result}}).encode() + b"\n"
-
     put = {"kv": {"key": b64("/p/a"), "value": b64("1"), "mod_revision": "6"}}
     stream = (line({"created": True, "watch_id": "0"}) + line({"events": [put]})
               + line({"created": True, "watch_id": "1"}))
@@ -277,3 +286,41 @@ def test_diagnose_names_the_flag_to_check_and_keeps_etcd_s_words(
     assert all(word in line for word in words), line
     assert (str(error.args[-1]) if isinstance(error, OSError) else str(error)) in line
     assert is_lasting is lasting and "secret" not in line
+
+
+@pytest.mark.parametrize("control", ["/registrar", "/" + "c" * 50])
+def test_the_control_entries_watch_fits_in_the_gateway_s_first_read(
+    control: str, servers: list[Server],
+) -> None:
+    """etcd's gateway loses a watch creation past the first 512 bytes of the body now and then
+    (GATEWAY_WATCH_BODY): the agents' watch of the control entries takes two ranges, which
+    cover every rule and no other kind of entry, and its body stays within, even with a long
+    --control-prefix (50 characters) and a revision in the billions (four prefixes under
+    /registrar took 543)."""
+    layout = Layout("/services", control)
+    ranges = layout.rules_ranges
+    assert len(ranges) == 2
+    for kind in _CONTROL_KINDS:
+        key = f"{control}/{kind}/web"
+        assert any(start <= key < end for start, end in ranges) == (
+            f"{control}/{kind}" in layout.rules), kind
+    assert not any(start <= f"{control}/draining" < end for start, end in ranges)  # no "/"
+
+    created = line({"created": True, "watch_id": "0"}) + line({"created": True, "watch_id": "1"})
+    release = threading.Event()
+
+    def answer(conn: socket.socket, _: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(created), created))
+        release.wait(5)
+
+    server = Server(answer)
+    servers.append(server)
+    store = EtcdStore(EtcdSettings((EtcdEndpoint("127.0.0.1", server.address.port, False),)))
+    watch = store.watch_ranges(ranges, 9_999_999_999)
+    try:
+        body = server.requests[0].partition(b"\r\n\r\n")[2]
+        assert len(body.splitlines()) == 2 and len(body) <= GATEWAY_WATCH_BODY
+    finally:
+        release.set()
+        watch.cancel()

@@ -1,7 +1,8 @@
 """Following the control entries (promotions, canary weights, maintenance, drains), for the
 keeper.
 
-One watch over those prefixes of `{control_prefix}/` (Layout.rules), one thread. The keeper
+One watch over those prefixes of `{control_prefix}/` (Layout.rules, taken as two key ranges:
+Layout.rules_ranges says why), one thread. The keeper
 itself reads the control state (with this node's keys) before it writes, so it is the one
 place where the state is applied; the follower only makes it re-read as soon as something that
 matters changed (a watch resumed after an outage delivers what changed meanwhile). Neither
@@ -47,4 +48,5 @@ def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
         on_snapshot=lambda _stored: keeper.request_reread(),
         on_events=on_events,
         on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
+        watch_ranges=layout.rules_ranges,  # `relevant` sorts the events
     )

@@ -144,3 +144,7 @@ class Store(Protocol):
         """Watches every one of `prefixes` from `start_revision` on, as one watch (one
         connection: a process that follows two prefixes needs one thread, not two)."""
         ...
+
+    def watch_ranges(self, ranges: Sequence[tuple[str, str]], start_revision: int) -> Watch:
+        """As `watch_prefixes`, of every key in one of `ranges` (`[start, end)`)."""
+        ...

@@ -6,7 +6,8 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+
+from registrar.typing_shim import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from registrar.settings import Settings

@@ -12,9 +12,9 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, NamedTuple, NoReturn
 
 from registrar import __version__
+from registrar.typing_shim import Any, NamedTuple, NoReturn
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/services"

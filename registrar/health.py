@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
+
+from registrar.typing_shim import Protocol
 
 STALL_LIMIT = 15.0
 FAILING_AFTER = 3

@@ -5,16 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+import time
 
 # Attributes every LogRecord has; anything else came in through `extra=` and is a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+def iso_utc(at: float) -> str:
+    """`at` (seconds since the epoch) as `datetime.fromtimestamp(at, UTC).isoformat(timespec=
+    "milliseconds")` writes it, without importing `datetime` (1.6 ms of a sidecar's start)."""
+    seconds = int(at)
+    micros = round((at - seconds) * 1e6)  # as datetime: to the microsecond, half to even
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    millis = micros // 1000  # then truncated, as isoformat does
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}+00:00"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": iso_utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+
+from registrar.typing_shim import TypeVar
 
 T = TypeVar("T")
 

@@ -557,3 +557,34 @@ def test_spare_slots() -> None:
     for bad in ("0", "-1", "x"):
         assert "--spare-slots" in error("haproxy", "--bind", "web=127.0.0.1:80",
                                         "--spare-slots", bad)
+
+
+def test_an_endpoint_read_without_urllib_is_what_urlsplit_reads() -> None:
+    """`--etcd` endpoints of the usual shape skip urllib.parse (a sidecar's start): on every
+    one of these, accepted or refused, the two readings agree."""
+    import itertools
+    from urllib.parse import urlsplit
+
+    from registrar.settings import _endpoints
+
+    hosts = ["127.0.0.1", "localhost", "ETCD-1.Example.COM", "[::1]", "[FD00::5]",
+             "[::ffff:10.0.0.1]", "a_b", "[fe80::1%25eth0]", "h..x", "-h"]
+    ports = ["", ":", ":0", ":2379", ":65535", ":65536", ":00080", ":123456"]
+    for scheme, host, port, tail in itertools.product(
+            ["http", "https", "HTTP"], hosts, ports, ["", "/", "/x", "?q", "#f"]):
+        url = f"{scheme}://{host}{port}{tail}"
+        try:
+            parts = urlsplit(url)
+            number = parts.port
+            if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+                    or parts.path not in ("", "/") or parts.fragment):
+                raise ValueError(url)
+            expected: object = (parts.hostname, number or 2379, parts.scheme == "https")
+        except ValueError:
+            expected = "refused"
+        try:
+            endpoint = _endpoints(url)[0]
+            got: object = (endpoint.host, endpoint.port, endpoint.secure)
+        except SettingsError:
+            got = "refused"
+        assert got == expected, url

@@ -27,11 +27,11 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registrar.adapters import http1
 from registrar.core.containers import ContainerInfo, exposed_ports, parse_inspect
 from registrar.core.source import DockerUnavailable
+from registrar.typing_shim import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import ssl

@@ -34,7 +34,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from registrar.adapters import http1
 from registrar.core.store import (
@@ -47,6 +46,7 @@ from registrar.core.store import (
     StoredKey,
     WatchCompacted,
 )
+from registrar.typing_shim import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # types only: the sidecar imports no ssl for etcd
     import ssl

@@ -22,9 +22,9 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registrar.core.names import host_port
+from registrar.typing_shim import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import ssl

@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
 
 from registrar.agent.lease_keeper import LeaseKeeper
 from registrar.core import timestamps
@@ -27,6 +26,7 @@ from registrar.core.source import ContainerSource, DockerUnavailable
 from registrar.health import LoopHealth
 from registrar.metrics import Metrics
 from registrar.retry import INITIAL_BACKOFF, retry_forever
+from registrar.typing_shim import TYPE_CHECKING, Any
 from registrar.worker import Worker
 
 if TYPE_CHECKING:

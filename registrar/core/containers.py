@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+
+from registrar.typing_shim import Any, NamedTuple
 
 # Signals that end a process (INT, QUIT, KILL, TERM), as normalize_signal() gives them: a
 # `kill` event with one of these (or the container's own StopSignal) means "starts stopping".

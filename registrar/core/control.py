@@ -14,13 +14,13 @@ An instance comes back only when nothing holds it out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from registrar.core.drain import Drain, parse_drain
 from registrar.core.layout import Layout, child_name, parse_key
 from registrar.core.names import HEADER_RE
 from registrar.core.planner import json_object, version_of
 from registrar.core.store import StoredKey
+from registrar.typing_shim import NamedTuple
 
 
 class Canary(NamedTuple):

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
 
 from registrar.core.layout import child_name
 from registrar.core.planner import json_object
 from registrar.core.store import StoredKey
+from registrar.typing_shim import NamedTuple
 
 DRAIN_TTL = 60  # the command's own lease: an entry nobody takes over is gone within a minute
 

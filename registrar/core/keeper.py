@@ -8,7 +8,7 @@ etcd at most, so a failure is retried from where it stopped (`registrar.retry.Re
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from registrar.typing_shim import NamedTuple
 
 
 class KeeperView(NamedTuple):

@@ -18,9 +18,9 @@ place (pure).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
 
 from registrar.core.names import NAME_RE
+from registrar.typing_shim import NamedTuple
 
 
 def parse_key(prefix: str, key: str) -> tuple[str, str] | None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registrar.core.containers import UNSPECIFIED_IPS, ContainerInfo
 from registrar.core.names import NAME_RE, TRUE_WORDS
+from registrar.typing_shim import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from registrar.core.checks import Checks, CheckSpec

@@ -8,9 +8,8 @@ Nothing else is ever deleted, whatever is stored under the prefix.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from registrar.core.names import split_instance
+from registrar.typing_shim import NamedTuple
 
 
 def owned_by(node: str, instance: str) -> bool:

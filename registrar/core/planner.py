@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
 
 from registrar.core.store import StoredKey
+from registrar.typing_shim import Any, NamedTuple
 
 
 class Changes(NamedTuple):

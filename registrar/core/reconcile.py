@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from registrar.core.control import Control, place
 from registrar.core.drain import Run, hold, parse_drain
@@ -20,6 +19,7 @@ from registrar.core.layout import Layout
 from registrar.core.ownership import Ownership
 from registrar.core.planner import Changes, plan_changes
 from registrar.core.store import StoredKey
+from registrar.typing_shim import NamedTuple
 
 
 class Happened(enum.Enum):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+
+from registrar.typing_shim import Any
 
 # An event of a container this much older than the newest applied for that container is a
 # replay whatever its identity: Podman re-sends old events when its events file rotates, older

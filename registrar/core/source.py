@@ -10,9 +10,9 @@ calls. It holds exactly the calls the project makes; nothing here does I/O.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
 
 from registrar.core.containers import ContainerInfo
+from registrar.typing_shim import Any, Protocol
 
 
 class DockerUnavailable(Exception):

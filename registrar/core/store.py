@@ -9,7 +9,8 @@ so a call the fake lacks, or one the real store answers differently, shows in `m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple, Protocol
+
+from registrar.typing_shim import NamedTuple, Protocol
 
 # Status codes (gRPC's, which the gateway's error bodies carry) with which etcd answers a
 # request it will not carry out while it is up.

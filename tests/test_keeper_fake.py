@@ -566,16 +566,33 @@ def test_nothing_is_written_before_the_first_full_reconcile(metrics: Metrics) ->
                          ownership=Ownership(NODE), metrics=metrics)
     keeper.start()
     try:
-        steps = keeper.steps
         keeper.set_container("c1", {key("b"): encoded("b")})
-        wait_until(lambda: keeper.steps > steps, what="the keeper to look at it")
+        # the lease and the read are had meanwhile, and nothing is written
+        wait_until(lambda: keeper.read_revision > 0 and fake_etcd.reads == 1,
+                   what="the read before the first picture")
+        steps = keeper.steps
+        wait_until(lambda: keeper.steps > steps, what="the keeper to look again")
         assert fake_etcd.stored() == {stale: encoded("a")}
-        assert fake_etcd.granted == []  # not even a lease before it knows what runs
+        assert len(fake_etcd.granted) == 1
         keeper.replace_all({"c1": {stale: encoded("a")}})
         wait_until(lambda: fake_etcd.kv[stale].lease == keeper.lease, what="taken over")
         assert key("b") not in fake_etcd.stored()
+        assert fake_etcd.reads == 1  # that read was fresh: the first write needed no other
     finally:
         keeper.shutdown(time.monotonic() + 1.0)
+
+
+def test_before_the_first_picture_every_control_entry_concerns_the_keeper(
+    metrics: Metrics,
+) -> None:
+    """The read made before the first picture stands for the first write's: a control entry
+    of any service changed meanwhile makes the keeper read again (its services are not
+    known yet); after it, only its own services' do."""
+    keeper = LeaseKeeper(FakeEtcd(), ttl=3, layout=Layout(PREFIX, CONTROL),
+                         ownership=Ownership(NODE), metrics=metrics)
+    assert keeper.concerns("api") and keeper.concerns("web")
+    keeper.replace_all({"c1": {key("web-1"): encoded("web-1")}})
+    assert keeper.concerns("web") and not keeper.concerns("api")
 
 
 # --- etcd refusing writes (its NOSPACE alarm), heartbeats on their own clock --------------

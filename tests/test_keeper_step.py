@@ -37,8 +37,16 @@ def test_a_change_is_written_under_the_lease_it_has() -> None:
 
 
 def test_a_change_before_the_first_full_picture_writes_nothing() -> None:
-    """A restarted agent must not delete its node's keys before it knows what runs."""
-    assert step(dirty=True, ready=False, lease=None) == Idle()
+    """A restarted agent must not delete its node's keys before it knows what runs; what the
+    first write needs (the lease, etcd's side) is had meanwhile."""
+    assert step(dirty=True, ready=False, lease=None) == Grant()
+    assert step(dirty=True, ready=False, reread=True) == Read()
+    assert step(dirty=True, ready=False) == Idle()
+    for lease in (None, 7):
+        for reread in (False, True):
+            for retry_at in (None, 50.0, 150.0):
+                assert step(dirty=True, ready=False, lease=lease, reread=reread,
+                            retry_at=retry_at) != Write()
 
 
 def test_no_lease_grants_one_then_reads_then_writes() -> None:

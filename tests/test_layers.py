@@ -119,7 +119,7 @@ def test_the_circle_finder_finds_one() -> None:
 
 SIDECAR_NEVER = ("dataclasses", "inspect", "shutil", "prometheus_client", "http.server",
                  "http.client", "ssl", "jinja2", "random", "typing", "datetime", "urllib.parse",
-                 "ipaddress")
+                 "ipaddress", "linecache", "tokenize")
 
 
 def test_a_sidecar_start_imports_none_of_the_heavy_modules() -> None:
@@ -128,14 +128,33 @@ def test_a_sidecar_start_imports_none_of_the_heavy_modules() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, registrar.cli, registrar.logs, registrar.agent.command, "
-            "registrar.settings as s; "
+    code = ("import sys, registrar.cli; registrar.cli.traceback_when_needed(); "
+            "import registrar.logs, registrar.agent.command, registrar.settings as s; "
             "s.parse_settings(['register', 'web-1', '--etcd', 'http://127.0.0.1:2379'], {}, 'h'); "
             "print(' '.join(sorted(sys.modules)))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 check=True, timeout=30).stdout.split())
     assert "registrar.agent.lease_keeper" in loaded  # the check sees the sidecar's modules
     assert not loaded & set(SIDECAR_NEVER), sorted(loaded & set(SIDECAR_NEVER))
+
+
+def test_a_traceback_is_logged_when_traceback_was_left_for_later() -> None:
+    """`cli.traceback_when_needed`: logging holds a stand-in until an exception is logged,
+    which then imports the real module (and `import traceback` gets it from then on)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from registrar.cli import traceback_when_needed; "
+            "traceback_when_needed(); import logging; logging.basicConfig(); "
+            "print('linecache' in sys.modules)\n"
+            "try:\n 1/0\nexcept ZeroDivisionError:\n logging.getLogger('x').exception('boom')\n"
+            "import traceback; print(traceback.format_exception is not None, "
+            "type(sys.modules['traceback']).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=30)
+    assert done.stdout.split() == ["False", "True", "module"]
+    assert "ZeroDivisionError: division by zero" in done.stderr
+    assert 'File "<string>", line 3' in done.stderr
 
 
 def test_the_router_imports_jinja2_without_openssls_hashes() -> None:

@@ -75,6 +75,11 @@ _MESSAGES = {
 }
 
 
+# A read this recent stands for the first write's (`replace_all`); an older one (Docker was long
+# in answering) is made again, for what others changed of this node's keys meanwhile.
+READ_FRESH = 2.0
+
+
 class _Inputs:
     """What callers told the keeper (guarded by the keeper's condition)."""
 
@@ -129,6 +134,7 @@ class LeaseKeeper(Worker):
         # the revision of the last read (0: none yet, the first reads every key; the shutdown's
         # drain watches from it)
         self.read_revision = 0
+        self._read_at: float | None = None  # when (time.monotonic()) the last read was made
         self._etcd_back = False  # etcd answered again: retry at once, not after the backoff
         store.add_listener(self._etcd_answers)
         self.synced = threading.Event()  # everything told so far is written
@@ -181,7 +187,14 @@ class LeaseKeeper(Worker):
                     and runs_now == self._inputs.runs
                     and sidecars in (None, self._ownership.sidecars)):
                 return  # nothing changed: not even a wake-up
-            reread = reread or self._new_service(k for keys in desired_now.values() for k in keys)
+            if not self._inputs.ready and self._read_fresh():
+                # The first picture, and etcd's side was read meanwhile (`next_step`): every
+                # key of the node and every control entry, a control event since made it read
+                # again (`concerns`). Reading once more would only delay the first write.
+                reread = False
+            else:
+                reread = reread or self._new_service(
+                    k for keys in desired_now.values() for k in keys)
             self._inputs.desired = desired_now
             self._inputs.runs = runs_now
             if sidecars is not None:
@@ -192,11 +205,17 @@ class LeaseKeeper(Worker):
 
     def concerns(self, service: str | None = None, node: str | None = None) -> bool:
         """Whether a control entry for `service` (or `node`) can move one of this keeper's
-        instances: a sidecar needs no re-read when another service is promoted."""
+        instances: a sidecar needs no re-read when another service is promoted. Before the
+        first picture of what runs, any can (the read made meanwhile stands for the first
+        write: `replace_all`)."""
         if node is not None:
             return node == self._ownership.node
         with self._cond:
-            return service in self._services()
+            return not self._inputs.ready or service in self._services()
+
+    def _read_fresh(self) -> bool:
+        """(under the lock) whether the last read was made within READ_FRESH."""
+        return self._read_at is not None and time.monotonic() - self._read_at < READ_FRESH
 
     def _services(self) -> set[str]:
         """(under the lock) the services this keeper has instances of, wanted or held: the
@@ -464,6 +483,7 @@ class LeaseKeeper(Worker):
         else:
             starts = [*layout.own_starts(ownership.node, services), *rules]
         found, self.read_revision = self._store.list_starting(starts)
+        self._read_at = time.monotonic()
         stored = {k: v for k, v in found.items() if layout.in_rotation(k)}
         control_keys = {k: v for k, v in found.items() if not layout.in_rotation(k)}
         for key, value in self._kept_drains.items():

@@ -63,8 +63,9 @@ class Forget(_Step):
 
 
 class Idle(_Step):
-    """Told something before the first full picture of what runs: nothing may be written yet
-    (a restarted agent must not delete its node's keys before it knows what runs)."""
+    """Before the first full picture of what runs, with the lease and the read it needs in hand:
+    nothing may be written yet (a restarted agent must not delete its node's keys before it
+    knows what runs)."""
 
     __slots__ = ()
 
@@ -93,7 +94,11 @@ def next_step(view: KeeperView, now: float) -> Step:
     if not (view.dirty and due):
         return Wait(view.retry_at if view.dirty else None)
     if not view.ready:
-        return Idle()
+        # What the first write needs is had while Docker is asked what runs: the lease, and
+        # etcd's side (a sidecar's start to its key is one grant and one read shorter).
+        if view.lease is None:
+            return Grant()
+        return Read() if view.reread else Idle()
     if view.lease is None:
         return Grant()
     if view.reread:

@@ -846,6 +846,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         RESULTS.write_text(add_section(RESULTS.read_text(), HEADING, block))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    # A SIGTERM (a `kill`, a CI timeout) stops the run as Ctrl-C does: run_size's cleanup then
+    # stops the etcd members, routers, HAProxies and listeners it started. Left running, one
+    # killed run's routers kept checking 10,000 servers and slowed every bench after it.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     results = run(args.quick, sizes, args.keep)
     if args.json is not None:
         args.json.write_text(json.dumps([r.__dict__ for r in results], default=str, indent=1))

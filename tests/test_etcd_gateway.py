@@ -243,12 +243,9 @@ def line(result: dict[str, Any]) -> bytes:
     return json.dumps({"result": {"header": HEADER, **result}}).encode() + b"\n"
 
 
-def test_events_that_come_among_the_created_answers_are_not_lost(servers: list[Server]) -> None:
-    """Several watches on one stream: the first, created, replays its events (from its start
-    revision) before etcd answers the creation of the next one. They are delivered."""
-    put = {"kv": {"key": b64("/p/a"), "value": b64("1"), "mod_revision": "6"}}
-    stream = (line({"created": True, "watch_id": "0"}) + line({"events": [put]})
-              + line({"created": True, "watch_id": "1"}))
+def streaming(servers: list[Server], stream: bytes) -> tuple[Server, threading.Event]:
+    """A gateway that answers a watch with `stream` (one chunk), then holds the connection
+    until the event is set."""
     release = threading.Event()
 
     def answer(conn: socket.socket, _: bytes) -> None:
@@ -258,6 +255,16 @@ def test_events_that_come_among_the_created_answers_are_not_lost(servers: list[S
 
     server = Server(answer)
     servers.append(server)
+    return server, release
+
+
+def test_events_that_come_among_the_created_answers_are_not_lost(servers: list[Server]) -> None:
+    """Several watches on one stream: the first, created, replays its events (from its start
+    revision) before etcd answers the creation of the next one. They are delivered."""
+    put = {"kv": {"key": b64("/p/a"), "value": b64("1"), "mod_revision": "6"}}
+    server, release = streaming(servers, line({"created": True, "watch_id": "0"})
+                                + line({"events": [put]})
+                                + line({"created": True, "watch_id": "1"}))
     store = EtcdStore(EtcdSettings((EtcdEndpoint("127.0.0.1", server.address.port, False),)))
     watch = store.watch_prefixes(("/p", "/q"), 5)
     try:
@@ -306,16 +313,8 @@ def test_the_control_entries_watch_fits_in_the_gateway_s_first_read(
             f"{control}/{kind}" in layout.rules), kind
     assert not any(start <= f"{control}/draining" < end for start, end in ranges)  # no "/"
 
-    created = line({"created": True, "watch_id": "0"}) + line({"created": True, "watch_id": "1"})
-    release = threading.Event()
-
-    def answer(conn: socket.socket, _: bytes) -> None:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + b"%x\r\n%s\r\n" % (len(created), created))
-        release.wait(5)
-
-    server = Server(answer)
-    servers.append(server)
+    server, release = streaming(servers, line({"created": True, "watch_id": "0"})
+                                + line({"created": True, "watch_id": "1"}))
     store = EtcdStore(EtcdSettings((EtcdEndpoint("127.0.0.1", server.address.port, False),)))
     watch = store.watch_ranges(ranges, 9_999_999_999)
     try:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from registrar.core.control import Canary
+from registrar.core.gather import Gather
 from registrar.core.layout import Layout
 from registrar.core.store import KeyEvent, StoredKey
 from registrar.haproxy.config import (
@@ -20,7 +21,7 @@ from registrar.haproxy.config import (
     build_backends,
     parse_registration,
 )
-from registrar.haproxy.router import Gather, Registrations
+from registrar.haproxy.router import Registrations
 from registrar.haproxy.runtime import (
     OPEN_SESSIONS,
     Action,

@@ -1,6 +1,6 @@
 """When a gathered step is due: QUIET after the last change that asks for it, or MAX_DELAY
 after the first, whichever comes first (plain data, a clock given). The router gathers its
-reloads and config-file installs so; an agent's follower the watches it makes again."""
+reloads and its config-file installs so."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import threading
 import time
 
 from registrar.adapters.etcd_store import EtcdStore
+from registrar.core.gather import Gather
 from registrar.core.layout import Layout
 from registrar.core.store import EtcdError, Store, StoredKey
 from registrar.haproxy.access_log import AccessLogReader, LatencyMetrics
@@ -27,7 +28,7 @@ from registrar.haproxy.config import Rejected, TemplateError, load_template
 from registrar.haproxy.latency import Latency
 from registrar.haproxy.process import HAProxyMaster, log_socket_path, runtime_dir, socket_paths
 from registrar.haproxy.report import Reporter
-from registrar.haproxy.router import Gather, Registrations, Router, RoutingMetrics
+from registrar.haproxy.router import MAX_DELAY, QUIET, Registrations, Router, RoutingMetrics
 from registrar.haproxy.runtime import Action
 from registrar.health import LoopHealth, health_problem
 from registrar.http_server import serve_metrics
@@ -119,7 +120,7 @@ def _followers(store: Store, layout: Layout, registrations: Registrations,
 def _loop(router: Router, registrations: Registrations, stop: threading.Event,
           main_loop: LoopHealth) -> None:
     seen = 0
-    gather = Gather()
+    gather = Gather(QUIET, MAX_DELAY)
     while not stop.is_set():
         now = time.monotonic()
         due = gather.due_at()

@@ -2,8 +2,8 @@
 
 - `Registrations`: what was read of `{prefix}/` and `{control_prefix}/weights/` (kept by two
   `PrefixFollower` threads), with a change counter the loop waits on.
-- `Gather`: reloads are gathered (changes within QUIET of each other go together, none waits
-  longer than MAX_DELAY); runtime-API changes are not: they are applied at once.
+- Reloads are gathered (`core.gather`: changes within QUIET of each other go together, none
+  waits longer than MAX_DELAY); runtime-API changes are not: they are applied at once.
 - `Router`: renders, asks `runtime.decide` what to do and does it: the runtime API (then the
   file follows, checked), or a checked install and a reload (SIGUSR2 to the master we run, or
   --reload-cmd). Every second it also reads the master's `show proc` (a reload someone else
@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from registrar.core.control import Canary, parse_canaries
+from registrar.core.gather import Gather
 from registrar.core.layout import Layout
 from registrar.core.store import KeyEvent, StoredKey
 from registrar.exposition import Counter, Gauge, Registry
@@ -332,30 +333,6 @@ class FileFollower(Worker):
                 except Exception:  # a bug: it must show, and must not stop the installs
                     log.exception("installing the config file failed")
                     self.health.internal_error()
-
-
-@dataclass
-class Gather:
-    """When to reload: a reload is due QUIET after the last change that needs one, or
-    MAX_DELAY after the first, whichever comes first (plain data, a clock given)."""
-
-    quiet: float = QUIET
-    max_delay: float = MAX_DELAY
-    first: float | None = None
-    last: float = 0.0
-
-    def note(self, now: float) -> None:
-        if self.first is None:
-            self.first = now
-        self.last = now
-
-    def clear(self) -> None:
-        self.first = None
-
-    def due_at(self) -> float | None:
-        if self.first is None:
-            return None
-        return min(self.last + self.quiet, self.first + self.max_delay)
 
 
 # --- bringing HAProxy in step ------------------------------------------------------------

@@ -148,8 +148,7 @@ def starting_range(start: str) -> dict[str, str]:
 
 def key_range(start: str, end: str) -> dict[str, str]:
     """The range `[start, end)`."""
-    return {"key": base64.b64encode(start.encode("utf-8")).decode("ascii"),
-            "range_end": base64.b64encode(end.encode("utf-8")).decode("ascii")}
+    return {"key": b64(start), "range_end": b64(end)}
 
 
 def gateway_error(status: int, body: Any) -> GatewayError | None:

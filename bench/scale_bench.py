@@ -570,7 +570,7 @@ class ScaleRun:
                 wait_for(f"{router.name}: v2 serving", functools.partial(
                     self.has_up, router, len(names), None, LISTEN_V2), 300, 0.5)
             with ThreadPoolExecutor(8) as pool:
-                codes = list(pool.map(self._promote, services))
+                promoted = list(pool.map(self._promote, services))
             old = [s[1] for s in self.placements("v1", services)]
             self.stop_containers(old)
             for router in self.routers:
@@ -579,7 +579,13 @@ class ScaleRun:
             self.f["deploy_s"] = time.monotonic() - t0
             time.sleep(2)
         stats = load.stats
-        self.f["deploy_promote_failures"] = sum(1 for c in codes if c != 0)
+        failed = [(service, why) for service, (code, _took, why)
+                  in zip(services, promoted, strict=True) if code != 0]
+        self.f["deploy_promote_failures"] = len(failed)
+        self.f["deploy_promote_s"] = [took for _code, took, _why in promoted]
+        self.f["deploy_promote_errors"] = dict(failed[:10])
+        for service, why in failed[:3]:
+            self.result.notes.append(f"`promote {service} v2` failed in the rolling deploy: {why}")
         self.f["deploy_requests"] = stats.sent if stats else 0
         self.f["deploy_failed"] = stats.failed if stats else None
         self.f["deploy_reasons"] = stats.reasons if stats else {}
@@ -591,11 +597,16 @@ class ScaleRun:
         return not any(p in LISTEN_V1 for p in up_ports(f for f in router.rows()
                                                           if f[1] in names))
 
-    def _promote(self, service: str) -> int:
+    def _promote(self, service: str) -> tuple[int, float, str]:
+        """`registrar promote SERVICE v2`: its exit code, how long it took and, when it failed,
+        the last line it wrote (the work directory, and its logs, go with the run)."""
+        started = time.monotonic()
         proc = RegistrarProcess(["promote", service, "v2", "--etcd", self.etcd.endpoints,
                                  "--prefix", PREFIX, "--control-prefix", CONTROL,
                                  "--timeout", "120"], log_dir=self.work / "logs-promote")
-        return proc.wait(180)
+        code = proc.wait(180)
+        lines = proc.logs().strip().splitlines() if code != 0 else []
+        return code, time.monotonic() - started, lines[-1][:300] if lines else ""
 
     def router_restart(self) -> None:
         router = self.routers[0]
@@ -719,6 +730,11 @@ class Load:
             self.stats = LoadStats(json.loads(self.path.read_text()))
 
 
+def promote_failures(count: int | None) -> str:
+    """What the deploy's table cell adds when some of its `promote` commands failed."""
+    return f"; `promote` failed {count} times" if count else ""
+
+
 def run_size(hosts: int, quick: bool, keep: bool = False) -> SizeResult:
     work = Path(tempfile.mkdtemp(prefix=f"scale-{hosts}-"))
     run = ScaleRun(hosts, work)
@@ -811,7 +827,9 @@ def section(results: Sequence[SizeResult]) -> str:
             f"{_ok(routers, 2.0) if r.hosts >= 1000 else ''} / "
             f"{_s(f.get('promote_command_s'), 2)} s | {f.get('promote_etcd_requests', '-')} | "
             f"{_s(f.get('deploy_s'))} s, {f.get('deploy_failed', '-')} of "
-            f"{f.get('deploy_requests', '-')} | {_s(f.get('router_stop_s'))} / "
+            f"{f.get('deploy_requests', '-')}"
+            f"{promote_failures(f.get('deploy_promote_failures'))} | "
+            f"{_s(f.get('router_stop_s'))} / "
             f"{_s(f.get('router_restart_s'))} s | "
             f"{', '.join(str(int(v)) for v in reloads.values()) or '-'} | "
             f"{f.get('leader_keys_lost', '-')}, {_s(f.get('leader_heartbeats_back_s'), 2)} s, "

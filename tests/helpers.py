@@ -100,3 +100,35 @@ def holds(check: Callable[[], object], seconds: float, what: str,
         if time.monotonic() >= end:
             return
         time.sleep(min(interval, max(0.0, end - time.monotonic())))
+
+
+def actions_since_start(docker_url: str, container: str, until: str = "die",
+                        timeout: float = 10.0) -> list[str]:
+    """The actions of `container`'s events from a stream opened only now from its start
+    (State.StartedAt, as a sidecar opens its first), read until `until` or `timeout`."""
+    import threading
+
+    from registrar.adapters.docker_source import DockerSource
+    from registrar.core import timestamps
+
+    source = DockerSource(docker_url, env={}, timeout=30)
+    actions: list[str] = []
+    try:
+        info = source.inspect(container)
+        started = timestamps.engine_time_ns(info.started_at) if info else None
+        assert info is not None and started is not None, (container, info)
+        events = source.open_events(timestamps.since(started), {"container": info.id})
+
+        def read() -> None:
+            for event in events:
+                actions.append(str(event.get("Action") or event.get("status")))
+                if actions[-1] == until:
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+    finally:
+        source.close_events()
+        source.close()
+    return actions

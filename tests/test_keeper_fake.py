@@ -11,7 +11,7 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,6 +283,45 @@ def test_a_first_instance_of_a_service_reads_its_promotion_first(
     synced(keeper)
     assert key("b", service="api") not in fake_etcd.kv
     assert ("put", key("b", service="api")) not in fake_etcd.ops
+
+
+class GatedEtcd(FakeEtcd):
+    """A FakeEtcd whose reads wait for `gate` (`entered` is set once one does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
+        self.entered.set()
+        self.gate.wait(5)
+        return super().list_starting(starts)
+
+
+@pytest.mark.parametrize(("ahead", "reads"), [(0, 1), (1, 2)])
+def test_a_reread_asked_while_reading_is_made_only_past_that_read(
+    metrics: Metrics, ahead: int, reads: int,
+) -> None:
+    """A follower's read (or event) of revision R asks for a read while the keeper reads: a
+    read that ends at R or later holds it already (a sidecar's start reads once, not twice)."""
+    fake = GatedEtcd()
+    keeper = make_keeper(fake, metrics)
+    keeper.set_container("c0", {key("z"): encoded("z")})  # its service is read from the first
+    try:
+        keeper.start()
+        assert fake.entered.wait(3)
+        keeper.request_reread(fake.revision + ahead)
+        fake.gate.set()
+        keeper.set_container("c1", {key("a"): encoded("a")})  # written after any read again
+        wait_until(lambda: key("a") in fake.stored(), what="the key")
+        assert fake.reads == reads
+        keeper.request_reread(fake.revision - 1)  # older than the last read: nothing
+        keeper.set_container("c2", {key("b"): encoded("b")})
+        wait_until(lambda: key("b") in fake.stored(), what="the second key")
+        assert fake.reads == reads
+    finally:
+        keeper.shutdown(time.monotonic() + 1.0)
 
 
 def test_shutdown_revokes_the_lease(
@@ -810,3 +849,82 @@ def test_network_connect_and_disconnect_re_register_at_the_new_address(
     value = json.loads(rig.fake_etcd.stored()[key("web-1")])
     assert (value["host"], value["port"]) == ("10.20.0.9", 8080)
     assert sample(rig.metrics, "registrar_docker_events_total", action="network_connect") == 1
+
+
+class GatedDocker(FakeDocker):
+    """A FakeDocker whose events stream opens only once `gate` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def open_events(self, since: str | None, filters: Mapping[str, str] | None = None
+                    ) -> Iterator[dict[str, Any]]:
+        self.gate.wait(5)
+        return super().open_events(since, filters)
+
+
+# tests/inspect_data.py's StartedAt, 2015-07-20T12:00:00.123456789Z, as `since` takes it
+STARTED_AT = "1437393600.123456789"
+
+
+def sidecar_rig(docker: FakeDocker, name: str) -> tuple[Rig, str]:
+    """A sidecar's watcher of container `name`, given the inspect that found it running."""
+    fake_etcd, metrics = FakeEtcd(), Metrics()
+    cid = docker.add(container(name))
+    first = docker.inspect(cid)
+    assert first is not None and first.started_at
+    keeper = make_keeper(fake_etcd, metrics)
+    naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=None, default_ip=DEFAULT_IP,
+                           sidecar=True)
+    watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=0.0, only=cid,
+                               first=first)
+    return Rig(fake_etcd, docker, metrics, keeper, watcher), cid
+
+
+def stop_rig(rig: Rig) -> None:
+    rig.docker.down = False
+    rig.watcher.request_stop()
+    rig.watcher.join(time.monotonic() + 2.0)
+    rig.keeper.shutdown(time.monotonic() + 1.0)
+
+
+def test_a_sidecar_registers_from_its_first_inspect_and_replays_from_the_start() -> None:
+    """The key is written before the events stream opens, from the inspect that found the
+    container; the stream then opens from the container's start, and its opening reads
+    nothing again: a stop after that first inspect comes as an event."""
+    docker = GatedDocker()
+    rig, cid = sidecar_rig(docker, "web-1")
+    try:
+        rig.keeper.start()
+        rig.watcher.start()
+        wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="key before the stream")
+        assert docker.opened == [] and docker.inspects == 1
+        docker.gate.set()
+        wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 1)
+        assert docker.opened == [STARTED_AT]
+        docker.emit("start", cid)  # the replay of the run it registered from: no inspect
+        docker.state(cid, Running=False)
+        docker.emit("die", cid)
+        wait_until(lambda: rig.watcher.finished.is_set(), what="container gone")
+        assert docker.inspects == 1
+    finally:
+        stop_rig(rig)
+
+
+def test_a_sidecar_whose_first_stream_fails_reconciles_in_full() -> None:
+    """A stream opened after a failure is opened from the container's start too (nothing of
+    its events was seen yet), and the container is inspected again."""
+    docker = FakeDocker()
+    rig, _cid = sidecar_rig(docker, "web-1")
+    try:
+        docker.down = True  # the first subscription fails
+        rig.keeper.start()
+        rig.watcher.start()
+        wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+        assert docker.opened == []
+        docker.down = False
+        wait_until(lambda: docker.inspects == 2, what="a full reconcile")
+        assert docker.opened == [STARTED_AT]
+    finally:
+        stop_rig(rig)

@@ -1,10 +1,11 @@
-"""The JSON log line's time, written without `datetime` (registrar.logs.iso_utc)."""
+"""Times written and read without `datetime` on a sidecar's start, checked against it: the JSON
+log line's (registrar.logs.iso_utc) and a container engine's (timestamps.engine_time_ns)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,3 +37,25 @@ def test_now_is_what_rfc3339_writes_of_this_moment() -> None:
     after = timestamps.rfc3339(datetime.now(UTC))
     assert before <= written <= after
     assert timestamps.rfc3339(timestamps.parse(written)) == written
+
+
+@given(st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30)),
+       st.integers(0, 999_999_999), st.integers(-14 * 60, 14 * 60), st.booleans())
+def test_engine_time_ns_reads_what_docker_and_podman_write(
+    at: datetime, nanos: int, offset_minutes: int, zulu: bool,
+) -> None:
+    """Docker's StartedAt (UTC, Z, nanoseconds) and Podman's (an offset), as Go writes them."""
+    zone = UTC if zulu else timezone(timedelta(minutes=offset_minutes))
+    local = at.replace(microsecond=0, tzinfo=zone)
+    text = local.strftime("%Y-%m-%dT%H:%M:%S") + (f".{nanos:09d}".rstrip("0").rstrip(".")) + (
+        "Z" if zulu else local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:])
+    expected = int(local.timestamp()) * 1_000_000_000 + nanos
+    assert timestamps.engine_time_ns(text) == (expected if expected > 0 else None)
+
+
+def test_engine_time_ns_refuses_what_is_no_engine_time() -> None:
+    assert timestamps.engine_time_ns("0001-01-01T00:00:00Z") is None  # never started
+    assert timestamps.engine_time_ns("") is None
+    assert timestamps.engine_time_ns("2026-12-05 08:55:51Z") is None
+    assert timestamps.engine_time_ns("2026-13-05T08:55:51Z") is None
+    assert timestamps.engine_time_ns("2026-12-05T08:55:51.5Z") == 1_796_460_951_500_000_000

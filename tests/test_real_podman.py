@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import Scope, metrics_flag, scrape
+from tests.helpers import Scope, actions_since_start, metrics_flag, scrape
 from tests.support.etcd import EtcdServer
 from tests.support.etcd_reader import EtcdReader
 from tests.support.observe import KeyLog
@@ -107,6 +107,27 @@ def test_podman_register_stop_start_health_and_sigterm(
         assert "Traceback" not in agent.logs()
     finally:
         keys.close()
+
+
+def test_podman_sidecar_registers_and_leaves_at_the_stop(
+    podman: PodmanService, etcd: EtcdServer, unique: str, registrar: RegistrarFactory,
+    etcd_reader: EtcdReader,
+) -> None:
+    """`register` against Podman: its first events stream is opened from the container's
+    start (Podman's own State.StartedAt), after the key is written."""
+    scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+    web = podman.run(labels={"registrar.service": "pms"})
+    sidecar = registrar([*scope.args("register", web.name, ttl=TTL), "--docker", podman.url])
+    key = scope.key("pms", web.name)
+    wait_until(lambda: etcd_reader.get(key), timeout=10, message=lambda: sidecar.logs())
+    sidecar.wait_for_log("docker connected", timeout=10)
+    podman.stop(web.name, timeout=1)
+    assert sidecar.wait(15) == 0, sidecar.logs()
+    assert etcd_reader.get(key) is None
+    assert "Traceback" not in sidecar.logs()
+    # and the stream from the start replays the stop, which came after the inspect
+    actions = actions_since_start(podman.url, web.name)
+    assert actions[0] == "start" and "die" in actions, actions
 
 
 def test_podman_drain_takes_the_instance_out_before_the_stop(

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import Scope, etcd_requests, holds, metrics_flag, scrape, value_of
+from registrar.settings import DEFAULT_DOCKER
+from tests.helpers import (
+    Scope,
+    actions_since_start,
+    etcd_requests,
+    holds,
+    metrics_flag,
+    scrape,
+    value_of,
+)
 from tests.support.docker_env import ContainerFactory
 from tests.support.etcd import EtcdServer
 from tests.support.etcd_reader import EtcdReader
@@ -101,6 +111,18 @@ def test_waits_for_a_container_created_later(
     wait_until(lambda: etcd_reader.get(scope.key("late", name)), timeout=10,
                message=lambda: sidecar.logs())
     assert sidecar.stop() == 0
+
+
+def test_a_stream_opened_from_the_containers_start_replays_its_stop(
+    containers: ContainerFactory,
+) -> None:
+    """A sidecar registers from the inspect that found its container and only then opens
+    its events from the container's start (State.StartedAt as Docker gives it): a stop
+    between the two must come on that stream."""
+    c = containers(labels={"registrar.service": "web"})
+    c.stop()
+    actions = actions_since_start(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER, c.name)
+    assert actions[0] == "start" and "die" in actions, actions
 
 
 def test_a_container_that_never_appears_exits_1_naming_it(

@@ -83,7 +83,7 @@ def run(settings: Settings) -> int:
     agent = settings.agent
     assert agent is not None
 
-    container_id = None
+    container_id = found = None
     ownership = Ownership(settings.node)
     if sidecar:
         assert agent.container is not None
@@ -108,7 +108,7 @@ def run(settings: Settings) -> int:
         network=agent.network,
     )
     watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=settings.resync,
-                               only=container_id, finished=stop)
+                               only=container_id, finished=stop, first=found)
     loops = (keeper.health, keeper.heartbeat.health, watcher.health, follower.health)
     server = None
     if settings.metrics_addr is not None:

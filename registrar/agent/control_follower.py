@@ -39,14 +39,15 @@ def follower(store: Store, keeper: LeaseKeeper, layout: Layout, metrics: Metrics
     concerns the keeper's instances makes it read again."""
     def on_events(events: list[KeyEvent]) -> None:
         if relevant(layout, keeper, (event.key for event in events)):
-            keeper.request_reread()
+            keeper.request_reread(max(event.revision for event in events))
 
-    return PrefixFollower(
+    made = PrefixFollower(
         store,
         layout.rules,
         name="etcd follower",
-        on_snapshot=lambda _stored: keeper.request_reread(),
+        on_snapshot=lambda _stored: keeper.request_reread(made.revision),
         on_events=on_events,
         on_internal_error=lambda loop: metrics.internal_errors.labels(loop=loop).inc(),
         watch_ranges=layout.rules_ranges,  # `relevant` sorts the events
     )
+    return made

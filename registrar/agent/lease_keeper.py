@@ -90,6 +90,10 @@ class _Inputs:
         self.ready = False  # the first full picture of what runs arrived: writing may begin
         self.dirty = True  # something changed since the last write
         self.reread = True  # read this node's keys and the control state before writing
+        self.reading = False  # a read is under way (`_read`)
+        # the newest revision a `request_reread` asked for while a read was under way: read
+        # again after it only if it ended at an older one
+        self.asked_revision = 0
 
     def flat(self) -> dict[str, str]:
         return {key: value for keys in self.desired.values() for key, value in keys.items()}
@@ -187,8 +191,9 @@ class LeaseKeeper(Worker):
                     and runs_now == self._inputs.runs
                     and sidecars in (None, self._ownership.sidecars)):
                 return  # nothing changed: not even a wake-up
-            if not self._inputs.ready and self._read_fresh():
-                # The first picture, and etcd's side was read meanwhile (`next_step`): every
+            if not self._inputs.ready and (self._inputs.reading or self._read_fresh()):
+                # The first picture, and etcd's side was read (or is being read) meanwhile
+                # (`next_step`; a read that fails is made again): every
                 # key of the node and every control entry, a control event since made it read
                 # again (`concerns`). Reading once more would only delay the first write.
                 reread = False
@@ -238,9 +243,17 @@ class LeaseKeeper(Worker):
                 self._ownership = self._ownership._replace(sidecars=sidecars)
                 self._changed()
 
-    def request_reread(self) -> None:
-        """Re-read this node's keys and the control state from etcd before the next write."""
+    def request_reread(self, revision: int | None = None) -> None:
+        """Re-read this node's keys and the control state from etcd before the next write;
+        `revision`: of what changed (a follower's read or event), which a read that reached
+        it already holds (a follower's first read while the keeper reads is no second read)."""
         with self._cond:
+            if revision is not None:
+                if revision <= self.read_revision:
+                    return
+                if self._inputs.reading:
+                    self._inputs.asked_revision = max(self._inputs.asked_revision, revision)
+                    return
             self._inputs.reread = True
             self._changed()
 
@@ -464,13 +477,18 @@ class LeaseKeeper(Worker):
         one request (`_read_keys`)."""
         with self._cond:
             self._inputs.reread = False  # a change from now on is read again
+            self._inputs.reading = True
             ownership, services = self._ownership, self._services()
+        done = False
         try:
             self._read_keys(ownership, services)
-        except BaseException:
+            done = True
+        finally:
             with self._cond:
-                self._inputs.reread = True
-            raise
+                self._inputs.reading = False
+                if not done or self._inputs.asked_revision > self.read_revision:
+                    self._inputs.reread = True
+                self._inputs.asked_revision = 0
 
     def _read_keys(self, ownership: Ownership, services: Iterable[str]) -> None:
         """The first read takes every key under the prefix and standby, to find what a run

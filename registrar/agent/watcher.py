@@ -4,7 +4,11 @@ Two threads: a reader that only moves events from Docker's stream into a queue (
 with backoff when the stream ends), and one consumer that applies them in order. The reader
 subscribes before the consumer lists the running containers, so nothing starting in between is
 missed; after every (re)connect the consumer reconciles in full, since Docker keeps only its last
-256 events. A `register` sidecar is the same watcher limited to one container.
+256 events. A `register` sidecar is the same watcher limited to one container; it starts from
+the inspect that found its container running (`first`) without waiting for the stream, which it
+opens from the container's start (State.StartedAt as `since`), so that whatever happened to it
+after that inspect comes as events (a sidecar's start to its key is one inspect and one
+subscription shorter).
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ QUEUE_POLL = 0.5
 # build at import, and these are only ever told apart by their type).
 class _StreamOpened:
     """The events stream is open: what runs may be listed now."""
+
+
+class _Known:
+    """What a sidecar's container was found to be before the stream opened (`first`)."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: ContainerInfo) -> None:
+        self.info = info
 
 
 class _StreamLost:
@@ -100,8 +113,12 @@ class ContainerWatcher(Worker):
         resync: float,
         only: str | None = None,
         finished: threading.Event | None = None,
+        first: ContainerInfo | None = None,
     ) -> None:
-        """`only`: a sidecar's container id; `finished` is set when that container is gone.
+        """`only`: a sidecar's container id; `finished` is set when that container is gone;
+        `first`: that container as an inspect found it running (applied at once; the first
+        stream replays its events from its start, so that nothing after the inspect is
+        missed).
         A `Checker` runs registrar's own checks (`registrar.check` labels) on a thread of its
         own: a checked port is registered only while its check holds; a change comes back
         to the one consumer as a `_Recheck`. It is made (and its module imported) with the
@@ -124,6 +141,13 @@ class ContainerWatcher(Worker):
         self._docker_ok: bool | None = None
         self.finished = finished if finished is not None else threading.Event()
         self.finished_reason: str | None = None
+        # A sidecar's streams begin at its container's start until an event was seen (then
+        # where the replay filter says), so that none of what came after `first` is missed;
+        # and whether the consumer may skip the reconcile of the first one it opens.
+        self._from_ns = timestamps.engine_time_ns(first.started_at) if first else None
+        self._replays_first = False
+        if first is not None and self._from_ns is not None:
+            self._queue.put(_Known(first))
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -182,11 +206,8 @@ class ContainerWatcher(Worker):
 
     def _read_once(self) -> None:
         filters = {"container": self._only} if self._only else None
-        since = None
-        resume = self._replay.resume_from()
-        if resume is not None:
-            seconds, nanos = divmod(resume, 1_000_000_000)
-            since = f"{seconds}.{nanos:09d}"
+        resume = self._replay.resume_from() or self._from_ns
+        since = None if resume is None else timestamps.since(resume)
         events = self._docker.open_events(since, filters)
         # Subscribed: now the consumer may list what runs (nothing starting meanwhile is missed).
         self._queue.put(_StreamOpened())
@@ -233,8 +254,15 @@ class ContainerWatcher(Worker):
     def _handle(self, item: object) -> None:
         if isinstance(item, _StreamOpened):
             self._set_docker_up(True, "events stream open")
-            self.reconcile(reread=True)
+            if self._replays_first:
+                self._replays_first = False  # it delivers what changed since `first`
+            else:
+                self.reconcile(reread=True)
+        elif isinstance(item, _Known):
+            self.reconcile(reread=True, known=item.info)
+            self._replays_first = True
         elif isinstance(item, _StreamLost):
+            self._replays_first = False
             self._set_docker_up(False, item.reason)
         elif isinstance(item, dict):
             self._apply_event(item)
@@ -253,13 +281,14 @@ class ContainerWatcher(Worker):
                             extra={"event": "docker_down", "reason": reason})
         self._docker_ok = up
 
-    def reconcile(self, reread: bool = False) -> None:
+    def reconcile(self, reread: bool = False, known: ContainerInfo | None = None) -> None:
         """Re-reads every running container (or the one) and hands the whole set to the keeper
         (`reread`: and makes it read this node's keys in etcd again: at start, after Docker
-        came back and at each periodic resync, which so puts right what someone else changed)."""
+        came back and at each periodic resync, which so puts right what someone else changed).
+        `known`: the one container as just inspected (a sidecar's `first`)."""
         self._metrics.reconciles.inc()
         if self._only:
-            info = self._docker.inspect(self._only)
+            info = known if known is not None else self._docker.inspect(self._only)
             running = [info] if info is not None and info.running else []
             if info is None or not info.running:
                 self._container_gone(self._only, "not running")
@@ -313,6 +342,11 @@ class ContainerWatcher(Worker):
             if tracked is None or not tracked.info.has_healthcheck:
                 return
             effect = Effect.REFRESH
+        if (effect is Effect.START and self._only and tracked is not None
+                and tracked.info.running and not tracked.stopping):
+            # A sidecar's first stream replays the start of the run it registered from: the
+            # container died in between otherwise, and that death ended the sidecar.
+            return
         if effect in (Effect.START, Effect.REFRESH):
             info = self._docker.inspect(cid)
             if info is None:

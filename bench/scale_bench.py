@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ CHECK_INTERVAL = "10"
 # 1,000 backends x 32 slots (the default at least) needed 33,569 file descriptors, over this
 # machine's hard limit of 20,000: 4 a backend, and more instances than that are a reload.
 SPARE_SLOTS = 4
+OBSERVER_TIMEOUT = 30.0  # the bench's own etcd reads
 PROBES = 30  # start-to-traffic samples, each a service of its own (bound, never served before)
 DEPLOYED = 100  # services in the rolling deploy
 PORT_A, PORT_B = 21000, 24000  # the routers' frontends: PORT + service index
@@ -236,7 +238,9 @@ class ScaleRun:
         say(f"{self.n} hosts: etcd, listeners, routers, catalog")
         self.etcd.start()
         endpoints = self.etcd.endpoints
-        self.reader = EtcdReader(self.etcd.urls[0])
+        # the bench's own reads (10,000 keys at once) wait as long as a busy etcd takes: an
+        # observer's timeout is no failure of what it observes
+        self.reader = EtcdReader(self.etcd.urls[0], timeout=OBSERVER_TIMEOUT)
         # One process a port (a probe's apart): each stands for other machines, so it runs at
         # a higher priority than the cluster on this one; a failure then is the cluster's.
         groups = [[f"{p}=v1"] for p in LISTEN_V1] + [[f"{p}=v2"] for p in LISTEN_V2] + [
@@ -660,7 +664,7 @@ class ScaleRun:
                 t for t in beats.values() if t is not None) - killed_at
             self.f["leader_leases_lost"] = lost
             time.sleep(5)
-        reader = EtcdReader(self.etcd.urls[(leader + 1) % 3])
+        reader = EtcdReader(self.etcd.urls[(leader + 1) % 3], timeout=OBSERVER_TIMEOUT)
         keys_after = len(reader.keys(PREFIX + "/"))
         reader.close()
         self.f["leader_keys_lost"] = keys_before - keys_after
@@ -749,8 +753,10 @@ def run_size(hosts: int, quick: bool, keep: bool = False) -> SizeResult:
         run.leader_kill()
         run.totals()
     except (TimeoutError, RuntimeError, AssertionError, OSError) as exc:
-        run.result.notes.append(f"stopped: {exc}")
-        say(f"{hosts} hosts: stopped: {exc} (logs in {work})")
+        where = [f for f in traceback.extract_tb(exc.__traceback__) if "/bench/" in f.filename]
+        at = f" (in {where[-1].name}, line {where[-1].lineno})" if where else ""
+        run.result.notes.append(f"stopped: {type(exc).__name__}: {exc}{at}")
+        say(f"{hosts} hosts: stopped: {type(exc).__name__}: {exc}{at} (logs in {work})")
         keep = True
     finally:
         run.close()

@@ -76,6 +76,7 @@ class FakeEtcd:
         self.keepalives = 0
         self.reads = 0
         self.revision = 1
+        self.request_timeout = 2.0  # Store's (a one-shot command's attempts change it)
         self.metrics = metrics
         self.up: bool | None = None
         self._listeners: list[Callable[[bool], None]] = []

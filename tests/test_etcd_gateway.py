@@ -5,9 +5,11 @@ next endpoint, and a watch read line by line and cancelled by closing it."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -137,6 +139,25 @@ def test_no_endpoint_answering_is_unavailable() -> None:
     with pytest.raises(EtcdUnavailable, match="ConnectionRefusedError"):
         store.grant(5)
     assert store.up is False
+
+
+def test_a_request_waits_request_timeout_for_its_answer(servers: list[Server]) -> None:
+    """An answer later than the request timeout is a timeout; a longer `request_timeout` (a
+    one-shot command's later attempt) waits for it."""
+    def slow(conn: socket.socket, _request: bytes) -> None:
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):
+            conn.sendall(reply({"header": HEADER, "ID": "7", "TTL": "5"}))
+
+    server = Server(slow)
+    servers.append(server)
+    store = EtcdStore(EtcdSettings((EtcdEndpoint("127.0.0.1", server.address.port, False),),
+                                   timeout=0.15))
+    with pytest.raises(EtcdUnavailable, match="timed out"):
+        store.grant(5)
+    store.request_timeout = 1.0
+    assert store.grant(5) == 7
+    store.close()
 
 
 def test_a_stale_token_is_renewed_and_the_request_sent_once_more(servers: list[Server]) -> None:

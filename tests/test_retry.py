@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from registrar.commands import oneshot
 from registrar.commands.oneshot import OneShot
-from registrar.core.store import EtcdRefused, EtcdUnavailable
+from registrar.core.store import EtcdRefused, EtcdUnavailable, Store
 from registrar.errors import FatalError
 from registrar.retry import Backoff, GaveUp, poll_until, retry_forever, retry_within
 from tests.fakes import FakeEtcd
@@ -96,6 +97,36 @@ def test_one_shot_retries_transient_errors_and_stops_at_a_lasting_one() -> None:
     assert refused.calls == 1
     with pytest.raises(FatalError, match="gave up after 1 attempt"):
         OneShot(FakeEtcd(), timeout=0)(Flaky(5, EtcdUnavailable("down")))
+
+
+def test_one_shot_waits_longer_for_an_answer_at_each_attempt() -> None:
+    """A slow etcd is waited for: 2, 4, 8 s (up to oneshot.PATIENCE) for one answer, not 2 s each
+    time; the store's own timeout is back afterwards."""
+    fake = FakeEtcd()
+    seen: list[float] = []
+
+    def answered_in_5_s(store: Store) -> str:
+        seen.append(store.request_timeout)
+        if store.request_timeout < 5:
+            raise EtcdUnavailable("no etcd endpoint available (last error: timed out)")
+        return "ok"
+
+    assert OneShot(fake, timeout=30)(answered_in_5_s) == "ok"
+    assert seen == [2.0, 4.0, 8.0] and fake.request_timeout == 2.0
+
+
+def test_one_shot_patience_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oneshot, "PATIENCE", 4.0)  # reached at the second attempt
+    fake = FakeEtcd()
+    seen: list[float] = []
+
+    def never(store: Store) -> str:
+        seen.append(store.request_timeout)
+        raise EtcdUnavailable("no etcd endpoint available (last error: timed out)")
+
+    with pytest.raises(FatalError, match="gave up"):
+        OneShot(fake, timeout=0.5)(never)  # 3 attempts at least: backoffs of 0.1 and 0.2
+    assert seen[:3] == [2.0, 4.0, 4.0] and fake.request_timeout == 2.0
 
 
 def test_a_haproxy_that_fails_to_start_is_started_again_after_the_backoff(

@@ -370,6 +370,7 @@ class EtcdStore:
         self._listeners: list[Callable[[bool], None]] = []
         self._closed = False
         self._warned_body = False  # a watch's body was longer than GATEWAY_WATCH_BODY
+        self.request_timeout = settings.timeout  # a unary request's, each endpoint's
 
     @property
     def up(self) -> bool | None:
@@ -423,7 +424,7 @@ class EtcdStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         failure: OSError | None = None
         for index in self._order():
-            left = self._settings.timeout
+            left = self.request_timeout
             if deadline is not None:
                 left = min(left, deadline - time.monotonic())
                 if left <= 0:

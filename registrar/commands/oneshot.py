@@ -20,6 +20,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+# The longest a one-shot command's later attempts wait for one answer of etcd's.
+PATIENCE = 16.0
+
+
 class OneShot:
     def __init__(self, store: Store, timeout: float, what: str = "etcd") -> None:
         """`timeout`: the command's --timeout, from now; `what` starts every error line."""
@@ -31,11 +35,21 @@ class OneShot:
         return max(0.0, self.deadline - time.monotonic())
 
     def __call__(self, fn: Callable[[Store], T]) -> T:
-        """`fn(store)`, retried through transient errors until the deadline."""
+        """`fn(store)`, retried through transient errors until the deadline; each attempt
+        waits twice as long as the one before for etcd's answers (up to PATIENCE): an etcd
+        that answers in 3 s under load is slow, not gone, and a command that gave up on every
+        request after 2 s would never see the answer (a dead endpoint still fails over after
+        the first attempt's usual timeout)."""
+        store = self.store
+        usual = store.request_timeout
+        attempts = 0
 
         def attempt() -> T:
+            nonlocal attempts
+            store.request_timeout = max(usual, min(usual * 2 ** attempts, PATIENCE))
+            attempts += 1
             try:
-                return fn(self.store)
+                return fn(store)
             except EtcdUnavailable as exc:
                 if exc.lasting:
                     raise FatalError(f"{self.what}: {exc}") from None
@@ -48,6 +62,8 @@ class OneShot:
                                 timeout=self.left(), log=log)
         except GaveUp as exc:
             raise FatalError(str(exc)) from None
+        finally:
+            store.request_timeout = usual
 
 
 def read_until(etcd: OneShot, read: Callable[[], T], settled: Callable[[T], object]) -> T:

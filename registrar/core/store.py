@@ -92,6 +92,10 @@ class Watch(Protocol):
 class Store(Protocol):
     """Every etcd call the project makes."""
 
+    # How long one request waits for etcd's answer (EtcdSettings.timeout unless changed: a
+    # one-shot command's later attempts wait longer, `commands.oneshot`).
+    request_timeout: float
+
     def add_listener(self, listener: Callable[[bool], None]) -> None:
         """`listener(up)` is called whenever etcd goes from answering to not, or back."""
         ...

@@ -607,7 +607,15 @@ _COMMANDS = {"watch": _agent, "register": _agent, "ls": _ls, "haproxy": _haproxy
 # --- the values' shapes ---------------------------------------------------------------------
 
 
+# A dotted IPv4 address, already in the form ipaddress writes (no leading zeros), read without
+# it (1 ms of a sidecar's start, which `--host-ip` makes); anything else goes through it.
+PLAIN_IPV4_RE = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                           r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+
+
 def _ip(flag: str, raw: str) -> str:
+    if PLAIN_IPV4_RE.fullmatch(raw.strip()):
+        return raw.strip()
     import ipaddress
 
     try:

@@ -130,7 +130,8 @@ def test_a_sidecar_start_imports_none_of_the_heavy_modules() -> None:
 
     code = ("import sys, registrar.cli; registrar.cli.traceback_when_needed(); "
             "import registrar.logs, registrar.agent.command, registrar.settings as s; "
-            "s.parse_settings(['register', 'web-1', '--etcd', 'http://127.0.0.1:2379'], {}, 'h'); "
+            "s.parse_settings(['register', 'web-1', '--etcd', 'http://127.0.0.1:2379', "
+            "'--host-ip', '10.1.2.3'], {}, 'h'); "
             "print(' '.join(sorted(sys.modules)))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 check=True, timeout=30).stdout.split())

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registrar import __version__
 from registrar.cli import main, read_files
@@ -588,3 +590,24 @@ def test_an_endpoint_read_without_urllib_is_what_urlsplit_reads() -> None:
         except SettingsError:
             got = "refused"
         assert got == expected, url
+
+
+@given(st.ip_addresses(v=4).map(str)
+       | st.lists(st.integers(0, 300), min_size=4, max_size=4).map(
+           lambda octets: ".".join(str(o) for o in octets))
+       | st.lists(st.sampled_from(["0", "00", "01", "010", "255", "256", "1", "99"]),
+                  min_size=3, max_size=5).map(".".join)
+       | st.text("0123456789.", max_size=16))
+def test_a_host_ip_read_without_ipaddress_is_what_ipaddress_reads(raw: str) -> None:
+    """`--host-ip`'s fast path (a plain dotted IPv4) agrees with ipaddress on what it takes."""
+    import ipaddress
+
+    from registrar import settings
+
+    try:
+        expected: str | None = str(ipaddress.ip_address(raw))
+    except ValueError:
+        expected = None
+    if settings.PLAIN_IPV4_RE.fullmatch(raw):
+        assert expected == raw
+    assert (settings._ip("--host-ip", raw) if expected else None) == expected

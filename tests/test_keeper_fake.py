@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from registrar.agent.lease_keeper import LeaseKeeper
-from registrar.agent.watcher import ContainerWatcher
+from registrar.agent.watcher import REPLAY_SPAN, ContainerWatcher
+from registrar.core import timestamps
 from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
@@ -864,14 +865,19 @@ class GatedDocker(FakeDocker):
         return super().open_events(since, filters)
 
 
-# tests/inspect_data.py's StartedAt, 2015-07-20T12:00:00.123456789Z, as `since` takes it
-STARTED_AT = "1437393600.123456789"
+# A StartedAt of a few seconds ago, and the same as `since` takes it
+STARTED_NS = (time.time_ns() // 1_000_000_000 - 5) * 1_000_000_000 + 123_456_789
+STARTED_AT = timestamps.since(STARTED_NS)
 
 
-def sidecar_rig(docker: FakeDocker, name: str) -> tuple[Rig, str]:
-    """A sidecar's watcher of container `name`, given the inspect that found it running."""
+def sidecar_rig(docker: FakeDocker, name: str, started_at: str | None = None
+                ) -> tuple[Rig, str]:
+    """A sidecar's watcher of container `name`, given the inspect that found it running
+    (`started_at`: its State.StartedAt; default STARTED_NS's)."""
     fake_etcd, metrics = FakeEtcd(), Metrics()
     cid = docker.add(container(name))
+    docker.state(cid, StartedAt=started_at or time.strftime(
+        "%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(STARTED_NS // 1_000_000_000)))
     first = docker.inspect(cid)
     assert first is not None and first.started_at
     keeper = make_keeper(fake_etcd, metrics)
@@ -908,6 +914,23 @@ def test_a_sidecar_registers_from_its_first_inspect_and_replays_from_the_start()
         docker.emit("die", cid)
         wait_until(lambda: rig.watcher.finished.is_set(), what="container gone")
         assert docker.inspects == 1
+    finally:
+        stop_rig(rig)
+
+
+def test_a_sidecar_of_a_container_started_long_ago_replays_one_minute_only() -> None:
+    """Its older events (a health check's, each an inspect) are not asked for again."""
+    docker = FakeDocker()
+    rig, _cid = sidecar_rig(docker, "web-1", started_at="2015-07-20T12:00:00.123456789Z")
+    try:
+        before = time.time_ns()
+        rig.keeper.start()
+        rig.watcher.start()
+        wait_until(lambda: docker.opened, what="the stream")
+        since = docker.opened[0]
+        assert since is not None
+        seconds = float(since)
+        assert before / 1e9 - REPLAY_SPAN - 1 <= seconds <= time.time() - REPLAY_SPAN + 1
     finally:
         stop_rig(rig)
 

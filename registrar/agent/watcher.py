@@ -6,9 +6,9 @@ subscribes before the consumer lists the running containers, so nothing starting
 missed; after every (re)connect the consumer reconciles in full, since Docker keeps only its last
 256 events. A `register` sidecar is the same watcher limited to one container; it starts from
 the inspect that found its container running (`first`) without waiting for the stream, which it
-opens from the container's start (State.StartedAt as `since`), so that whatever happened to it
-after that inspect comes as events (a sidecar's start to its key is one inspect and one
-subscription shorter).
+opens from the container's start (State.StartedAt as `since`, at most REPLAY_SPAN back), so
+that whatever happened to it after that inspect comes as events (a sidecar's start to its key
+is one inspect and one subscription shorter).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_POLL = 0.5
+# How far back a sidecar's first events stream begins at most: the inspect it registers from
+# was made a few milliseconds before, and a minute is far beyond any skew between this host's
+# clock and the engine's; a container started longer ago would only have its older events
+# replayed (each health check's), each an inspect.
+REPLAY_SPAN = 60.0
 
 
 # The consumer's messages besides Docker's events (plain classes: a dataclass costs ~0.5 ms to
@@ -141,10 +146,13 @@ class ContainerWatcher(Worker):
         self._docker_ok: bool | None = None
         self.finished = finished if finished is not None else threading.Event()
         self.finished_reason: str | None = None
-        # A sidecar's streams begin at its container's start until an event was seen (then
-        # where the replay filter says), so that none of what came after `first` is missed;
-        # and whether the consumer may skip the reconcile of the first one it opens.
-        self._from_ns = timestamps.engine_time_ns(first.started_at) if first else None
+        # A sidecar's streams begin at its container's start (at most REPLAY_SPAN ago) until
+        # an event was seen (then where the replay filter says), so that none of what came
+        # after `first` is missed; and whether the consumer may skip the reconcile of the
+        # first one it opens.
+        started = timestamps.engine_time_ns(first.started_at) if first else None
+        self._from_ns = None if started is None else max(
+            started, time.time_ns() - int(REPLAY_SPAN * 1e9))
         self._replays_first = False
         if first is not None and self._from_ns is not None:
             self._queue.put(_Known(first))

@@ -155,15 +155,19 @@ def test_quick_successive_promotions_end_in_the_last_state(
     agent.wait_for_log("docker connected", timeout=15)
     cs = [start_version(containers, v, svc) for v in ("v1", "v2", "v3")]
     names = {c.name for c in cs}
-    wait_until(lambda: len(versions_in(etcd_reader, f"{scope.prefix}/{svc}", names)) == 3,
-               timeout=10)
+    sentinel = f"{svc}-b"
+    start_version(containers, "v1", sentinel)
+    wait_until(lambda: len(versions_in(etcd_reader, f"{scope.prefix}/{svc}", names)) == 3
+               and etcd_reader.get_prefix(f"{scope.prefix}/{sentinel}/"), timeout=10)
     key = f"{control(scope)}/promoted/{svc}"
     for version in ("v1", "v2", "v3", "v2"):
         etcd_reader.put(key, json.dumps({"version": version, "at": "2026-01-01T00:00:00Z"}))
-    # A promotion of a service no agent knows is harmless; written last, it also tells when
-    # the agent has read the last promotion of ours (it re-reads the whole control state).
-    etcd_reader.put(f"{control(scope)}/promoted/nobody", '{"version": "x"}')
-    agent.wait_for_log(r"control: .*nobody promoted x", timeout=10)
+    # A promotion of another service of the agent's, written last, tells when it has read the
+    # last promotion of ours: that one makes it read the whole control state again. (One of a
+    # service it has no instance of would not: it reads again only for what concerns it, and
+    # not when a read of its own already reached the change.)
+    etcd_reader.put(f"{control(scope)}/promoted/{sentinel}", '{"version": "x"}')
+    agent.wait_for_log(rf"control: .*{sentinel} promoted x", timeout=10)
     wait_until(lambda: versions_in(etcd_reader, f"{scope.prefix}/{svc}", names)
                == {cs[1].name: "v2"}, timeout=5)
     assert agent.alive

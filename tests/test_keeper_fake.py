@@ -359,6 +359,11 @@ def test_shutdown_before_any_lease(fake_etcd: FakeEtcd, metrics: Metrics) -> Non
 # --- ContainerWatcher ---------------------------------------------------------------------
 
 
+# A StartedAt of a few seconds ago, and the same as `since` takes it
+STARTED_NS = (time.time_ns() // 1_000_000_000 - 5) * 1_000_000_000 + 123_456_789
+STARTED_AT = timestamps.since(STARTED_NS)
+
+
 @dataclass
 class Rig:
     fake_etcd: FakeEtcd
@@ -388,12 +393,26 @@ class Rig:
 def rig_factory() -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(resync: float = 0.0, host_ip: str | None = None) -> Rig:
-        fake_etcd, docker, metrics = FakeEtcd(), FakeDocker(), Metrics()
+    def make(resync: float = 0.0, host_ip: str | None = None, *,
+             docker: FakeDocker | None = None, sidecar: str | None = None,
+             started_at: str | None = None) -> Rig:
+        """`sidecar`: the name of a container made running, which the watcher is a sidecar of,
+        given the inspect that found it (`started_at`: its State.StartedAt; default
+        STARTED_NS's)."""
+        fake_etcd, metrics = FakeEtcd(), Metrics()
+        docker = docker or FakeDocker()
         keeper = make_keeper(fake_etcd, metrics)
-        naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=host_ip, default_ip=DEFAULT_IP)
+        naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=host_ip, default_ip=DEFAULT_IP,
+                               sidecar=sidecar is not None)
+        only = first = None
+        if sidecar is not None:
+            only = docker.add(container(sidecar))
+            docker.state(only, StartedAt=started_at or time.strftime(
+                "%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(STARTED_NS // 1_000_000_000)))
+            first = docker.inspect(only)
+            assert first is not None and first.started_at
         watcher = ContainerWatcher(docker, keeper, naming, metrics,
-                                   resync=resync)
+                                   resync=resync, only=only, first=first)
         rig = Rig(fake_etcd, docker, metrics, keeper, watcher)
         made.append(rig)
         return rig
@@ -865,89 +884,56 @@ class GatedDocker(FakeDocker):
         return super().open_events(since, filters)
 
 
-# A StartedAt of a few seconds ago, and the same as `since` takes it
-STARTED_NS = (time.time_ns() // 1_000_000_000 - 5) * 1_000_000_000 + 123_456_789
-STARTED_AT = timestamps.since(STARTED_NS)
-
-
-def sidecar_rig(docker: FakeDocker, name: str, started_at: str | None = None
-                ) -> tuple[Rig, str]:
-    """A sidecar's watcher of container `name`, given the inspect that found it running
-    (`started_at`: its State.StartedAt; default STARTED_NS's)."""
-    fake_etcd, metrics = FakeEtcd(), Metrics()
-    cid = docker.add(container(name))
-    docker.state(cid, StartedAt=started_at or time.strftime(
-        "%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(STARTED_NS // 1_000_000_000)))
-    first = docker.inspect(cid)
-    assert first is not None and first.started_at
-    keeper = make_keeper(fake_etcd, metrics)
-    naming = NamingContext(prefix=PREFIX, node=NODE, host_ip=None, default_ip=DEFAULT_IP,
-                           sidecar=True)
-    watcher = ContainerWatcher(docker, keeper, naming, metrics, resync=0.0, only=cid,
-                               first=first)
-    return Rig(fake_etcd, docker, metrics, keeper, watcher), cid
-
-
-def stop_rig(rig: Rig) -> None:
-    rig.docker.down = False
-    rig.watcher.request_stop()
-    rig.watcher.join(time.monotonic() + 2.0)
-    rig.keeper.shutdown(time.monotonic() + 1.0)
-
-
-def test_a_sidecar_registers_from_its_first_inspect_and_replays_from_the_start() -> None:
+def test_a_sidecar_registers_from_its_first_inspect_and_replays_from_the_start(
+    rig_factory: Callable[..., Rig],
+) -> None:
     """The key is written before the events stream opens, from the inspect that found the
     container; the stream then opens from the container's start, and its opening reads
     nothing again: a stop after that first inspect comes as an event."""
     docker = GatedDocker()
-    rig, cid = sidecar_rig(docker, "web-1")
-    try:
-        rig.keeper.start()
-        rig.watcher.start()
-        wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="key before the stream")
-        assert docker.opened == [] and docker.inspects == 1
-        docker.gate.set()
-        wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 1)
-        assert docker.opened == [STARTED_AT]
-        docker.emit("start", cid)  # the replay of the run it registered from: no inspect
-        docker.state(cid, Running=False)
-        docker.emit("die", cid)
-        wait_until(lambda: rig.watcher.finished.is_set(), what="container gone")
-        assert docker.inspects == 1
-    finally:
-        stop_rig(rig)
+    rig = rig_factory(docker=docker, sidecar="web-1")
+    cid = cid_of("web-1")
+    rig.keeper.start()
+    rig.watcher.start()
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored(), what="key before the stream")
+    assert docker.opened == [] and docker.inspects == 1
+    docker.gate.set()
+    wait_until(lambda: sample(rig.metrics, "registrar_docker_up") == 1)
+    assert docker.opened == [STARTED_AT]
+    docker.emit("start", cid)  # the replay of the run it registered from: no inspect
+    docker.state(cid, Running=False)
+    docker.emit("die", cid)
+    wait_until(lambda: rig.watcher.finished.is_set(), what="container gone")
+    assert docker.inspects == 1
 
 
-def test_a_sidecar_of_a_container_started_long_ago_replays_one_minute_only() -> None:
+def test_a_sidecar_of_a_container_started_long_ago_replays_one_minute_only(
+    rig_factory: Callable[..., Rig],
+) -> None:
     """Its older events (a health check's, each an inspect) are not asked for again."""
-    docker = FakeDocker()
-    rig, _cid = sidecar_rig(docker, "web-1", started_at="2015-07-20T12:00:00.123456789Z")
-    try:
-        before = time.time_ns()
-        rig.keeper.start()
-        rig.watcher.start()
-        wait_until(lambda: docker.opened, what="the stream")
-        since = docker.opened[0]
-        assert since is not None
-        seconds = float(since)
-        assert before / 1e9 - REPLAY_SPAN - 1 <= seconds <= time.time() - REPLAY_SPAN + 1
-    finally:
-        stop_rig(rig)
+    rig = rig_factory(sidecar="web-1", started_at="2015-07-20T12:00:00.123456789Z")
+    before = time.time_ns()
+    rig.keeper.start()
+    rig.watcher.start()
+    wait_until(lambda: rig.docker.opened, what="the stream")
+    since = rig.docker.opened[0]
+    assert since is not None
+    seconds = float(since)
+    assert before / 1e9 - REPLAY_SPAN - 1 <= seconds <= time.time() - REPLAY_SPAN + 1
 
 
-def test_a_sidecar_whose_first_stream_fails_reconciles_in_full() -> None:
+def test_a_sidecar_whose_first_stream_fails_reconciles_in_full(
+    rig_factory: Callable[..., Rig],
+) -> None:
     """A stream opened after a failure is opened from the container's start too (nothing of
     its events was seen yet), and the container is inspected again."""
-    docker = FakeDocker()
-    rig, _cid = sidecar_rig(docker, "web-1")
-    try:
-        docker.down = True  # the first subscription fails
-        rig.keeper.start()
-        rig.watcher.start()
-        wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
-        assert docker.opened == []
-        docker.down = False
-        wait_until(lambda: docker.inspects == 2, what="a full reconcile")
-        assert docker.opened == [STARTED_AT]
-    finally:
-        stop_rig(rig)
+    rig = rig_factory(sidecar="web-1")
+    docker = rig.docker
+    docker.down = True  # the first subscription fails
+    rig.keeper.start()
+    rig.watcher.start()
+    wait_until(lambda: key("web-1") in rig.fake_etcd.stored())
+    assert docker.opened == []
+    docker.down = False
+    wait_until(lambda: docker.inspects == 2, what="a full reconcile")
+    assert docker.opened == [STARTED_AT]

@@ -739,18 +739,21 @@ def promote_failures(count: int | None) -> str:
     return f"; `promote` failed {count} times" if count else ""
 
 
-def run_size(hosts: int, quick: bool, keep: bool = False) -> SizeResult:
+PHASES = ("bring_up", "at_rest", "start_to_traffic", "promotion", "rolling_deploy",
+          "router_restart", "leader_kill")
+
+
+def run_size(hosts: int, quick: bool, keep: bool = False, through: str = PHASES[-1]
+             ) -> SizeResult:
     work = Path(tempfile.mkdtemp(prefix=f"scale-{hosts}-"))
     run = ScaleRun(hosts, work)
     try:
         run.start()
-        run.bring_up()
-        run.at_rest(10 if quick else 30)
-        run.start_to_traffic()
-        run.promotion()
-        run.rolling_deploy()
-        run.router_restart()
-        run.leader_kill()
+        for phase in PHASES[:PHASES.index(through) + 1]:
+            if phase == "at_rest":
+                run.at_rest(10 if quick else 30)
+            else:
+                getattr(run, phase)()
         run.totals()
     except (TimeoutError, RuntimeError, AssertionError, OSError) as exc:
         where = [f for f in traceback.extract_tb(exc.__traceback__) if "/bench/" in f.filename]
@@ -846,10 +849,11 @@ def section(results: Sequence[SizeResult]) -> str:
     return "\n".join(out) + "\n"
 
 
-def run(quick: bool = False, sizes: Sequence[int] | None = None, keep: bool = False
-        ) -> list[SizeResult]:
+def run(quick: bool = False, sizes: Sequence[int] | None = None, keep: bool = False,
+        through: str = PHASES[-1]) -> list[SizeResult]:
     raise_open_files()
-    return [run_size(n, quick, keep) for n in (sizes or (QUICK_SIZES if quick else SIZES))]
+    return [run_size(n, quick, keep, through)
+            for n in (sizes or (QUICK_SIZES if quick else SIZES))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -859,6 +863,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep each size's work directory")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--through", choices=PHASES, default=PHASES[-1],
+                   help="run the phases up to this one, then stop (the table leaves the rest "
+                   "blank; bench/results.md is then not written)")
     p.add_argument("--render", type=Path, nargs="*", default=None,
                    help="run nothing: the section from figures written by --json (sizes run "
                    "apart, one at a time), into bench/results.md")
@@ -874,14 +881,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stops the etcd members, routers, HAProxies and listeners it started. Left running, one
     # killed run's routers kept checking 10,000 servers and slowed every bench after it.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
-    results = run(args.quick, sizes, args.keep)
+    results = run(args.quick, sizes, args.keep, args.through)
     if args.json is not None:
         args.json.write_text(json.dumps([r.__dict__ for r in results], default=str, indent=1))
     block = section(results)
     print(block)
     if args.out is not None:
         args.out.write_text(block)
-    elif not args.quick and not args.sizes:
+    elif not args.quick and not args.sizes and args.through == PHASES[-1]:
         RESULTS.write_text(add_section(RESULTS.read_text(), HEADING, block))
     return 0
 

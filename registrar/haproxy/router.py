@@ -91,8 +91,10 @@ MAX_DELAY = 1.0  # ... and none later than this after it arrived
 FILE_QUIET = 0.5  # the file of runtime-API changes: written once they are this quiet ...
 FILE_MAX_DELAY = 2.0  # ... and at most this long after the first
 FEW_BACKENDS = 20  # a change touching at most these is checked and counted backend by backend
-POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic)
-POLL_IN_FLIGHT = 0.2  # ... this often while requests are open on instances that left rotation
+POLL_EVERY = 1.0  # show proc (reloads from outside) and show stat (traffic) ...
+POLL_SHARE = 0.05  # ... or less often, so that reading every backend takes at most this share
+POLL_MAX = 10.0  # ... of the time (14,000 servers: ~3.5 MB, 80 ms), but at least this often
+POLL_IN_FLIGHT = 0.2  # the backends with requests open on instances that left rotation: this often
 RELOAD_CMD_TIMEOUT = 60.0
 
 
@@ -268,6 +270,12 @@ def few_backends(backends: Collection[str] | None) -> list[str] | None:
     return sorted(backends)
 
 
+def poll_period(took: float) -> float:
+    """The time until the next reading of every backend's counters, from how long the last
+    one took: POLL_EVERY, or longer where reading is dear (POLL_SHARE), at most POLL_MAX."""
+    return min(POLL_MAX, max(POLL_EVERY, took / POLL_SHARE))
+
+
 @dataclass(frozen=True)
 class FileWanted:
     """A config file to install: the backends it renders, the revision they hold, and its text
@@ -377,7 +385,8 @@ class Router:
         self.traffic = Traffic(hp.mode)
         self.traffic_lock = threading.Lock()  # the reporter reads the totals from its thread
         self._workers: tuple[int, ...] | None = None  # the workers we know of
-        self._next_poll = 0.0
+        self._next_poll = 0.0  # the next reading of every backend
+        self._next_in_flight = 0.0  # ... of the backends with something in flight
         # What the report says the router has done (read by the reporter, under traffic_lock):
         self.applied = 0  # every change under the prefix up to this revision is served
         self.in_step = False  # what HAProxy serves is the last state applied (none pending)
@@ -389,6 +398,7 @@ class Router:
         self.old_holders: dict[int, dict[Slot, Holder]] = {}  # a reload's old workers' slots
         self._current_open: dict[Slot, int] = {}  # current worker's scur, as last read
         self.in_flight: InFlight = {}
+        self._in_flight_of: dict[int | None, InFlight] = {}  # by worker (None: the current)
         self.report_now: Callable[[], None] = lambda: None  # the reporter writes at once
         # Response times (http mode, from HAProxy's per-request log, counted on the log
         # reader's thread): which slot is whose, per worker, published to it.
@@ -753,6 +763,7 @@ class Router:
         """A reload replaces the current worker: it keeps serving what it has open, so its
         slots are remembered under its pid until it has gone."""
         if self._workers:
+            self._in_flight_of[self._workers[0]] = self._in_flight_of.pop(None, {})
             self.old_holders[self._workers[0]] = dict(self.holders)
             self.old_owners[self._workers[0]] = self._published
             with self.traffic_lock:
@@ -760,36 +771,56 @@ class Router:
         self.holders = {}
         self._current_open = {}
 
-    def _refresh_in_flight(self, old_workers: tuple[int, ...] | None = None) -> None:
+    def _refresh_in_flight(self, old_workers: tuple[int, ...] | None = None,
+                           busy_only: bool = False) -> None:
         """`in_flight` from the current worker's last `show stat` and every old worker's
         (asked now; one that has gone, or that `show proc` no longer lists, is forgotten).
-        The report is written at once when an entry fell to 0."""
+        `busy_only`: an old worker is asked only about the backends where it had something in
+        flight (none: not asked). The report is written at once when an entry fell to 0."""
         if self.haproxy is None:
             return
-        parts = [in_flight(self._current_open, self.holders, self.serving)]
+        parts: dict[int | None, InFlight] = {
+            None: in_flight(self._current_open, self.holders, self.serving)}
         for pid, holders in list(self.old_holders.items()):
-            text = ""
+            backends = self._busy_backends(pid) if busy_only else None
+            if backends is not None and not backends:
+                continue  # nothing in flight on it: asked at the next reading of everything
+            few = few_backends(backends)
+            texts: list[str] = []
             if old_workers is None or pid in old_workers:
                 with contextlib.suppress(HAProxyError):  # gone meanwhile: as if gone
-                    text = self.haproxy.stat(pid)
-            open_now = parse_stat(text, OPEN_SESSIONS)
-            if not open_now:  # gone: the master no longer knows the pid
-                del self.old_holders[pid]
+                    texts = ([self.haproxy.stat(pid, b) for b in few] if few is not None
+                             else [self.haproxy.stat(pid)])
+            if not any(text.startswith("# ") for text in texts):  # gone: the master no
+                del self.old_holders[pid]  # longer knows the pid
                 with self.traffic_lock:
                     self.traffic.forget(pid)
                 continue
+            counters: dict[Slot, dict[str, int]] = {}
+            for text in texts:
+                counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS)))
+            open_now = {slot: v.pop("scur") for slot, v in counters.items()}
             # what it answered since (a request open across the reload) is counted too
             with self.traffic_lock:
-                added = self.traffic.observe(parse_stat(text), self.old_owners.get(pid, {}),
+                added = self.traffic.observe(counters, self.old_owners.get(pid, {}),
                                              worker=pid)
             self._count(added)
-            parts.append(in_flight({k: v["scur"] for k, v in open_now.items()}, holders,
-                                   self.serving))
-        now = merge_in_flight(parts)
+            parts[pid] = in_flight(open_now, holders, self.serving)
+        self._in_flight_of = parts
+        now = merge_in_flight(parts.values())
         with self.traffic_lock:
             before, self.in_flight = self.in_flight, now
         if fell(before, now):
             self.report_now()
+
+    def _busy_backends(self, worker: int | None) -> set[str] | None:
+        """HAProxy's names of the backends where `worker` (None: the current one) had
+        something in flight at the last reading; None: one of them is no longer known."""
+        names = {b.service: b.backend for b in self.backends}
+        busy = self._in_flight_of.get(worker, {})
+        if any(service not in names for service in busy):
+            return None
+        return {names[service] for service in busy}
 
     def poll_traffic(self, worker: int | None = None,
                      backends: Collection[str] | None = None) -> None:
@@ -860,11 +891,26 @@ class Router:
             self.traffic.new_worker()
 
     def poll(self, now: float) -> bool:
-        """Every POLL_EVERY: traffic, and reloads made by someone else. True when HAProxy's
-        servers were read again (the caller applies the wanted state against them)."""
-        if self.haproxy is None or now < self._next_poll or not self.haproxy.running():
+        """Every POLL_EVERY or less often (`poll_period`): traffic, and reloads made by
+        someone else; True when HAProxy's servers were read again (the caller applies the
+        wanted state against them). Meanwhile, every POLL_IN_FLIGHT while something is in
+        flight on instances that left rotation: those backends only."""
+        if self.haproxy is None or not self.haproxy.running():
             return False
-        self._next_poll = now + (POLL_IN_FLIGHT if self.in_flight else POLL_EVERY)
+        if now < self._next_poll:
+            if self.in_flight and now >= self._next_in_flight:
+                self._next_in_flight = now + POLL_IN_FLIGHT
+                self._poll_in_flight()
+            return False
+        started = time.monotonic()
+        try:
+            return self._poll_all()
+        finally:
+            self._next_poll = now + poll_period(time.monotonic() - started)
+            self._next_in_flight = now + POLL_IN_FLIGHT
+
+    def _poll_all(self) -> bool:
+        assert self.haproxy is not None
         info = self.haproxy.show_proc()
         if info is not None and self._workers is not None and info.workers != self._workers:
             # what the old worker served since the last reading, while it still answers
@@ -876,6 +922,21 @@ class Router:
         self._poll_dropped_logs()
         self._refresh_in_flight(info.old_workers if info is not None else None)
         return False
+
+    def _poll_in_flight(self) -> None:
+        """What is still open where something was in flight: those backends of each worker
+        (a drain waits on it; a thousand backends read every 0.2 s would be most of the
+        router's work). A reload meanwhile waits for the next reading of everything."""
+        assert self.haproxy is not None
+        info = self.haproxy.show_proc()
+        if info is not None and self._workers is not None and info.workers != self._workers:
+            self._next_poll = 0.0
+            return
+        busy = self._busy_backends(None)
+        if busy is None or busy:
+            self.poll_traffic(backends=busy)
+        self._refresh_in_flight(info.old_workers if info is not None else None,
+                                busy_only=True)
 
     def _reloaded_by_someone_else(self, workers: tuple[int, ...]) -> bool:
         """A new worker we did not start: it loaded the file; learn its servers from it."""

@@ -316,10 +316,12 @@ def test_in_flight_counts_open_sessions_on_instances_out_of_rotation_only() -> N
                ("be_api", "x"): ("api", "n:x:80")}
     open_now = {("be_web", "_spare1"): 2, ("be_web", "_spare2"): 3, ("be_api", "x"): 0,
                 ("be_web", "_spare3"): 4}  # a slot nobody held: not an instance's
-    assert in_flight(open_now, holders, {("web", "n:b:80")}) == {"web": {"n:a:80": 2}}
-    assert in_flight(open_now, holders, {("web", "n:a:80"), ("web", "n:b:80")}) == {}
+    assert in_flight(open_now, holders, {"web": {"n:b:80"}}) == {"web": {"n:a:80": 2}}
+    assert in_flight(open_now, holders, {"web": {"n:a:80", "n:b:80"}}) == {}
+    assert in_flight(open_now, holders, {"api": {"n:a:80"}}) == {  # another service's instance
+        "web": {"n:a:80": 2, "n:b:80": 3}}
     old_worker = in_flight({("be_web", "n:a:80"): 1}, {("be_web", "n:a:80"): ("web", "n:a:80")},
-                           set())
+                           {})
     both = merge_in_flight([{"web": {"n:a:80": 2}}, old_worker])
     assert both == {"web": {"n:a:80": 3}}
     assert not fell({"web": {"n:a:80": 3}}, {"web": {"n:a:80": 1}})  # fewer, not none

@@ -112,15 +112,16 @@ InFlight = dict[str, dict[str, int]]  # service -> instance -> requests/sessions
 
 
 def in_flight(current: Mapping[Slot, int], holders: Mapping[Slot, Holder],
-              in_rotation: Collection[Holder]) -> InFlight:
+              in_rotation: Mapping[str, Collection[str]]) -> InFlight:
     """The report's `in_flight` for one worker: its open sessions (`show stat` `scur`, by
     slot) on slots whose instance is no longer in rotation. `holders`: which instance each
     slot served in that worker (a slot set to maint keeps its last instance: HAProxy finishes
-    what was open on it). Only entries with N > 0."""
+    what was open on it); `in_rotation`: service -> its instances in rotation. Only entries
+    with N > 0."""
     out: InFlight = {}
     for slot, n in current.items():
         holder = holders.get(slot)
-        if n <= 0 or holder is None or holder in in_rotation:
+        if n <= 0 or holder is None or holder[1] in in_rotation.get(holder[0], ()):
             continue
         service, instance = holder
         by_instance = out.setdefault(service, {})

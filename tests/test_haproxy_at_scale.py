@@ -1,7 +1,11 @@
-"""How often the router reads HAProxy's counters, and of which backends: every backend now
-and then (less often where a reading is dear: a thousand backends), and meanwhile only the
-backends with something in flight on an instance that left rotation (a drain waits on those),
-of each worker that has it. Against a fake master CLI that records what it was asked."""
+"""What the router does per change and per reading, with a thousand backends in mind.
+
+- How often it reads HAProxy's counters, and of which backends: every backend now and then
+  (less often where a reading is dear), and meanwhile only the backends with something in
+  flight on an instance that left rotation (a drain waits on those), of each worker that has
+  it. Against a fake master CLI that records what it was asked.
+- A runtime change goes through the backends it changed only, and leaves the router knowing
+  what a pass over every backend would have found (slot owners, instances in rotation)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from registrar.haproxy.router import (
     RoutingMetrics,
     poll_period,
 )
-from registrar.haproxy.runtime import ProcInfo, fresh_layout
+from registrar.haproxy.runtime import ProcInfo, fresh_layout, plan_runtime
 from registrar.settings import Bind, HAProxySettings
 
 HEADER = "# pxname,svname,scur,stot,hrsp_1xx,hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,econ\n"
@@ -58,9 +62,10 @@ class FakeMaster:
         return ""
 
 
-def routed(service: str) -> Routed:
-    parsed = parse_registration("/services", f"/services/{service}/n:{service}:80",
-                                json.dumps({"host": "10.0.0.5", "port": 80, "version": "v1"}))
+def routed(service: str, instance: str = "", version: str = "v1") -> Routed:
+    instance = instance or f"n:{service}:80"
+    parsed = parse_registration("/services", f"/services/{service}/{instance}",
+                                json.dumps({"host": "10.0.0.5", "port": 80, "version": version}))
     assert isinstance(parsed, Routed)
     return parsed
 
@@ -77,7 +82,7 @@ def rig(tmp_path: Path) -> tuple[Router, FakeMaster, list[int]]:
     router.backends = backends
     router.live = fresh_layout(backends)
     router.holders = router._holders_of(router.live)
-    router.serving = frozenset((s, f"n:{s}:80") for s in SERVICES)
+    router.serving = {s: frozenset({f"n:{s}:80"}) for s in SERVICES}
     reports: list[int] = []
     router.report_now = lambda: reports.append(1)
     return router, fake, reports
@@ -104,7 +109,7 @@ def test_meanwhile_only_the_backends_with_something_in_flight_are_read(
     assert fake.asked == []
 
     # s3 left rotation with 2 sessions open on it
-    router.serving = router.serving - {("s3", "n:s3:80")}
+    router.serving = {**router.serving, "s3": frozenset()}
     fake.open[(100, "be_s3", slot_of(router, "s3"))] = 2
     router.poll(1.0)
     assert router.in_flight == {"s3": {"n:s3:80": 2}}
@@ -129,7 +134,7 @@ def test_an_old_worker_is_asked_only_about_its_backends_with_something_in_flight
     router._retire_worker()  # a reload: worker 100 finishes what it has open, 101 serves
     fake.workers, fake.old = (101,), (100,)
     router._workers = (101,)
-    router.serving = router.serving - {("s7", "n:s7:80")}
+    router.serving = {**router.serving, "s7": frozenset()}
     fake.open[(100, "be_s7", slot_of(router, "s7"))] = 1
     router.poll(1.0)
     assert (100, None) in fake.asked  # a reading of everything asks the old worker in full
@@ -142,3 +147,29 @@ def test_an_old_worker_is_asked_only_about_its_backends_with_something_in_flight
     fake.asked.clear()
     router.poll(1.0 + 2 * POLL_IN_FLIGHT)
     assert router.in_flight == {} and router.old_holders == {}
+
+
+def test_a_runtime_change_goes_through_its_backends_only_and_ends_as_a_full_pass_would(
+        rig: tuple[Router, FakeMaster, list[int]]) -> None:
+    router, _fake, _reports = rig
+    binds = router.hp.binds
+    router._routed(router.backends)  # the state of a full pass (a reload)
+    assert router.serving["s2"] == {"n:s2:80"} and router._removed == set()
+    s2_slot = slot_of(router, "s2")
+    # s1 gets a second instance (v2), s2 loses its only one
+    regs = [routed(s) for s in SERVICES if s != "s2"] + [routed("s1", "n:s1b:80", "v2")]
+    backends = build_backends(binds, regs)
+    assert router.live is not None
+    plan = plan_runtime(router.live, backends, {"s1", "s2"})
+    assert plan is not None
+    router.live = plan.live
+    router.holders.update(router._holders_of(plan.live, {"s1", "s2"}))
+    router._routed(backends, {"s1", "s2"})
+
+    assert router.serving["s1"] == {"n:s1:80", "n:s1b:80"} and router.serving["s2"] == set()
+    assert router._removed == {"be_s2"}  # what was open on it is read at once
+    assert router._published == router._owners()  # as if every slot had been gone through
+    assert ("be_s1", slot_of(router, "s1")) in router._published
+    assert set(router._published.values()) >= {("s1", "v1"), ("s1", "v2")}
+    assert router.holders == {**router._holders_of(router.live),
+                              ("be_s2", s2_slot): ("s2", "n:s2:80")}  # s2's slot keeps it

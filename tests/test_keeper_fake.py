@@ -270,13 +270,20 @@ def test_start_deletes_this_nodes_stale_keys_only(
 def test_a_first_instance_of_a_service_reads_its_promotion_first(
     keeper: LeaseKeeper, fake_etcd: FakeEtcd
 ) -> None:
-    """The control follower ignores promotions of services the keeper has no instance of;
-    so the first instance of one makes the keeper read the control state before writing."""
+    """A promotion of a service the keeper has no instance of makes it read nothing, but is
+    remembered: the first instance of that service makes the keeper read the control state
+    before writing."""
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.start()
     wait_until(lambda: key("a") in fake_etcd.kv, what="web registered")
     synced(keeper)
-    fake_etcd.kv[f"{CONTROL}/promoted/api"] = StoredKey(json.dumps({"version": "v1", "at": "x"}), 0)
+    reads = fake_etcd.reads
+    promoted = f"{CONTROL}/promoted/api"
+    fake_etcd.kv[promoted] = StoredKey(json.dumps({"version": "v1", "at": "x"}), 0)
+    fake_etcd.revision += 1
+    keeper.control_changed([("api", None, fake_etcd.revision)])  # as the follower's event
+    time.sleep(0.1)
+    assert fake_etcd.reads == reads  # it concerns no instance of the keeper's (yet)
     value = json.dumps({"service": "api", "container_name": "b", "port": 1, "version": "v2"})
     keeper.set_container("c2", {key("b", service="api"): value})
     standby = f"{CONTROL}/standby/api/{NODE}:b:8080"
@@ -284,6 +291,29 @@ def test_a_first_instance_of_a_service_reads_its_promotion_first(
     synced(keeper)
     assert key("b", service="api") not in fake_etcd.kv
     assert ("put", key("b", service="api")) not in fake_etcd.ops
+
+
+def test_a_first_instance_of_a_service_whose_entries_did_not_change_reads_nothing(
+    keeper: LeaseKeeper, fake_etcd: FakeEtcd
+) -> None:
+    """Every read takes every service's control entries: a first instance of a service
+    whose entries did not change since (no event of it, or one the last read reached) is
+    written from what the keeper holds, without reading etcd again."""
+    fake_etcd.kv[f"{CONTROL}/promoted/api"] = StoredKey(
+        json.dumps({"version": "v1", "at": "x"}), 0)
+    keeper.set_container("c1", {key("a"): encoded("a")})
+    keeper.start()
+    wait_until(lambda: key("a") in fake_etcd.kv, what="web registered")
+    synced(keeper)
+    keeper.control_changed([("api", None, keeper.read_revision)])  # the read reached it
+    keeper.control_changed([("db", None, keeper.read_revision + 1)])  # another service's
+    reads = fake_etcd.reads
+    value = json.dumps({"service": "api", "container_name": "b", "port": 1, "version": "v2"})
+    keeper.set_container("c2", {key("b", service="api"): value})
+    standby = f"{CONTROL}/standby/api/{NODE}:b:8080"
+    wait_until(lambda: standby in fake_etcd.kv, what="api's v2 instance on standby")
+    assert fake_etcd.reads == reads  # the promotion read at the start holds
+    assert key("b", service="api") not in fake_etcd.kv
 
 
 class GatedEtcd(FakeEtcd):

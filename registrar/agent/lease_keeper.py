@@ -94,6 +94,10 @@ class _Inputs:
         # the newest revision a `request_reread` asked for while a read was under way: read
         # again after it only if it ended at an older one
         self.asked_revision = 0
+        # service -> the revision its control entries last changed at, past the last read, as
+        # the follower saw them (`control_changed`): the services the keeper has no instance
+        # of, whose entries it did not read again for
+        self.changed_at: dict[str, int] = {}
 
     def flat(self) -> dict[str, str]:
         return {key: value for keys in self.desired.values() for key, value in keys.items()}
@@ -233,9 +237,29 @@ class LeaseKeeper(Worker):
         return {parsed[0] for key in keys if (parsed := self._layout.parse(key))}
 
     def _new_service(self, keys: Iterable[str]) -> bool:
-        """(under the lock) whether `keys` bring a service this keeper had no instance of: the
-        control state it holds may be stale for it, so it is read again before the write."""
-        return not self._services_of(keys) <= self._services()
+        """(under the lock) whether `keys` bring a service this keeper had no instance of and
+        whose control entries changed since the last read (`control_changed`): the control
+        state held is stale for it, so it is read again before the write. Every read takes
+        every service's entries, so a new service whose entries did not change since needs
+        none (in a rolling deploy at 1,000 hosts, a thousand agents read at once for nothing)."""
+        new = self._services_of(keys) - self._services()
+        return bool(new) and (not self.read_revision or any(
+            self._inputs.changed_at.get(service, 0) > self.read_revision for service in new))
+
+    def control_changed(self, changes: Iterable[tuple[str | None, str | None, int]]) -> None:
+        """Control entries changed (the follower's events): (service, node, revision) of
+        each. One that concerns this keeper's instances makes it read again (`concerns`);
+        another service's is remembered, for a first instance of it (`_new_service`)."""
+        with self._cond:
+            newest = 0
+            for service, node, revision in changes:
+                if service is not None:
+                    changed = self._inputs.changed_at
+                    changed[service] = max(revision, changed.get(service, 0))
+                if self.concerns(service, node):
+                    newest = max(newest, revision)
+            if newest:
+                self.request_reread(newest)
 
     def set_sidecars(self, sidecars: frozenset[str]) -> None:
         with self._cond:
@@ -489,6 +513,9 @@ class LeaseKeeper(Worker):
                 if not done or self._inputs.asked_revision > self.read_revision:
                     self._inputs.reread = True
                 self._inputs.asked_revision = 0
+                self._inputs.changed_at = {  # what the read took is no longer news
+                    service: revision for service, revision in self._inputs.changed_at.items()
+                    if revision > self.read_revision}
 
     def _read_keys(self, ownership: Ownership, services: Iterable[str]) -> None:
         """The first read takes every key under the prefix and standby, to find what a run

@@ -172,6 +172,9 @@ def test_check_slots_reads_show_servers_state() -> None:
                                    SlotState("be_web", "nope", b),
                                    SlotState("be_web", "_spare2", Server("x", "::1", 3, "x"))])
     assert len(problems) == 5
+    moved = check_slots(STATE, [SlotState("be_web", "_spare2", Server("x", "::2", 3, "x",
+                                                                       weight=28))])
+    assert moved == ["be_web/_spare2: at [::1]:3, not [::2]:3"]  # IPv6 in brackets
 
 
 def test_the_slots_are_learnt_again_from_haproxy_after_a_reload_from_outside() -> None:

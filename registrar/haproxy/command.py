@@ -22,6 +22,7 @@ import time
 from registrar.adapters.etcd_store import EtcdStore
 from registrar.core.gather import Gather
 from registrar.core.layout import Layout
+from registrar.core.names import host_port
 from registrar.core.store import EtcdError, Store, StoredKey
 from registrar.haproxy.access_log import AccessLogReader, LatencyMetrics
 from registrar.haproxy.config import Rejected, TemplateError, load_template
@@ -82,7 +83,7 @@ def _announce(settings: Settings, hp: HAProxySettings) -> None:
     log.info(
         "registrar haproxy: node %s, prefix %s, etcd %s, %s mode, %s, config %s, %s",
         settings.node, settings.prefix, ",".join(str(ep) for ep in settings.etcd.endpoints),
-        hp.mode, ", ".join(f"{b.service}={b.host}:{b.port}" for b in hp.binds), hp.config,
+        hp.mode, ", ".join(f"{b.service}={host_port(b.host, b.port)}" for b in hp.binds), hp.config,
         f"--reload-cmd {hp.reload_cmd!r}" if hp.reload_cmd else f"running {hp.haproxy_bin}",
         extra={"event": "start"},
     )

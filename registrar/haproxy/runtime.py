@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from registrar.core.names import host_port
 from registrar.haproxy.config import SPARE_PREFIX, Backend, Server, ip_of
 
 Model = dict[str, frozenset[tuple[str, str, int, int]]]  # service -> (instance, host, port, w)
@@ -245,7 +246,8 @@ def check_slots(state_lines: str, expect: Iterable[SlotState]) -> list[str]:
             if got.in_maintenance:
                 problems.append(f"{name}: still in maintenance")
             if got.host != want.server.host or got.port != want.server.port:
-                problems.append(f"{name}: at {got.host}:{got.port}, not {want.server.address}")
+                problems.append(f"{name}: at {host_port(got.host or '', got.port)}, "
+                                f"not {want.server.address}")
             if got.weight != want.server.weight:
                 problems.append(f"{name}: weight {got.weight}, not {want.server.weight}")
     return problems

@@ -23,7 +23,7 @@ from registrar.core import timestamps
 from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
-from registrar.core.store import StoredKey
+from registrar.core.store import KeyEvent, StoredKey
 from registrar.health import health_problem
 from registrar.metrics import Metrics
 from tests.fakes import NOSPACE, FakeDocker, FakeEtcd
@@ -267,30 +267,90 @@ def test_start_deletes_this_nodes_stale_keys_only(
     assert deleted == set(stale) - {key("keep")}
 
 
-def test_a_first_instance_of_a_service_reads_its_promotion_first(
+def promote_event(fake: FakeEtcd, service: str, version: str) -> KeyEvent:
+    """Writes `{control}/promoted/SERVICE` into the fake etcd; the event a follower sees."""
+    promoted = f"{CONTROL}/promoted/{service}"
+    value = json.dumps({"version": version, "at": "x"})
+    fake.kv[promoted] = StoredKey(value, 0)
+    fake.revision += 1
+    return KeyEvent(promoted, value, fake.revision)
+
+
+def test_a_promotion_is_applied_from_its_event_without_reading_etcd(
     keeper: LeaseKeeper, fake_etcd: FakeEtcd
 ) -> None:
-    """A promotion of a service the keeper has no instance of makes it read nothing, but is
-    remembered: the first instance of that service makes the keeper read the control state
-    before writing."""
+    """The follower's event of a promotion is applied to the control state the keeper
+    read: its instance of another version leaves rotation in one write, no read; a
+    promotion of a service it has no instance of moves nothing, and its first instance
+    goes straight to standby, still without a read."""
     keeper.set_container("c1", {key("a"): encoded("a")})
     keeper.start()
     wait_until(lambda: key("a") in fake_etcd.kv, what="web registered")
     synced(keeper)
     reads = fake_etcd.reads
-    promoted = f"{CONTROL}/promoted/api"
-    fake_etcd.kv[promoted] = StoredKey(json.dumps({"version": "v1", "at": "x"}), 0)
-    fake_etcd.revision += 1
-    keeper.control_changed([("api", None, fake_etcd.revision)])  # as the follower's event
+    keeper.control_changed([promote_event(fake_etcd, "web", "v2")])
+    standby = f"{CONTROL}/standby/web/{NODE}:a:8080"
+    wait_until(lambda: standby in fake_etcd.kv, what="web's v1 instance on standby")
+    assert key("a") not in fake_etcd.kv
+    synced(keeper)
+    writes = fake_etcd.writes()
+    keeper.control_changed([promote_event(fake_etcd, "api", "v1")])  # concerns it not (yet)
     time.sleep(0.1)
-    assert fake_etcd.reads == reads  # it concerns no instance of the keeper's (yet)
+    assert fake_etcd.writes() == writes  # moves nothing
     value = json.dumps({"service": "api", "container_name": "b", "port": 1, "version": "v2"})
     keeper.set_container("c2", {key("b", service="api"): value})
-    standby = f"{CONTROL}/standby/api/{NODE}:b:8080"
-    wait_until(lambda: standby in fake_etcd.kv, what="api's v2 instance on standby")
+    wait_until(lambda: f"{CONTROL}/standby/api/{NODE}:b:8080" in fake_etcd.kv,
+               what="api's v2 instance on standby")
     synced(keeper)
-    assert key("b", service="api") not in fake_etcd.kv
     assert ("put", key("b", service="api")) not in fake_etcd.ops
+    assert fake_etcd.reads == reads
+
+
+class SnapshotFirstEtcd(FakeEtcd):
+    """A FakeEtcd whose reads take their snapshot, then wait for `gate` before answering
+    (`entered` is set once one does): a change made meanwhile is newer than the read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
+        found = super().list_starting(starts)
+        self.entered.set()
+        self.gate.wait(5)
+        return found
+
+
+def test_a_control_change_during_a_read_is_read_for_again(metrics: Metrics) -> None:
+    """A change of another service's entries that came while a read was under way, newer
+    than that read, is not applied (the read replaces the state) but remembered: the first
+    instance of that service is read for before its key is written."""
+    fake = SnapshotFirstEtcd()
+    fake.gate.set()
+    keeper = make_keeper(fake, metrics)
+    keeper.set_container("c0", {key("z"): encoded("z")})
+    try:
+        keeper.start()
+        wait_until(lambda: key("z") in fake.kv, what="web registered")
+        synced(keeper)
+        fake.gate.clear()
+        fake.entered.clear()
+        keeper.request_reread()
+        assert fake.entered.wait(3)  # a second read, its snapshot taken
+        keeper.control_changed([promote_event(fake, "api", "v1")])
+        reads = fake.reads
+        fake.gate.set()
+        wait_until(lambda: keeper.read_revision == fake.revision - 1, what="the read")
+        value = json.dumps({"service": "api", "container_name": "b", "port": 1,
+                            "version": "v2"})
+        keeper.set_container("c2", {key("b", service="api"): value})
+        wait_until(lambda: f"{CONTROL}/standby/api/{NODE}:b:8080" in fake.kv,
+                   what="api's v2 instance on standby")
+        assert fake.reads == reads + 1  # read for api before its key was written
+        assert ("put", key("b", service="api")) not in fake.ops
+    finally:
+        keeper.shutdown(time.monotonic() + 1.0)
 
 
 def test_a_first_instance_of_a_service_whose_entries_did_not_change_reads_nothing(
@@ -305,8 +365,9 @@ def test_a_first_instance_of_a_service_whose_entries_did_not_change_reads_nothin
     keeper.start()
     wait_until(lambda: key("a") in fake_etcd.kv, what="web registered")
     synced(keeper)
-    keeper.control_changed([("api", None, keeper.read_revision)])  # the read reached it
-    keeper.control_changed([("db", None, keeper.read_revision + 1)])  # another service's
+    stale = KeyEvent(f"{CONTROL}/promoted/api", json.dumps({"version": "v0", "at": "x"}),
+                     keeper.read_revision)
+    keeper.control_changed([stale])  # the read reached it: an older state, ignored
     reads = fake_etcd.reads
     value = json.dumps({"service": "api", "container_name": "b", "port": 1, "version": "v2"})
     keeper.set_container("c2", {key("b", service="api"): value})

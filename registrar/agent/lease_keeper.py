@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from registrar.core.control import Control, describe_changes, parse_control
+from registrar.core.control import Control, describe_changes, parse_control, subject
 from registrar.core.drain import DRAIN_TTL, Run
 from registrar.core.keeper import (
     Forget,
@@ -51,7 +51,14 @@ from registrar.core.reconcile import (
     plan,
     split_deletes,
 )
-from registrar.core.store import EtcdError, EtcdRefused, LeaseNotFound, Store, StoredKey
+from registrar.core.store import (
+    EtcdError,
+    EtcdRefused,
+    KeyEvent,
+    LeaseNotFound,
+    Store,
+    StoredKey,
+)
 from registrar.heartbeat import Heartbeat
 from registrar.metrics import Metrics
 from registrar.retry import Backoff, GaveUp, RetryClock, retry_within
@@ -94,9 +101,9 @@ class _Inputs:
         # the newest revision a `request_reread` asked for while a read was under way: read
         # again after it only if it ended at an older one
         self.asked_revision = 0
-        # service -> the revision its control entries last changed at, past the last read, as
-        # the follower saw them (`control_changed`): the services the keeper has no instance
-        # of, whose entries it did not read again for
+        # service -> the revision its control entries last changed at, as the follower saw
+        # them while a read was under way (`control_changed`): not applied to the control
+        # state held, which that read may or may not hold
         self.changed_at: dict[str, int] = {}
 
     def flat(self) -> dict[str, str]:
@@ -136,7 +143,11 @@ class LeaseKeeper(Worker):
         self._held: dict[str, StoredKey] = {}
         self._known: frozenset[str] = frozenset()
         self._kept_drains: dict[str, str] = {}  # drain entries held when the lease was lost
+        # The control entries as of the last read, with the follower's events since (under
+        # the lock: `control_changed` applies events on the follower's thread), and what they say.
+        self._rules: dict[str, StoredKey] = {}
         self._control = Control()
+        self._control_stale = False  # `_rules` changed for other services only: parsed later
         self._refused: str | None = None  # why etcd refuses our writes, while it does
         self._grants = 0
         # the revision of the last read (0: none yet, the first reads every key; the shutdown's
@@ -238,28 +249,62 @@ class LeaseKeeper(Worker):
 
     def _new_service(self, keys: Iterable[str]) -> bool:
         """(under the lock) whether `keys` bring a service this keeper had no instance of and
-        whose control entries changed since the last read (`control_changed`): the control
-        state held is stale for it, so it is read again before the write. Every read takes
-        every service's entries, so a new service whose entries did not change since needs
-        none (in a rolling deploy at 1,000 hosts, a thousand agents read at once for nothing)."""
+        whose control entries changed while a read was under way (`control_changed`): the
+        control state held may be stale for it, so it is read again before the write. Every
+        read takes every service's entries and every later event is applied to them, so any
+        other new service needs no read (in a rolling deploy at 1,000 hosts, a thousand
+        agents read at once for nothing)."""
         new = self._services_of(keys) - self._services()
         return bool(new) and (not self.read_revision or any(
             self._inputs.changed_at.get(service, 0) > self.read_revision for service in new))
 
-    def control_changed(self, changes: Iterable[tuple[str | None, str | None, int]]) -> None:
-        """Control entries changed (the follower's events): (service, node, revision) of
-        each. One that concerns this keeper's instances makes it read again (`concerns`);
-        another service's is remembered, for a first instance of it (`_new_service`)."""
+    def control_changed(self, events: Iterable[KeyEvent]) -> None:
+        """Control entries changed (the follower's events, in order). An entry about a
+        service (a promotion, canary weights, a service or an instance held out) past the
+        last read is applied to the control state held, and a change that concerns this
+        keeper's instances is written: no read of etcd (a promotion at 1,000 hosts was a read
+        by every agent of the service, each ~20 ranges). While a read is under way, which
+        may or may not hold it, one that concerns the keeper is read for again after it, and
+        another service's is remembered (`_new_service`). An entry about this node (held
+        out, a drain) makes it read again: its drains are keys it holds too."""
         with self._cond:
-            newest = 0
-            for service, node, revision in changes:
+            reread, rules, moved = 0, dict(self._rules), False
+            for event in events:
+                about = subject(event.key, self._layout)
+                if about is None or event.revision <= self.read_revision:
+                    continue  # not a control entry, or the last read holds it
+                service, node = about
+                if service is not None and self.read_revision and not self._inputs.reading:
+                    if event.value is None:
+                        rules.pop(event.key, None)
+                    else:
+                        rules[event.key] = StoredKey(event.value, 0)
+                    moved = moved or self.concerns(service)
+                    continue
                 if service is not None:
                     changed = self._inputs.changed_at
-                    changed[service] = max(revision, changed.get(service, 0))
+                    changed[service] = max(event.revision, changed.get(service, 0))
                 if self.concerns(service, node):
-                    newest = max(newest, revision)
-            if newest:
-                self.request_reread(newest)
+                    reread = max(reread, event.revision)
+            if rules != self._rules:
+                self._rules = rules
+                if moved:
+                    self._take_control(parse_control(rules, self._layout))
+                    self._changed()
+                else:  # parsed at the next write: a thousand agents need not parse them all
+                    self._control_stale = True  # for each promotion of a service they lack
+            if reread:
+                self.request_reread(reread)
+
+    def _take_control(self, control: Control) -> None:
+        """(under the lock) The control state from now on; what changed is logged."""
+        self._control_stale = False
+        changes = describe_changes(self._control, control)
+        if changes:
+            log.info("control: %s", "; ".join(changes[:20]) + (
+                f"; and {len(changes) - 20} more" if len(changes) > 20 else ""),
+                extra={"event": "control"})
+        self._control = control
 
     def set_sidecars(self, sidecars: frozenset[str]) -> None:
         with self._cond:
@@ -288,10 +333,6 @@ class LeaseKeeper(Worker):
     @property
     def lease(self) -> int | None:
         return self._lease
-
-    @property
-    def control(self) -> Control:
-        return self._control
 
     def start(self) -> None:
         super().start()
@@ -423,11 +464,14 @@ class LeaseKeeper(Worker):
             finally:
                 self.steps += 1
 
-    def _take(self) -> tuple[dict[str, str], dict[str, float], Ownership, dict[str, Run]]:
+    def _take(self) -> tuple[dict[str, str], dict[str, float], Ownership, dict[str, Run],
+                             Control]:
         """The inputs of one write."""
         with self._cond:
+            if self._control_stale:
+                self._take_control(parse_control(self._rules, self._layout))
             taken = (self._inputs.flat(), self._inputs.since, self._ownership,
-                     self._inputs.runs_by_name())
+                     self._inputs.runs_by_name(), self._control)
             self._inputs.since, self._inputs.dirty = {}, False
             return taken
 
@@ -440,10 +484,10 @@ class LeaseKeeper(Worker):
     def _write(self) -> None:
         """Plans the writes from what runs, what etcd holds and the control state, and makes
         them: one request."""
-        desired, since, ownership, runs = self._take()
+        desired, since, ownership, runs, control = self._take()
         assert self._lease is not None
         try:
-            decided = plan(desired, self._held, self._control, self._layout, ownership,
+            decided = plan(desired, self._held, control, self._layout, ownership,
                            self._lease, self._known, runs)
             if decided.changes:
                 self._apply(decided)
@@ -536,13 +580,10 @@ class LeaseKeeper(Worker):
         held = {**stored, **{k: v for k, v in control_keys.items()
                              if k.startswith(self._layout.standby + "/")
                              or k.startswith(self._layout.draining + "/")}}
-        control = parse_control(control_keys, self._layout)
-        changes = describe_changes(self._control, control)
-        if changes:
-            log.info("control: %s", "; ".join(changes[:20]) + (
-                f"; and {len(changes) - 20} more" if len(changes) > 20 else ""),
-                extra={"event": "control"})
-        self._control = control
+        with self._cond:  # events wait while reading (`control_changed`); not other nodes'
+            self._rules = {k: v for k, v in control_keys.items()  # standby keys
+                           if k.startswith(tuple(rules))}
+            self._take_control(parse_control(self._rules, self._layout))
         self._held = mine(held, self._layout, ownership)
 
     def _apply(self, decided: Plan) -> None:
@@ -584,8 +625,11 @@ class LeaseKeeper(Worker):
         self._kept_drains = {}  # put again (or ended): held like the others from now on
         ended = {d for key in decided.changes.deletes if (d := self._layout.parse_drain(key))}
         if ended:  # not read again before the next write: a stale entry must not hold
-            self._control = self._control._replace(draining={
-                d: v for d, v in self._control.draining.items() if d not in ended})
+            with self._cond:
+                self._rules = {k: v for k, v in self._rules.items()
+                               if self._layout.parse_drain(k) not in ended}
+                self._control = self._control._replace(draining={
+                    d: v for d, v in self._control.draining.items() if d not in ended})
         registered, deregistered = decided.counts()
         self._metrics.registrations.inc(registered)
         self._metrics.deregistrations.inc(deregistered)

@@ -4,9 +4,11 @@ Callers say what should be registered (per container); the keeper's thread asks 
 `core.keeper.next_step` what to do next (wait, forget a lost lease, grant, read, write: one
 request each, retried through `retry.RetryClock`), gathers the inputs (what should run, what
 etcd holds, what `{control_prefix}/` says), asks the pure decision (`core.reconcile.plan`)
-what to write, applies it, and records what etcd acknowledged. The
-lease is kept alive by a `Heartbeat` on its own thread and clock; when it is lost (expired
-during a partition) the keeper grants a new one and puts every key again.
+what to write, applies it, and records what etcd acknowledged. What `{control_prefix}/`
+says is read with the node's keys, then kept up to date from the control follower's events
+(`control_changed`). The lease is kept alive by a `Heartbeat` on its own thread and clock;
+when it is lost (expired during a partition) the keeper grants a new one and puts every key
+again.
 
 While etcd is unreachable, writes are retried with backoff and the desired state is kept:
 nothing is dropped. A write etcd refuses (its quota full, a permission missing) is retried

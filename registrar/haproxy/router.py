@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import itertools
 import logging
@@ -807,20 +806,13 @@ class Router:
             backends = self._busy_backends(pid) if busy_only else None
             if backends is not None and not backends:
                 continue  # nothing in flight on it: asked at the next reading of everything
-            few = few_backends(backends)
-            texts: list[str] = []
-            if old_workers is None or pid in old_workers:
-                with contextlib.suppress(HAProxyError):  # gone meanwhile: as if gone
-                    texts = ([self.haproxy.stat(pid, b) for b in few] if few is not None
-                             else [self.haproxy.stat(pid)])
-            if not any(text.startswith("# ") for text in texts):  # gone: the master no
-                del self.old_holders[pid]  # longer knows the pid
+            counters = (self._read_stat(pid, few_backends(backends))
+                        if old_workers is None or pid in old_workers else None)
+            if counters is None:  # gone: the master no longer knows the pid (or not now:
+                del self.old_holders[pid]  # as if gone)
                 with self.traffic_lock:
                     self.traffic.forget(pid)
                 continue
-            counters: dict[Slot, dict[str, int]] = {}
-            for text in texts:
-                counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS)))
             open_now = {slot: v.pop("scur") for slot, v in counters.items()}
             # what it answered since (a request open across the reload) is counted too
             with self.traffic_lock:
@@ -855,17 +847,9 @@ class Router:
         if worker is None and self._workers:
             worker = self._workers[0]
         few = few_backends(backends)
-        try:
-            texts = ([self.haproxy.stat(worker, b) for b in few] if few is not None
-                     else [self.haproxy.stat(worker)])
-        except HAProxyError as exc:
-            log.debug("show stat failed: %s", exc)
+        counters = self._read_stat(worker, few)
+        if counters is None:
             return
-        counters: dict[Slot, dict[str, int]] = {}
-        for text in texts:
-            counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS), skip_idle=True))
-        if not any(text.startswith("# ") for text in texts):
-            return  # a worker that has gone meanwhile answers nothing
         if not self._workers or worker == self._workers[0]:
             current = {slot: v.pop("scur") for slot, v in counters.items()}
             if few is not None:
@@ -878,6 +862,25 @@ class Router:
         with self.traffic_lock:
             added = self.traffic.observe(counters, self._owners(few))
         self._count(added)
+
+    def _read_stat(self, worker: int | None, few: list[str] | None
+                   ) -> dict[Slot, dict[str, int]] | None:
+        """`show stat` of `worker`, of every backend or of `few` (`few_backends`): the counters
+        and open sessions (`scur`) of each slot that has any; None when the CLI failed or the
+        worker answered nothing (it has gone meanwhile)."""
+        assert self.haproxy is not None
+        try:
+            texts = ([self.haproxy.stat(worker, b) for b in few] if few is not None
+                     else [self.haproxy.stat(worker)])
+        except HAProxyError as exc:
+            log.debug("show stat failed: %s", exc)
+            return None
+        if not any(text.startswith("# ") for text in texts):
+            return None
+        counters: dict[Slot, dict[str, int]] = {}
+        for text in texts:
+            counters.update(parse_stat(text, (*COUNTERS, *OPEN_SESSIONS), skip_idle=True))
+        return counters
 
     def _count(self, added: Mapping[Owner, Mapping[str, int]]) -> None:
         for (service, version), counts in added.items():

@@ -306,27 +306,29 @@ def test_a_promotion_is_applied_from_its_event_without_reading_etcd(
     assert fake_etcd.reads == reads
 
 
-class SnapshotFirstEtcd(FakeEtcd):
-    """A FakeEtcd whose reads take their snapshot, then wait for `gate` before answering
-    (`entered` is set once one does): a change made meanwhile is newer than the read."""
+class GatedEtcd(FakeEtcd):
+    """A FakeEtcd whose reads wait for `gate` (`entered` is set once one does), before they
+    take their snapshot or, `snapshot_first`, after (a change made meanwhile is then newer
+    than the read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot_first: bool = False) -> None:
         super().__init__()
+        self.snapshot_first = snapshot_first
         self.gate = threading.Event()
         self.entered = threading.Event()
 
     def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
-        found = super().list_starting(starts)
+        found = super().list_starting(starts) if self.snapshot_first else None
         self.entered.set()
         self.gate.wait(5)
-        return found
+        return found if found is not None else super().list_starting(starts)
 
 
 def test_a_control_change_during_a_read_is_read_for_again(metrics: Metrics) -> None:
     """A change of another service's entries that came while a read was under way, newer
     than that read, is not applied (the read replaces the state) but remembered: the first
     instance of that service is read for before its key is written."""
-    fake = SnapshotFirstEtcd()
+    fake = GatedEtcd(snapshot_first=True)
     fake.gate.set()
     keeper = make_keeper(fake, metrics)
     keeper.set_container("c0", {key("z"): encoded("z")})
@@ -375,20 +377,6 @@ def test_a_first_instance_of_a_service_whose_entries_did_not_change_reads_nothin
     wait_until(lambda: standby in fake_etcd.kv, what="api's v2 instance on standby")
     assert fake_etcd.reads == reads  # the promotion read at the start holds
     assert key("b", service="api") not in fake_etcd.kv
-
-
-class GatedEtcd(FakeEtcd):
-    """A FakeEtcd whose reads wait for `gate` (`entered` is set once one does)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
-        self.entered.set()
-        self.gate.wait(5)
-        return super().list_starting(starts)
 
 
 @pytest.mark.parametrize(("ahead", "reads"), [(0, 1), (1, 2)])

@@ -1002,9 +1002,9 @@ def test_a_frozen_server_costs_no_get_and_no_post_is_sent_twice(
     etcd_reader: EtcdReader,
 ) -> None:
     """Layer-7 retries: with --response-timeout (0.5 s) below the clients' timeout (2 s), a
-    server frozen with requests in flight (`docker pause`) costs no GET: each is retried on the
-    other server; a POST is never retried, so each reaches the servers at most once (those
-    answered exactly once)."""
+    server frozen with requests in flight (`docker pause`) costs no GET it had not begun to
+    answer: each is retried on the other server; a POST is never retried, so each reaches the
+    servers at most once (those answered exactly once)."""
     from tests.support.cgi_app import PATH, POSTS, counting_app
 
     r = router("--response-timeout", "0.5")
@@ -1055,11 +1055,17 @@ def test_a_frozen_server_costs_no_get_and_no_post_is_sent_twice(
     seen = Counter(received(servers[0]) + received(servers[1]))
     answered = [n for n, code in posts if code == 200]
     failed_gets = [f for f in clients.failures if f[0] > froze - 0.1]
+    # A GET whose answer the server had begun when it froze (status line and headers already
+    # passed to the client, the body not) cannot be retried by any proxy: HAProxy retries only
+    # a request with no answer yet. busybox httpd writes a file's headers and body apart, so a
+    # pause can land between them (seen once in CI). Each client has one request in flight.
+    truncated = [f for f in failed_gets if f[1].startswith("IncompleteRead(")]
     print(f"frozen server with layer-7 retries: {len(failed_gets)} failed GETs of "
-          f"{len(clients.answers)}; POSTs: {len(posts)} sent, {len(answered)} answered 200, "
-          f"{sum(seen.values())} received by the servers, "
+          f"{len(clients.answers)} ({len(truncated)} cut mid-answer); POSTs: {len(posts)} sent, "
+          f"{len(answered)} answered 200, {sum(seen.values())} received by the servers, "
           f"{Counter(str(code) for _, code in posts)}")
-    assert failed_gets == []
+    assert [f for f in failed_gets if f not in truncated] == []
+    assert len(truncated) <= 6
     assert len(answered) > 50
     assert max(seen.values()) == 1, [p for p, k in seen.items() if k > 1]  # never twice
     assert all(seen[f"p{n}"] == 1 for n in answered)  # answered: received exactly once

@@ -75,6 +75,7 @@ class FakeEtcd:
         self.revoked: list[int] = []
         self.keepalives = 0
         self.reads = 0
+        self.serializable_reads = 0  # of `reads`: those that asked for a serializable read
         self.revision = 1
         self.request_timeout = 2.0  # Store's (a one-shot command's attempts change it)
         self.metrics = metrics
@@ -164,14 +165,15 @@ class FakeEtcd:
             self.reads += 1
             return {k: v for k, v in self.kv.items() if k.startswith(prefix + "/")}, self.revision
 
-    def list_two(self, first: str, second: str
-                 ) -> tuple[dict[str, StoredKey], dict[str, StoredKey], int]:
+    def list_prefixes(self, prefixes: Sequence[str], *, serializable: bool = False
+                      ) -> tuple[list[dict[str, StoredKey]], int]:
         with self.lock:
             self._check()
             self.reads += 1
-            return ({k: v for k, v in self.kv.items() if k.startswith(first + "/")},
-                    {k: v for k, v in self.kv.items() if k.startswith(second + "/")},
-                    self.revision)
+            if serializable:
+                self.serializable_reads += 1
+            return ([{k: v for k, v in self.kv.items() if k.startswith(prefix + "/")}
+                     for prefix in prefixes], self.revision)
 
     def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:
         with self.lock:

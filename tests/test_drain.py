@@ -258,3 +258,23 @@ def test_with_no_router_saying_what_it_applied_only_a_command_is_done() -> None:
     started = time.monotonic()
     blind = wait_for_routers(lambda: [], 10, INSTANCES, started + 0.3)
     assert not blind.done and time.monotonic() - started >= 0.3
+
+
+def test_a_promotions_rotation_is_one_read_and_its_polls_may_be_serializable() -> None:
+    """`read_rotation`: the service's two sides and what holds instances out, one transaction
+    (one request per poll, at 1,000 hosts eight commands poll at once)."""
+    from registrar.commands.oneshot import OneShot
+    from registrar.commands.promote import read_rotation
+    from tests.fakes import FakeEtcd
+
+    fake = FakeEtcd({"/s/web/n1:web-1:8080": StoredKey(value("v1"), 0),
+                     f"{LAYOUT.standby}/web/n1:web-2:8080": StoredKey(value("v2"), 0),
+                     **fresh("web-2")})  # web-2 drained: held out
+    settings = parse_settings(["promote", "web", "v2", "--prefix", "/s",
+                               "--control-prefix", "/ctl"], {})
+    reads = fake.reads
+    rotation = read_rotation(OneShot(fake, 5), settings, "web", serializable=True)
+    assert (fake.reads - reads, fake.serializable_reads) == (1, 1)
+    assert list(rotation.active) == ["n1:web-1:8080"] and list(rotation.standby) == [
+        "n1:web-2:8080"]
+    assert rotation.held == {"n1:web-2:8080"} and rotation.settled("v1")

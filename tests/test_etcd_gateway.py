@@ -179,18 +179,25 @@ def test_a_stale_token_is_renewed_and_the_request_sent_once_more(servers: list[S
     assert store.up is True
 
 
-def test_read_two_prefixes_in_one_transaction(servers: list[Server]) -> None:
+@pytest.mark.parametrize("serializable", [False, True])
+def test_read_prefixes_in_one_transaction(servers: list[Server], serializable: bool) -> None:
     def answer(path: str, body: dict[str, Any], _: dict[str, str]) -> bytes:
         assert path == "/v3/kv/txn"
-        assert [op["request_range"]["key"] for op in body["success"]] == [b64("/a/"), b64("/b/")]
+        ranges = [op["request_range"] for op in body["success"]]
+        assert [r["key"] for r in ranges] == [b64("/a/"), b64("/b/"), b64("/c/")]
+        # etcd skips the round to the leader only when every range of the txn asks it to
+        assert [r.get("serializable", False) for r in ranges] == [serializable] * 3
         return reply({"header": HEADER, "succeeded": True, "responses": [
             {"response_range": {"header": HEADER,
                                 "kvs": [{"key": b64("/a/x"), "value": b64("1")}]}},
             {"response_range": {"header": HEADER}},
+            {"response_range": {"header": HEADER,
+                                "kvs": [{"key": b64("/c/y"), "value": b64("2")}]}},
         ]})
 
     store = store_for(servers, answer)
-    assert store.list_two("/a", "/b") == ({"/a/x": StoredKey("1", 0)}, {}, 9)
+    assert store.list_prefixes(["/a", "/b", "/c"], serializable=serializable) == (
+        [{"/a/x": StoredKey("1", 0)}, {}, {"/c/y": StoredKey("2", 0)}], 9)
 
 
 def watch_answer(*messages: dict[str, Any], hold: threading.Event | None = None) -> Answer:

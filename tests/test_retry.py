@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -128,6 +129,27 @@ def test_one_shot_patience_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
         OneShot(fake, timeout=0.5)(never)  # 3 attempts at least: backoffs of 0.1 and 0.2
     assert seen[:3] == [2.0, 4.0, 4.0] and fake.request_timeout == 2.0
 
+
+
+def test_read_until_polls_serializably_and_believes_only_a_linearizable_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command's wait: its first read and one in LINEARIZABLE_EVERY ask the leader, the others
+    the member's own copy; a serializable read that looks settled is read again linearizably
+    (a member behind may show a past that happened to look settled)."""
+    monkeypatch.setattr(oneshot, "poll_until", functools.partial(poll_until, interval=0.0))
+    asked: list[bool] = []  # serializable, per read
+    answers = iter([0] * 12 + [1, 0, 0, 1, 1])  # 1: looks settled
+
+    def read(serializable: bool) -> int:
+        asked.append(serializable)
+        return next(answers)
+
+    assert oneshot.read_until(OneShot(FakeEtcd(), timeout=30), read, bool) == 1
+    L, S = False, True
+    # polls 0 and 10 linearizable; poll 12 looks settled, its confirmation says not yet;
+    # poll 14 looks settled and is confirmed
+    assert asked == [L, S, S, S, S, S, S, S, S, S, L, S, S, L, S, S, L]
 
 def test_a_haproxy_that_fails_to_start_is_started_again_after_the_backoff(
     monkeypatch: pytest.MonkeyPatch,

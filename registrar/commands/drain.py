@@ -54,9 +54,10 @@ class Snapshot:
         return found
 
 
-def snapshot(etcd: OneShot, layout: Layout) -> Snapshot:
-    """Both prefixes as of one revision (one transaction: see oneshot.read_two)."""
-    stored, control, revision = etcd(lambda store: store.list_two(layout.prefix, layout.control))
+def snapshot(etcd: OneShot, layout: Layout, serializable: bool = False) -> Snapshot:
+    """Both prefixes as of one revision (one transaction: see oneshot.read_prefixes)."""
+    (stored, control), revision = etcd(lambda store: store.list_prefixes(
+        [layout.prefix, layout.control], serializable=serializable))
     return Snapshot(revision, stored, control)
 
 
@@ -167,7 +168,8 @@ def _undo(etcd: OneShot, layout: Layout, d: DrainSettings, out: TextIO) -> int:
         back = view.instances(layout, d.node, d.container, in_rotation=True)
         return {i for i in due if i not in back}
 
-    after = read_until(etcd, lambda: snapshot(etcd, layout), lambda now: not missing(now))
+    after = read_until(etcd, lambda serializable: snapshot(etcd, layout, serializable),
+                       lambda now: not missing(now))
     back = after.instances(layout, d.node, d.container, in_rotation=True)
     out.write(f"{what}: drain undone: {len(back)} instance(s) in rotation\n")
     for (service, instance), raw in sorted(back.items()):

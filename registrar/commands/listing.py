@@ -106,7 +106,7 @@ def render(entries: list[dict[str, Any]], prefix: str, as_json: bool, out: TextI
 
 def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     from registrar.adapters.etcd_store import EtcdStore
-    from registrar.commands.oneshot import OneShot, read_two
+    from registrar.commands.oneshot import OneShot, read_prefixes
 
     ls = settings.ls
     assert ls is not None
@@ -114,7 +114,7 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     store = EtcdStore(settings.etcd)
     etcd = OneShot(store, ls.timeout, f"cannot read {settings.prefix}/ from etcd")
     try:
-        stored, control = read_two(etcd, settings.prefix, settings.control_prefix)
+        stored, control = read_prefixes(etcd, [settings.prefix, settings.control_prefix])
     finally:
         store.close()
     promoted = {k: v for k, v in control.items() if k.startswith(layout.promoted + "/")}

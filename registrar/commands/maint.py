@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot, read_two, read_until
+from registrar.commands.oneshot import OneShot, read_prefixes, read_until
 from registrar.commands.output import address, say, write_table
 from registrar.core import timestamps
 from registrar.core.control import Control, parse_control
@@ -48,8 +48,8 @@ class View:
         return sorted(i for i in self.active if target.matches(*i))
 
 
-def read_view(etcd: OneShot, layout: Layout) -> View:
-    stored, control = read_two(etcd, layout.prefix, layout.control)
+def read_view(etcd: OneShot, layout: Layout, serializable: bool = False) -> View:
+    stored, control = read_prefixes(etcd, [layout.prefix, layout.control], serializable)
     active: dict[tuple[str, str], str] = {}
     standby: dict[tuple[str, str], str] = {}
     for key, item in [*stored.items(), *control.items()]:
@@ -65,7 +65,7 @@ def _address(raw: str) -> str:
 
 
 def _wait(etcd: OneShot, layout: Layout, settled: Callable[[View], object]) -> View:
-    return read_until(etcd, lambda: read_view(etcd, layout), settled)
+    return read_until(etcd, lambda serializable: read_view(etcd, layout, serializable), settled)
 
 
 def run(settings: Settings, out: TextIO = sys.stdout) -> int:

@@ -7,9 +7,10 @@ not transient: it ends the command at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from registrar.core.store import EtcdRefused, EtcdUnavailable, Store, StoredKey
@@ -66,23 +67,40 @@ class OneShot:
             store.request_timeout = usual
 
 
-def read_until(etcd: OneShot, read: Callable[[], T], settled: Callable[[T], object]) -> T:
-    """`read()` again every POLL_INTERVAL (retry.poll_until, the one poll) until `settled`
-    says so or the command's deadline has passed; the last read either way."""
+# One read in this many of read_until's is linearizable even when nothing looks settled.
+LINEARIZABLE_EVERY = 10
+
+
+def read_until(etcd: OneShot, read: Callable[[bool], T], settled: Callable[[T], object]) -> T:
+    """`read(serializable)` again every POLL_INTERVAL (retry.poll_until, the one poll) until
+    `settled` says so or the command's deadline has passed; the last read either way.
+
+    The first read and one in LINEARIZABLE_EVERY are linearizable; the others serializable:
+    the member asked answers from what it has applied, with no round to the leader (at 1,000
+    hosts, eight commands reading linearizably ten times a second waited in line behind a busy
+    leader for tens of seconds, docs/scale.md). A serializable read may be a little behind, so
+    one that looks settled is believed only once a linearizable read says so too: the answer is
+    never older than the command's own write, and a member cut off from the others (whose
+    serializable answers never move) is read past every LINEARIZABLE_EVERY polls."""
     last: list[T] = []
+    polls = itertools.count()
 
     def look() -> bool:
-        last[:] = [read()]
+        serializable = next(polls) % LINEARIZABLE_EVERY != 0
+        last[:] = [read(serializable)]
+        if serializable and settled(last[0]):
+            last[:] = [read(False)]
         return bool(settled(last[0]))
 
     poll_until(look, etcd.left())
     return last[0]
 
 
-def read_two(etcd: OneShot, first: str, second: str
-             ) -> tuple[dict[str, StoredKey], dict[str, StoredKey]]:
-    """Two prefixes as of one revision, in one transaction: an agent's move between rotation
-    and standby is one transaction, which two reads on either side of it would show as an
-    instance in neither place, or in both."""
-    a, b, _revision = etcd(lambda store: store.list_two(first, second))
-    return a, b
+def read_prefixes(etcd: OneShot, prefixes: Sequence[str], serializable: bool = False
+                  ) -> list[dict[str, StoredKey]]:
+    """Several prefixes as of one revision, in one transaction: an agent's move between
+    rotation and standby is one transaction, which two reads on either side of it would show
+    as an instance in neither place, or in both."""
+    found, _revision = etcd(lambda store: store.list_prefixes(prefixes,
+                                                              serializable=serializable))
+    return found

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from registrar.adapters.etcd_store import EtcdStore
-from registrar.commands.oneshot import OneShot, read_two, read_until
+from registrar.commands.oneshot import OneShot, read_prefixes, read_until
 from registrar.commands.output import address, say
 from registrar.core import timestamps
 from registrar.core.control import parse_control
@@ -73,11 +73,13 @@ def _instances(stored: dict[str, Any], prefix: str, service: str) -> dict[str, I
     return found
 
 
-def read_rotation(etcd: OneShot, settings: Settings, service: str) -> Rotation:
+def read_rotation(etcd: OneShot, settings: Settings, service: str,
+                  serializable: bool = False) -> Rotation:
+    """`service`'s rotation, its standby and what holds instances out, in one transaction."""
     layout = Layout(settings.prefix, settings.control_prefix)
-    active, standby = read_two(etcd, f"{layout.prefix}/{service}", f"{layout.standby}/{service}")
-    holding, _rev = etcd(lambda store: store.list_prefix(layout.maintenance))
-    drains, _rev = etcd(lambda store: store.list_prefix(layout.draining))
+    active, standby, holding, drains = read_prefixes(
+        etcd, [f"{layout.prefix}/{service}", f"{layout.standby}/{service}",
+               layout.maintenance, layout.draining], serializable)
     control = parse_control({**holding, **drains}, layout)
     on_standby = _instances(standby, layout.standby, service)
     held = frozenset(name for name in on_standby
@@ -123,7 +125,8 @@ def promote_and_wait(etcd: OneShot, settings: Settings, before: Rotation, out: T
         etcd(lambda store: store.put(key, value))
     else:
         etcd(lambda store: store.delete(key))
-    after = read_until(etcd, lambda: read_rotation(etcd, settings, p.service),
+    after = read_until(etcd, lambda serializable: read_rotation(etcd, settings, p.service,
+                                                               serializable),
                        lambda rotation: rotation.settled(p.version))
 
     what = f"promoted {p.version}" if p.version is not None else "promotion cleared"

@@ -118,9 +118,11 @@ class Store(Protocol):
         """Every key under `prefix/`, and the store's revision."""
         ...
 
-    def list_two(self, first: str, second: str
-                 ) -> tuple[dict[str, StoredKey], dict[str, StoredKey], int]:
-        """Every key under `first/` and under `second/`, as of one revision, and that revision."""
+    def list_prefixes(self, prefixes: Sequence[str], *, serializable: bool = False
+                      ) -> tuple[list[dict[str, StoredKey]], int]:
+        """Every key under each of `prefixes` (a dict each, in their order), as of one
+        revision, and that revision. `serializable`: as the member asked has it, which may be
+        a little behind (no round to the leader)."""
         ...
 
     def list_starting(self, starts: Sequence[str]) -> tuple[dict[str, StoredKey], int]:

@@ -81,8 +81,8 @@ class TimedStore(EtcdStore):
             self.acked.setdefault(key, now)
         return found, revision
 
-    def keepalive(self, lease: int) -> int:
-        ttl = super().keepalive(lease)
+    def keepalive(self, lease: int, patience: float | None = None) -> int:
+        ttl = super().keepalive(lease, patience)
         if ttl > 0:
             self.beats.append(time.time())
         else:

@@ -3,17 +3,25 @@ writes do (a write etcd keeps refusing, or retrying with a long backoff, never d
 
 When etcd answers a keepalive with TTL 0 (or "lease not found") the lease is gone: the keeper
 is told, grants a new one and puts every key again. A failed keepalive is counted and tried
-again soon (within the interval): one lost heartbeat must not cost a lease of TTL 3.
+again soon (within the interval): one lost heartbeat must not cost a lease of TTL 3. Each
+try after one that failed waits longer for etcd's answer (retry.patience: 2, 4, 8 s), as long
+as the lease may still be alive, and the next keepalive after a slow answer waits at least
+twice that long: an etcd that answers every keepalive in 3 s (a leader short of CPU) is slow,
+not gone, and a heartbeat that gave up on each after 2 s would lose the lease (and put every
+key again: more load on the etcd that was too slow) though etcd answered every one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 
 from registrar.core.store import EtcdError, LeaseNotFound, Store
 from registrar.metrics import Metrics
+from registrar.retry import patience
 from registrar.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -38,11 +46,15 @@ class Heartbeat(Worker):
         self._on_lost = on_lost
         self._cond = threading.Condition()
         self._lease: int | None = None
+        self._slow = 0  # doublings of the usual wait: one per keepalive that got no answer
+        self._expires = 0.0  # when the lease ends unless renewed (as far as we know; monotonic)
 
     def follow(self, lease: int | None) -> None:
         """Keep `lease` alive from now on (None: none to keep)."""
         with self._cond:
             self._lease = lease
+            self._slow = 0
+            self._expires = time.monotonic() + 3 * self.interval  # granted just now: a TTL
             self._cond.notify_all()
 
     def wake(self) -> None:
@@ -69,18 +81,34 @@ class Heartbeat(Worker):
                 self.health.internal_error()
                 wait = self.interval
 
+    def _patience(self) -> float:
+        """How long this keepalive waits for its answer: the usual request timeout, longer
+        after failures, but not past the lease's end (an answer after it is no use)."""
+        usual = self._store.request_timeout
+        longest = max(usual, self._expires - time.monotonic())
+        return min(patience(usual, self._slow), longest)
+
+    def _answered_in(self, took: float) -> None:
+        """The next keepalive waits at least twice as long as this one's answer took."""
+        usual = self._store.request_timeout
+        self._slow = max(0, math.ceil(math.log2(2 * took / usual))) if took > 0 else 0
+
     def _beat(self, lease: int) -> float:
         """One keepalive; how long until the next."""
+        sent = time.monotonic()
         try:
-            ttl = self._store.keepalive(lease)
+            ttl = self._store.keepalive(lease, self._patience())
         except LeaseNotFound as exc:
             ttl, why = 0, str(exc)
         except EtcdError:
             self._metrics.keepalive_failures.inc()
+            self._slow += 1
             return min(self.interval, RETRY_AFTER_FAILURE)
         else:
             why = "keepalive answered TTL 0"
+        self._answered_in(time.monotonic() - sent)
         if ttl > 0:
+            self._expires = sent + ttl
             return self.interval
         self._metrics.keepalive_failures.inc()
         with self._cond:

@@ -6,6 +6,7 @@
 - `retry_forever`: calls a function until it succeeds or `stop` is set (the long-running loops).
 - `retry_within`: the same within a deadline, for one-shot commands (`ls`, `promote`, `maint`).
 - `poll_until`: waits for a condition, checked every `interval`.
+- `patience`: how long an attempt waits for etcd's answer after `failures` that timed out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ T = TypeVar("T")
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 POLL_INTERVAL = 0.1
+# The longest one attempt waits for an answer of etcd's (`patience`).
+PATIENCE = 16.0
+
+
+def patience(usual: float, failures: int, most: float = PATIENCE) -> float:
+    """How long to wait for one answer after `failures` attempts in a row that failed: twice
+    as long each time (`usual`, 2x, 4x, ...), up to `most` (never below `usual`). An etcd that
+    answers in 3 s under load is slow, not gone: giving up on every request after 2 s and
+    asking again would never see an answer, and would add a request for each one abandoned."""
+    return max(usual, min(usual * 2.0 ** failures, most))
 
 
 class Backoff:

@@ -74,6 +74,7 @@ class FakeEtcd:
         self.granted: list[int] = []
         self.revoked: list[int] = []
         self.keepalives = 0
+        self.patience: list[float | None] = []  # each keepalive's, in turn
         self.reads = 0
         self.serializable_reads = 0  # of `reads`: those that asked for a serializable read
         self.revision = 1
@@ -142,8 +143,9 @@ class FakeEtcd:
             self.granted.append(lease)
             return lease
 
-    def keepalive(self, lease: int) -> int:
+    def keepalive(self, lease: int, patience: float | None = None) -> int:
         with self.lock:
+            self.patience.append(patience)
             self._check()
             self.keepalives += 1
             if lease not in self.leases:

@@ -223,6 +223,40 @@ def test_a_slow_link_to_etcd_connects_and_keeps_every_key(
         keys.close()
 
 
+def test_an_etcd_that_answers_late_keeps_every_lease(
+    etcd: EtcdServer, unique: str, registrar: RegistrarFactory, containers: ContainerFactory,
+    forwarders: Forwarders,
+) -> None:
+    """etcd taking 2.5 s to take each request, past the usual 2 s request timeout (a leader
+    short of CPU answers late, not never), and dropping those whose client gave up, for more
+    than two TTLs: the heartbeat waits longer after a keepalive got no answer and after a slow
+    one, so the lease holds and no key is put again or lost (each keepalive given up on at 2 s
+    and sent again: the lease lost at its TTL, every key put again)."""
+    scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)
+    fwd = forwarders.etcd(etcd)
+    keys = KeyLog(etcd.url, scope.prefix + "/")
+    try:
+        c = containers(labels={"registrar.service": "late"})
+        flag, port = metrics_flag()
+        agent = registrar([*Scope(scope.prefix, scope.node, fwd.url).args("watch", ttl=9),
+                           *flag])
+        key = scope.key("late", c.name)
+        assert keys.wait(lambda k: key in k.live, timeout=15), agent.logs()
+        fwd.slow_server = 2.5
+        time.sleep(22)
+        fwd.slow_server = 0.0
+        time.sleep(2)
+        samples = scrape(port)
+        failed = samples["registrar_lease_keepalive_failures_total"]
+        print(f"etcd answering in 2.5 s for 22 s: {failed:g} keepalives got no answer in "
+              f"time, {samples['registrar_lease_regrants_total']:g} leases granted anew")
+        assert [e.kind for e in keys.events if e.key == key] == ["put"], agent.logs()
+        assert samples["registrar_lease_regrants_total"] == 0
+        assert failed >= 1  # it was slow indeed
+    finally:
+        keys.close()
+
+
 # --- a Docker engine restarted ---------------------------------------------------------------
 @pytest.mark.parametrize("live_restore", [False, True], ids=["plain", "live-restore"])
 def test_a_restarted_engine_is_survived(

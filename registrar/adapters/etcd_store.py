@@ -414,9 +414,10 @@ class EtcdStore:
         return [first, *(i for i in range(len(self._addresses)) if i != first)]
 
     def _exchange(self, path: str, payload: Mapping[str, Any], *, token: str | None,
-                  timeout: float | None = None) -> Any:
+                  timeout: float | None = None, patience: float | None = None) -> Any:
         """One request, to each endpoint in turn until one answers (OSError from the last one
-        when none did); the answer's JSON, or GatewayError."""
+        when none did); the answer's JSON, or GatewayError. Each endpoint is waited for
+        `patience` (default `request_timeout`), all of them together at most `timeout`."""
         body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"}
         if token:
@@ -424,7 +425,7 @@ class EtcdStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         failure: OSError | None = None
         for index in self._order():
-            left = self.request_timeout
+            left = patience or self.request_timeout
             if deadline is not None:
                 left = min(left, deadline - time.monotonic())
                 if left <= 0:
@@ -466,24 +467,25 @@ class EtcdStore:
                 self._token = None
 
     def _request(self, path: str, payload: Mapping[str, Any],
-                 timeout: float | None = None) -> Any:
+                 timeout: float | None = None, patience: float | None = None) -> Any:
         """A request with the current token, renewed once if etcd says it is stale."""
         token = self._current_token()
         try:
-            return self._exchange(path, payload, token=token, timeout=timeout)
+            return self._exchange(path, payload, token=token, timeout=timeout, patience=patience)
         except GatewayError as exc:
             if token is None or not _token_stale(exc):
                 raise
         # Refused before it was applied: authenticate anew and try once more.
         log.debug("etcd auth token expired; authenticating again")
         self._renew_token(token)
-        return self._exchange(path, payload, token=self._current_token(), timeout=timeout)
+        return self._exchange(path, payload, token=self._current_token(), timeout=timeout,
+                              patience=patience)
 
     def _call(self, op: str, path: str, payload: Mapping[str, Any],
-              timeout: float | None = None) -> Any:
+              timeout: float | None = None, patience: float | None = None) -> Any:
         started = time.perf_counter()
         try:
-            answer = self._request(path, payload, timeout)
+            answer = self._request(path, payload, timeout, patience)
         except GatewayError as exc:
             if exc.name == "NOT_FOUND" and "lease" in exc.message:
                 self._heard()
@@ -556,10 +558,12 @@ class EtcdStore:
     def grant(self, ttl: int) -> int:
         return int(self._call("lease_grant", "/v3/lease/grant", {"TTL": ttl})["ID"])
 
-    def keepalive(self, lease: int) -> int:
+    def keepalive(self, lease: int, patience: float | None = None) -> int:
         """One heartbeat; returns the TTL etcd granted. A lease that no longer exists is
-        answered without a TTL: LeaseNotFound."""
-        answer = self._call("lease_keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
+        answered without a TTL: LeaseNotFound. `patience`: how long to wait for the answer
+        (each endpoint), else the usual request timeout."""
+        answer = self._call("lease_keepalive", "/v3/lease/keepalive", {"ID": str(lease)},
+                            patience=patience)
         result = answer.get("result", answer) if isinstance(answer, dict) else {}
         ttl = int(result.get("TTL") or 0)
         if ttl <= 0:

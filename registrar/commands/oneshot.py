@@ -15,14 +15,11 @@ from typing import TypeVar
 
 from registrar.core.store import EtcdRefused, EtcdUnavailable, Store, StoredKey
 from registrar.errors import FatalError
-from registrar.retry import GaveUp, poll_until, retry_within
+from registrar.retry import PATIENCE, GaveUp, patience, poll_until, retry_within
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-
-# The longest a one-shot command's later attempts wait for one answer of etcd's.
-PATIENCE = 16.0
 
 
 class OneShot:
@@ -47,7 +44,7 @@ class OneShot:
 
         def attempt() -> T:
             nonlocal attempts
-            store.request_timeout = max(usual, min(usual * 2 ** attempts, PATIENCE))
+            store.request_timeout = patience(usual, attempts, PATIENCE)
             attempts += 1
             try:
                 return fn(store)

@@ -106,8 +106,9 @@ class Store(Protocol):
         """A new lease of `ttl` seconds; its id."""
         ...
 
-    def keepalive(self, lease: int) -> int:
-        """One heartbeat; the TTL etcd granted (0: the lease is gone)."""
+    def keepalive(self, lease: int, patience: float | None = None) -> int:
+        """One heartbeat; the TTL etcd granted (0: the lease is gone). `patience`: how long to
+        wait for the answer, else `request_timeout`."""
         ...
 
     def revoke(self, lease: int, timeout: float | None = None) -> None:

@@ -70,6 +70,10 @@ class _Forwarder:
         self.connections_total = 0
         self.held = 0  # chunks that arrived while blackholed (a request or a reply hangs)
         self.delay = 0.0  # seconds each way (a slow link); settable at any time
+        # A slow server instead: each request waits this long before it reaches the target,
+        # and one whose client hung up meanwhile never does (a server drops a request whose
+        # caller is gone: etcd's gateway cancels it). Settable at any time.
+        self.slow_server = 0.0
         self._listen()
 
     # -- subclass hooks ----------------------------------------------------------------------
@@ -183,10 +187,15 @@ class _Forwarder:
         sender = threading.Thread(target=self._send, args=(conn, chunks, dst), daemon=True,
                                   name=f"{self!r}-send")
         sender.start()
+        request = src is conn.client
         try:
             while True:
                 data = src.recv(_BUF)
-                chunks.put((time.monotonic() + self.delay, data))
+                if not data and request and self.slow_server:
+                    self._drop(conn)  # the client gave up: what it sent is dropped
+                    return
+                chunks.put((time.monotonic() + self.delay
+                            + (self.slow_server if request else 0.0), data))
                 if not data:
                     return
         except OSError:

@@ -49,7 +49,7 @@ from bench.scale_listener import raise_open_files
 from registrar.haproxy.process import cli, socket_paths
 from tests.cluster.load import LoadStats
 from tests.support.etcd import EtcdCluster
-from tests.support.etcd_reader import EtcdReader
+from tests.support.etcd_reader import EtcdReader, kv_meta, raw_range
 from tests.support.proc import RegistrarProcess, free_port
 
 RESULTS = Path(__file__).with_name("results.md")
@@ -570,6 +570,7 @@ class ScaleRun:
         say(f"rolling deploy of {len(services)} services under load")
         targets = [f"{s}=127.0.0.1:{base + self.services.index(s)}"
                    for s in services for base in (PORT_A, PORT_B)]
+        lost_before = self.leases_lost()
         with Load(self.work / "load-deploy.json", targets) as load:
             time.sleep(3)
             t0 = time.monotonic()
@@ -597,12 +598,37 @@ class ScaleRun:
         self.f["deploy_promote_s"] = [took for _code, took, _why in promoted]
         self.f["deploy_promote_errors"] = dict(failed[:10])
         for service, why in failed[:3]:
-            self.result.notes.append(f"`promote {service} v2` failed in the rolling deploy: {why}")
+            self.result.notes.append(f"`promote {service} v2` failed in the rolling deploy: {why}"
+                                     f"{self.still_v1(service)}")
+        self.f["deploy_leases_lost"] = self.leases_lost() - lost_before
         self.f["deploy_requests"] = stats.sent if stats else 0
         self.f["deploy_failed"] = stats.failed if stats else None
         self.f["deploy_reasons"] = stats.reasons if stats else {}
         say(f"rolling deploy: {self.f['deploy_s']:.1f} s, {self.f['deploy_failed']} of "
-            f"{self.f['deploy_requests']} requests failed {self.f['deploy_reasons']}")
+            f"{self.f['deploy_requests']} requests failed {self.f['deploy_reasons']}, "
+            f"{self.f['deploy_leases_lost']} leases lost")
+
+    def leases_lost(self) -> int:
+        """Keepalives so far, over every simulated host, that found their lease expired."""
+        return sum(int(sim.ask("beats", after=time.time())["lost"]) for sim in self.procs)
+
+    def still_v1(self, service: str) -> str:
+        """After a failed promotion: the v1 keys still in rotation, with the revision that
+        last wrote each and the promotion's (was it never applied, or put back after?)."""
+        if self.reader is None:
+            return ""
+        try:
+            promoted = self.reader.get_meta(f"{CONTROL}/promoted/{service}")
+            left = [kv_meta(kv) for kv in self.reader._range_prefix(f"{PREFIX}/{service}/")
+                    if b'"v1"' in raw_range(kv)]
+        except (OSError, RuntimeError) as exc:
+            return f" (etcd not read: {exc})"
+        if not left:
+            return " (no v1 left in rotation now)"
+        at = promoted[1].mod_revision if promoted else None
+        return (f" (promoted at revision {at}; v1 still in rotation: "
+                + ", ".join(f"{m.key.rsplit('/', 1)[-1]} written at {m.mod_revision}, "
+                            f"lease {m.lease_id:x}" for m in left[:3]) + ")")
 
     def v1_gone(self, router: Router, services: Sequence[str]) -> bool:
         names = {f"be_{s}" for s in services}
@@ -648,6 +674,7 @@ class ScaleRun:
         services = self.services[:20]
         targets = [f"{s}=127.0.0.1:{base + self.services.index(s)}"
                    for s in services for base in (PORT_A, PORT_B)]
+        lost_before = self.leases_lost()
         with Load(self.work / "load-leader.json", targets) as load:
             time.sleep(3)
             leader = self.etcd.leader_index(30)
@@ -663,7 +690,7 @@ class ScaleRun:
 
             wait_for("every agent's heartbeat", beats_back, 120, 0.5)
             beats: dict[str, float | None] = {}
-            lost = 0
+            lost = -lost_before
             for sim in self.procs:
                 answer = sim.ask("beats", after=after)
                 beats.update(answer["t"])
@@ -740,6 +767,11 @@ class Load:
         self.proc.wait(30)
         with contextlib.suppress(OSError, ValueError):
             self.stats = LoadStats(json.loads(self.path.read_text()))
+
+
+def leases_lost(count: int | None) -> str:
+    """What the deploy's table cell adds when leases expired during it (their keys went)."""
+    return f"; {count} leases lost" if count else ""
 
 
 def promote_failures(count: int | None) -> str:
@@ -846,7 +878,8 @@ def section(results: Sequence[SizeResult]) -> str:
             f"{_s(f.get('promote_command_s'), 2)} s | {f.get('promote_etcd_requests', '-')} | "
             f"{_s(f.get('deploy_s'))} s, {f.get('deploy_failed', '-')} of "
             f"{f.get('deploy_requests', '-')}"
-            f"{promote_failures(f.get('deploy_promote_failures'))} | "
+            f"{promote_failures(f.get('deploy_promote_failures'))}"
+            f"{leases_lost(f.get('deploy_leases_lost'))} | "
             f"{_s(f.get('router_stop_s'))} / "
             f"{_s(f.get('router_restart_s'))} s | "
             f"{', '.join(str(int(v)) for v in reloads.values()) or '-'} | "

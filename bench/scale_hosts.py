@@ -47,7 +47,7 @@ from registrar.agent.watcher import ContainerWatcher
 from registrar.core.layout import Layout
 from registrar.core.naming import NamingContext
 from registrar.core.ownership import Ownership
-from registrar.core.store import StoredKey
+from registrar.core.store import LeaseNotFound, StoredKey
 from registrar.metrics import Metrics
 from registrar.settings import EtcdEndpoint, EtcdSettings
 from tests.fakes import FakeDocker
@@ -64,7 +64,7 @@ class TimedStore(EtcdStore):
         super().__init__(settings, Metrics())
         self.acked: dict[str, float] = {}  # key -> wall time of the write that put it
         self.beats: deque[float] = deque(maxlen=64)  # wall times of successful keepalives
-        self.lost = 0
+        self.lost = 0  # keepalives that found their lease gone (expired)
 
     def apply(self, puts: Mapping[str, str], deletes: Iterable[str], lease: int) -> None:
         super().apply(puts, deletes, lease)
@@ -82,11 +82,12 @@ class TimedStore(EtcdStore):
         return found, revision
 
     def keepalive(self, lease: int, patience: float | None = None) -> int:
-        ttl = super().keepalive(lease, patience)
-        if ttl > 0:
-            self.beats.append(time.time())
-        else:
+        try:
+            ttl = super().keepalive(lease, patience)
+        except LeaseNotFound:  # how the real client says it (it never answers TTL 0)
             self.lost += 1
+            raise
+        self.beats.append(time.time())
         return ttl
 
 

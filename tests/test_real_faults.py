@@ -228,8 +228,8 @@ def test_an_etcd_that_answers_late_keeps_every_lease(
     forwarders: Forwarders,
 ) -> None:
     """etcd taking 2.5 s to take each request, past the usual 2 s request timeout (a leader
-    short of CPU answers late, not never), and dropping those whose client gave up, for more
-    than two TTLs: the heartbeat waits longer after a keepalive got no answer and after a slow
+    short of CPU answers late, not never), and dropping those whose client gave up first, for
+    more than two TTLs: the heartbeat waits longer after a keepalive got no answer and after a slow
     one, so the lease holds and no key is put again or lost (each keepalive given up on at 2 s
     and sent again: the lease lost at its TTL, every key put again)."""
     scope = Scope(prefix=f"/rgt-{unique}", node=f"node-{unique}", etcd_url=etcd.url)

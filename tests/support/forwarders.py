@@ -71,8 +71,8 @@ class _Forwarder:
         self.held = 0  # chunks that arrived while blackholed (a request or a reply hangs)
         self.delay = 0.0  # seconds each way (a slow link); settable at any time
         # A slow server instead: each request waits this long before it reaches the target,
-        # and one whose client hung up meanwhile never does (a server drops a request whose
-        # caller is gone: etcd's gateway cancels it). Settable at any time.
+        # and one whose client hung up meanwhile never does (as a server that cancels a request
+        # whose caller is gone). Settable at any time.
         self.slow_server = 0.0
         self._listen()
 

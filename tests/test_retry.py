@@ -151,6 +151,25 @@ def test_read_until_polls_serializably_and_believes_only_a_linearizable_read(
     # poll 14 looks settled and is confirmed
     assert asked == [L, S, S, S, S, S, S, S, S, S, L, S, S, L, S, S, L]
 
+
+def test_read_until_ends_unsettled_on_a_linearizable_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the deadline the rotation it reports is etcd's, not one member's: a last read that
+    was serializable is made again linearizably."""
+    monkeypatch.setattr(oneshot, "poll_until",
+                        lambda look, _timeout: [look() for _ in range(3)][-1])  # 3 polls
+    asked: list[bool] = []
+    answers = iter(["old", "old", "old", "what etcd holds"])
+
+    def read(serializable: bool) -> str:
+        asked.append(serializable)
+        return next(answers)
+
+    got = oneshot.read_until(OneShot(FakeEtcd(), timeout=30), read, lambda _: False)
+    assert got == "what etcd holds" and asked == [False, True, True, False]
+
+
 def test_a_haproxy_that_fails_to_start_is_started_again_after_the_backoff(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

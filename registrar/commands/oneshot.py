@@ -21,7 +21,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-
 class OneShot:
     def __init__(self, store: Store, timeout: float, what: str = "etcd") -> None:
         """`timeout`: the command's --timeout, from now; `what` starts every error line."""
@@ -78,18 +77,22 @@ def read_until(etcd: OneShot, read: Callable[[bool], T], settled: Callable[[T], 
     leader for tens of seconds, docs/scale.md). A serializable read may be a little behind, so
     one that looks settled is believed only once a linearizable read says so too: the answer is
     never older than the command's own write, and a member cut off from the others (whose
-    serializable answers never move) is read past every LINEARIZABLE_EVERY polls."""
+    serializable answers never move) is read past every LINEARIZABLE_EVERY polls. What it
+    returns unsettled at the deadline is a linearizable read too: the command says what etcd
+    holds, not what one member had applied."""
     last: list[T] = []
     polls = itertools.count()
+    behind = [False]  # whether the last read was serializable
 
     def look() -> bool:
         serializable = next(polls) % LINEARIZABLE_EVERY != 0
-        last[:] = [read(serializable)]
+        last[:], behind[0] = [read(serializable)], serializable
         if serializable and settled(last[0]):
-            last[:] = [read(False)]
+            last[:], behind[0] = [read(False)], False
         return bool(settled(last[0]))
 
-    poll_until(look, etcd.left())
+    if not poll_until(look, etcd.left()) and behind[0]:
+        last[:] = [read(False)]
     return last[0]
 
 

@@ -46,10 +46,12 @@ from typing import Any
 from bench.observe import cpu_seconds, process_tree, rss_kib, scrape
 from bench.report import add_section, median, ms, p95
 from bench.scale_listener import raise_open_files
+from registrar.adapters.etcd_store import GatewayError
+from registrar.core.planner import json_object
 from registrar.haproxy.process import cli, socket_paths
 from tests.cluster.load import LoadStats
 from tests.support.etcd import EtcdCluster
-from tests.support.etcd_reader import EtcdReader, kv_meta, raw_range
+from tests.support.etcd_reader import EtcdReader
 from tests.support.proc import RegistrarProcess, free_port
 
 RESULTS = Path(__file__).with_name("results.md")
@@ -619,10 +621,11 @@ class ScaleRun:
             return ""
         try:
             promoted = self.reader.get_meta(f"{CONTROL}/promoted/{service}")
-            left = [kv_meta(kv) for kv in self.reader._range_prefix(f"{PREFIX}/{service}/")
-                    if b'"v1"' in raw_range(kv)]
-        except (OSError, RuntimeError) as exc:
+            stored = self.reader.get_meta_prefix(f"{PREFIX}/{service}/")
+        except (OSError, GatewayError) as exc:
             return f" (etcd not read: {exc})"
+        left = [meta for value, meta in stored.values()
+                if (json_object(value) or {}).get("version") == "v1"]
         if not left:
             return " (no v1 left in rotation now)"
         at = promoted[1].mod_revision if promoted else None

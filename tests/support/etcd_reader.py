@@ -137,6 +137,14 @@ class EtcdReader:
         kv = self.gateway.range(key)
         return None if kv is None else (raw_range(kv).decode(), kv_meta(kv))
 
+    def get_meta_prefix(self, prefix: str) -> dict[str, tuple[str, KVMeta]]:
+        """`get_meta` of every key starting with `prefix`, by key."""
+        found = {}
+        for kv in self._range_prefix(prefix):
+            meta = kv_meta(kv)
+            found[meta.key] = (raw_range(kv).decode(), meta)
+        return found
+
     def _range_prefix(self, prefix: str) -> list[dict[str, Any]]:
         """Every key starting with `prefix` (no "/" added: tests pass it themselves)."""
         start = prefix.encode()
